@@ -1,0 +1,337 @@
+// In-page test participant for the interop harness and the demo. Not part of the embeddable client:
+// it drives weir-call.js (loaded as window.Weir by the page) with a synthetic camera and microphone
+// and measures what arrives.
+//
+// Camera: a canvas filled with the participant's colour, repainted ~30 times a second with a small
+// moving bar in the bottom-left corner so the encoder always has changing pixels. Microphone: a
+// WebAudio oscillator. Measurements: per remote feed, inbound-rtp stats by track, and the average
+// colour of the middle of the decoded picture.
+
+const W = () => {
+  if (!window.Weir) throw new Error("window.Weir (weir-call.js) is not loaded");
+  return window.Weir;
+};
+
+const COLOURS = {
+  red: [230, 20, 20],
+  green: [20, 200, 20],
+  blue: [20, 20, 230],
+  yellow: [230, 230, 20],
+  magenta: [230, 20, 230],
+  cyan: [20, 230, 230],
+};
+
+const state = {
+  name: null,
+  colourName: null,
+  client: null,
+  weirCall: null,
+  camera: null,
+  callSeq: 0,
+  calls: [], // one record per WeirCall this page made: {seq, callId, placedAt, firstFrameAt, ...}
+  monitor: null,
+  videos: new Map(), // streamId -> <video>
+  trackFirstFrame: new Map(), // remote video track id -> ms since placing the call
+  sampler: null,
+  errors: [],
+};
+
+function log(...a) {
+  console.log(`[probe ${state.name}]`, ...a);
+}
+
+/** A canvas camera plus an oscillator microphone. */
+export function makeCamera(colourName, { width = 320, height = 240, fps = 30, toneHz = 440 } = {}) {
+  const rgb = COLOURS[colourName];
+  if (!rgb) throw new Error(`unknown colour ${colourName}`);
+  const canvas = document.createElement("canvas");
+  canvas.width = width;
+  canvas.height = height;
+  canvas.dataset.role = "camera";
+  canvas.style.cssText = "width:160px;height:120px;border:1px solid #000;margin:2px";
+  document.body.appendChild(canvas);
+  const ctx = canvas.getContext("2d");
+  let frame = 0;
+  const paint = () => {
+    ctx.fillStyle = `rgb(${rgb[0]},${rgb[1]},${rgb[2]})`;
+    ctx.fillRect(0, 0, width, height);
+    // moving bar in the bottom-left corner, bottom 10% of the frame, left half only
+    const barW = Math.round(width / 10);
+    const x = (frame * 4) % (width / 2 - barW);
+    ctx.fillStyle = "rgb(250,250,250)";
+    ctx.fillRect(x, Math.round(height * 0.9), barW, Math.round(height * 0.1));
+    frame++;
+  };
+  paint();
+  const timer = setInterval(paint, Math.round(1000 / fps));
+  const video = canvas.captureStream(fps);
+
+  let audioTracks = [];
+  let audioCtx = null;
+  try {
+    audioCtx = new AudioContext();
+    const osc = audioCtx.createOscillator();
+    osc.frequency.value = toneHz;
+    const gain = audioCtx.createGain();
+    gain.gain.value = 0.2;
+    const dest = audioCtx.createMediaStreamDestination();
+    osc.connect(gain).connect(dest);
+    osc.start();
+    void audioCtx.resume();
+    audioTracks = dest.stream.getAudioTracks();
+  } catch (e) {
+    log("WebAudio oscillator unavailable, audio will come from the fake device", e);
+  }
+  const stream = new MediaStream([...audioTracks, ...video.getVideoTracks()]);
+  return {
+    stream,
+    canvas,
+    audioCtx,
+    stop() {
+      clearInterval(timer);
+      stream.getTracks().forEach((t) => t.stop());
+      void audioCtx?.close();
+    },
+  };
+}
+
+/** Log in, start syncing, build the camera. Must run before joinCall. */
+export async function setup({ name, colour, baseUrl, user, password, deviceId }) {
+  state.name = name;
+  state.colourName = colour;
+  document.title = `weir probe ${name}`;
+  const creds = await W().loginWithPassword(baseUrl, user, password, deviceId);
+  state.client = W().createCallClient(creds);
+  await W().startClient(state.client);
+  state.camera = makeCamera(colour);
+  if (state.camera.stream.getAudioTracks().length === 0) {
+    const mic = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
+    mic.getAudioTracks().forEach((t) => state.camera.stream.addTrack(t));
+  }
+  log(`logged in as ${creds.userId}/${creds.deviceId}, session ${state.client.getSessionId()}`);
+  return { userId: creds.userId, deviceId: creds.deviceId, sessionId: state.client.getSessionId() };
+}
+
+/** Join (or re-join, with a fresh MatrixCall) the call via the focus. */
+export async function joinCall({ roomId, confId, focus, timeoutMs = 30000 }) {
+  if (!state.client) throw new Error("setup() first");
+  if (state.weirCall && !state.weirCall.ended) throw new Error("already in a call");
+  const seq = ++state.callSeq;
+  const wc = new (W().WeirCall)({
+    client: state.client,
+    roomId,
+    confId,
+    focus,
+    stream: state.camera.stream,
+    log: (...a) => log(`call#${seq}`, ...a),
+  });
+  state.weirCall = wc;
+  state.trackFirstFrame = new Map();
+  const rec = { seq, callId: null, startedAt: Date.now(), placedAt: null, connectedAt: null, firstFrameMs: null, endedAt: null, hangupReason: null };
+  state.calls.push(rec);
+  wc.addEventListener("state", (e) => {
+    if (e.detail.state === "connected" && !rec.connectedAt) rec.connectedAt = Date.now();
+  });
+  wc.addEventListener("hangup", (e) => {
+    rec.endedAt = Date.now();
+    rec.hangupReason = e.detail.reason ?? null;
+  });
+  wc.addEventListener("error", (e) => state.errors.push(String(e.detail?.message ?? e.detail)));
+  wc.addEventListener("feeds", () => attachVideos());
+  const call = await wc.join({ timeoutMs });
+  rec.callId = call.callId;
+  rec.placedAt = Date.now();
+  startMonitor();
+  return { callId: call.callId, sessionId: state.client.getSessionId() };
+}
+
+function attachVideos() {
+  const feeds = state.weirCall?.remoteFeeds() ?? [];
+  const live = new Set(feeds.map((f) => f.streamId));
+  for (const f of feeds) {
+    if (state.videos.has(f.streamId)) continue;
+    const v = document.createElement("video");
+    v.muted = true;
+    v.autoplay = true;
+    v.playsInline = true;
+    v.dataset.streamId = f.streamId;
+    v.style.cssText = "width:160px;height:120px;border:1px solid #888;margin:2px";
+    v.srcObject = f.stream;
+    document.body.appendChild(v);
+    void v.play().catch((e) => log("video.play failed", e));
+    state.videos.set(f.streamId, v);
+  }
+  for (const [id, v] of state.videos) {
+    if (!live.has(id)) {
+      v.srcObject = null;
+      v.remove();
+      state.videos.delete(id);
+    }
+  }
+}
+
+/** Inbound RTP stats of the current call's peer connection, by receiving track id. */
+async function inboundByTrack() {
+  const pc = state.weirCall?.peerConnection;
+  const out = new Map();
+  if (!pc) return out;
+  const report = await pc.getStats();
+  const tracks = new Map(); // legacy "track" stats: id -> trackIdentifier
+  report.forEach((s) => {
+    if (s.type === "track" && s.trackIdentifier) tracks.set(s.id, s.trackIdentifier);
+  });
+  report.forEach((s) => {
+    if (s.type !== "inbound-rtp") return;
+    const trackId = s.trackIdentifier ?? tracks.get(s.trackId);
+    if (!trackId) return;
+    out.set(trackId, {
+      kind: s.kind ?? s.mediaType,
+      mid: s.mid ?? null,
+      ssrc: s.ssrc,
+      packetsReceived: s.packetsReceived ?? 0,
+      packetsLost: s.packetsLost ?? 0,
+      bytesReceived: s.bytesReceived ?? 0,
+      framesDecoded: s.framesDecoded ?? 0,
+      framesPerSecond: s.framesPerSecond ?? null,
+      frameWidth: s.frameWidth ?? null,
+      frameHeight: s.frameHeight ?? null,
+      keyFramesDecoded: s.keyFramesDecoded ?? null,
+      pliCount: s.pliCount ?? null,
+      nackCount: s.nackCount ?? null,
+      totalSamplesReceived: s.totalSamplesReceived ?? null,
+      audioLevel: s.audioLevel ?? null,
+      jitter: s.jitter ?? null,
+    });
+  });
+  return out;
+}
+
+function startMonitor() {
+  if (state.monitor) return;
+  state.monitor = setInterval(async () => {
+    const rec = state.calls[state.calls.length - 1];
+    if (!rec || !state.weirCall || state.weirCall.ended) return;
+    try {
+      const stats = await inboundByTrack();
+      for (const [trackId, s] of stats) {
+        if (s.kind === "video" && s.framesDecoded > 0 && !state.trackFirstFrame.has(trackId)) {
+          const ms = Date.now() - rec.startedAt;
+          state.trackFirstFrame.set(trackId, ms);
+          if (rec.firstFrameMs === null) rec.firstFrameMs = ms;
+        }
+      }
+    } catch (e) {
+      // the peer connection may be closing
+    }
+  }, 100);
+}
+
+const sampleCanvas = document.createElement("canvas");
+sampleCanvas.width = 64;
+sampleCanvas.height = 48;
+const sampleCtx = sampleCanvas.getContext("2d", { willReadFrequently: true });
+
+/** Average colour of the middle of the video's current frame (avoids the moving bar). */
+function sampleVideo(v) {
+  if (!v || v.readyState < 2 || !v.videoWidth) return null;
+  sampleCtx.drawImage(v, 0, 0, sampleCanvas.width, sampleCanvas.height);
+  // centre 50% x 50%: rows 12..36, cols 16..48
+  const d = sampleCtx.getImageData(16, 12, 32, 24).data;
+  let r = 0, g = 0, b = 0;
+  const n = d.length / 4;
+  for (let i = 0; i < d.length; i += 4) {
+    r += d[i];
+    g += d[i + 1];
+    b += d[i + 2];
+  }
+  return { r: Math.round(r / n), g: Math.round(g / n), b: Math.round(b / n), width: v.videoWidth, height: v.videoHeight };
+}
+
+/** Name of the reference colour nearest to rgb, with its distance. */
+export function classify(rgb) {
+  if (!rgb) return { name: null, distance: null };
+  let best = null;
+  let bestD = Infinity;
+  for (const [name, ref] of Object.entries(COLOURS)) {
+    const d = Math.hypot(rgb.r - ref[0], rgb.g - ref[1], rgb.b - ref[2]);
+    if (d < bestD) {
+      bestD = d;
+      best = name;
+    }
+  }
+  return { name: bestD < 90 ? best : null, distance: Math.round(bestD) };
+}
+
+/** Everything the harness asserts on, as plain data. */
+export async function snapshot() {
+  const wc = state.weirCall;
+  const stats = await inboundByTrack().catch(() => new Map());
+  const feeds = (wc?.remoteFeeds() ?? []).map((f) => {
+    const vt = f.stream.getVideoTracks()[0];
+    const at = f.stream.getAudioTracks()[0];
+    const px = sampleVideo(state.videos.get(f.streamId));
+    return {
+      streamId: f.streamId,
+      purpose: f.purpose,
+      owner: f.ownerUserId,
+      ownerDevice: f.ownerDeviceId,
+      feedUserId: f.feed.userId,
+      audioMuted: f.audioMuted,
+      videoMuted: f.videoMuted,
+      videoTrackId: vt?.id ?? null,
+      audioTrackId: at?.id ?? null,
+      video: vt ? stats.get(vt.id) ?? null : null,
+      audio: at ? stats.get(at.id) ?? null : null,
+      firstFrameMs: vt ? state.trackFirstFrame.get(vt.id) ?? null : null,
+      pixel: px,
+      colour: classify(px).name,
+      colourDistance: classify(px).distance,
+    };
+  });
+  const pc = wc?.peerConnection;
+  return {
+    t: Date.now(),
+    name: state.name,
+    colour: state.colourName,
+    userId: state.client?.getUserId() ?? null,
+    deviceId: state.client?.getDeviceId() ?? null,
+    sessionId: state.client?.getSessionId() ?? null,
+    callState: wc?.state ?? null,
+    callId: wc?.call?.callId ?? null,
+    ended: wc?.ended ?? null,
+    iceState: pc?.iceConnectionState ?? null,
+    signalingState: pc?.signalingState ?? null,
+    audioMuted: wc?.isAudioMuted() ?? null,
+    videoMuted: wc?.isVideoMuted() ?? null,
+    transceivers: pc ? pc.getTransceivers().map((t) => ({ mid: t.mid, dir: t.direction, cur: t.currentDirection, kind: t.receiver.track?.kind })) : [],
+    calls: state.calls.map((c) => ({ ...c })),
+    errors: [...state.errors],
+    feeds,
+  };
+}
+
+export async function hangup() {
+  if (!state.weirCall) throw new Error("not in a call");
+  await state.weirCall.hangup();
+  return true;
+}
+
+export async function setMuted({ audio, video }) {
+  const wc = state.weirCall;
+  if (!wc) throw new Error("not in a call");
+  if (audio !== undefined) await wc.setAudioMuted(audio);
+  if (video !== undefined) await wc.setVideoMuted(video);
+  return { audioMuted: wc.isAudioMuted(), videoMuted: wc.isVideoMuted() };
+}
+
+export async function shutdown() {
+  try {
+    if (state.weirCall && !state.weirCall.ended) await state.weirCall.hangup();
+  } catch (e) {
+    log("hangup during shutdown failed", e);
+  }
+  clearInterval(state.monitor);
+  state.monitor = null;
+  state.camera?.stop();
+  state.client?.stopClient();
+}

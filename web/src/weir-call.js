@@ -1,0 +1,386 @@
+// weir-call: join an MSC3401 group call through a weir focus with a stock matrix-js-sdk 43 client.
+//
+// The client talks to the focus in "to-device mode" (reference/protocol.md §c.10 D2, §c.11):
+//   1. the room holds `org.matrix.msc3401.call` state for the conf id, so js-sdk builds a GroupCall
+//      for it (without one, js-sdk drops every event the focus sends);
+//   2. we publish our device in `org.matrix.msc3401.call.member` (the focus authorises the invite
+//      against it: same device id and session id, unexpired);
+//   3. one plain MatrixCall to the focus's device and session carries our camera/mic up and every
+//      other participant's streams down; the focus adds them with `m.call.negotiate` offers.
+// GroupCall.enter() is never called: GroupCall would mesh-call every member instead.
+//
+// js-sdk attributes every remote CallFeed to the focus. The real owner of a stream is in the
+// focus's `sdp_stream_metadata` (`user_id`/`device_id`), which js-sdk keeps in the private
+// `MatrixCall.remoteSDPStreamMetadata`; `remoteFeeds()` reads it from there.
+
+import { createClient, createNewMatrixCall, CallEvent, ClientEvent, SyncState } from "matrix-js-sdk";
+import { CallFeed, CallFeedEvent } from "matrix-js-sdk/lib/webrtc/callFeed.js";
+import { CallErrorCode, CallState } from "matrix-js-sdk/lib/webrtc/call.js";
+
+export { createClient, CallEvent, CallFeedEvent, CallState, CallErrorCode };
+
+export const CALL_STATE_TYPE = "org.matrix.msc3401.call";
+export const CALL_MEMBER_TYPE = "org.matrix.msc3401.call.member";
+/** Same TTL js-sdk's GroupCall uses for a device entry, and the same 3/4 refresh point. */
+export const DEVICE_TTL_MS = 60 * 60 * 1000;
+const DEVICE_REFRESH_MS = (DEVICE_TTL_MS * 3) / 4;
+
+/** Content js-sdk 43 GroupCall writes for a video room call (without the data-channel flag). */
+export function callStateContent() {
+  return { "m.intent": "m.room", "m.type": "m.video", "io.element.ptt": false };
+}
+
+async function pollUntil(what, fn, timeoutMs, intervalMs = 100) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() >= deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, intervalMs));
+  }
+}
+
+/** Password login; returns what createCallClient needs. */
+export async function loginWithPassword(baseUrl, user, password, deviceId) {
+  const res = await fetch(`${baseUrl.replace(/\/$/, "")}/_matrix/client/v3/login`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({
+      type: "m.login.password",
+      identifier: { type: "m.id.user", user },
+      password,
+      device_id: deviceId,
+      initial_device_display_name: `weir-call ${deviceId ?? ""}`.trim(),
+    }),
+  });
+  const body = await res.json();
+  if (!res.ok) throw new Error(`login ${user} failed: HTTP ${res.status} ${JSON.stringify(body)}`);
+  return { baseUrl, userId: body.user_id, accessToken: body.access_token, deviceId: body.device_id };
+}
+
+/**
+ * A MatrixClient set up for calls to a focus. `useE2eForGroupCall: false` is required: js-sdk 43's
+ * encrypted group-call signalling path throws (protocol.md §1 item 4).
+ */
+export function createCallClient({ baseUrl, userId, accessToken, deviceId }) {
+  return createClient({
+    baseUrl,
+    userId,
+    accessToken,
+    deviceId,
+    useE2eForGroupCall: false,
+    timelineSupport: false,
+  });
+}
+
+/** startClient and wait until the first sync has been processed. */
+export async function startClient(client, timeoutMs = 30000) {
+  const synced = new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`first sync not done within ${timeoutMs} ms`)), timeoutMs);
+    const onSync = (state) => {
+      if (state === SyncState.Prepared || state === SyncState.Syncing) {
+        clearTimeout(timer);
+        client.off(ClientEvent.Sync, onSync);
+        resolve();
+      }
+    };
+    client.on(ClientEvent.Sync, onSync);
+  });
+  await client.startClient({ initialSyncLimit: 1 });
+  await synced;
+}
+
+/** Send the `org.matrix.msc3401.call` state for confId (what GroupCall.create would send). */
+export async function sendCallState(client, roomId, confId) {
+  await client.sendStateEvent(roomId, CALL_STATE_TYPE, callStateContent(), confId);
+}
+
+/** Resolve with js-sdk's GroupCall for confId once the client has built it from room state. */
+export async function waitForGroupCall(client, roomId, confId, timeoutMs = 30000) {
+  return pollUntil(
+    `js-sdk GroupCall ${confId} in ${roomId}`,
+    () => {
+      const gc = client.groupCallEventHandler?.getGroupCallById(confId);
+      return gc && gc.room.roomId === roomId ? gc : null;
+    },
+    timeoutMs,
+  );
+}
+
+/** Resolve once the user is a joined member of the room as this client sees it. */
+export async function waitForJoinedMember(client, roomId, userId, timeoutMs = 30000) {
+  return pollUntil(
+    `${userId} joined in ${roomId}`,
+    () => client.getRoom(roomId)?.getMember(userId)?.membership === "join",
+    timeoutMs,
+  );
+}
+
+/**
+ * One participant's connection to a weir focus.
+ *
+ * Events (EventTarget; `detail` carries the payload):
+ *   "feeds"  remote feeds changed (detail: remoteFeeds())
+ *   "state"  MatrixCall state changed (detail: {state, old})
+ *   "hangup" the call ended (detail: {reason, party})
+ *   "error"  the MatrixCall emitted an error (detail: error)
+ *   "mute"   a remote feed's mute state changed (detail: the remote feed record)
+ */
+export class WeirCall extends EventTarget {
+  /**
+   * @param {object} o
+   * @param {import("matrix-js-sdk").MatrixClient} o.client started, synced, useE2eForGroupCall:false
+   * @param {string} o.roomId
+   * @param {string} o.confId the `org.matrix.msc3401.call` state key
+   * @param {{userId: string, deviceId: string, sessionId: string}} o.focus
+   * @param {MediaStream} o.stream local camera/mic; the call gets a clone, this one stays yours
+   * @param {(audio: boolean, video: boolean) => Promise<MediaStream>} [o.getUserMedia] where js-sdk
+   *   takes new tracks from when it needs them again (video unmute after it stopped the track);
+   *   default: clones of `stream`'s tracks
+   * @param {(...args) => void} [o.log]
+   */
+  constructor({ client, roomId, confId, focus, stream, getUserMedia, log }) {
+    super();
+    if (!client || !roomId || !confId || !focus?.userId || !focus?.deviceId || !focus?.sessionId || !stream) {
+      throw new Error("WeirCall needs client, roomId, confId, focus {userId, deviceId, sessionId} and stream");
+    }
+    this.client = client;
+    this.roomId = roomId;
+    this.confId = confId;
+    this.focus = focus;
+    this.sourceStream = stream;
+    this.log = log ?? ((...a) => console.log("[weir-call]", ...a));
+    this.call = null;
+    this.ended = false;
+    this.hangupReason = null;
+    this.refreshTimer = null;
+    this.watchedFeeds = new WeakSet();
+    this.getUserMedia = getUserMedia ?? (async (audio, video) => this.cloneSource(audio, video));
+    this.patchMediaHandler();
+  }
+
+  cloneSource(audio = true, video = true) {
+    const tracks = [];
+    if (audio) tracks.push(...this.sourceStream.getAudioTracks().map((t) => t.clone()));
+    if (video) tracks.push(...this.sourceStream.getVideoTracks().map((t) => t.clone()));
+    return new MediaStream(tracks);
+  }
+
+  // js-sdk re-acquires media through the client's MediaHandler (e.g. after a video mute it stops
+  // the camera track and asks for a new one on unmute). Route that to our source instead of the
+  // real getUserMedia, so the call keeps sending the same picture.
+  patchMediaHandler() {
+    const mh = this.client.getMediaHandler();
+    if (mh.__weirPatched) {
+      mh.__weirGetUserMedia = this.getUserMedia;
+      return;
+    }
+    mh.__weirPatched = true;
+    mh.__weirGetUserMedia = this.getUserMedia;
+    mh.getUserMediaStream = async (audio, video) => {
+      const s = await mh.__weirGetUserMedia(audio, video);
+      mh.userMediaStreams.push(s);
+      return s;
+    };
+  }
+
+  /** Our device entry, exactly as js-sdk 43 GroupCall writes it. */
+  deviceEntry() {
+    return {
+      device_id: this.client.getDeviceId(),
+      session_id: this.client.getSessionId(),
+      expires_ts: Date.now() + DEVICE_TTL_MS,
+      feeds: [{ purpose: "m.usermedia" }],
+    };
+  }
+
+  /**
+   * Rewrite our `m.call.member` state: keep other calls and other devices (dropping expired ones),
+   * replace or remove this device's entry in the entry for our conf id.
+   */
+  async updateMemberState(present) {
+    const userId = this.client.getUserId();
+    const now = Date.now();
+    const room = this.client.getRoom(this.roomId);
+    const ev = room?.currentState.getStateEvents(CALL_MEMBER_TYPE, userId);
+    const content = ev?.getContent() ?? {};
+    const calls = Array.isArray(content["m.calls"]) ? content["m.calls"] : [];
+    const myDevice = this.client.getDeviceId();
+
+    const others = calls.filter((c) => c?.["m.call_id"] !== this.confId);
+    const mine = calls.find((c) => c?.["m.call_id"] === this.confId);
+    const devices = (Array.isArray(mine?.["m.devices"]) ? mine["m.devices"] : []).filter(
+      (d) => d?.device_id !== myDevice && typeof d?.expires_ts === "number" && d.expires_ts > now,
+    );
+    if (present) devices.push(this.deviceEntry());
+
+    const newCalls = [...others];
+    if (devices.length > 0) {
+      newCalls.push({ "m.call_id": this.confId, "m.devices": devices, "m.foci": [this.focus.userId] });
+    }
+    await this.client.sendStateEvent(this.roomId, CALL_MEMBER_TYPE, { "m.calls": newCalls }, userId);
+  }
+
+  /** Wait until our own sync shows our device entry (the focus reads the same room state). */
+  async waitForOwnMemberEntry(timeoutMs) {
+    const userId = this.client.getUserId();
+    const sessionId = this.client.getSessionId();
+    const deviceId = this.client.getDeviceId();
+    await pollUntil(
+      "own m.call.member entry to come back through sync",
+      () => {
+        const ev = this.client.getRoom(this.roomId)?.currentState.getStateEvents(CALL_MEMBER_TYPE, userId);
+        const call = ev?.getContent()?.["m.calls"]?.find?.((c) => c["m.call_id"] === this.confId);
+        return call?.["m.devices"]?.some?.((d) => d.device_id === deviceId && d.session_id === sessionId);
+      },
+      timeoutMs,
+    );
+  }
+
+  /** Publish membership, wait for the GroupCall, place the call to the focus. */
+  async join({ timeoutMs = 30000 } = {}) {
+    if (this.call) throw new Error("join() called twice; make a new WeirCall to call again");
+    const { client, roomId, confId, focus } = this;
+    await waitForGroupCall(client, roomId, confId, timeoutMs);
+    // The focus must be a room member, or js-sdk crashes on its streams (protocol.md §c.11 item 2).
+    await waitForJoinedMember(client, roomId, focus.userId, timeoutMs);
+
+    await this.updateMemberState(true);
+    await this.waitForOwnMemberEntry(timeoutMs);
+    this.refreshTimer = setInterval(() => {
+      this.updateMemberState(true).catch((e) => this.log("refreshing m.call.member failed", e));
+    }, DEVICE_REFRESH_MS);
+
+    const call = createNewMatrixCall(client, roomId, {
+      invitee: focus.userId,
+      opponentDeviceId: focus.deviceId,
+      opponentSessionId: focus.sessionId,
+      groupCallId: confId,
+    });
+    if (!call) throw new Error("createNewMatrixCall returned null: this browser does not support WebRTC calls");
+    this.call = call;
+
+    call.on(CallEvent.Error, (err) => {
+      this.log("call error", err?.code, err?.message ?? err);
+      this.dispatchEvent(new CustomEvent("error", { detail: err }));
+    });
+    call.on(CallEvent.State, (state, old) => {
+      this.log(`call ${call.callId} state ${old} -> ${state}`);
+      this.dispatchEvent(new CustomEvent("state", { detail: { state, old } }));
+    });
+    call.on(CallEvent.FeedsChanged, () => {
+      this.watchFeeds();
+      this.dispatchEvent(new CustomEvent("feeds", { detail: this.remoteFeeds() }));
+    });
+    call.on(CallEvent.Hangup, () => {
+      this.ended = true;
+      this.hangupReason = call.hangupReason ?? null;
+      this.log(`call ${call.callId} ended: ${call.hangupReason} by ${call.hangupParty}`);
+      clearInterval(this.refreshTimer);
+      this.dispatchEvent(
+        new CustomEvent("hangup", { detail: { reason: call.hangupReason, party: call.hangupParty } }),
+      );
+    });
+
+    const local = this.cloneSource(true, true);
+    const feed = new CallFeed({
+      client,
+      roomId,
+      userId: client.getUserId(),
+      deviceId: client.getDeviceId(),
+      stream: local,
+      purpose: "m.usermedia",
+      audioMuted: false,
+      videoMuted: false,
+    });
+    this.log(`placing call ${call.callId} to ${focus.userId}/${focus.deviceId} session ${focus.sessionId}`);
+    await call.placeCallWithCallFeeds([feed]);
+    return call;
+  }
+
+  watchFeeds() {
+    for (const feed of this.call?.getRemoteFeeds() ?? []) {
+      if (this.watchedFeeds.has(feed)) continue;
+      this.watchedFeeds.add(feed);
+      feed.on(CallFeedEvent.MuteStateChanged, () => {
+        const rec = this.remoteFeeds().find((r) => r.feed === feed);
+        if (rec) this.dispatchEvent(new CustomEvent("mute", { detail: rec }));
+      });
+    }
+  }
+
+  /** The focus's metadata for a stream id (private js-sdk field, read at runtime). */
+  streamMetadata(streamId) {
+    return this.call?.remoteSDPStreamMetadata?.[streamId] ?? null;
+  }
+
+  /**
+   * Remote feeds with their real owner from the focus's metadata. `ownerUserId` is null when the
+   * focus did not name one (then only the focus's own user id is known, as `feed.userId`).
+   */
+  remoteFeeds() {
+    if (!this.call) return [];
+    return this.call.getRemoteFeeds().map((feed) => {
+      const md = this.streamMetadata(feed.stream.id) ?? {};
+      return {
+        feed,
+        stream: feed.stream,
+        streamId: feed.stream.id,
+        purpose: feed.purpose,
+        ownerUserId: md.user_id ?? null,
+        ownerDeviceId: md.device_id ?? null,
+        audioMuted: feed.isAudioMuted(),
+        videoMuted: feed.isVideoMuted(),
+      };
+    });
+  }
+
+  /** Remote feeds owned by userId (optionally one device). */
+  feedsOf(userId, deviceId) {
+    return this.remoteFeeds().filter(
+      (f) => f.ownerUserId === userId && (deviceId === undefined || f.ownerDeviceId === deviceId),
+    );
+  }
+
+  get state() {
+    return this.call?.state ?? null;
+  }
+
+  get peerConnection() {
+    return this.call?.peerConn ?? null;
+  }
+
+  async setAudioMuted(muted) {
+    if (!this.call) throw new Error("not in a call");
+    return this.call.setMicrophoneMuted(muted);
+  }
+
+  async setVideoMuted(muted) {
+    if (!this.call) throw new Error("not in a call");
+    return this.call.setLocalVideoMuted(muted);
+  }
+
+  isAudioMuted() {
+    return this.call?.isMicrophoneMuted() ?? false;
+  }
+
+  isVideoMuted() {
+    return this.call?.isLocalVideoMuted() ?? false;
+  }
+
+  /** Hang up (sends m.call.hangup to the focus) and remove our m.call.member device entry. */
+  async hangup(reason = CallErrorCode.UserHangup) {
+    clearInterval(this.refreshTimer);
+    this.refreshTimer = null;
+    if (this.call && this.call.state !== CallState.Ended) {
+      this.call.hangup(reason, false);
+    }
+    this.ended = true;
+    try {
+      await this.updateMemberState(false);
+    } catch (e) {
+      this.log("removing m.call.member entry failed", e);
+      throw e;
+    }
+  }
+}
