@@ -170,6 +170,52 @@ function attachVideos() {
   }
 }
 
+/** The ICE candidate pair the browser selected: addresses on both ends. */
+async function selectedPair() {
+  const pc = state.weirCall?.peerConnection;
+  if (!pc) return null;
+  const report = await pc.getStats();
+  let pairId = null;
+  report.forEach((s) => {
+    if (s.type === "transport" && s.selectedCandidatePairId) pairId = s.selectedCandidatePairId;
+  });
+  const pair = pairId ? report.get(pairId) : null;
+  if (!pair) return null;
+  const l = report.get(pair.localCandidateId);
+  const r = report.get(pair.remoteCandidateId);
+  return {
+    state: pair.state,
+    local: l ? `${l.address ?? l.ip}:${l.port}/${l.protocol} ${l.candidateType}` : null,
+    remote: r ? `${r.address ?? r.ip}:${r.port}/${r.protocol} ${r.candidateType}` : null,
+    bytesSent: pair.bytesSent ?? null,
+    bytesReceived: pair.bytesReceived ?? null,
+    currentRoundTripTime: pair.currentRoundTripTime ?? null,
+  };
+}
+
+/** Outbound RTP of our own media (what we send to the focus), by kind. */
+async function outbound() {
+  const pc = state.weirCall?.peerConnection;
+  const out = {};
+  if (!pc) return out;
+  const report = await pc.getStats();
+  report.forEach((s) => {
+    if (s.type !== "outbound-rtp") return;
+    const k = s.kind ?? s.mediaType;
+    out[k] = {
+      packetsSent: s.packetsSent ?? 0,
+      bytesSent: s.bytesSent ?? 0,
+      framesEncoded: s.framesEncoded ?? null,
+      framesPerSecond: s.framesPerSecond ?? null,
+      frameWidth: s.frameWidth ?? null,
+      pliCount: s.pliCount ?? null,
+      nackCount: s.nackCount ?? null,
+      qualityLimitationReason: s.qualityLimitationReason ?? null,
+    };
+  });
+  return out;
+}
+
 /** Inbound RTP stats of the current call's peer connection, by receiving track id. */
 async function inboundByTrack() {
   const pc = state.weirCall?.peerConnection;
@@ -303,11 +349,24 @@ export async function snapshot() {
     signalingState: pc?.signalingState ?? null,
     audioMuted: wc?.isAudioMuted() ?? null,
     videoMuted: wc?.isVideoMuted() ?? null,
+    selectedPair: await selectedPair().catch(() => null),
+    outbound: await outbound().catch(() => ({})),
     transceivers: pc ? pc.getTransceivers().map((t) => ({ mid: t.mid, dir: t.direction, cur: t.currentDirection, kind: t.receiver.track?.kind })) : [],
     calls: state.calls.map((c) => ({ ...c })),
     errors: [...state.errors],
     feeds,
   };
+}
+
+/** Raw getStats() entries of the current call (debugging aid), optionally of one type. */
+export async function rawStats(type) {
+  const pc = state.weirCall?.peerConnection;
+  if (!pc) return [];
+  const out = [];
+  (await pc.getStats()).forEach((s) => {
+    if (!type || s.type === type) out.push(s);
+  });
+  return out;
 }
 
 export async function hangup() {
