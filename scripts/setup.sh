@@ -28,7 +28,7 @@ else
   [[ "$(id -u)" == 0 ]] || SUDO="sudo"
   echo "running: apt-get update && apt-get install -y chromium"
   $SUDO apt-get update
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends chromium fonts-liberation
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y chromium
   [[ -x /usr/bin/chromium ]] || die "apt-get installed chromium but /usr/bin/chromium is not there"
   echo "installed: $(/usr/bin/chromium --version 2>/dev/null)"
 fi
