@@ -1,0 +1,582 @@
+//! Room state tracker (memberships, `m.call`, `m.call.member`) and invite authorisation.
+//!
+//! Fed with state events exactly as `/sync` or `/rooms/{id}/state` returns them; anything it
+//! cannot read is ignored (a bad state event must not make a whole room unusable). Both the
+//! unstable (`org.matrix.msc3401.*`) and stable (`m.call*`) names are tracked; either variant can
+//! authorise.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::Value;
+
+use crate::ids::{ConfId, DeviceId, RoomId, SessionId, UserId};
+
+pub const CALL_TYPES: [&str; 2] = ["org.matrix.msc3401.call", "m.call"];
+pub const MEMBER_TYPES: [&str; 2] = ["org.matrix.msc3401.call.member", "m.call.member"];
+pub const ROOM_MEMBER: &str = "m.room.member";
+
+/// Most `m.calls` entries / devices read from one `m.call.member` event.
+const MAX_MEMBER_CALLS: usize = 8;
+const MAX_MEMBER_DEVICES: usize = 64;
+
+/// Why an invite was refused; the label of `weir_invites_refused_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RefuseReason {
+    /// No room that weir is joined to has an active `m.call` with this `conf_id`.
+    NoCall,
+    /// The sender is not joined to the call's room.
+    NotInRoom,
+    /// The sender has no `m.call.member` device entry with this `device_id` for this call.
+    NoMemberDevice,
+    /// The device entry has expired (or carries no `expires_ts`).
+    MemberExpired,
+    /// The device entry's `session_id` differs from the invite's `sender_session_id`.
+    SessionMismatch,
+    /// `allowed_servers` is set and does not contain the sender's server.
+    ServerNotAllowed,
+    /// The sender has too many unanswered invites, or weir holds too many legs.
+    TooManyInvites,
+}
+
+impl RefuseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::NoCall => "no_call",
+            RefuseReason::NotInRoom => "not_in_room",
+            RefuseReason::NoMemberDevice => "no_member_device",
+            RefuseReason::MemberExpired => "member_expired",
+            RefuseReason::SessionMismatch => "session_mismatch",
+            RefuseReason::ServerNotAllowed => "server_not_allowed",
+            RefuseReason::TooManyInvites => "too_many_invites",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct MemberDevice {
+    device_id: DeviceId,
+    session_id: Option<SessionId>,
+    expires_ts: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct RoomState {
+    members: HashMap<UserId, String>,
+    /// (variant index, conf id) → active (has valid intent/type and is not terminated).
+    calls: BTreeMap<(usize, ConfId), bool>,
+    /// (variant index, user) → (conf id → devices).
+    call_members: HashMap<(usize, UserId), HashMap<ConfId, Vec<MemberDevice>>>,
+}
+
+impl RoomState {
+    fn call_active(&self, conf: &ConfId) -> bool {
+        (0..CALL_TYPES.len()).any(|v| self.calls.get(&(v, conf.clone())).copied().unwrap_or(false))
+    }
+
+    fn joined(&self, user: &UserId) -> bool {
+        self.members.get(user).is_some_and(|m| m == "join")
+    }
+
+    fn devices<'a>(
+        &'a self,
+        user: &'a UserId,
+        conf: &'a ConfId,
+    ) -> impl Iterator<Item = &'a MemberDevice> + 'a {
+        (0..MEMBER_TYPES.len()).flat_map(move |v| {
+            self.call_members
+                .get(&(v, user.clone()))
+                .and_then(|m| m.get(conf))
+                .into_iter()
+                .flatten()
+        })
+    }
+}
+
+/// What weir knows about the rooms it is joined to.
+#[derive(Debug)]
+pub struct RoomTracker {
+    me: UserId,
+    rooms: BTreeMap<RoomId, RoomState>,
+}
+
+impl RoomTracker {
+    pub fn new(me: UserId) -> Self {
+        Self {
+            me,
+            rooms: BTreeMap::new(),
+        }
+    }
+
+    /// Rooms weir is joined to.
+    pub fn joined_rooms(&self) -> impl Iterator<Item = &RoomId> {
+        self.rooms.keys()
+    }
+
+    /// Records that weir is joined to `room` (it appeared under `rooms.join`).
+    pub fn mark_joined(&mut self, room: &RoomId) {
+        self.rooms.entry(room.clone()).or_default();
+    }
+
+    /// Forgets a room weir left or was removed from.
+    pub fn remove_room(&mut self, room: &RoomId) -> bool {
+        self.rooms.remove(room).is_some()
+    }
+
+    /// Drops everything known about `room` (before applying a full state snapshot).
+    pub fn reset_room(&mut self, room: &RoomId) {
+        self.rooms.insert(room.clone(), RoomState::default());
+    }
+
+    /// Applies one event if it is a state event of a tracked type. Returns true if the state
+    /// changed in a way that matters (memberships, calls, call members).
+    pub fn apply_event(&mut self, room: &RoomId, event: &Value) -> bool {
+        let Some(obj) = event.as_object() else {
+            return false;
+        };
+        let (Some(ty), Some(state_key)) = (
+            obj.get("type").and_then(Value::as_str),
+            obj.get("state_key").and_then(Value::as_str),
+        ) else {
+            return false;
+        };
+        let empty = Value::Object(Default::default());
+        let content = obj.get("content").unwrap_or(&empty);
+        let sender = obj.get("sender").and_then(Value::as_str);
+        if ty == ROOM_MEMBER {
+            let membership = content
+                .get("membership")
+                .and_then(Value::as_str)
+                .unwrap_or("leave");
+            if state_key == self.me.as_str() && membership != "join" {
+                return self.remove_room(room);
+            }
+            let state = self.rooms.entry(room.clone()).or_default();
+            state
+                .members
+                .insert(UserId::from(state_key), membership.to_owned());
+            return true;
+        }
+        if let Some(variant) = CALL_TYPES.iter().position(|t| *t == ty) {
+            let active = content.get("m.terminated").is_none()
+                && content.get("m.intent").is_some_and(Value::is_string)
+                && content.get("m.type").is_some_and(Value::is_string);
+            let Some(state) = self.rooms.get_mut(room) else {
+                return false;
+            };
+            state
+                .calls
+                .insert((variant, ConfId::from(state_key)), active);
+            return true;
+        }
+        if let Some(variant) = MEMBER_TYPES.iter().position(|t| *t == ty) {
+            // MSC3401: the state key is the user; only that user may speak for their devices.
+            if !state_key.starts_with('@') || sender.is_some_and(|s| s != state_key) {
+                return false;
+            }
+            let Some(state) = self.rooms.get_mut(room) else {
+                return false;
+            };
+            let parsed = parse_member_content(content);
+            let key = (variant, UserId::from(state_key));
+            if parsed.is_empty() {
+                state.call_members.remove(&key);
+            } else {
+                state.call_members.insert(key, parsed);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Authorises an invite for `conf` from (`user`, `device`, `session`) at wall-clock `now_ms`.
+    /// Returns the room the call lives in.
+    ///
+    /// When several rooms carry the same `conf_id` (anyone can create a room with any state
+    /// key), the first room (by id) where the sender is fully authorised wins; the leg is then
+    /// bound to that room, so conferences of different rooms never mix.
+    pub fn authorise(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        session: &SessionId,
+        conf: &ConfId,
+        now_ms: u64,
+    ) -> Result<RoomId, RefuseReason> {
+        let mut best: Option<RefuseReason> = None;
+        let mut any_call = false;
+        for (room_id, state) in &self.rooms {
+            if !state.call_active(conf) {
+                continue;
+            }
+            any_call = true;
+            let outcome = if !state.joined(user) {
+                Err(RefuseReason::NotInRoom)
+            } else {
+                let mut r = Err(RefuseReason::NoMemberDevice);
+                for d in state.devices(user, conf).filter(|d| &d.device_id == device) {
+                    let this = if d.expires_ts.is_none_or(|e| e <= now_ms) {
+                        Err(RefuseReason::MemberExpired)
+                    } else if d.session_id.as_ref().is_some_and(|s| s != session) {
+                        Err(RefuseReason::SessionMismatch)
+                    } else {
+                        Ok(())
+                    };
+                    r = match (r, this) {
+                        (Ok(()), _) | (_, Ok(())) => Ok(()),
+                        (Err(a), Err(b)) => Err(more_specific(a, b)),
+                    };
+                }
+                r
+            };
+            match outcome {
+                Ok(()) => return Ok(room_id.clone()),
+                Err(reason) => best = Some(best.map_or(reason, |b| more_specific(b, reason))),
+            }
+        }
+        if !any_call {
+            return Err(RefuseReason::NoCall);
+        }
+        Err(best.unwrap_or(RefuseReason::NoCall))
+    }
+
+    /// True while (`user`, `device`) is a live participant of `conf` in `room`: the user is
+    /// joined, the call is active and an unexpired device entry exists. (A changed session id
+    /// does not count as gone: a re-joining device sends a new invite, which replaces the leg.)
+    pub fn member_present(
+        &self,
+        room: &RoomId,
+        conf: &ConfId,
+        user: &UserId,
+        device: &DeviceId,
+        now_ms: u64,
+    ) -> bool {
+        let Some(state) = self.rooms.get(room) else {
+            return false;
+        };
+        state.joined(user)
+            && state.call_active(conf)
+            && state
+                .devices(user, conf)
+                .any(|d| &d.device_id == device && d.expires_ts.is_some_and(|e| e > now_ms))
+    }
+
+    /// The membership of `user` in `room`, if known.
+    pub fn membership(&self, room: &RoomId, user: &UserId) -> Option<&str> {
+        self.rooms.get(room)?.members.get(user).map(String::as_str)
+    }
+
+    /// Whether `room` has an active call `conf`.
+    pub fn call_active(&self, room: &RoomId, conf: &ConfId) -> bool {
+        self.rooms.get(room).is_some_and(|s| s.call_active(conf))
+    }
+}
+
+/// Ranks refusals so the most informative one is reported: a sender who got further through
+/// the checks gets the more specific reason.
+fn specificity(r: RefuseReason) -> u8 {
+    match r {
+        RefuseReason::NoCall => 0,
+        RefuseReason::NotInRoom => 1,
+        RefuseReason::NoMemberDevice => 2,
+        RefuseReason::MemberExpired => 3,
+        RefuseReason::SessionMismatch => 4,
+        RefuseReason::ServerNotAllowed | RefuseReason::TooManyInvites => 5,
+    }
+}
+
+fn more_specific(a: RefuseReason, b: RefuseReason) -> RefuseReason {
+    if specificity(b) > specificity(a) {
+        b
+    } else {
+        a
+    }
+}
+
+fn parse_member_content(content: &Value) -> HashMap<ConfId, Vec<MemberDevice>> {
+    let mut out: HashMap<ConfId, Vec<MemberDevice>> = HashMap::new();
+    let Some(calls) = content.get("m.calls").and_then(Value::as_array) else {
+        return out;
+    };
+    for call in calls.iter().take(MAX_MEMBER_CALLS) {
+        let Some(conf) = call.get("m.call_id").and_then(Value::as_str) else {
+            continue;
+        };
+        let Some(devices) = call.get("m.devices").and_then(Value::as_array) else {
+            continue;
+        };
+        let list = out.entry(ConfId::from(conf)).or_default();
+        for d in devices.iter().take(MAX_MEMBER_DEVICES) {
+            let Some(device_id) = d.get("device_id").and_then(Value::as_str) else {
+                continue;
+            };
+            let session_id = d
+                .get("session_id")
+                .and_then(Value::as_str)
+                .map(SessionId::from);
+            let expires_ts = d.get("expires_ts").and_then(|v| {
+                v.as_u64()
+                    .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+            });
+            list.push(MemberDevice {
+                device_id: DeviceId::from(device_id),
+                session_id,
+                expires_ts,
+            });
+        }
+    }
+    out.retain(|_, v| !v.is_empty());
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use serde_json::json;
+
+    pub(crate) fn fixture_dir(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("testdata/wire-fixtures")
+            .join(name)
+    }
+
+    pub(crate) fn load_state(name: &str) -> (RoomId, Vec<Value>) {
+        let mut events = Vec::new();
+        for f in [
+            "state.m.room.power_levels.json",
+            "state.org.matrix.msc3401.call.json",
+            "state.org.matrix.msc3401.call.member.json",
+        ] {
+            let text = std::fs::read_to_string(fixture_dir(name).join(f)).unwrap();
+            let v: Value = serde_json::from_str(&text).unwrap();
+            events.extend(v.as_array().unwrap().iter().cloned());
+        }
+        let room = events
+            .iter()
+            .find_map(|e| e.get("room_id").and_then(Value::as_str))
+            .map(RoomId::from)
+            .unwrap();
+        (room, events)
+    }
+
+    /// The fixtures do not include `m.room.member` state: synthesise joins for every sender
+    /// of a state event, plus the focus.
+    pub(crate) fn tracker_from_fixture(name: &str, me: &UserId) -> (RoomTracker, RoomId) {
+        let (room, events) = load_state(name);
+        let mut t = RoomTracker::new(me.clone());
+        t.mark_joined(&room);
+        let mut senders: Vec<String> = events
+            .iter()
+            .filter_map(|e| e.get("sender").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        senders.push(me.to_string());
+        senders.sort();
+        senders.dedup();
+        for s in senders {
+            t.apply_event(&room, &join_event(&s));
+        }
+        for e in &events {
+            t.apply_event(&room, e);
+        }
+        (t, room)
+    }
+
+    pub(crate) fn join_event(user: &str) -> Value {
+        json!({"type": "m.room.member", "state_key": user, "sender": user, "content": {"membership": "join"}})
+    }
+
+    const ME: &str = "@focus-mwyct2zzfae9:localhost";
+    const ALICE: &str = "@alice-mwyct2zzfae9:localhost";
+    const CONF: &str = "1795746014673K8KMyUuL409CM3qp";
+    const ALICE_EXPIRES: u64 = 1795749614846;
+
+    #[test]
+    fn fixture_member_is_authorised_until_expiry() {
+        let (t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let ok = t.authorise(
+            &ALICE.into(),
+            &"ALICEDEV".into(),
+            &"yfKqxvEvCA".into(),
+            &CONF.into(),
+            ALICE_EXPIRES - 1,
+        );
+        assert_eq!(ok, Ok(room.clone()));
+        let expired = t.authorise(
+            &ALICE.into(),
+            &"ALICEDEV".into(),
+            &"yfKqxvEvCA".into(),
+            &CONF.into(),
+            ALICE_EXPIRES,
+        );
+        assert_eq!(expired, Err(RefuseReason::MemberExpired));
+        assert!(t.member_present(
+            &room,
+            &CONF.into(),
+            &ALICE.into(),
+            &"ALICEDEV".into(),
+            ALICE_EXPIRES - 1
+        ));
+        assert!(!t.member_present(
+            &room,
+            &CONF.into(),
+            &ALICE.into(),
+            &"ALICEDEV".into(),
+            ALICE_EXPIRES
+        ));
+    }
+
+    #[test]
+    fn refusal_reasons() {
+        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let now = ALICE_EXPIRES - 10_000;
+        let auth = |t: &RoomTracker, user: &str, dev: &str, sess: &str, conf: &str| {
+            t.authorise(&user.into(), &dev.into(), &sess.into(), &conf.into(), now)
+        };
+        assert_eq!(
+            auth(&t, ALICE, "ALICEDEV", "other-session", CONF),
+            Err(RefuseReason::SessionMismatch)
+        );
+        assert_eq!(
+            auth(&t, ALICE, "BOBDEV", "yfKqxvEvCA", CONF),
+            Err(RefuseReason::NoMemberDevice)
+        );
+        assert_eq!(
+            auth(&t, "@mallory:localhost", "M", "s", CONF),
+            Err(RefuseReason::NotInRoom)
+        );
+        assert_eq!(
+            auth(&t, ALICE, "ALICEDEV", "yfKqxvEvCA", "other-conf"),
+            Err(RefuseReason::NoCall)
+        );
+        // Alice leaves the room: her member entry no longer counts.
+        t.apply_event(&room, &json!({"type": "m.room.member", "state_key": ALICE, "sender": ALICE, "content": {"membership": "leave"}}));
+        assert_eq!(
+            auth(&t, ALICE, "ALICEDEV", "yfKqxvEvCA", CONF),
+            Err(RefuseReason::NotInRoom)
+        );
+        assert!(!t.member_present(&room, &CONF.into(), &ALICE.into(), &"ALICEDEV".into(), now));
+    }
+
+    #[test]
+    fn terminated_call_and_removed_member_entry() {
+        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let now = ALICE_EXPIRES - 10_000;
+        t.apply_event(&room, &json!({"type": "org.matrix.msc3401.call.member", "state_key": ALICE, "sender": ALICE, "content": {"m.calls": []}}));
+        assert_eq!(
+            t.authorise(
+                &ALICE.into(),
+                &"ALICEDEV".into(),
+                &"yfKqxvEvCA".into(),
+                &CONF.into(),
+                now
+            ),
+            Err(RefuseReason::NoMemberDevice)
+        );
+        t.apply_event(&room, &json!({"type": "org.matrix.msc3401.call", "state_key": CONF, "sender": ALICE, "content": {"m.intent": "m.room", "m.type": "m.video", "m.terminated": "call_ended"}}));
+        assert!(!t.call_active(&room, &CONF.into()));
+        assert_eq!(
+            t.authorise(
+                &ALICE.into(),
+                &"ALICEDEV".into(),
+                &"yfKqxvEvCA".into(),
+                &CONF.into(),
+                now
+            ),
+            Err(RefuseReason::NoCall)
+        );
+    }
+
+    #[test]
+    fn member_event_for_someone_else_is_ignored() {
+        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let forged = json!({"type": "org.matrix.msc3401.call.member", "state_key": "@bob-mwyct2zzfae9:localhost",
+            "sender": ALICE, "content": {"m.calls": []}});
+        assert!(!t.apply_event(&room, &forged));
+        let now = ALICE_EXPIRES - 10_000;
+        assert!(t
+            .authorise(
+                &"@bob-mwyct2zzfae9:localhost".into(),
+                &"BOBDEV".into(),
+                &"G0aDtgpxYJ".into(),
+                &CONF.into(),
+                now
+            )
+            .is_ok());
+    }
+
+    #[test]
+    fn stable_names_and_garbage_state_events() {
+        let me = UserId::from("@sfu:hs");
+        let mut t = RoomTracker::new(me.clone());
+        let room = RoomId::from("!r:hs");
+        t.mark_joined(&room);
+        for garbage in [
+            json!(null),
+            json!([]),
+            json!({"type": 1}),
+            json!({"type": "m.call", "state_key": 5}),
+            json!({"type": "m.call.member", "state_key": "@u:hs", "content": {"m.calls": "x"}}),
+            json!({"type": "m.call.member", "state_key": "@u:hs", "content": {"m.calls": [{"m.call_id": 1}, {"m.call_id": "c", "m.devices": [{"device_id": 3}]}]}}),
+        ] {
+            t.apply_event(&room, &garbage);
+        }
+        t.apply_event(&room, &join_event("@u:hs"));
+        t.apply_event(&room, &json!({"type": "m.call", "state_key": "c", "sender": "@u:hs", "content": {"m.intent": "m.room", "m.type": "m.voice"}}));
+        t.apply_event(&room, &json!({"type": "m.call.member", "state_key": "@u:hs", "sender": "@u:hs",
+            "content": {"m.calls": [{"m.call_id": "c", "m.devices": [{"device_id": "D", "expires_ts": 2000.0, "feeds": []}]}]}}));
+        // No session id in the entry: any session is accepted.
+        assert_eq!(
+            t.authorise(
+                &"@u:hs".into(),
+                &"D".into(),
+                &"any".into(),
+                &"c".into(),
+                1000
+            ),
+            Ok(room.clone())
+        );
+        // Our own leave forgets the room.
+        t.apply_event(&room, &json!({"type": "m.room.member", "state_key": "@sfu:hs", "sender": "@u:hs", "content": {"membership": "leave"}}));
+        assert_eq!(
+            t.authorise(
+                &"@u:hs".into(),
+                &"D".into(),
+                &"any".into(),
+                &"c".into(),
+                1000
+            ),
+            Err(RefuseReason::NoCall)
+        );
+    }
+
+    #[test]
+    fn the_same_conf_id_in_two_rooms_binds_to_the_authorising_room() {
+        let me = UserId::from("@sfu:hs");
+        let mut t = RoomTracker::new(me.clone());
+        for (room, user) in [("!a:hs", "@attacker:hs"), ("!b:hs", "@u:hs")] {
+            let room = RoomId::from(room);
+            t.mark_joined(&room);
+            t.apply_event(&room, &join_event(user));
+            t.apply_event(&room, &json!({"type": "m.call", "state_key": "c", "sender": user, "content": {"m.intent": "m.room", "m.type": "m.voice"}}));
+            t.apply_event(&room, &json!({"type": "m.call.member", "state_key": user, "sender": user,
+                "content": {"m.calls": [{"m.call_id": "c", "m.devices": [{"device_id": "D", "session_id": "s", "expires_ts": 5000}]}]}}));
+        }
+        assert_eq!(
+            t.authorise(&"@u:hs".into(), &"D".into(), &"s".into(), &"c".into(), 1000),
+            Ok(RoomId::from("!b:hs"))
+        );
+        assert_eq!(
+            t.authorise(
+                &"@attacker:hs".into(),
+                &"D".into(),
+                &"s".into(),
+                &"c".into(),
+                1000
+            ),
+            Ok(RoomId::from("!a:hs"))
+        );
+        assert_eq!(
+            t.authorise(&"@x:hs".into(), &"D".into(), &"s".into(), &"c".into(), 1000),
+            Err(RefuseReason::NotInRoom)
+        );
+    }
+}

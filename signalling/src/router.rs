@@ -1,0 +1,914 @@
+//! The sans-I/O core: to-device events and room state in, [`LegEvent`]s and to-device sends
+//! out. Pure state machine: every input carries `now: Instant`; nothing here does I/O, reads
+//! a clock or sleeps. The runtime (`runtime.rs`) feeds it from `/sync` and the focus's
+//! commands, and performs the [`Output`]s.
+//!
+//! Policy decisions taken here (see also `docs/decisions.md`):
+//! - Refused invites get `m.call.hangup` with the refusal reason (`not_in_room`, `no_call`, …)
+//!   as `reason`; js-sdk accepts any string and shows it in logs, which helps operators.
+//! - Any non-invite, non-hangup event for an unknown `call_id` gets `m.call.hangup`
+//!   `reason: "unknown_error"`, at most once per `call_id` per [`RouterConfig::unknown_call_reply_interval`]
+//!   and at most [`RouterConfig::unknown_call_replies_per_sec`] in total, so a flood never
+//!   amplifies. Hangups for unknown calls are dropped silently (never answer a hangup with one).
+//! - Early candidates (before their invite) are kept per (user, device, call) for
+//!   [`RouterConfig::early_ttl`]; if no invite comes they are dropped (`early_expired`) and the
+//!   unknown-call hangup is sent.
+//! - A re-sent invite for an existing leg: from another owner → `not_leg_owner`; identical
+//!   session, SDP and metadata → `duplicate`; otherwise re-authorised and delivered as
+//!   [`LegEvent::Invite`] (a re-offer).
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tracing::{debug, error, info, warn};
+
+use crate::ids::{CallId, ConfId, DeviceId, RoomId, UserId};
+use crate::leg::{Leg, LegCommand, LegEvent};
+use crate::metadata::SdpStreamMetadata;
+use crate::metrics::Metrics;
+use crate::reorder::{Admit, Reorder, ReorderKey};
+use crate::room::{RefuseReason, RoomTracker};
+use crate::wire::{
+    self, classify, parse_call, received_label, CallBody, CallEventType, Candidate, DropReason,
+    Envelope, Identity, InboundCall, OutgoingToDevice, ReplyTo, TypeClass, MAX_ID_LEN,
+    MAX_TODEVICE_BODY_BYTES,
+};
+
+/// Tunables of the router. [`RouterConfig::new`] gives the defaults.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub me: Identity,
+    /// Server names allowed to open legs; empty = any.
+    pub allowed_servers: Vec<String>,
+    pub reorder_timeout: Duration,
+    /// How long candidates that arrived before their invite are kept.
+    pub early_ttl: Duration,
+    /// Most early candidates kept per (user, device, call).
+    pub max_early_candidates: usize,
+    /// Most calls with early candidates per user.
+    pub max_early_calls_per_user: usize,
+    /// Most calls with early candidates overall.
+    pub max_early_calls: usize,
+    /// Most unanswered (within their lifetime) legs per (user, device).
+    pub max_unanswered_per_device: usize,
+    /// Most legs overall.
+    pub max_legs: usize,
+    /// Unknown-call hangups: at most one per call id per this interval...
+    pub unknown_call_reply_interval: Duration,
+    /// ...and at most this many per second overall (token bucket with this burst).
+    pub unknown_call_replies_per_sec: u32,
+    /// Housekeeping period: member expiry, early-buffer expiry, idle state.
+    pub housekeeping_interval: Duration,
+}
+
+impl RouterConfig {
+    pub fn new(me: Identity) -> Self {
+        Self {
+            me,
+            allowed_servers: Vec::new(),
+            reorder_timeout: Duration::from_secs(1),
+            early_ttl: Duration::from_secs(10),
+            max_early_candidates: 64,
+            max_early_calls_per_user: 8,
+            max_early_calls: 2048,
+            max_unanswered_per_device: 4,
+            max_legs: 10_000,
+            unknown_call_reply_interval: Duration::from_secs(30),
+            unknown_call_replies_per_sec: 20,
+            housekeeping_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the router wants done.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    /// Deliver to the focus.
+    Event(LegEvent),
+    /// Send to a device.
+    Send(OutgoingToDevice),
+}
+
+struct LegEntry {
+    leg: Leg,
+    answered: bool,
+    invited_at: Instant,
+    lifetime: Duration,
+    offer_hash: u64,
+}
+
+struct EarlyBuf {
+    first_at: Instant,
+    events: Vec<(Envelope, Vec<Candidate>)>,
+    count: usize,
+}
+
+/// Rate limiter for unknown-call hangups.
+struct ReplyLimiter {
+    per_call: HashMap<CallId, Instant>,
+    tokens: f64,
+    refilled_at: Instant,
+    rate: f64,
+    interval: Duration,
+}
+
+const MAX_LIMITER_ENTRIES: usize = 8192;
+
+impl ReplyLimiter {
+    fn new(rate: u32, interval: Duration, now: Instant) -> Self {
+        Self {
+            per_call: HashMap::new(),
+            tokens: rate as f64,
+            refilled_at: now,
+            rate: rate as f64,
+            interval,
+        }
+    }
+
+    /// Suppresses replies for `call` for one interval (used when a leg ends).
+    fn mark(&mut self, call: &CallId, now: Instant) {
+        if self.per_call.len() < MAX_LIMITER_ENTRIES || self.per_call.contains_key(call) {
+            self.per_call.insert(call.clone(), now);
+        }
+    }
+
+    fn allow(&mut self, call: &CallId, now: Instant) -> bool {
+        if let Some(at) = self.per_call.get(call) {
+            if now.saturating_duration_since(*at) < self.interval {
+                return false;
+            }
+        }
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.refilled_at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        if self.per_call.len() >= MAX_LIMITER_ENTRIES {
+            self.sweep(now);
+            if self.per_call.len() >= MAX_LIMITER_ENTRIES {
+                return false;
+            }
+        }
+        self.tokens -= 1.0;
+        self.per_call.insert(call.clone(), now);
+        true
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        let interval = self.interval;
+        self.per_call
+            .retain(|_, at| now.saturating_duration_since(*at) < interval);
+    }
+}
+
+/// The signalling state machine. See the module docs.
+pub struct Router {
+    cfg: RouterConfig,
+    metrics: Metrics,
+    rooms: RoomTracker,
+    reorder: Reorder<InboundCall>,
+    legs: HashMap<CallId, LegEntry>,
+    early: HashMap<ReorderKey, EarlyBuf>,
+    limiter: ReplyLimiter,
+    out: VecDeque<Output>,
+    anchor: (Instant, u64),
+    next_housekeeping: Instant,
+}
+
+impl Router {
+    /// `anchor` ties the monotonic clock to wall-clock time: `(instant, unix ms at that instant)`.
+    /// `m.call.member` expiry (`expires_ts`) is wall-clock; it is compared with
+    /// `anchor.1 + (now - anchor.0)`.
+    pub fn new(cfg: RouterConfig, metrics: Metrics, anchor: (Instant, u64)) -> Self {
+        let now = anchor.0;
+        Self {
+            rooms: RoomTracker::new(cfg.me.user_id.clone()),
+            reorder: Reorder::new(cfg.reorder_timeout),
+            legs: HashMap::new(),
+            early: HashMap::new(),
+            limiter: ReplyLimiter::new(
+                cfg.unknown_call_replies_per_sec,
+                cfg.unknown_call_reply_interval,
+                now,
+            ),
+            out: VecDeque::new(),
+            next_housekeeping: now + cfg.housekeeping_interval,
+            anchor,
+            metrics,
+            cfg,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn rooms(&self) -> &RoomTracker {
+        &self.rooms
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.cfg.me
+    }
+
+    /// The legs currently open, in no particular order.
+    pub fn legs(&self) -> impl Iterator<Item = &Leg> {
+        self.legs.values().map(|e| &e.leg)
+    }
+
+    /// Wall-clock unix milliseconds at `now`.
+    pub fn wall_ms(&self, now: Instant) -> u64 {
+        let (i, ms) = self.anchor;
+        if now >= i {
+            ms.saturating_add(now.duration_since(i).as_millis() as u64)
+        } else {
+            ms.saturating_sub(i.duration_since(now).as_millis() as u64)
+        }
+    }
+
+    /// Next output to perform, if any.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`Self::handle_timeout`] should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let housekeeping = self.has_timed_state().then_some(self.next_housekeeping);
+        match (self.reorder.poll_timeout(), housekeeping) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn has_timed_state(&self) -> bool {
+        !self.legs.is_empty()
+            || !self.early.is_empty()
+            || !self.limiter.per_call.is_empty()
+            || self.reorder.len() > 0
+    }
+
+    /// Fires due timers: reorder timeouts, early-buffer expiry, member expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let (released, skipped) = self.reorder.handle_timeout(now);
+        if skipped > 0 {
+            self.metrics.seq_gaps.inc_by(skipped);
+            debug!(skipped, "reorder timeout: skipping seq gap");
+        }
+        for call in released {
+            self.route(call, now);
+        }
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + self.cfg.housekeeping_interval;
+            self.expire_early(now);
+            self.check_members(None, now);
+            self.reorder.sweep(now);
+            self.limiter.sweep(now);
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Room state
+
+    /// Applies one joined room's part of a sync response. `full_state` means `state` is the
+    /// complete state (first sync of this process), replacing what was known.
+    pub fn handle_joined_room(
+        &mut self,
+        room: &RoomId,
+        state: &[Value],
+        timeline: &[Value],
+        full_state: bool,
+        now: Instant,
+    ) {
+        if full_state {
+            self.rooms.reset_room(room);
+        } else {
+            self.rooms.mark_joined(room);
+        }
+        for ev in state {
+            self.rooms.apply_event(room, ev);
+        }
+        for ev in timeline.iter().filter(|e| e.get("state_key").is_some()) {
+            self.rooms.apply_event(room, ev);
+        }
+        self.check_members(Some(room), now);
+    }
+
+    /// weir left (or was removed from) `room`.
+    pub fn handle_room_left(&mut self, room: &RoomId, now: Instant) {
+        if self.rooms.remove_room(room) {
+            info!(%room, "left room");
+        }
+        self.check_members(Some(room), now);
+    }
+
+    /// Emits `MemberGone` for every (room, conf, user, device) with legs whose member entry is
+    /// no longer valid, and forgets those legs.
+    fn check_members(&mut self, room: Option<&RoomId>, now: Instant) {
+        let wall = self.wall_ms(now);
+        let mut gone: HashSet<(RoomId, ConfId, UserId, DeviceId)> = HashSet::new();
+        for e in self.legs.values() {
+            let l = &e.leg;
+            if room.is_some_and(|r| r != &l.room_id) {
+                continue;
+            }
+            if !self
+                .rooms
+                .member_present(&l.room_id, &l.conf_id, &l.user_id, &l.device_id, wall)
+            {
+                gone.insert((
+                    l.room_id.clone(),
+                    l.conf_id.clone(),
+                    l.user_id.clone(),
+                    l.device_id.clone(),
+                ));
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let limiter = &mut self.limiter;
+        self.legs.retain(|call, e| {
+            let l = &e.leg;
+            let key = (
+                l.room_id.clone(),
+                l.conf_id.clone(),
+                l.user_id.clone(),
+                l.device_id.clone(),
+            );
+            let keep = !gone.contains(&key);
+            if !keep {
+                limiter.mark(call, now);
+            }
+            keep
+        });
+        self.metrics.legs.set(self.legs.len() as i64);
+        let mut gone: Vec<_> = gone.into_iter().collect();
+        gone.sort();
+        for (room_id, conf_id, user_id, device_id) in gone {
+            info!(%room_id, %conf_id, %user_id, %device_id, "member gone");
+            self.out.push_back(Output::Event(LegEvent::MemberGone {
+                room_id,
+                conf_id,
+                user_id,
+                device_id,
+            }));
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // To-device input
+
+    /// Feeds one to-device event (`{"sender", "type", "content"}`) from `/sync`.
+    pub fn handle_to_device(&mut self, event: Value, now: Instant) {
+        let Value::Object(mut obj) = event else {
+            self.metrics.received.with_label_values(&["other"]).inc();
+            return self.drop_in(DropReason::Malformed, "event is not an object");
+        };
+        let ty = match obj.get("type") {
+            Some(Value::String(s)) => s.clone(),
+            _ => {
+                self.metrics.received.with_label_values(&["other"]).inc();
+                return self.drop_in(DropReason::Malformed, "type missing");
+            }
+        };
+        self.metrics
+            .received
+            .with_label_values(&[received_label(&ty)])
+            .inc();
+        let kind = match classify(&ty) {
+            TypeClass::Call(k) => k,
+            TypeClass::Encrypted => return self.drop_in(DropReason::Encrypted, "m.room.encrypted"),
+            TypeClass::Key => {
+                // Never read, log or keep the content of a key event.
+                warn!(
+                    event_type = received_label(&ty),
+                    "key event addressed to the focus dropped unread"
+                );
+                return self.metrics.drop(DropReason::KeyEvent);
+            }
+            TypeClass::Unknown => return self.drop_in(DropReason::UnknownType, "unhandled type"),
+        };
+        let sender = match obj.remove("sender") {
+            Some(Value::String(s))
+                if s.len() <= MAX_ID_LEN && UserId::from(s.as_str()).server_name().is_some() =>
+            {
+                UserId::from(s)
+            }
+            _ => return self.drop_in(DropReason::Malformed, "sender missing or invalid"),
+        };
+        let Some(Value::Object(content)) = obj.remove("content") else {
+            return self.drop_in(DropReason::Malformed, "content is not an object");
+        };
+        match content.get("dest_session_id") {
+            Some(Value::String(s)) if s == self.cfg.me.session_id.as_str() => {}
+            _ => return self.drop_in(DropReason::WrongSession, "dest_session_id is not ours"),
+        }
+        let call = match parse_call(sender, kind, content) {
+            Ok(c) => c,
+            Err(r) => {
+                self.drop_in(r.reason, &r.detail);
+                // An unreadable invite would leave the client ringing for its whole lifetime.
+                if kind == CallEventType::Invite {
+                    if let Some(to) = r.reply_to {
+                        if !self.legs.contains_key(&to.call_id)
+                            && self.limiter.allow(&to.call_id, now)
+                        {
+                            self.reply_hangup(&to, "unknown_error");
+                        }
+                    }
+                }
+                return;
+            }
+        };
+        let key = ReorderKey {
+            user: call.sender.clone(),
+            device: call.env.device_id.clone(),
+            call: call.env.call_id.clone(),
+        };
+        let (seq, msgid) = (call.env.seq, call.env.msgid.clone());
+        match self.reorder.push(&key, seq, msgid.as_deref(), call, now) {
+            Admit::Release(list) => {
+                for c in list {
+                    self.route(c, now);
+                }
+            }
+            Admit::Duplicate => self.drop_in(DropReason::Duplicate, "seq or msgid seen before"),
+            Admit::Flood => self.drop_in(DropReason::Flood, "reorder caps reached"),
+        }
+    }
+
+    /// Convenience for tests and tools: feeds raw JSON text; unparseable text is a counted drop.
+    pub fn handle_to_device_json(&mut self, text: &str, now: Instant) {
+        match serde_json::from_str::<Value>(text) {
+            Ok(v) => self.handle_to_device(v, now),
+            Err(_) => {
+                self.metrics.received.with_label_values(&["other"]).inc();
+                self.drop_in(DropReason::Malformed, "not JSON");
+            }
+        }
+    }
+
+    fn drop_in(&self, reason: DropReason, detail: &str) {
+        debug!(reason = reason.as_str(), detail, "to-device event dropped");
+        self.metrics.drop(reason);
+    }
+
+    fn route(&mut self, call: InboundCall, now: Instant) {
+        if call.kind == CallEventType::Invite {
+            self.on_invite(call, now)
+        } else {
+            self.on_other(call, now)
+        }
+    }
+
+    fn owns(leg: &Leg, call: &InboundCall) -> bool {
+        leg.user_id == call.sender
+            && leg.device_id == call.env.device_id
+            && leg.party_id == call.env.party_id
+    }
+
+    fn on_invite(&mut self, call: InboundCall, now: Instant) {
+        let InboundCall {
+            sender, env, body, ..
+        } = call;
+        let CallBody::Invite {
+            sdp,
+            mut metadata,
+            lifetime_ms,
+        } = body
+        else {
+            return;
+        };
+        let offer_hash = {
+            let mut h = DefaultHasher::new();
+            env.sender_session_id.hash(&mut h);
+            sdp.hash(&mut h);
+            serde_json::to_string(&metadata)
+                .unwrap_or_default()
+                .hash(&mut h);
+            h.finish()
+        };
+        let existing = self.legs.get(&env.call_id);
+        if let Some(e) = existing {
+            if !(e.leg.user_id == sender
+                && e.leg.device_id == env.device_id
+                && e.leg.party_id == env.party_id)
+            {
+                return self.drop_in(
+                    DropReason::NotLegOwner,
+                    "invite for another owner's call_id",
+                );
+            }
+            if e.leg.conf_id != env.conf_id {
+                return self.drop_in(DropReason::ConfMismatch, "re-invite names another conf_id");
+            }
+            if e.offer_hash == offer_hash {
+                return self.drop_in(DropReason::Duplicate, "identical re-sent invite");
+            }
+        }
+        let reply_to = ReplyTo {
+            user_id: sender.clone(),
+            device_id: env.device_id.clone(),
+            call_id: env.call_id.clone(),
+            conf_id: env.conf_id.clone(),
+            session_id: env.sender_session_id.clone(),
+        };
+        let room = self.authorise(&sender, &env, existing.is_none(), now);
+        let room_id = match room {
+            Ok(r) => r,
+            Err(reason) => return self.refuse(reply_to, reason, now),
+        };
+        for m in metadata.values_mut() {
+            m.user_id = Some(sender.clone());
+            m.device_id = Some(env.device_id.clone());
+        }
+        let leg = Leg {
+            room_id,
+            conf_id: env.conf_id,
+            call_id: env.call_id.clone(),
+            user_id: sender,
+            device_id: env.device_id,
+            party_id: env.party_id,
+            session_id: env.sender_session_id,
+        };
+        let answered = self.legs.get(&leg.call_id).is_some_and(|e| e.answered);
+        let lifetime = Duration::from_millis(lifetime_ms.unwrap_or(60_000).clamp(1_000, 600_000));
+        info!(room = %leg.room_id, conf = %leg.conf_id, call = %leg.call_id, user = %leg.user_id,
+            device = %leg.device_id, reoffer = answered, "invite accepted");
+        self.legs.insert(
+            leg.call_id.clone(),
+            LegEntry {
+                leg: leg.clone(),
+                answered,
+                invited_at: now,
+                lifetime,
+                offer_hash,
+            },
+        );
+        self.metrics.legs.set(self.legs.len() as i64);
+        self.out.push_back(Output::Event(LegEvent::Invite {
+            leg: leg.clone(),
+            sdp,
+            metadata,
+            lifetime_ms,
+        }));
+        self.flush_early(&leg);
+    }
+
+    fn authorise(
+        &self,
+        sender: &UserId,
+        env: &Envelope,
+        new_leg: bool,
+        now: Instant,
+    ) -> Result<RoomId, RefuseReason> {
+        if !self.cfg.allowed_servers.is_empty() {
+            let server = sender.server_name().unwrap_or_default();
+            if !self.cfg.allowed_servers.iter().any(|s| s == server) {
+                return Err(RefuseReason::ServerNotAllowed);
+            }
+        }
+        let room = self.rooms.authorise(
+            sender,
+            &env.device_id,
+            &env.sender_session_id,
+            &env.conf_id,
+            self.wall_ms(now),
+        )?;
+        if new_leg {
+            if self.legs.len() >= self.cfg.max_legs {
+                return Err(RefuseReason::TooManyInvites);
+            }
+            let unanswered = self
+                .legs
+                .values()
+                .filter(|e| {
+                    !e.answered
+                        && &e.leg.user_id == sender
+                        && e.leg.device_id == env.device_id
+                        && now.saturating_duration_since(e.invited_at) < e.lifetime
+                })
+                .count();
+            if unanswered >= self.cfg.max_unanswered_per_device {
+                return Err(RefuseReason::TooManyInvites);
+            }
+        }
+        Ok(room)
+    }
+
+    fn refuse(&mut self, to: ReplyTo, reason: RefuseReason, now: Instant) {
+        info!(user = %to.user_id, device = %to.device_id, call = %to.call_id, conf = %to.conf_id,
+            reason = reason.as_str(), "invite refused");
+        self.metrics.refuse(reason);
+        let key = ReorderKey {
+            user: to.user_id.clone(),
+            device: to.device_id.clone(),
+            call: to.call_id.clone(),
+        };
+        if let Some(buf) = self.early.remove(&key) {
+            for _ in 0..buf.events.len() {
+                self.metrics.drop(DropReason::UnknownCall);
+            }
+        }
+        // A refused re-offer ends the leg.
+        if let Some(e) = self.legs.remove(&to.call_id) {
+            self.metrics.legs.set(self.legs.len() as i64);
+            self.out.push_back(Output::Event(LegEvent::Hangup {
+                leg: e.leg,
+                reason: format!("refused:{}", reason.as_str()),
+            }));
+        }
+        if self.limiter.allow(&to.call_id, now) {
+            self.reply_hangup(&to, reason.as_str());
+        }
+        self.limiter.mark(&to.call_id, now);
+    }
+
+    fn on_other(&mut self, call: InboundCall, now: Instant) {
+        let Some(entry) = self.legs.get(&call.env.call_id) else {
+            return self.on_unknown_call(call, now);
+        };
+        if !Self::owns(&entry.leg, &call) {
+            return self.drop_in(DropReason::NotLegOwner, "event for another owner's call_id");
+        }
+        if entry.leg.conf_id != call.env.conf_id {
+            return self.drop_in(DropReason::ConfMismatch, "event names another conf_id");
+        }
+        let leg = entry.leg.clone();
+        let ev = match call.body {
+            CallBody::Candidates(candidates) => LegEvent::Candidates { leg, candidates },
+            CallBody::SelectAnswer { selected_party_id } => LegEvent::SelectAnswer {
+                leg,
+                selected_party_id,
+            },
+            CallBody::Negotiate {
+                kind,
+                sdp,
+                metadata,
+            } => {
+                let metadata = metadata.map(|m| owned_by(m, &leg));
+                LegEvent::Negotiate {
+                    leg,
+                    kind,
+                    sdp,
+                    metadata,
+                }
+            }
+            CallBody::MetadataChanged(m) => LegEvent::MetadataChanged {
+                metadata: owned_by(m, &leg),
+                leg,
+            },
+            CallBody::Hangup { reason } => {
+                self.legs.remove(&leg.call_id);
+                self.metrics.legs.set(self.legs.len() as i64);
+                self.limiter.mark(&leg.call_id, now);
+                info!(call = %leg.call_id, user = %leg.user_id, reason, "client hung up");
+                LegEvent::Hangup { leg, reason }
+            }
+            CallBody::Invite { .. } => return,
+        };
+        self.out.push_back(Output::Event(ev));
+    }
+
+    fn on_unknown_call(&mut self, call: InboundCall, now: Instant) {
+        match call.body {
+            CallBody::Candidates(candidates) => {
+                self.buffer_early(call.sender, call.env, candidates, now)
+            }
+            CallBody::Hangup { .. } => {
+                self.drop_in(DropReason::UnknownCall, "hangup for unknown call")
+            }
+            _ => {
+                self.drop_in(DropReason::UnknownCall, "event for unknown call");
+                let to = ReplyTo {
+                    user_id: call.sender,
+                    device_id: call.env.device_id,
+                    call_id: call.env.call_id,
+                    conf_id: call.env.conf_id,
+                    session_id: call.env.sender_session_id,
+                };
+                if self.limiter.allow(&to.call_id, now) {
+                    self.reply_hangup(&to, "unknown_error");
+                }
+            }
+        }
+    }
+
+    fn buffer_early(
+        &mut self,
+        sender: UserId,
+        env: Envelope,
+        candidates: Vec<Candidate>,
+        now: Instant,
+    ) {
+        let key = ReorderKey {
+            user: sender,
+            device: env.device_id.clone(),
+            call: env.call_id.clone(),
+        };
+        if !self.early.contains_key(&key) {
+            let per_user = self.early.keys().filter(|k| k.user == key.user).count();
+            if per_user >= self.cfg.max_early_calls_per_user
+                || self.early.len() >= self.cfg.max_early_calls
+            {
+                return self.drop_in(DropReason::Flood, "early candidate buffers full");
+            }
+        }
+        let buf = self.early.entry(key).or_insert_with(|| EarlyBuf {
+            first_at: now,
+            events: Vec::new(),
+            count: 0,
+        });
+        if buf.count + candidates.len() > self.cfg.max_early_candidates {
+            return self.drop_in(DropReason::Flood, "too many early candidates");
+        }
+        buf.count += candidates.len();
+        buf.events.push((env, candidates));
+    }
+
+    /// Delivers early candidates of `leg` right after its invite.
+    fn flush_early(&mut self, leg: &Leg) {
+        let key = ReorderKey {
+            user: leg.user_id.clone(),
+            device: leg.device_id.clone(),
+            call: leg.call_id.clone(),
+        };
+        let Some(buf) = self.early.remove(&key) else {
+            return;
+        };
+        let mut all = Vec::new();
+        for (env, candidates) in buf.events {
+            if env.party_id != leg.party_id {
+                self.drop_in(
+                    DropReason::NotLegOwner,
+                    "early candidates from another party",
+                );
+            } else if env.conf_id != leg.conf_id {
+                self.drop_in(
+                    DropReason::ConfMismatch,
+                    "early candidates name another conf_id",
+                );
+            } else {
+                all.extend(candidates);
+            }
+        }
+        if !all.is_empty() {
+            self.out.push_back(Output::Event(LegEvent::Candidates {
+                leg: leg.clone(),
+                candidates: all,
+            }));
+        }
+    }
+
+    fn expire_early(&mut self, now: Instant) {
+        let ttl = self.cfg.early_ttl;
+        let expired: Vec<ReorderKey> = self
+            .early
+            .iter()
+            .filter(|(_, b)| now.saturating_duration_since(b.first_at) >= ttl)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in expired {
+            let Some(buf) = self.early.remove(&key) else {
+                continue;
+            };
+            for _ in 0..buf.events.len() {
+                self.metrics.drop(DropReason::EarlyExpired);
+            }
+            let Some((env, _)) = buf.events.first() else {
+                continue;
+            };
+            debug!(call = %key.call, user = %key.user, "early candidates expired without an invite");
+            let to = ReplyTo {
+                user_id: key.user.clone(),
+                device_id: key.device.clone(),
+                call_id: key.call.clone(),
+                conf_id: env.conf_id.clone(),
+                session_id: env.sender_session_id.clone(),
+            };
+            if self.limiter.allow(&to.call_id, now) {
+                self.reply_hangup(&to, "unknown_error");
+            }
+        }
+    }
+
+    /// `m.call.hangup` to a device we have no leg with (refusal or unknown call).
+    fn reply_hangup(&mut self, to: &ReplyTo, reason: &str) {
+        self.metrics.unknown_call_hangups.inc();
+        let env = wire::envelope(&self.cfg.me, &to.call_id, &to.conf_id, &to.session_id);
+        let content = wire::hangup_content(env, reason);
+        self.send(
+            &to.user_id,
+            &to.device_id,
+            &to.call_id,
+            "m.call.hangup",
+            content,
+        );
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Commands from the focus
+
+    /// Turns a focus command into a to-device send.
+    pub fn handle_command(&mut self, cmd: LegCommand, now: Instant) {
+        let me = self.cfg.me.clone();
+        let leg = cmd.leg().clone();
+        let env = wire::envelope(&me, &leg.call_id, &leg.conf_id, &leg.session_id);
+        let (ty, content) = match cmd {
+            LegCommand::Answer { sdp, metadata, .. } => {
+                if let Some(e) = self.legs.get_mut(&leg.call_id) {
+                    e.answered = true;
+                }
+                ("m.call.answer", wire::answer_content(env, &sdp, &metadata))
+            }
+            LegCommand::Negotiate {
+                kind,
+                sdp,
+                metadata,
+                ..
+            } => (
+                "m.call.negotiate",
+                wire::negotiate_content(env, kind, &sdp, &metadata),
+            ),
+            LegCommand::Candidates { candidates, .. } => (
+                "m.call.candidates",
+                wire::candidates_content(env, &candidates),
+            ),
+            LegCommand::MetadataChanged { metadata, .. } => (
+                "m.call.sdp_stream_metadata_changed",
+                wire::metadata_changed_content(env, &metadata),
+            ),
+            LegCommand::Hangup { reason, .. } => {
+                if self
+                    .legs
+                    .get(&leg.call_id)
+                    .is_some_and(|e| e.leg.user_id == leg.user_id)
+                {
+                    self.legs.remove(&leg.call_id);
+                    self.metrics.legs.set(self.legs.len() as i64);
+                }
+                self.limiter.mark(&leg.call_id, now);
+                ("m.call.hangup", wire::hangup_content(env, &reason))
+            }
+        };
+        self.send(&leg.user_id, &leg.device_id, &leg.call_id, ty, content);
+    }
+
+    /// Hangs up every open leg (shutdown). Returns how many.
+    pub fn hangup_all(&mut self, reason: &str, now: Instant) -> usize {
+        let mut legs: Vec<Leg> = self.legs.values().map(|e| e.leg.clone()).collect();
+        legs.sort_by(|a, b| a.call_id.cmp(&b.call_id));
+        let n = legs.len();
+        for leg in legs {
+            self.handle_command(
+                LegCommand::Hangup {
+                    leg,
+                    reason: reason.to_owned(),
+                },
+                now,
+            );
+        }
+        n
+    }
+
+    fn send(
+        &mut self,
+        to_user: &UserId,
+        to_device: &DeviceId,
+        call_id: &CallId,
+        ty: &'static str,
+        content: Value,
+    ) {
+        let out = OutgoingToDevice {
+            event_type: ty,
+            to_user: to_user.clone(),
+            to_device: to_device.clone(),
+            call_id: call_id.clone(),
+            content,
+        };
+        let size = out.body_bytes().len();
+        if size > MAX_TODEVICE_BODY_BYTES {
+            error!(event_type = ty, call = %call_id, size, "to-device body over 64 KiB not sent; keep offers small");
+            self.metrics.drop(DropReason::TooLarge);
+            return;
+        }
+        self.out.push_back(Output::Send(out));
+    }
+}
+
+fn owned_by(mut m: SdpStreamMetadata, leg: &Leg) -> SdpStreamMetadata {
+    for s in m.values_mut() {
+        s.user_id = Some(leg.user_id.clone());
+        s.device_id = Some(leg.device_id.clone());
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests;
