@@ -1,0 +1,167 @@
+//! The media plane's interface: commands in, events out. Nothing here mentions Matrix.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
+
+/// How the media plane is run. Every field is documented with its trade-off in
+/// `focus/weir-focus.example.toml`, which is where operators set them.
+#[derive(Debug, Clone)]
+pub struct SfuConfig {
+    /// Media shard threads, each with its own UDP socket. More shards use more cores; a
+    /// conference lives on one shard, so fan-out inside it stays a function call.
+    pub shards: usize,
+    /// Address the shards' UDP sockets bind to.
+    pub bind_ip: IpAddr,
+    /// First UDP port; shard i binds `port_base + i`. 0 picks ephemeral ports.
+    pub port_base: u16,
+    /// Addresses put in our ICE host candidates (what participants send media to).
+    pub advertise_ips: Vec<IpAddr>,
+    /// A peer that has not completed ICE+DTLS this long after creation is closed.
+    pub connect_timeout: Duration,
+    /// A connected peer from which nothing (not even a STUN consent check, which browsers
+    /// send every few seconds) arrives for this long is closed.
+    pub silence_timeout: Duration,
+}
+
+impl Default for SfuConfig {
+    fn default() -> Self {
+        SfuConfig {
+            shards: 1,
+            bind_ip: IpAddr::from([127, 0, 0, 1]),
+            port_base: 0,
+            advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
+            connect_timeout: Duration::from_secs(30),
+            silence_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Control-plane requests to the media plane.
+#[derive(Debug)]
+pub enum Command {
+    /// A participant's initial offer. Answered by [`SfuEvent::PeerCreated`] or
+    /// [`SfuEvent::PeerFailed`].
+    CreatePeer {
+        peer: PeerId,
+        conference: ConferenceId,
+        offer: String,
+    },
+    /// A later offer from the participant (renegotiation, ICE restart). Any offer of ours that
+    /// is outstanding is rolled back (weir is always the polite peer) and re-made afterwards.
+    RemoteOffer { peer: PeerId, sdp: String },
+    /// The participant's answer to our last [`SfuEvent::Offer`].
+    RemoteAnswer { peer: PeerId, sdp: String },
+    /// Close a peer (hangup, replaced leg, shutdown). Its tracks are withdrawn from everyone.
+    ClosePeer { peer: PeerId },
+}
+
+/// An ICE candidate of ours, for the participant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalCandidate {
+    /// `candidate:...` attribute value.
+    pub candidate: String,
+    pub sdp_mid: String,
+    pub sdp_m_line_index: u32,
+}
+
+/// A track a participant publishes to us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedTrack {
+    pub mid: MediaId,
+    pub kind: TrackKind,
+    /// `a=msid` stream and track ids from the participant's SDP.
+    pub stream_id: String,
+    pub track_id: String,
+}
+
+/// A track forwarded to a subscriber, as it appears in an offer we make to that subscriber.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardedTrack {
+    pub publisher: PeerId,
+    pub kind: TrackKind,
+    pub stream_id: String,
+    pub track_id: String,
+    /// False once the publisher has gone: the m-line stays (SDP cannot shrink) but is inactive.
+    pub active: bool,
+}
+
+/// Why a peer was closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// [`Command::ClosePeer`].
+    Requested,
+    /// ICE/DTLS did not complete within the connect timeout.
+    ConnectTimeout,
+    /// Nothing arrived from a connected peer within the silence timeout.
+    Silent,
+    /// The participant closed DTLS, or the engine gave up on the connection.
+    Disconnected,
+    /// The engine rejected the peer's traffic or state in a way it cannot recover from.
+    EngineError(String),
+}
+
+/// Media-plane happenings the control plane acts on.
+#[derive(Debug)]
+pub enum SfuEvent {
+    PeerCreated {
+        peer: PeerId,
+        answer: String,
+        candidates: Vec<LocalCandidate>,
+    },
+    /// The initial offer was unusable. The peer does not exist.
+    PeerFailed {
+        peer: PeerId,
+        error: String,
+    },
+    /// Our answer to a [`Command::RemoteOffer`].
+    Answer {
+        peer: PeerId,
+        sdp: String,
+    },
+    /// We need to renegotiate with this peer: send the offer. `tracks` lists every forwarded
+    /// track whose m-line is in it, so the control plane can describe each stream id.
+    Offer {
+        peer: PeerId,
+        sdp: String,
+        tracks: Vec<ForwardedTrack>,
+    },
+    /// A remote offer or answer was unusable; the peer's state is unchanged.
+    NegotiationFailed {
+        peer: PeerId,
+        error: String,
+    },
+    Connected {
+        peer: PeerId,
+    },
+    TrackPublished {
+        peer: PeerId,
+        track: PublishedTrack,
+    },
+    TrackUnpublished {
+        peer: PeerId,
+        mid: MediaId,
+    },
+    PeerClosed {
+        peer: PeerId,
+        reason: CloseReason,
+    },
+}
+
+/// Failures of the media plane as a whole (not of one peer).
+#[derive(Debug, thiserror::Error)]
+pub enum SfuError {
+    #[error("binding the UDP socket for shard {shard} on {addr}: {source}")]
+    Bind {
+        shard: usize,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("starting shard thread: {0}")]
+    Thread(std::io::Error),
+    #[error("the command queue of shard {0} is full")]
+    QueueFull(usize),
+    #[error("shard {0} has stopped")]
+    ShardGone(usize),
+}

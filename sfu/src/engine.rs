@@ -1,0 +1,125 @@
+//! The one place that knows str0m: engine configuration and the few SDP adjustments weir makes.
+//! Upgrading str0m should touch this file and the shard's use of the `Rtc` API only.
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use str0m::format::Codec;
+use str0m::{Rtc, RtcConfig};
+
+use crate::forward::VideoCodec;
+
+/// Largest SDP weir accepts. Real offers with many m-lines are 10-40 KiB; this leaves headroom
+/// while bounding the parser's work on hostile input.
+pub const MAX_SDP_BYTES: usize = 128 * 1024;
+
+/// A new engine instance for one participant: ICE-lite (weir has a public address and never
+/// initiates checks), RTP mode (weir forwards packets, never reassembles frames), and the
+/// codec set browsers send. Fewer codecs keep our offers small: to-device events are capped
+/// at 64 KiB by Synapse, and every forwarded track adds an m-line with all of them.
+pub fn new_rtc(now: Instant) -> Rtc {
+    RtcConfig::new()
+        .set_ice_lite(true)
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .enable_vp9(true)
+        .enable_h264(true)
+        .build(now)
+}
+
+/// Map an engine codec to what keyframe detection understands.
+pub fn video_codec(codec: Codec) -> VideoCodec {
+    match codec {
+        Codec::Vp8 => VideoCodec::Vp8,
+        Codec::Vp9 => VideoCodec::Vp9,
+        Codec::H264 => VideoCodec::H264,
+        _ => VideoCodec::Opaque,
+    }
+}
+
+/// weir receives on the participant's own m-lines and sends every forwarded track on m-lines
+/// it creates itself (so each forwarded stream has its own msid and metadata entry). A browser
+/// offers its m-lines `sendrecv`; read as `sendonly` so the engine answers `recvonly` and the
+/// browser never sees a stream from us it has no metadata for. Sections whose mid weir created
+/// (`own_mids`) are left alone: a browser may reuse such a transceiver to send.
+pub fn offer_as_publisher(sdp: &str, own_mids: &HashSet<String>) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for (i, section) in split_sections(sdp).into_iter().enumerate() {
+        let is_media = i > 0 && (section.starts_with("m=audio") || section.starts_with("m=video"));
+        let mid = section
+            .lines()
+            .find_map(|l| l.strip_prefix("a=mid:"))
+            .map(|m| m.trim().to_string());
+        let ours = mid.as_ref().is_some_and(|m| own_mids.contains(m));
+        if is_media && !ours {
+            for line in section.split_inclusive('\n') {
+                if line.trim_end() == "a=sendrecv" {
+                    out.push_str(&line.replacen("a=sendrecv", "a=sendonly", 1));
+                } else if line.trim_end() == "a=recvonly" {
+                    out.push_str(&line.replacen("a=recvonly", "a=inactive", 1));
+                } else {
+                    out.push_str(line);
+                }
+            }
+        } else {
+            out.push_str(section);
+        }
+    }
+    out
+}
+
+/// Split SDP text into the session part and one part per `m=` section, keeping line endings.
+fn split_sections(sdp: &str) -> Vec<&str> {
+    let mut starts = vec![0];
+    let mut pos = 0;
+    for line in sdp.split_inclusive('\n') {
+        if line.starts_with("m=") && pos != 0 {
+            starts.push(pos);
+        }
+        pos += line.len();
+    }
+    starts.push(sdp.len());
+    starts.windows(2).map(|w| &sdp[w[0]..w[1]]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OFFER: &str =
+        "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:0\r\na=sendrecv\r\na=msid:s a\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendrecv\r\na=mid:1\r\n\
+m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=sendrecv\r\n";
+
+    #[test]
+    fn participant_sections_become_send_only_and_ours_are_untouched() {
+        let own: HashSet<String> = ["2".to_string()].into();
+        let out = offer_as_publisher(OFFER, &own);
+        let sections = split_sections(&out);
+        assert_eq!(sections.len(), 4);
+        assert!(sections[0].contains("a=group:BUNDLE 0 1 2"));
+        assert!(sections[1].contains("a=sendonly\r\n") && !sections[1].contains("sendrecv"));
+        // Direction before the mid line is still found.
+        assert!(sections[2].contains("a=sendonly\r\n"));
+        assert!(sections[3].contains("a=sendrecv\r\n"));
+        assert_eq!(
+            out.len(),
+            OFFER.len() + 2 * ("sendonly".len() - "sendrecv".len())
+        );
+    }
+
+    #[test]
+    fn a_participant_section_it_only_receives_on_is_inactive_for_us() {
+        let sdp = "v=0\r\nm=audio 9 RTP/SAVPF 111\r\na=mid:0\r\na=recvonly\r\n";
+        assert!(offer_as_publisher(sdp, &HashSet::new()).contains("a=inactive"));
+    }
+
+    #[test]
+    fn text_without_sections_passes_through() {
+        assert_eq!(offer_as_publisher("garbage", &HashSet::new()), "garbage");
+        assert_eq!(offer_as_publisher("", &HashSet::new()), "");
+    }
+}

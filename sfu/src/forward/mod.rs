@@ -1,0 +1,10 @@
+//! The forwarding core: pure functions and small state machines, no I/O and no clock of their
+//! own. The shard feeds them packets and `now`.
+
+pub mod keyframe;
+pub mod keyreq;
+pub mod rewrite;
+
+pub use keyframe::{starts_keyframe, VideoCodec};
+pub use keyreq::{KeyframeRequests, KEYFRAME_REQUEST_INTERVAL};
+pub use rewrite::{Rewritten, SeqTsRewriter};

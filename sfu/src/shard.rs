@@ -1,0 +1,1069 @@
+//! One media shard: a thread that owns a UDP socket and the engines of the peers placed on it.
+//!
+//! Loop: commands → `recvmmsg` a batch → demux by source address → engine input → drain the
+//! output of only the peers touched (dirty list) → forward RTP between peers of a conference →
+//! `sendmmsg` → fire due engine timers from a min-heap → wait for the earliest deadline. The
+//! shard never waits on the control plane: events go out through a bounded non-blocking queue.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tracing::{debug, info, warn};
+
+use crate::api::{
+    CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuEvent,
+};
+use crate::engine::{self, MAX_SDP_BYTES};
+use crate::forward::{starts_keyframe, KeyframeRequests, Rewritten, SeqTsRewriter, VideoCodec};
+use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind, TrackRef};
+use crate::net::{self, RecvBatch, SendQueue, Waker};
+use crate::stats::{DropReason, ShardCounters, ShardStats};
+
+/// How often the shard checks timeouts, owed keyframe requests and publishes its counters.
+/// Shorter reacts faster to dead peers and owed requests; longer costs less idle CPU.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a new subscriber waits for a keyframe before asking again.
+const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
+
+/// Sends events to the control plane without ever blocking the shard.
+pub trait EventSink: Send + 'static {
+    /// Returns false if the event could not be queued (it is then counted as dropped).
+    fn send(&self, event: SfuEvent) -> bool;
+}
+
+impl EventSink for tokio::sync::mpsc::Sender<SfuEvent> {
+    fn send(&self, event: SfuEvent) -> bool {
+        self.try_send(event).is_ok()
+    }
+}
+
+impl EventSink for crossbeam_channel::Sender<SfuEvent> {
+    fn send(&self, event: SfuEvent) -> bool {
+        self.try_send(event).is_ok()
+    }
+}
+
+struct Published {
+    kind: TrackKind,
+    stream_id: String,
+    track_id: String,
+    /// Keyframe detection, learned from the payload type of the first packets.
+    codec: Option<VideoCodec>,
+    keyframes: KeyframeRequests,
+    subscribers: Vec<PeerId>,
+}
+
+struct OutTrack {
+    mid: Mid,
+    kind: TrackKind,
+    stream_id: String,
+    track_id: String,
+    active: bool,
+    rewriter: SeqTsRewriter,
+    /// Video waits for a keyframe before its first packet so the decoder can start at once.
+    waiting_since: Option<Instant>,
+    /// Publisher payload type → subscriber payload type, learned per packet type.
+    pt_map: Vec<(Pt, Option<Pt>)>,
+}
+
+struct PendingNegotiation {
+    offer: SdpPendingOffer,
+    added: Vec<(TrackRef, Mid)>,
+}
+
+struct Peer {
+    conference: ConferenceId,
+    rtc: Rtc,
+    created_at: Instant,
+    last_rx: Instant,
+    connected: bool,
+    /// Mids weir created on this connection (for forwarded tracks).
+    own_mids: HashSet<String>,
+    pending: Option<PendingNegotiation>,
+    /// Tracks published by this peer, by its mid.
+    published: HashMap<Mid, TrackRef>,
+    ssrc_mid: HashMap<Ssrc, Mid>,
+    /// What should be forwarded to this peer (policy: everything else in the conference).
+    desired: BTreeMap<TrackRef, (TrackKind, String, String)>,
+    /// What is negotiated and forwarded, by track.
+    out: HashMap<TrackRef, OutTrack>,
+    out_by_mid: HashMap<Mid, TrackRef>,
+    addrs: Vec<SocketAddr>,
+    timeout: Instant,
+}
+
+pub(crate) struct Shard<S: EventSink> {
+    index: usize,
+    config: SfuConfig,
+    socket: UdpSocket,
+    local_addr: SocketAddr,
+    commands: Receiver<Command>,
+    waker: Arc<Waker>,
+    events: S,
+    stop: Arc<AtomicBool>,
+    peers: HashMap<PeerId, Peer>,
+    conferences: HashMap<ConferenceId, Vec<PeerId>>,
+    tracks: HashMap<TrackRef, Published>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
+    dirty: Vec<PeerId>,
+    sendq: SendQueue,
+    counters: ShardCounters,
+    stats: Arc<ShardStats>,
+    next_housekeeping: Instant,
+}
+
+impl<S: EventSink> Shard<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        index: usize,
+        config: SfuConfig,
+        socket: UdpSocket,
+        commands: Receiver<Command>,
+        waker: Arc<Waker>,
+        events: S,
+        stop: Arc<AtomicBool>,
+        stats: Arc<ShardStats>,
+    ) -> std::io::Result<Self> {
+        let local_addr = socket.local_addr()?;
+        socket.set_nonblocking(true)?;
+        Ok(Shard {
+            index,
+            config,
+            socket,
+            local_addr,
+            commands,
+            waker,
+            events,
+            stop,
+            peers: HashMap::new(),
+            conferences: HashMap::new(),
+            tracks: HashMap::new(),
+            by_addr: HashMap::new(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            sendq: SendQueue::default(),
+            counters: ShardCounters::default(),
+            stats,
+            next_housekeeping: Instant::now(),
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        info!(shard = self.index, addr = %self.local_addr, "media shard started");
+        let mut batch = RecvBatch::default();
+        while !self.stop.load(Ordering::Relaxed) {
+            self.waker.drain();
+            while let Ok(cmd) = self.commands.try_recv() {
+                self.handle_command(cmd, Instant::now());
+            }
+            let received = match net::recv_batch(&self.socket, &mut batch) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(shard = self.index, error = %e, "udp receive failed");
+                    0
+                }
+            };
+            let now = Instant::now();
+            if received > 0 {
+                for (from, data) in batch.iter() {
+                    self.handle_datagram(from, data, now);
+                }
+            }
+            self.drain_dirty();
+            self.fire_timers(Instant::now());
+            if now >= self.next_housekeeping {
+                self.housekeeping(now);
+                self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
+            }
+            self.flush();
+            if received == net::RECV_BATCH {
+                continue; // more may be waiting: don't sleep.
+            }
+            let deadline = self
+                .timers
+                .peek()
+                .map(|Reverse((t, _))| *t)
+                .unwrap_or(self.next_housekeeping)
+                .min(self.next_housekeeping);
+            let wait = deadline.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                net::wait_readable(&self.socket, &self.waker, Some(wait));
+            }
+        }
+        let now = Instant::now();
+        let ids: Vec<PeerId> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.close_peer(id, CloseReason::Requested, now);
+        }
+        self.flush();
+        self.counters.publish(&self.stats, 0, 0, 0);
+        info!(shard = self.index, "media shard stopped");
+    }
+
+    fn emit(&mut self, event: SfuEvent) {
+        if !self.events.send(event) {
+            self.counters.drop(DropReason::EventQueueFull);
+        }
+    }
+
+    // ---------------------------------------------------------------- commands
+
+    fn handle_command(&mut self, cmd: Command, now: Instant) {
+        match cmd {
+            Command::CreatePeer {
+                peer,
+                conference,
+                offer,
+            } => self.create_peer(peer, conference, &offer, now),
+            Command::RemoteOffer { peer, sdp } => self.remote_offer(peer, &sdp, now),
+            Command::RemoteAnswer { peer, sdp } => self.remote_answer(peer, &sdp, now),
+            Command::ClosePeer { peer } => self.close_peer(peer, CloseReason::Requested, now),
+        }
+    }
+
+    fn create_peer(&mut self, id: PeerId, conference: ConferenceId, offer: &str, now: Instant) {
+        if self.peers.contains_key(&id) {
+            self.emit(SfuEvent::PeerFailed {
+                peer: id,
+                error: "peer id already in use".into(),
+            });
+            return;
+        }
+        let offer = match parse_offer(offer, &HashSet::new()) {
+            Ok(o) => o,
+            Err(error) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::PeerFailed { peer: id, error });
+                return;
+            }
+        };
+        let mut rtc = engine::new_rtc(now);
+        let mut candidates = Vec::new();
+        for ip in &self.config.advertise_ips {
+            let addr = SocketAddr::new(*ip, self.local_addr.port());
+            match Candidate::host(addr, "udp") {
+                Ok(c) => {
+                    if let Some(c) = rtc.add_local_candidate(c) {
+                        candidates.push(c.to_sdp_string());
+                    }
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable advertise address"),
+            }
+        }
+        let answer = match rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a,
+            Err(e) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::PeerFailed {
+                    peer: id,
+                    error: e.to_string(),
+                });
+                return;
+            }
+        };
+        let answer_sdp = answer.to_sdp_string();
+        let first_mid = first_mid(&answer_sdp).unwrap_or_else(|| "0".into());
+        let candidates = candidates
+            .into_iter()
+            .map(|c| LocalCandidate {
+                candidate: c.strip_prefix("a=").unwrap_or(&c).to_string(),
+                sdp_mid: first_mid.clone(),
+                sdp_m_line_index: 0,
+            })
+            .collect();
+        let peer = Peer {
+            conference,
+            rtc,
+            created_at: now,
+            last_rx: now,
+            connected: false,
+            own_mids: HashSet::new(),
+            pending: None,
+            published: HashMap::new(),
+            ssrc_mid: HashMap::new(),
+            desired: BTreeMap::new(),
+            out: HashMap::new(),
+            out_by_mid: HashMap::new(),
+            addrs: Vec::new(),
+            timeout: now,
+        };
+        self.peers.insert(id, peer);
+        let members = self.conferences.entry(conference).or_default();
+        let existing: Vec<PeerId> = members.clone();
+        members.push(id);
+        info!(shard = self.index, %id, %conference, "peer created");
+        self.emit(SfuEvent::PeerCreated {
+            peer: id,
+            answer: answer_sdp,
+            candidates,
+        });
+        // Policy for now: everyone receives every track published in the conference.
+        for other in existing {
+            let tracks: Vec<TrackRef> = self.peers[&other].published.values().cloned().collect();
+            for t in tracks {
+                self.want(id, t);
+            }
+        }
+        self.mark_dirty(id);
+        self.maybe_offer(id, now);
+    }
+
+    fn remote_offer(&mut self, id: PeerId, sdp: &str, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let offer = match parse_offer(sdp, &peer.own_mids) {
+            Ok(o) => o,
+            Err(error) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::NegotiationFailed { peer: id, error });
+                return;
+            }
+        };
+        // Polite peer: our outstanding offer, if any, is rolled back by accepting theirs. The
+        // tracks it would have added are still desired and go into our next offer.
+        if peer.pending.take().is_some() {
+            debug!(%id, "glare: rolled back our offer to accept the participant's");
+        }
+        match peer.rtc.sdp_api().accept_offer(offer) {
+            Ok(answer) => {
+                let sdp = answer.to_sdp_string();
+                self.mark_dirty(id);
+                self.emit(SfuEvent::Answer { peer: id, sdp });
+                // New or changed media arrive as engine events while draining.
+                self.drain_dirty();
+                self.maybe_offer(id, now);
+            }
+            Err(e) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::NegotiationFailed {
+                    peer: id,
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    fn remote_answer(&mut self, id: PeerId, sdp: &str, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(pending) = peer.pending.take() else {
+            self.emit(SfuEvent::NegotiationFailed {
+                peer: id,
+                error: "answer without an outstanding offer".into(),
+            });
+            return;
+        };
+        let answer = match parse_answer(sdp) {
+            Ok(a) => a,
+            Err(error) => {
+                self.counters.drop(DropReason::BadSdp);
+                // Keep waiting for a usable answer to the same offer.
+                peer.pending = Some(pending);
+                self.emit(SfuEvent::NegotiationFailed { peer: id, error });
+                return;
+            }
+        };
+        if let Err(e) = peer.rtc.sdp_api().accept_answer(pending.offer, answer) {
+            self.counters.drop(DropReason::BadSdp);
+            self.emit(SfuEvent::NegotiationFailed {
+                peer: id,
+                error: e.to_string(),
+            });
+            self.mark_dirty(id);
+            self.maybe_offer(id, now);
+            return;
+        }
+        for (track, mid) in pending.added {
+            self.start_forwarding(id, track, mid, now);
+        }
+        self.mark_dirty(id);
+        self.maybe_offer(id, now);
+    }
+
+    /// Record that `track` should be forwarded to `subscriber`.
+    fn want(&mut self, subscriber: PeerId, track: TrackRef) {
+        let Some(p) = self.tracks.get(&track) else {
+            return;
+        };
+        let info = (p.kind, p.stream_id.clone(), p.track_id.clone());
+        if let Some(peer) = self.peers.get_mut(&subscriber) {
+            peer.desired.insert(track, info);
+        }
+    }
+
+    /// Make an offer to `id` if what it should receive differs from what is negotiated and no
+    /// offer is outstanding (one negotiation at a time per peer).
+    fn maybe_offer(&mut self, id: PeerId, _now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.pending.is_some() {
+            return;
+        }
+        let mut api = peer.rtc.sdp_api();
+        let mut added = Vec::new();
+        for (track, (kind, stream_id, track_id)) in &peer.desired {
+            if peer.out.contains_key(track) {
+                continue;
+            }
+            let media_kind = match kind {
+                TrackKind::Audio => MediaKind::Audio,
+                TrackKind::Video => MediaKind::Video,
+            };
+            let mid = api.add_media(
+                media_kind,
+                Direction::SendOnly,
+                Some(stream_id.clone()),
+                Some(track_id.clone()),
+                None,
+            );
+            added.push((track.clone(), mid));
+        }
+        let mut withdrawn = Vec::new();
+        for (track, out) in &peer.out {
+            if out.active && !peer.desired.contains_key(track) {
+                api.set_direction(out.mid, Direction::Inactive);
+                withdrawn.push(track.clone());
+            }
+        }
+        if !api.has_changes() {
+            return;
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+        for (_, mid) in &added {
+            peer.own_mids.insert(mid.to_string());
+        }
+        for track in &withdrawn {
+            if let Some(out) = peer.out.get_mut(track) {
+                out.active = false;
+            }
+        }
+        let mut tracks: Vec<ForwardedTrack> = peer
+            .out
+            .iter()
+            .map(|(t, o)| ForwardedTrack {
+                publisher: t.publisher,
+                kind: o.kind,
+                stream_id: o.stream_id.clone(),
+                track_id: o.track_id.clone(),
+                active: o.active,
+            })
+            .collect();
+        for (t, _) in &added {
+            let (kind, stream_id, track_id) = peer.desired[t].clone();
+            tracks.push(ForwardedTrack {
+                publisher: t.publisher,
+                kind,
+                stream_id,
+                track_id,
+                active: true,
+            });
+        }
+        peer.pending = Some(PendingNegotiation {
+            offer: pending,
+            added,
+        });
+        let sdp = offer.to_sdp_string();
+        for track in withdrawn {
+            if let Some(p) = self.tracks.get_mut(&track) {
+                p.subscribers.retain(|s| *s != id);
+            }
+        }
+        self.mark_dirty(id);
+        self.emit(SfuEvent::Offer {
+            peer: id,
+            sdp,
+            tracks,
+        });
+    }
+
+    fn start_forwarding(&mut self, id: PeerId, track: TrackRef, mid: Mid, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some((kind, stream_id, track_id)) = peer.desired.get(&track).cloned() else {
+            return; // withdrawn while the offer was out; the next offer deactivates it
+        };
+        let clock_rate = if kind == TrackKind::Audio {
+            48_000
+        } else {
+            90_000
+        };
+        let first_seq: u16 = rand::random::<u16>() % 16_384;
+        let first_ts: u32 = rand::random();
+        peer.out.insert(
+            track.clone(),
+            OutTrack {
+                mid,
+                kind,
+                stream_id,
+                track_id,
+                active: true,
+                rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
+                waiting_since: (kind == TrackKind::Video).then_some(now),
+                pt_map: Vec::new(),
+            },
+        );
+        peer.out_by_mid.insert(mid, track.clone());
+        if let Some(p) = self.tracks.get_mut(&track) {
+            if !p.subscribers.contains(&id) {
+                p.subscribers.push(id);
+            }
+        }
+        if kind == TrackKind::Video {
+            self.request_keyframe(&track, now);
+        }
+    }
+
+    // ---------------------------------------------------------------- network input
+
+    fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+        self.counters.datagrams_in += 1;
+        self.counters.bytes_in += data.len() as u64;
+        let receive = match Receive::new(Protocol::Udp, from, self.local_addr, data) {
+            Ok(r) => r,
+            Err(_) => {
+                self.counters.drop(DropReason::Malformed);
+                return;
+            }
+        };
+        let input = Input::Receive(now, receive);
+        let id = match self.by_addr.get(&from) {
+            Some(id) => *id,
+            None => {
+                // A new 5-tuple: only a STUN check with a peer's credentials is accepted.
+                let found = self
+                    .peers
+                    .iter()
+                    .find(|(_, p)| p.rtc.accepts(&input))
+                    .map(|(id, _)| *id);
+                match found {
+                    Some(id) => {
+                        self.by_addr.insert(from, id);
+                        if let Some(p) = self.peers.get_mut(&id) {
+                            p.addrs.push(from);
+                        }
+                        id
+                    }
+                    None => {
+                        self.counters.drop(DropReason::UnknownSource);
+                        return;
+                    }
+                }
+            }
+        };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        peer.last_rx = now;
+        if let Err(e) = peer.rtc.handle_input(input) {
+            debug!(%id, error = %e, "engine rejected input");
+            self.counters.drop(DropReason::Malformed);
+        }
+        // In RTP mode the engine holds only one received packet until the next poll, so drain
+        // this peer before feeding it the next datagram. Subscribers written to meanwhile are
+        // marked dirty and drained once per batch.
+        self.drain_peer(id);
+    }
+
+    fn mark_dirty(&mut self, id: PeerId) {
+        if !self.dirty.contains(&id) {
+            self.dirty.push(id);
+        }
+    }
+
+    /// Drain engine output of every touched peer. Forwarding touches subscribers, which are
+    /// drained in the same pass.
+    fn drain_dirty(&mut self) {
+        while let Some(id) = self.dirty.pop() {
+            self.drain_peer(id);
+        }
+    }
+
+    fn drain_peer(&mut self, id: PeerId) {
+        loop {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            let out = match peer.rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    let now = Instant::now();
+                    self.close_peer(id, CloseReason::EngineError(e.to_string()), now);
+                    return;
+                }
+            };
+            match out {
+                Output::Timeout(t) => {
+                    peer.timeout = t;
+                    self.timers.push(Reverse((t, id)));
+                    if !peer.rtc.is_alive() {
+                        self.close_peer(id, CloseReason::Disconnected, Instant::now());
+                    }
+                    return;
+                }
+                Output::Transmit(t) => {
+                    self.sendq.push(t.destination, &t.contents);
+                }
+                Output::Event(e) => self.handle_event(id, e),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, id: PeerId, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Connected => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.connected = true;
+                }
+                info!(shard = self.index, %id, "peer connected");
+                self.emit(SfuEvent::Connected { peer: id });
+            }
+            Event::MediaAdded(m) if m.direction.is_receiving() => {
+                self.publish(id, m.mid, m.kind, now);
+            }
+            Event::MediaChanged(m) => {
+                let published = self
+                    .peers
+                    .get(&id)
+                    .is_some_and(|p| p.published.contains_key(&m.mid));
+                if m.direction.is_receiving() && !published {
+                    let kind = self
+                        .peers
+                        .get(&id)
+                        .and_then(|p| p.rtc.media(m.mid))
+                        .map(|m| m.kind());
+                    if let Some(kind) = kind {
+                        self.publish(id, m.mid, kind, now);
+                    }
+                } else if !m.direction.is_receiving() && published {
+                    self.unpublish(id, m.mid);
+                }
+            }
+            Event::RtpPacket(pkt) => self.forward(id, pkt, now),
+            Event::KeyframeRequest(req) => {
+                let track = self
+                    .peers
+                    .get(&id)
+                    .and_then(|p| p.out_by_mid.get(&req.mid))
+                    .cloned();
+                if let Some(track) = track {
+                    self.request_keyframe(&track, now);
+                }
+            }
+            Event::Closed => self.close_peer(id, CloseReason::Disconnected, now),
+            Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
+            _ => {}
+        }
+    }
+
+    fn publish(&mut self, id: PeerId, mid: Mid, kind: MediaKind, _now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.own_mids.contains(&mid.to_string()) {
+            return; // a participant sending on an m-line weir created: not supported yet
+        }
+        let Some(media) = peer.rtc.media(mid) else {
+            return;
+        };
+        let kind = match kind {
+            MediaKind::Audio => TrackKind::Audio,
+            MediaKind::Video => TrackKind::Video,
+        };
+        let track = PublishedTrack {
+            mid: MediaId(mid.to_string()),
+            kind,
+            stream_id: media.stream_id().to_string(),
+            track_id: media.track_id().to_string(),
+        };
+        let tref = TrackRef {
+            publisher: id,
+            mid: track.mid.clone(),
+        };
+        peer.published.insert(mid, tref.clone());
+        let conference = peer.conference;
+        self.tracks.insert(
+            tref.clone(),
+            Published {
+                kind,
+                stream_id: track.stream_id.clone(),
+                track_id: track.track_id.clone(),
+                codec: None,
+                keyframes: KeyframeRequests::default(),
+                subscribers: Vec::new(),
+            },
+        );
+        info!(shard = self.index, %id, mid = %mid, %kind, stream = %track.stream_id, "track published");
+        self.emit(SfuEvent::TrackPublished { peer: id, track });
+        let others: Vec<PeerId> = self.conferences[&conference]
+            .iter()
+            .copied()
+            .filter(|p| *p != id)
+            .collect();
+        for other in others {
+            self.want(other, tref.clone());
+            self.maybe_offer(other, Instant::now());
+        }
+    }
+
+    fn unpublish(&mut self, id: PeerId, mid: Mid) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(tref) = peer.published.remove(&mid) else {
+            return;
+        };
+        peer.ssrc_mid.retain(|_, m| *m != mid);
+        let conference = peer.conference;
+        self.tracks.remove(&tref);
+        self.emit(SfuEvent::TrackUnpublished {
+            peer: id,
+            mid: tref.mid.clone(),
+        });
+        let others: Vec<PeerId> = self
+            .conferences
+            .get(&conference)
+            .cloned()
+            .unwrap_or_default();
+        for other in others {
+            if let Some(p) = self.peers.get_mut(&other) {
+                if p.desired.remove(&tref).is_some() {
+                    self.maybe_offer(other, Instant::now());
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- forwarding
+
+    fn forward(&mut self, id: PeerId, pkt: RtpPacket, now: Instant) {
+        self.counters.rtp_in += 1;
+        let ssrc = pkt.header.ssrc;
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let mid = match peer.ssrc_mid.get(&ssrc) {
+            Some(m) => *m,
+            None => {
+                let Some(mid) = peer.rtc.direct_api().stream_rx(&ssrc).map(|s| s.mid()) else {
+                    self.counters.drop(DropReason::UnknownStream);
+                    return;
+                };
+                peer.ssrc_mid.insert(ssrc, mid);
+                mid
+            }
+        };
+        let Some(track) = peer.published.get(&mid).cloned() else {
+            self.counters.drop(DropReason::UnknownStream);
+            return;
+        };
+        if pkt.payload.is_empty() {
+            self.counters.drop(DropReason::Padding);
+            return;
+        }
+        let pt = pkt.header.payload_type;
+        let spec = peer
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.pt() == pt)
+            .copied();
+        let Some(params) = spec else {
+            self.counters.drop(DropReason::UnknownPayloadType);
+            return;
+        };
+        let Some(published) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        let keyframe = published.kind == TrackKind::Video && {
+            let codec = *published
+                .codec
+                .get_or_insert(engine::video_codec(params.spec().codec));
+            starts_keyframe(codec, &pkt.payload)
+        };
+        if keyframe {
+            published.keyframes.keyframe_received();
+        }
+        // Header extensions a subscriber can use; mid/rid, transport-cc and abs-send-time are
+        // per hop and the engine writes its own.
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            video_orientation: pkt.header.ext_vals.video_orientation,
+            video_content_type: pkt.header.ext_vals.video_content_type,
+            ..Default::default()
+        };
+        let nackable = published.kind == TrackKind::Video;
+        let mut need_keyframe = false;
+        let subscribers = std::mem::take(&mut published.subscribers);
+        for sub in &subscribers {
+            let Some(speer) = self.peers.get_mut(sub) else {
+                continue;
+            };
+            let Some(out) = speer.out.get_mut(&track) else {
+                continue;
+            };
+            if !out.active {
+                continue;
+            }
+            if let Some(since) = out.waiting_since {
+                if !keyframe {
+                    self.counters.drop(DropReason::AwaitingKeyframe);
+                    if now.saturating_duration_since(since) >= KEYFRAME_WAIT_RETRY {
+                        out.waiting_since = Some(now);
+                        need_keyframe = true;
+                    }
+                    continue;
+                }
+                out.waiting_since = None;
+            }
+            let out_pt = match out.pt_map.iter().find(|(i, _)| *i == pt) {
+                Some((_, o)) => *o,
+                None => {
+                    let o = speer
+                        .rtc
+                        .codec_config()
+                        .match_params(params)
+                        .map(|p| p.pt());
+                    out.pt_map.push((pt, o));
+                    o
+                }
+            };
+            let Some(out_pt) = out_pt else {
+                self.counters.drop(DropReason::NoCommonCodec);
+                continue;
+            };
+            let (seq, ts) =
+                match out
+                    .rewriter
+                    .rewrite(*ssrc, *pkt.seq_no, pkt.header.timestamp, now)
+                {
+                    Rewritten::Send { seq, ts } => (seq, ts),
+                    Rewritten::DropStale => {
+                        self.counters.drop(DropReason::Stale);
+                        continue;
+                    }
+                };
+            let mid = out.mid;
+            let mut api = speer.rtc.direct_api();
+            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                self.counters.drop(DropReason::NoSendStream);
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(out_pt, seq.into(), ts, pkt.timestamp, pkt.payload.clone())
+                    .marker(pkt.header.marker)
+                    .ext_vals(ext.clone())
+                    .nackable(nackable),
+            );
+            self.counters.rtp_forwarded += 1;
+            if !self.dirty.contains(sub) {
+                self.dirty.push(*sub);
+            }
+        }
+        if let Some(published) = self.tracks.get_mut(&track) {
+            published.subscribers = subscribers;
+        }
+        if need_keyframe {
+            self.request_keyframe(&track, now);
+        }
+    }
+
+    fn request_keyframe(&mut self, track: &TrackRef, now: Instant) {
+        let Some(p) = self.tracks.get_mut(track) else {
+            return;
+        };
+        if p.kind != TrackKind::Video || !p.keyframes.request(now) {
+            return;
+        }
+        self.send_pli(track);
+    }
+
+    fn send_pli(&mut self, track: &TrackRef) {
+        let Some(peer) = self.peers.get_mut(&track.publisher) else {
+            return;
+        };
+        let Some(mid) = peer
+            .published
+            .iter()
+            .find(|(_, t)| *t == track)
+            .map(|(m, _)| *m)
+        else {
+            return;
+        };
+        if let Some(rx) = peer.rtc.direct_api().stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            self.counters.keyframe_requests += 1;
+        }
+        let publisher = track.publisher;
+        self.mark_dirty(publisher);
+    }
+
+    // ---------------------------------------------------------------- time
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            if peer.timeout != t {
+                continue; // superseded by a later poll
+            }
+            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                self.close_peer(id, CloseReason::EngineError(e.to_string()), now);
+                continue;
+            }
+            self.drain_peer(id);
+        }
+        self.drain_dirty();
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let mut dead = Vec::new();
+        for (id, p) in &self.peers {
+            if !p.connected
+                && now.saturating_duration_since(p.created_at) > self.config.connect_timeout
+            {
+                dead.push((*id, CloseReason::ConnectTimeout));
+            } else if p.connected
+                && now.saturating_duration_since(p.last_rx) > self.config.silence_timeout
+            {
+                dead.push((*id, CloseReason::Silent));
+            }
+        }
+        for (id, reason) in dead {
+            self.close_peer(id, reason, now);
+        }
+        let owed: Vec<TrackRef> = self
+            .tracks
+            .iter_mut()
+            .filter_map(|(t, p)| p.keyframes.poll(now).then(|| t.clone()))
+            .collect();
+        for t in owed {
+            self.send_pli(&t);
+        }
+        self.drain_dirty();
+        let tracks = self.tracks.len() as u64;
+        self.counters.publish(
+            &self.stats,
+            self.peers.len() as u64,
+            self.conferences.len() as u64,
+            tracks,
+        );
+    }
+
+    fn flush(&mut self) {
+        if self.sendq.is_empty() {
+            return;
+        }
+        let (sent, dropped, bytes) = self.sendq.flush(&self.socket);
+        self.counters.datagrams_out += sent;
+        self.counters.bytes_out += bytes;
+        for _ in 0..dropped {
+            self.counters.drop(DropReason::SendFailed);
+        }
+    }
+
+    // ---------------------------------------------------------------- teardown
+
+    fn close_peer(&mut self, id: PeerId, reason: CloseReason, _now: Instant) {
+        let Some(mut peer) = self.peers.remove(&id) else {
+            return;
+        };
+        peer.rtc.disconnect();
+        // Let DTLS close_notify and RTCP BYE out.
+        while let Ok(out) = peer.rtc.poll_output() {
+            match out {
+                Output::Transmit(t) => self.sendq.push(t.destination, &t.contents),
+                Output::Timeout(_) => break,
+                Output::Event(_) => {}
+            }
+        }
+        for a in &peer.addrs {
+            self.by_addr.remove(a);
+        }
+        self.dirty.retain(|d| *d != id);
+        for track in peer.out.keys() {
+            if let Some(p) = self.tracks.get_mut(track) {
+                p.subscribers.retain(|s| *s != id);
+            }
+        }
+        if let Some(members) = self.conferences.get_mut(&peer.conference) {
+            members.retain(|m| *m != id);
+            if members.is_empty() {
+                self.conferences.remove(&peer.conference);
+            }
+        }
+        let published: Vec<TrackRef> = peer.published.into_values().collect();
+        let others: Vec<PeerId> = self
+            .conferences
+            .get(&peer.conference)
+            .cloned()
+            .unwrap_or_default();
+        for tref in &published {
+            self.tracks.remove(tref);
+        }
+        for other in others {
+            let mut changed = false;
+            if let Some(p) = self.peers.get_mut(&other) {
+                for tref in &published {
+                    changed |= p.desired.remove(tref).is_some();
+                }
+            }
+            if changed {
+                self.maybe_offer(other, Instant::now());
+            }
+        }
+        info!(shard = self.index, %id, ?reason, "peer closed");
+        self.emit(SfuEvent::PeerClosed { peer: id, reason });
+    }
+}
+
+fn parse_offer(sdp: &str, own_mids: &HashSet<String>) -> Result<SdpOffer, String> {
+    if sdp.len() > MAX_SDP_BYTES {
+        return Err(format!(
+            "offer of {} bytes exceeds {MAX_SDP_BYTES}",
+            sdp.len()
+        ));
+    }
+    let sdp = engine::offer_as_publisher(sdp, own_mids);
+    SdpOffer::from_sdp_string(&sdp).map_err(|e| format!("unparseable offer: {e}"))
+}
+
+fn parse_answer(sdp: &str) -> Result<SdpAnswer, String> {
+    if sdp.len() > MAX_SDP_BYTES {
+        return Err(format!(
+            "answer of {} bytes exceeds {MAX_SDP_BYTES}",
+            sdp.len()
+        ));
+    }
+    SdpAnswer::from_sdp_string(sdp).map_err(|e| format!("unparseable answer: {e}"))
+}
+
+fn first_mid(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("a=mid:"))
+        .map(|m| m.trim().to_string())
+}

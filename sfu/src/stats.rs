@@ -1,0 +1,165 @@
+//! Shard counters. Counted in plain integers on the hot path and published to shared atomics
+//! once per housekeeping tick, so the control plane never contends with packet processing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a packet (or an event) was dropped. Every drop in the media plane has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a datagram the engine can classify (not STUN/DTLS/RTP/RTCP), or rejected by it.
+    Malformed,
+    /// From an address no peer has been introduced from by a valid STUN check.
+    UnknownSource,
+    /// RTP on an SSRC or mid no published track owns.
+    UnknownStream,
+    /// RTP whose payload type the publisher did not negotiate.
+    UnknownPayloadType,
+    /// Padding-only RTP (bandwidth probes); weir generates its own.
+    Padding,
+    /// A new subscriber is waiting for a keyframe; delta frames before it are useless to it.
+    AwaitingKeyframe,
+    /// Older than a source switch for this subscriber.
+    Stale,
+    /// The subscriber negotiated no codec matching the publisher's.
+    NoCommonCodec,
+    /// The subscriber's send stream for the track is missing.
+    NoSendStream,
+    /// The kernel refused a datagram.
+    SendFailed,
+    /// An SDP offer/answer was unusable.
+    BadSdp,
+    /// The control plane's event queue was full.
+    EventQueueFull,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 12] = [
+        DropReason::Malformed,
+        DropReason::UnknownSource,
+        DropReason::UnknownStream,
+        DropReason::UnknownPayloadType,
+        DropReason::Padding,
+        DropReason::AwaitingKeyframe,
+        DropReason::Stale,
+        DropReason::NoCommonCodec,
+        DropReason::NoSendStream,
+        DropReason::SendFailed,
+        DropReason::BadSdp,
+        DropReason::EventQueueFull,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownSource => "unknown_source",
+            DropReason::UnknownStream => "unknown_stream",
+            DropReason::UnknownPayloadType => "unknown_payload_type",
+            DropReason::Padding => "padding",
+            DropReason::AwaitingKeyframe => "awaiting_keyframe",
+            DropReason::Stale => "stale",
+            DropReason::NoCommonCodec => "no_common_codec",
+            DropReason::NoSendStream => "no_send_stream",
+            DropReason::SendFailed => "send_failed",
+            DropReason::BadSdp => "bad_sdp",
+            DropReason::EventQueueFull => "event_queue_full",
+        }
+    }
+
+    fn index(self) -> usize {
+        DropReason::ALL.iter().position(|d| *d == self).unwrap_or(0)
+    }
+}
+
+/// Shard-local counters (not shared; no atomics on the hot path).
+#[derive(Debug, Default)]
+pub(crate) struct ShardCounters {
+    pub datagrams_in: u64,
+    pub bytes_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_out: u64,
+    pub rtp_in: u64,
+    pub rtp_forwarded: u64,
+    pub keyframe_requests: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl ShardCounters {
+    pub fn drop(&mut self, reason: DropReason) {
+        self.drops[reason.index()] += 1;
+    }
+
+    pub fn publish(&self, to: &ShardStats, peers: u64, conferences: u64, tracks: u64) {
+        let r = Ordering::Relaxed;
+        to.datagrams_in.store(self.datagrams_in, r);
+        to.bytes_in.store(self.bytes_in, r);
+        to.datagrams_out.store(self.datagrams_out, r);
+        to.bytes_out.store(self.bytes_out, r);
+        to.rtp_in.store(self.rtp_in, r);
+        to.rtp_forwarded.store(self.rtp_forwarded, r);
+        to.keyframe_requests.store(self.keyframe_requests, r);
+        for (i, d) in self.drops.iter().enumerate() {
+            to.drops[i].store(*d, r);
+        }
+        to.peers.store(peers, r);
+        to.conferences.store(conferences, r);
+        to.tracks.store(tracks, r);
+    }
+}
+
+/// One shard's counters as the control plane reads them (totals since start, and gauges).
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub datagrams_in: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub datagrams_out: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub rtp_in: AtomicU64,
+    pub rtp_forwarded: AtomicU64,
+    pub keyframe_requests: AtomicU64,
+    pub drops: [AtomicU64; DropReason::ALL.len()],
+    pub peers: AtomicU64,
+    pub conferences: AtomicU64,
+    pub tracks: AtomicU64,
+}
+
+/// A point-in-time sum over all shards.
+#[derive(Debug, Default, Clone)]
+pub struct StatsSnapshot {
+    pub datagrams_in: u64,
+    pub bytes_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_out: u64,
+    pub rtp_in: u64,
+    pub rtp_forwarded: u64,
+    pub keyframe_requests: u64,
+    pub drops: Vec<(DropReason, u64)>,
+    pub peers: u64,
+    pub conferences: u64,
+    pub tracks: u64,
+}
+
+impl StatsSnapshot {
+    pub fn sum<'a>(shards: impl IntoIterator<Item = &'a ShardStats>) -> Self {
+        let r = Ordering::Relaxed;
+        let mut s = StatsSnapshot {
+            drops: DropReason::ALL.iter().map(|d| (*d, 0)).collect(),
+            ..Default::default()
+        };
+        for sh in shards {
+            s.datagrams_in += sh.datagrams_in.load(r);
+            s.bytes_in += sh.bytes_in.load(r);
+            s.datagrams_out += sh.datagrams_out.load(r);
+            s.bytes_out += sh.bytes_out.load(r);
+            s.rtp_in += sh.rtp_in.load(r);
+            s.rtp_forwarded += sh.rtp_forwarded.load(r);
+            s.keyframe_requests += sh.keyframe_requests.load(r);
+            for (i, d) in sh.drops.iter().enumerate() {
+                s.drops[i].1 += d.load(r);
+            }
+            s.peers += sh.peers.load(r);
+            s.conferences += sh.conferences.load(r);
+            s.tracks += sh.tracks.load(r);
+        }
+        s
+    }
+}

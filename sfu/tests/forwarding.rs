@@ -1,0 +1,447 @@
+//! Story: two participants call into one conference on a real media plane over loopback UDP,
+//! with real ICE, DTLS and SRTP on both sides (str0m clients). Alice publishes audio and VP8
+//! video; Bob publishes audio. Each receives the other's tracks, byte for byte, with a
+//! continuous sequence, starting at a keyframe; Bob's keyframe request reaches Alice; when
+//! Alice leaves, Bob is offered her tracks as inactive.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpWrite;
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use weir_sfu::{Command, ConferenceId, PeerId, Sfu, SfuConfig, SfuEvent};
+
+/// Bound on every wait in this test: generous, because it only matters when something is broken.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Client {
+    name: &'static str,
+    rtc: Rtc,
+    socket: UdpSocket,
+    addr: SocketAddr,
+    pending: Option<SdpPendingOffer>,
+    mids: HashMap<&'static str, Mid>,
+    connected: bool,
+    received: Vec<(Mid, u64, Vec<u8>)>,
+    keyframe_requests: usize,
+    inactive_mids: usize,
+}
+
+impl Client {
+    fn new(name: &'static str) -> Client {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut rtc = Rtc::builder().set_rtp_mode(true).build(Instant::now());
+        rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        Client {
+            name,
+            rtc,
+            socket,
+            addr,
+            pending: None,
+            mids: HashMap::new(),
+            connected: false,
+            received: Vec::new(),
+            keyframe_requests: 0,
+            inactive_mids: 0,
+        }
+    }
+
+    fn offer(&mut self, tracks: &[(&'static str, MediaKind)]) -> String {
+        let mut api = self.rtc.sdp_api();
+        for (label, kind) in tracks {
+            let mid = api.add_media(
+                *kind,
+                Direction::SendOnly,
+                Some(format!("{}-stream", self.name)),
+                Some(format!("{}-{label}", self.name)),
+                None,
+            );
+            self.mids.insert(label, mid);
+        }
+        let (offer, pending) = api.apply().unwrap();
+        self.pending = Some(pending);
+        offer.to_sdp_string()
+    }
+
+    fn accept_answer(&mut self, sdp: &str, candidates: &[weir_sfu::LocalCandidate]) {
+        let answer = SdpAnswer::from_sdp_string(sdp).unwrap();
+        self.rtc
+            .sdp_api()
+            .accept_answer(self.pending.take().unwrap(), answer)
+            .unwrap();
+        for c in candidates {
+            self.rtc
+                .add_remote_candidate(Candidate::from_sdp_string(&c.candidate).unwrap());
+        }
+    }
+
+    fn answer(&mut self, offer: &str) -> String {
+        let offer = SdpOffer::from_sdp_string(offer).unwrap();
+        self.rtc
+            .sdp_api()
+            .accept_offer(offer)
+            .unwrap()
+            .to_sdp_string()
+    }
+
+    /// Feed the socket and timers, collect events. Returns when nothing more is pending now.
+    fn pump(&mut self) {
+        let mut buf = [0u8; 2048];
+        // In RTP mode the engine keeps one received packet until the next poll: poll after
+        // every datagram.
+        while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
+            let r = Receive::new(Protocol::Udp, from, self.addr, &buf[..n]).unwrap();
+            self.rtc
+                .handle_input(Input::Receive(Instant::now(), r))
+                .unwrap();
+            self.poll();
+        }
+        self.rtc
+            .handle_input(Input::Timeout(Instant::now()))
+            .unwrap();
+        self.poll();
+    }
+
+    fn poll(&mut self) {
+        loop {
+            match self.rtc.poll_output().unwrap() {
+                Output::Timeout(_) => break,
+                Output::Transmit(t) => {
+                    let _ = self.socket.send_to(&t.contents, t.destination);
+                }
+                Output::Event(Event::Connected) => self.connected = true,
+                Output::Event(Event::RtpPacket(p)) => {
+                    let mid = self
+                        .rtc
+                        .direct_api()
+                        .stream_rx(&p.header.ssrc)
+                        .unwrap()
+                        .mid();
+                    self.received.push((mid, *p.seq_no, p.payload.to_vec()));
+                }
+                Output::Event(Event::KeyframeRequest(_)) => self.keyframe_requests += 1,
+                Output::Event(Event::MediaChanged(m)) if m.direction == Direction::Inactive => {
+                    self.inactive_mids += 1
+                }
+                Output::Event(_) => {}
+            }
+        }
+    }
+
+    fn send(&mut self, label: &str, seq: u64, ts: u32, payload: &[u8]) {
+        let mid = self.mids[label];
+        let codec = if label == "video" {
+            Codec::Vp8
+        } else {
+            Codec::Opus
+        };
+        let pt = self
+            .rtc
+            .codec_config()
+            .find(|p| p.spec().codec == codec)
+            .unwrap()
+            .pt();
+        let mut api = self.rtc.direct_api();
+        let tx = api.stream_tx_by_mid(mid, None).unwrap();
+        tx.write_rtp(
+            RtpWrite::new(pt, seq.into(), ts, Instant::now(), payload.to_vec()).marker(true),
+        );
+    }
+}
+
+struct World {
+    sfu: Sfu,
+    events: crossbeam_channel::Receiver<SfuEvent>,
+    clients: Vec<Client>,
+    log: Vec<SfuEvent>,
+}
+
+impl World {
+    /// Pump clients and collect media-plane events until `done` holds or the deadline passes.
+    fn run_until(&mut self, what: &str, mut done: impl FnMut(&mut World) -> bool) {
+        let start = Instant::now();
+        loop {
+            for c in &mut self.clients {
+                c.pump();
+            }
+            while let Ok(ev) = self.events.try_recv() {
+                self.handle(ev);
+            }
+            if done(self) {
+                return;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "timed out waiting for: {what}; events: {:?}",
+                self.log
+            );
+            // Wait for the next datagram to any client rather than spinning.
+            let _ = self
+                .events
+                .recv_timeout(Duration::from_millis(5))
+                .map(|ev| self.handle(ev));
+        }
+    }
+
+    fn handle(&mut self, ev: SfuEvent) {
+        match &ev {
+            SfuEvent::PeerCreated {
+                peer,
+                answer,
+                candidates,
+            } => {
+                self.clients[peer.0 as usize].accept_answer(answer, candidates);
+            }
+            SfuEvent::Offer { peer, sdp, .. } => {
+                let answer = self.clients[peer.0 as usize].answer(sdp);
+                self.sfu
+                    .send(Command::RemoteAnswer {
+                        peer: *peer,
+                        sdp: answer,
+                    })
+                    .unwrap();
+            }
+            _ => {}
+        }
+        self.log.push(ev);
+    }
+}
+
+fn vp8_frame(key: bool, n: u8) -> Vec<u8> {
+    // Descriptor: S=1, partition 0; frame header byte P bit = !key; then opaque "encrypted" bytes.
+    let mut p = vec![0x10, if key { 0x00 } else { 0x01 }];
+    p.extend((0..200u8).map(|i| i.wrapping_mul(31).wrapping_add(n)));
+    p
+}
+
+#[test]
+fn two_participants_exchange_media_through_a_real_media_plane() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let sfu = Sfu::start(
+        SfuConfig {
+            shards: 1,
+            ..SfuConfig::default()
+        },
+        tx,
+    )
+    .unwrap();
+    let mut world = World {
+        sfu,
+        events: rx,
+        clients: vec![Client::new("alice"), Client::new("bob")],
+        log: vec![],
+    };
+    let conf = ConferenceId(1);
+
+    // Alice calls in with audio and video.
+    let offer = world.clients[0].offer(&[("audio", MediaKind::Audio), ("video", MediaKind::Video)]);
+    world
+        .sfu
+        .send(Command::CreatePeer {
+            peer: PeerId(0),
+            conference: conf,
+            offer,
+        })
+        .unwrap();
+    world.run_until("alice connected and her tracks published", |w| {
+        w.clients[0].connected
+            && w.log
+                .iter()
+                .filter(|e| matches!(e, SfuEvent::TrackPublished { .. }))
+                .count()
+                == 2
+    });
+
+    // Bob calls in with audio; the media plane offers him Alice's two tracks.
+    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
+    world
+        .sfu
+        .send(Command::CreatePeer {
+            peer: PeerId(1),
+            conference: conf,
+            offer,
+        })
+        .unwrap();
+    world.run_until("bob connected and offered alice's tracks", |w| {
+        w.clients[1].connected
+            && w.log.iter().any(|e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.len() == 2))
+    });
+    let offered: Vec<_> = world
+        .log
+        .iter()
+        .filter_map(|e| match e {
+            SfuEvent::Offer {
+                peer: PeerId(1),
+                tracks,
+                ..
+            } => Some(tracks.clone()),
+            _ => None,
+        })
+        .next_back()
+        .unwrap();
+    assert!(offered
+        .iter()
+        .all(|t| t.publisher == PeerId(0) && t.stream_id == "alice-stream"));
+
+    // Alice sends delta frames first (useless to a new subscriber), then a keyframe and more.
+    let mut frames = Vec::new();
+    let mut seq = 60_000u64; // near the 16-bit wrap: the subscriber must still start at ROC 0
+    let mut sent_at = 0;
+    world.run_until("bob receives alice's video from the keyframe on", |w| {
+        sent_at += 1;
+        if sent_at % 3 == 0 && frames.len() < 40 {
+            let key = frames.len() == 5;
+            let payload = vp8_frame(key, frames.len() as u8);
+            w.clients[0].send("video", seq, seq as u32 * 3000, &payload);
+            w.clients[0].send(
+                "audio",
+                seq,
+                seq as u32 * 960,
+                &[0xf8, frames.len() as u8, 1, 2, 3],
+            );
+            frames.push((seq, key, payload));
+            seq += 1;
+        }
+        let video_mid = w.clients[1]
+            .received
+            .iter()
+            .filter(|r| r.2.len() > 100)
+            .count();
+        video_mid >= 30
+    });
+
+    let bob = &world.clients[1];
+    let video: Vec<&(Mid, u64, Vec<u8>)> =
+        bob.received.iter().filter(|r| r.2.len() > 100).collect();
+    // Nothing before the keyframe; the first packet Bob decodes is the keyframe.
+    assert_eq!(
+        video[0].2, frames[5].2,
+        "first forwarded video packet must be the keyframe"
+    );
+    // Payload bytes are never changed, and the sequence is continuous with no gaps.
+    for (i, r) in video.iter().enumerate() {
+        assert_eq!(r.2, frames[5 + i].2, "payload {i} changed in transit");
+        assert_eq!(r.1, video[0].1 + i as u64, "sequence gap at {i}");
+    }
+    assert!(
+        video[0].1 < 1 << 16,
+        "a new subscriber stream must start in rollover counter 0"
+    );
+    let audio = bob
+        .received
+        .iter()
+        .filter(|r| r.2.first() == Some(&0xf8))
+        .count();
+    assert!(
+        audio >= 30,
+        "bob got {audio} audio packets; {:?}",
+        world.sfu.stats()
+    );
+
+    // Bob asks for a keyframe; the request reaches Alice (coalesced, not lost).
+    let before = world.clients[0].keyframe_requests;
+    let bob_video_mid = world.clients[1]
+        .received
+        .iter()
+        .find(|r| r.2.len() > 100)
+        .unwrap()
+        .0;
+    let ssrc = world.clients[1]
+        .rtc
+        .direct_api()
+        .stream_rx_by_mid(bob_video_mid, None)
+        .unwrap()
+        .ssrc();
+    world.clients[1]
+        .rtc
+        .direct_api()
+        .stream_rx(&ssrc)
+        .unwrap()
+        .request_keyframe(KeyframeRequestKind::Pli);
+    world.run_until("alice gets bob's keyframe request", |w| {
+        w.clients[0].keyframe_requests > before
+    });
+
+    // Alice leaves: Bob is offered her tracks as inactive, and the media plane reports her gone.
+    world
+        .sfu
+        .send(Command::ClosePeer { peer: PeerId(0) })
+        .unwrap();
+    world.run_until("bob's m-lines for alice go inactive", |w| {
+        w.clients[1].inactive_mids >= 2
+            && w.log.iter().any(|e| {
+                matches!(
+                    e,
+                    SfuEvent::PeerClosed {
+                        peer: PeerId(0),
+                        ..
+                    }
+                )
+            })
+    });
+    let stats = world.sfu.stats();
+    assert!(stats.rtp_forwarded >= 60, "{stats:?}");
+}
+
+#[test]
+fn a_garbage_offer_fails_that_peer_only() {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let sfu = Sfu::start(SfuConfig::default(), tx).unwrap();
+    sfu.send(Command::CreatePeer {
+        peer: PeerId(7),
+        conference: ConferenceId(1),
+        offer: "v=0\r\nnonsense".into(),
+    })
+    .unwrap();
+    let huge = "a".repeat(weir_sfu::engine::MAX_SDP_BYTES + 1);
+    sfu.send(Command::CreatePeer {
+        peer: PeerId(8),
+        conference: ConferenceId(1),
+        offer: huge,
+    })
+    .unwrap();
+    let mut failed = Vec::new();
+    while failed.len() < 2 {
+        match rx
+            .recv_timeout(DEADLINE)
+            .expect("the media plane must answer every offer")
+        {
+            SfuEvent::PeerFailed { peer, error } => failed.push((peer, error)),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(failed.iter().any(|(p, _)| *p == PeerId(7)));
+    assert!(failed
+        .iter()
+        .any(|(p, e)| *p == PeerId(8) && e.contains("exceeds")));
+    // Garbage datagrams from an unknown address are counted, and the shard keeps serving.
+    let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..10 {
+        s.send_to(&[0xde, 0xad, 0xbe, 0xef], sfu.local_addrs()[0])
+            .unwrap();
+    }
+    let start = Instant::now();
+    loop {
+        let st = sfu.stats();
+        let dropped: u64 = st.drops.iter().map(|(_, n)| n).sum();
+        if dropped >= 10 + 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "garbage was not counted: {st:?}"
+        );
+        let _ = rx.recv_timeout(Duration::from_millis(20));
+    }
+}
