@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
 use str0m::{Rtc, RtcConfig};
 
@@ -68,6 +69,29 @@ pub fn offer_as_publisher(sdp: &str, own_mids: &HashSet<String>) -> String {
         }
     }
     out
+}
+
+/// Parse a participant's offer after [`offer_as_publisher`], refusing oversized input.
+pub fn parse_offer(sdp: &str, own_mids: &HashSet<String>) -> Result<SdpOffer, String> {
+    if sdp.len() > MAX_SDP_BYTES {
+        return Err(format!(
+            "offer of {} bytes exceeds {MAX_SDP_BYTES}",
+            sdp.len()
+        ));
+    }
+    let sdp = offer_as_publisher(sdp, own_mids);
+    SdpOffer::from_sdp_string(&sdp).map_err(|e| format!("unparseable offer: {e}"))
+}
+
+/// Parse a participant's answer, refusing oversized input.
+pub fn parse_answer(sdp: &str) -> Result<SdpAnswer, String> {
+    if sdp.len() > MAX_SDP_BYTES {
+        return Err(format!(
+            "answer of {} bytes exceeds {MAX_SDP_BYTES}",
+            sdp.len()
+        ));
+    }
+    SdpAnswer::from_sdp_string(sdp).map_err(|e| format!("unparseable answer: {e}"))
 }
 
 /// Split SDP text into the session part and one part per `m=` section, keeping line endings.

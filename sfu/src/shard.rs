@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::change::SdpPendingOffer;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 use crate::api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuEvent,
 };
-use crate::engine::{self, MAX_SDP_BYTES};
+use crate::engine::{self, parse_answer, parse_offer};
 use crate::forward::{starts_keyframe, KeyframeRequests, Rewritten, SeqTsRewriter, VideoCodec};
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind, TrackRef};
 use crate::net::{self, RecvBatch, SendQueue, Waker};
@@ -1039,27 +1039,6 @@ impl<S: EventSink> Shard<S> {
         info!(shard = self.index, %id, ?reason, "peer closed");
         self.emit(SfuEvent::PeerClosed { peer: id, reason });
     }
-}
-
-fn parse_offer(sdp: &str, own_mids: &HashSet<String>) -> Result<SdpOffer, String> {
-    if sdp.len() > MAX_SDP_BYTES {
-        return Err(format!(
-            "offer of {} bytes exceeds {MAX_SDP_BYTES}",
-            sdp.len()
-        ));
-    }
-    let sdp = engine::offer_as_publisher(sdp, own_mids);
-    SdpOffer::from_sdp_string(&sdp).map_err(|e| format!("unparseable offer: {e}"))
-}
-
-fn parse_answer(sdp: &str) -> Result<SdpAnswer, String> {
-    if sdp.len() > MAX_SDP_BYTES {
-        return Err(format!(
-            "answer of {} bytes exceeds {MAX_SDP_BYTES}",
-            sdp.len()
-        ));
-    }
-    SdpAnswer::from_sdp_string(sdp).map_err(|e| format!("unparseable answer: {e}"))
 }
 
 fn first_mid(sdp: &str) -> Option<String> {

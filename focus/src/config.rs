@@ -1,0 +1,317 @@
+//! Configuration: a TOML file whose every key can be overridden by an environment variable
+//! `WEIR_<SECTION>_<KEY>` (for example `WEIR_MATRIX_PASSWORD`, `WEIR_HTTP_LISTEN`). Every key
+//! is documented in `focus/weir-focus.example.toml`; a test keeps that file and this struct in
+//! step.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub matrix: MatrixConfig,
+    #[serde(default)]
+    pub media: MediaConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MatrixConfig {
+    pub homeserver_url: String,
+    pub user_id: String,
+    pub password: String,
+    pub access_token: String,
+    pub device_id: String,
+    pub session_id: String,
+    pub state_dir: PathBuf,
+    pub allowed_servers: Vec<String>,
+    pub reorder_timeout_ms: u64,
+}
+
+impl Default for MatrixConfig {
+    fn default() -> Self {
+        MatrixConfig {
+            homeserver_url: "http://127.0.0.1:8008".into(),
+            user_id: String::new(),
+            password: String::new(),
+            access_token: String::new(),
+            device_id: "WEIRFOCUS".into(),
+            session_id: "sfu".into(),
+            state_dir: PathBuf::from("var/focus-state"),
+            allowed_servers: Vec::new(),
+            reorder_timeout_ms: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MediaConfig {
+    pub shards: usize,
+    pub bind_ip: IpAddr,
+    pub port_base: u16,
+    pub advertise_ips: Vec<IpAddr>,
+    pub connect_timeout_s: u64,
+    pub silence_timeout_s: u64,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        MediaConfig {
+            shards: 0,
+            bind_ip: IpAddr::from([127, 0, 0, 1]),
+            port_base: 0,
+            advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
+            connect_timeout_s: 30,
+            silence_timeout_s: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    pub level: String,
+    pub json: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            json: false,
+        }
+    }
+}
+
+impl Config {
+    /// Read the file (if any), apply `WEIR_*` environment overrides, validate.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        let shown = path
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("<defaults>"));
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                path: shown.clone(),
+                source,
+            })?;
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (section, keys) in &defaults {
+            let Some(keys) = keys.as_table() else {
+                continue;
+            };
+            for key in keys.keys() {
+                let var = format!("WEIR_{}_{}", section.to_uppercase(), key.to_uppercase());
+                if let Some(raw) = env(&var) {
+                    let value = parse_env_value(&raw, &keys[key]);
+                    let entry = table
+                        .entry(section.clone())
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    if let Some(t) = entry.as_table_mut() {
+                        t.insert(key.clone(), value);
+                    }
+                }
+            }
+        }
+        let config: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|source| ConfigError::Parse {
+                    path: shown,
+                    source,
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.matrix;
+        if m.user_id.is_empty() {
+            return Err(ConfigError::Invalid("matrix.user_id is required".into()));
+        }
+        if m.password.is_empty() && m.access_token.is_empty() {
+            return Err(ConfigError::Invalid(
+                "one of matrix.password or matrix.access_token is required".into(),
+            ));
+        }
+        if m.session_id.is_empty() {
+            return Err(ConfigError::Invalid(
+                "matrix.session_id must not be empty".into(),
+            ));
+        }
+        if self.media.advertise_ips.is_empty() {
+            return Err(ConfigError::Invalid(
+                "media.advertise_ips must list at least one address".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn shards(&self) -> usize {
+        if self.media.shards == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.media.shards
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.media.connect_timeout_s)
+    }
+
+    pub fn silence_timeout(&self) -> Duration {
+        Duration::from_secs(self.media.silence_timeout_s)
+    }
+}
+
+/// An environment value takes the type of the default it overrides: lists are comma-separated,
+/// numbers and booleans are parsed, everything else is a string.
+fn parse_env_value(raw: &str, like: &toml::Value) -> toml::Value {
+    match like {
+        toml::Value::Integer(_) => raw
+            .trim()
+            .parse()
+            .map(toml::Value::Integer)
+            .unwrap_or_else(|_| raw.into()),
+        toml::Value::Boolean(_) => raw
+            .trim()
+            .parse()
+            .map(toml::Value::Boolean)
+            .unwrap_or_else(|_| raw.into()),
+        toml::Value::Array(_) => toml::Value::Array(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.to_string()))
+                .collect(),
+        ),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn the_example_file_documents_every_key_and_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("weir-focus.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        for (section, keys) in &defaults {
+            assert!(
+                text.contains(&format!("[{section}]")),
+                "section [{section}] missing from example"
+            );
+            for key in keys.as_table().unwrap().keys() {
+                let documented = text.lines().any(|l| {
+                    let l = l.trim_start_matches('#').trim_start();
+                    l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}="))
+                });
+                assert!(
+                    documented,
+                    "{section}.{key} is not documented in the example file"
+                );
+            }
+        }
+        let c = Config::load(Some(&path), no_env).unwrap();
+        assert_eq!(c.matrix.session_id, "sfu");
+    }
+
+    #[test]
+    fn environment_overrides_file_values_with_the_right_types() {
+        let dir = std::env::temp_dir().join(format!("weir-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[matrix]\nuser_id = \"@f:hs\"\npassword = \"x\"\n[media]\nshards = 1\n",
+        )
+        .unwrap();
+        let env: HashMap<&str, &str> = [
+            ("WEIR_MEDIA_SHARDS", "3"),
+            ("WEIR_MEDIA_ADVERTISE_IPS", "127.0.0.1, ::1"),
+            ("WEIR_HTTP_LISTEN", "127.0.0.1:9999"),
+            ("WEIR_LOG_JSON", "true"),
+        ]
+        .into();
+        let c = Config::load(Some(&file), |k| env.get(k).map(|v| v.to_string())).unwrap();
+        assert_eq!(c.media.shards, 3);
+        assert_eq!(c.media.advertise_ips.len(), 2);
+        assert_eq!(c.http.listen.port(), 9999);
+        assert!(c.log.json);
+        assert_eq!(c.matrix.user_id, "@f:hs");
+    }
+
+    #[test]
+    fn missing_credentials_and_unknown_keys_are_clear_errors() {
+        let err = Config::load(None, no_env).unwrap_err().to_string();
+        assert!(err.contains("user_id"), "{err}");
+        let dir = std::env::temp_dir().join(format!("weir-config-u-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[matrix]\nuser_id = \"@f:hs\"\npassword = \"x\"\nhomeserver = \"typo\"\n",
+        )
+        .unwrap();
+        let err = Config::load(Some(&file), no_env).unwrap_err().to_string();
+        assert!(err.contains("homeserver"), "{err}");
+    }
+}

@@ -1,0 +1,192 @@
+//! `weir-focus`: a Matrix focus (MSC3401 SFU). Wires Matrix signalling to the media plane.
+
+mod conductor;
+mod config;
+mod http;
+mod metrics;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::conductor::Conductor;
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+/// A selective forwarding unit for Matrix native group calls: participants call this focus
+/// (a Matrix user + device) with ordinary to-device m.call.* events, and it forwards their
+/// media to each other without ever holding media keys.
+#[derive(Parser, Debug)]
+#[command(name = "weir-focus", version, about, long_about = None)]
+struct Cli {
+    /// Path to the TOML configuration (see focus/weir-focus.example.toml). Every key can be
+    /// overridden by an environment variable WEIR_<SECTION>_<KEY>.
+    #[arg(short, long, env = "WEIR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print it (without secrets) and exit.
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// Events queued from the media shards to the conductor. Events are per signalling action (not
+/// per packet), so this only fills if the conductor is stuck; shards count what they drop.
+const SFU_EVENT_QUEUE: usize = 16_384;
+/// How long shutdown waits for the hangups to reach the homeserver.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref(), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("weir-focus: configuration error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_tracing(&config);
+    if cli.check_config {
+        let mut shown = config.clone();
+        for s in [&mut shown.matrix.password, &mut shown.matrix.access_token] {
+            if !s.is_empty() {
+                *s = "<set>".into();
+            }
+        }
+        println!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
+        return std::process::ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("weir-control")
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start the control-plane runtime");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log.json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(config: Config) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::new());
+    let (sfu_tx, mut sfu_rx) = tokio::sync::mpsc::channel(SFU_EVENT_QUEUE);
+    let sfu_config = weir_sfu::SfuConfig {
+        shards: config.shards(),
+        bind_ip: config.media.bind_ip,
+        port_base: config.media.port_base,
+        advertise_ips: config.media.advertise_ips.clone(),
+        connect_timeout: config.connect_timeout(),
+        silence_timeout: config.silence_timeout(),
+    };
+    let sfu = Arc::new(weir_sfu::Sfu::start(sfu_config, sfu_tx).map_err(|e| e.to_string())?);
+    info!(addrs = ?sfu.local_addrs(), "media plane started");
+    metrics.register_sfu(sfu.clone());
+
+    let sig_config = signalling_config(&config);
+    let (signalling, mut legs) = weir_signalling::start(sig_config, &metrics.registry)
+        .await
+        .map_err(|e| format!("matrix login/sync failed: {e}"))?;
+    info!(user = %signalling.user_id(), device = %signalling.device_id(), "signed in to matrix");
+    let signalling = Arc::new(signalling);
+
+    let ready_handle = signalling.clone();
+    let http = http::serve(
+        config.http.listen,
+        http::HttpState {
+            metrics: metrics.clone(),
+            ready: Arc::new(move || ready_handle.is_ready()),
+        },
+    )
+    .await
+    .map_err(|e| format!("binding http listener {}: {e}", config.http.listen))?;
+
+    let mut conductor = Conductor::new(
+        SharedLegs(signalling.clone()),
+        sfu.clone(),
+        metrics.clone(),
+        signalling.device_id().to_string(),
+    );
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            Some(ev) = legs.recv() => conductor.on_leg_event(ev),
+            Some(ev) = sfu_rx.recv() => conductor.on_sfu_event(ev),
+            _ = sigterm.recv() => { info!("SIGTERM: hanging up every call"); break; }
+            _ = sigint.recv() => { info!("SIGINT: hanging up every call"); break; }
+            else => { warn!("signalling and media plane both stopped"); break; }
+        }
+    }
+    info!(legs = conductor.participant_count(), "hanging up");
+    conductor.hang_up_all();
+    http.abort();
+    let _ = http.await; // the server's state holds a handle on signalling
+    let sfu_stop = sfu.clone();
+    let _ = tokio::task::spawn_blocking(move || sfu_stop.shutdown()).await;
+    drop(conductor);
+    match Arc::try_unwrap(signalling) {
+        Ok(s) => {
+            if tokio::time::timeout(SHUTDOWN_FLUSH, s.shutdown())
+                .await
+                .is_err()
+            {
+                warn!("hangups were not all delivered within {:?}", SHUTDOWN_FLUSH);
+            }
+        }
+        Err(_) => warn!("signalling still shared at shutdown; hangups may not be flushed"),
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The conductor's handle on signalling, shared with the readiness probe.
+struct SharedLegs(Arc<weir_signalling::SignallingHandle>);
+
+impl conductor::LegSender for SharedLegs {
+    fn send(&self, cmd: weir_signalling::LegCommand) {
+        self.0.send(cmd)
+    }
+}
+
+fn signalling_config(config: &Config) -> weir_signalling::SignallingConfig {
+    let m = &config.matrix;
+    let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
+    let mut c = weir_signalling::SignallingConfig::new(
+        m.homeserver_url.clone(),
+        m.user_id.as_str().into(),
+        m.state_dir.clone(),
+    );
+    c.password = non_empty(&m.password);
+    c.access_token = non_empty(&m.access_token);
+    c.device_id = non_empty(&m.device_id).map(|d| d.as_str().into());
+    c.session_id = m.session_id.as_str().into();
+    c.allowed_servers = m.allowed_servers.clone();
+    c.reorder_timeout = Duration::from_millis(m.reorder_timeout_ms);
+    c
+}

@@ -1,0 +1,298 @@
+//! Prometheus metrics. The media plane's counters are read from its shards at scrape time (a
+//! custom collector), so nothing on the packet path touches Prometheus.
+
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use weir_sfu::{DropReason, Sfu};
+
+/// Conductor-level metrics.
+pub struct Metrics {
+    pub registry: Registry,
+    pub conferences: IntGauge,
+    pub participants: IntGauge,
+    pub invite_to_answer: Histogram,
+    pub legs_closed: IntCounterVec,
+    pub refused_legs: IntCounterVec,
+    pub metadata_relayed: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let conferences = IntGauge::new(
+            "weir_conferences",
+            "Conferences with at least one participant",
+        )
+        .unwrap();
+        let participants = IntGauge::new(
+            "weir_participants",
+            "Participants (call legs) in conferences",
+        )
+        .unwrap();
+        let invite_to_answer = Histogram::with_opts(
+            HistogramOpts::new(
+                "weir_invite_to_answer_seconds",
+                "Time inside the focus from receiving an invite to queueing its answer",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )
+        .unwrap();
+        let legs_closed = IntCounterVec::new(
+            Opts::new("weir_legs_closed_total", "Call legs ended, by reason"),
+            &["reason"],
+        )
+        .unwrap();
+        let refused_legs = IntCounterVec::new(
+            Opts::new(
+                "weir_legs_refused_total",
+                "Authorised invites the focus still could not serve, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        let metadata_relayed = IntCounter::new(
+            "weir_metadata_relayed_total",
+            "sdp_stream_metadata_changed events relayed to subscribers",
+        )
+        .unwrap();
+        for c in [
+            Box::new(conferences.clone()) as Box<dyn Collector>,
+            Box::new(participants.clone()),
+            Box::new(invite_to_answer.clone()),
+            Box::new(legs_closed.clone()),
+            Box::new(refused_legs.clone()),
+            Box::new(metadata_relayed.clone()),
+            Box::new(ProcessCollector::new()),
+        ] {
+            registry.register(c).unwrap();
+        }
+        Metrics {
+            registry,
+            conferences,
+            participants,
+            invite_to_answer,
+            legs_closed,
+            refused_legs,
+            metadata_relayed,
+        }
+    }
+
+    pub fn register_sfu(&self, sfu: Arc<Sfu>) {
+        self.registry
+            .register(Box::new(SfuCollector::new(sfu)))
+            .unwrap();
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter(name: &str, help: &str, v: u64) -> MetricFamily {
+    let c = IntCounter::new(name, help).unwrap();
+    c.inc_by(v);
+    c.collect().remove(0)
+}
+
+fn gauge(name: &str, help: &str, v: u64) -> MetricFamily {
+    let g = IntGauge::new(name, help).unwrap();
+    g.set(v as i64);
+    g.collect().remove(0)
+}
+
+struct SfuCollector {
+    sfu: Arc<Sfu>,
+    descs: Vec<Desc>,
+}
+
+impl SfuCollector {
+    fn new(sfu: Arc<Sfu>) -> Self {
+        let descs = Self::families(&weir_sfu::StatsSnapshot::default())
+            .iter()
+            .map(|f| {
+                Desc::new(
+                    f.name().to_string(),
+                    f.help().to_string(),
+                    vec![],
+                    Default::default(),
+                )
+                .unwrap()
+            })
+            .collect();
+        SfuCollector { sfu, descs }
+    }
+
+    fn families(s: &weir_sfu::StatsSnapshot) -> Vec<MetricFamily> {
+        let drops = IntCounterVec::new(
+            Opts::new(
+                "weir_media_dropped_total",
+                "Packets and events the media plane dropped, by reason",
+            ),
+            &["reason"],
+        )
+        .unwrap();
+        for reason in DropReason::ALL {
+            drops.with_label_values(&[reason.as_str()]);
+        }
+        for (reason, n) in &s.drops {
+            drops.with_label_values(&[reason.as_str()]).inc_by(*n);
+        }
+        let mut f = vec![
+            gauge(
+                "weir_media_peers",
+                "WebRTC connections in the media plane",
+                s.peers,
+            ),
+            gauge(
+                "weir_media_conferences",
+                "Conferences in the media plane",
+                s.conferences,
+            ),
+            gauge("weir_tracks", "Tracks published to the focus", s.tracks),
+            counter(
+                "weir_datagrams_in_total",
+                "UDP datagrams received",
+                s.datagrams_in,
+            ),
+            counter("weir_bytes_in_total", "UDP bytes received", s.bytes_in),
+            counter(
+                "weir_datagrams_out_total",
+                "UDP datagrams sent",
+                s.datagrams_out,
+            ),
+            counter("weir_bytes_out_total", "UDP bytes sent", s.bytes_out),
+            counter(
+                "weir_rtp_packets_in_total",
+                "RTP packets received from publishers",
+                s.rtp_in,
+            ),
+            counter(
+                "weir_rtp_packets_forwarded_total",
+                "RTP packets written to subscribers (one per subscriber copy)",
+                s.rtp_forwarded,
+            ),
+            counter(
+                "weir_keyframe_requests_total",
+                "Keyframe requests (PLI) sent to publishers after coalescing",
+                s.keyframe_requests,
+            ),
+        ];
+        f.extend(drops.collect());
+        f
+    }
+}
+
+impl Collector for SfuCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        Self::families(&self.sfu.stats())
+    }
+}
+
+/// `process_cpu_seconds_total` and `process_resident_memory_bytes` from /proc/self.
+struct ProcessCollector {
+    descs: Vec<Desc>,
+}
+
+impl ProcessCollector {
+    fn new() -> Self {
+        let descs = vec![
+            Desc::new(
+                "process_cpu_seconds_total".into(),
+                "User and system CPU time".into(),
+                vec![],
+                Default::default(),
+            )
+            .unwrap(),
+            Desc::new(
+                "process_resident_memory_bytes".into(),
+                "Resident set size".into(),
+                vec![],
+                Default::default(),
+            )
+            .unwrap(),
+        ];
+        ProcessCollector { descs }
+    }
+}
+
+/// (CPU seconds, RSS bytes) of this process, from /proc/self/stat.
+pub fn process_usage() -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15,
+    // rss (pages) is field 24 (1-based over the whole line).
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = 100.0; // USER_HZ on Linux
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    Some(((utime + stime) / ticks, rss_pages * page))
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some((cpu, rss)) = process_usage() else {
+            return vec![];
+        };
+        let c = prometheus::Counter::new("process_cpu_seconds_total", "User and system CPU time")
+            .unwrap();
+        c.inc_by(cpu);
+        let mut f = c.collect();
+        f.push(gauge(
+            "process_resident_memory_bytes",
+            "Resident set size",
+            rss,
+        ));
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn process_usage_reads_this_process() {
+        let (cpu, rss) = process_usage().expect("/proc/self/stat is readable on Linux");
+        assert!(cpu >= 0.0);
+        assert!(
+            rss > 1024 * 1024,
+            "a test process has more than 1 MiB resident, got {rss}"
+        );
+    }
+
+    #[test]
+    fn text_output_has_process_and_conductor_metrics() {
+        let m = Metrics::new();
+        m.participants.set(3);
+        let text = m.render();
+        assert!(text.contains("weir_participants 3"), "{text}");
+        assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+}
