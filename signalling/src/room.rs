@@ -147,7 +147,9 @@ impl RoomTracker {
                 .get("membership")
                 .and_then(Value::as_str)
                 .unwrap_or("leave");
-            if state_key == self.me.as_str() && membership != "join" {
+            // Only leaving (or being banned) ends our view of the room. A timeline replays
+            // history, so our own earlier `invite` arrives after events we must keep.
+            if state_key == self.me.as_str() && matches!(membership, "leave" | "ban") {
                 return self.remove_room(room);
             }
             let state = self.rooms.entry(room.clone()).or_default();
@@ -422,6 +424,51 @@ pub(crate) mod tests {
             &"ALICEDEV".into(),
             ALICE_EXPIRES
         ));
+    }
+
+    /// A timeline after our join replays the room's history in order, including our own
+    /// earlier `invite`: that must not wipe the call state learned just before it.
+    #[test]
+    fn our_own_invite_in_a_replayed_timeline_keeps_the_room() {
+        let (room, state) = load_state("focus-emulated-basic");
+        let mut t = RoomTracker::new(ME.into());
+        let mut timeline = vec![join_event(ALICE)];
+        timeline.extend(
+            state
+                .iter()
+                .filter(|e| e["type"] == "org.matrix.msc3401.call")
+                .cloned(),
+        );
+        timeline.push(json!({"type": "m.room.member", "state_key": ME, "sender": ALICE, "content": {"membership": "invite"}}));
+        timeline.push(join_event(ME));
+        timeline.extend(
+            state
+                .iter()
+                .filter(|e| e["type"] == "org.matrix.msc3401.call.member")
+                .cloned(),
+        );
+        for ev in &timeline {
+            t.apply_event(&room, ev);
+        }
+        let ok = t.authorise(
+            &ALICE.into(),
+            &"ALICEDEV".into(),
+            &"yfKqxvEvCA".into(),
+            &CONF.into(),
+            ALICE_EXPIRES - 1,
+        );
+        assert_eq!(ok, Ok(room.clone()));
+        // Leaving does end it.
+        t.apply_event(&room, &json!({"type": "m.room.member", "state_key": ME, "sender": ME, "content": {"membership": "leave"}}));
+        assert!(t
+            .authorise(
+                &ALICE.into(),
+                &"ALICEDEV".into(),
+                &"yfKqxvEvCA".into(),
+                &CONF.into(),
+                ALICE_EXPIRES - 1
+            )
+            .is_err());
     }
 
     #[test]
