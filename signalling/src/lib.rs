@@ -6,6 +6,7 @@
 //!
 //! No media, no end-to-end encryption: the focus device never uploads keys (see design.md).
 
+pub mod client;
 pub mod ids;
 pub mod leg;
 pub mod metadata;
@@ -13,9 +14,13 @@ pub mod metrics;
 pub mod reorder;
 pub mod room;
 pub mod router;
+mod runtime;
+pub mod store;
 pub mod wire;
 
 pub use ids::{CallId, ConfId, DeviceId, PartyId, RoomId, SessionId, StreamId, TrackId, UserId};
 pub use leg::{Leg, LegCommand, LegEvent};
 pub use metadata::{SdpStreamMetadata, StreamMetadata, TrackMetadata};
+pub use metrics::Metrics;
+pub use runtime::{start, sync_filter, SignallingConfig, SignallingError, SignallingHandle};
 pub use wire::{Candidate, SdpType};
