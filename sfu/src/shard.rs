@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use str0m::change::SdpPendingOffer;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt};
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
 use str0m::{Candidate, Event, Input, Output, Rtc};
@@ -24,7 +24,10 @@ use crate::api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuEvent,
 };
 use crate::engine::{self, parse_answer, parse_offer};
-use crate::forward::{starts_keyframe, KeyframeRequests, Rewritten, SeqTsRewriter, VideoCodec};
+use crate::forward::{
+    rid_rank, starts_keyframe, Decision, KeyframeRequests, LayerActivity, LayerSelector, Rewritten,
+    SeqTsRewriter, VideoCodec,
+};
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind, TrackRef};
 use crate::net::{self, RecvBatch, SendQueue, Waker};
 use crate::stats::{DropReason, ShardCounters, ShardStats};
@@ -59,7 +62,10 @@ struct Published {
     track_id: String,
     /// Keyframe detection, learned from the payload type of the first packets.
     codec: Option<VideoCodec>,
-    keyframes: KeyframeRequests,
+    /// Simulcast layers (by rid; a single `None` layer without simulcast) and their activity.
+    activity: LayerActivity<Option<Rid>>,
+    /// Keyframe-request coalescing per layer.
+    keyframes: Vec<(Option<Rid>, KeyframeRequests)>,
     subscribers: Vec<PeerId>,
 }
 
@@ -70,8 +76,8 @@ struct OutTrack {
     track_id: String,
     active: bool,
     rewriter: SeqTsRewriter,
-    /// Video waits for a keyframe before its first packet so the decoder can start at once.
-    waiting_since: Option<Instant>,
+    /// Which layer this subscriber gets; starts and switches only on keyframes.
+    layers: LayerSelector<Option<Rid>>,
     /// Publisher payload type → subscriber payload type, learned per packet type.
     pt_map: Vec<(Pt, Option<Pt>)>,
 }
@@ -92,7 +98,7 @@ struct Peer {
     pending: Option<PendingNegotiation>,
     /// Tracks published by this peer, by its mid.
     published: HashMap<Mid, TrackRef>,
-    ssrc_mid: HashMap<Ssrc, Mid>,
+    ssrc_mid: HashMap<Ssrc, (Mid, Option<Rid>)>,
     /// What should be forwarded to this peer (policy: everything else in the conference).
     desired: BTreeMap<TrackRef, (TrackKind, String, String)>,
     /// What is negotiated and forwarded, by track.
@@ -515,7 +521,7 @@ impl<S: EventSink> Shard<S> {
                 track_id,
                 active: true,
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
-                waiting_since: (kind == TrackKind::Video).then_some(now),
+                layers: LayerSelector::default(),
                 pt_map: Vec::new(),
             },
         );
@@ -525,8 +531,25 @@ impl<S: EventSink> Shard<S> {
                 p.subscribers.push(id);
             }
         }
-        if kind == TrackKind::Video {
-            self.request_keyframe(&track, now);
+        // Start on the best layer flowing now; if none flows yet, the first packet decides.
+        let best = self
+            .tracks
+            .get(&track)
+            .and_then(|p| p.activity.best_active(now));
+        if let Some(layer) = best {
+            self.retarget(id, &track, layer, now);
+        }
+    }
+
+    /// Point a subscriber's copy of a track at `layer`, asking for the keyframe it needs.
+    fn retarget(&mut self, sub: PeerId, track: &TrackRef, layer: Option<Rid>, now: Instant) {
+        let needs_keyframe = self
+            .peers
+            .get_mut(&sub)
+            .and_then(|p| p.out.get_mut(track))
+            .is_some_and(|o| o.kind == TrackKind::Video && o.layers.set_target(layer, now));
+        if needs_keyframe {
+            self.request_keyframe(track, layer, now);
         }
     }
 
@@ -664,7 +687,15 @@ impl<S: EventSink> Shard<S> {
                     .and_then(|p| p.out_by_mid.get(&req.mid))
                     .cloned();
                 if let Some(track) = track {
-                    self.request_keyframe(&track, now);
+                    // Forward to the layer this subscriber receives (or is about to).
+                    let layer = self
+                        .peers
+                        .get(&id)
+                        .and_then(|p| p.out.get(&track))
+                        .and_then(|o| o.layers.current().or(o.layers.target()));
+                    if let Some(layer) = layer {
+                        self.request_keyframe(&track, layer, now);
+                    }
                 }
             }
             Event::Closed => self.close_peer(id, CloseReason::Disconnected, now),
@@ -706,7 +737,8 @@ impl<S: EventSink> Shard<S> {
                 stream_id: track.stream_id.clone(),
                 track_id: track.track_id.clone(),
                 codec: None,
-                keyframes: KeyframeRequests::default(),
+                activity: LayerActivity::default(),
+                keyframes: Vec::new(),
                 subscribers: Vec::new(),
             },
         );
@@ -730,7 +762,7 @@ impl<S: EventSink> Shard<S> {
         let Some(tref) = peer.published.remove(&mid) else {
             return;
         };
-        peer.ssrc_mid.retain(|_, m| *m != mid);
+        peer.ssrc_mid.retain(|_, (m, _)| *m != mid);
         let conference = peer.conference;
         self.tracks.remove(&tref);
         self.emit(SfuEvent::TrackUnpublished {
@@ -759,15 +791,20 @@ impl<S: EventSink> Shard<S> {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        let mid = match peer.ssrc_mid.get(&ssrc) {
+        let (mid, rid) = match peer.ssrc_mid.get(&ssrc) {
             Some(m) => *m,
             None => {
-                let Some(mid) = peer.rtc.direct_api().stream_rx(&ssrc).map(|s| s.mid()) else {
+                let found = peer
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&ssrc)
+                    .map(|s| (s.mid(), s.rid()));
+                let Some(found) = found else {
                     self.counters.drop(DropReason::UnknownStream);
                     return;
                 };
-                peer.ssrc_mid.insert(ssrc, mid);
-                mid
+                peer.ssrc_mid.insert(ssrc, found);
+                found
             }
         };
         let Some(track) = peer.published.get(&mid).cloned() else {
@@ -799,8 +836,12 @@ impl<S: EventSink> Shard<S> {
                 .get_or_insert(engine::video_codec(params.spec().codec));
             starts_keyframe(codec, &pkt.payload)
         };
+        let is_video = published.kind == TrackKind::Video;
+        published.activity.saw(rid, rid_rank(rid.as_deref()), now);
         if keyframe {
-            published.keyframes.keyframe_received();
+            if let Some((_, k)) = published.keyframes.iter_mut().find(|(l, _)| *l == rid) {
+                k.keyframe_received();
+            }
         }
         // Header extensions a subscriber can use; mid/rid, transport-cc and abs-send-time are
         // per hop and the engine writes its own.
@@ -811,8 +852,9 @@ impl<S: EventSink> Shard<S> {
             video_content_type: pkt.header.ext_vals.video_content_type,
             ..Default::default()
         };
-        let nackable = published.kind == TrackKind::Video;
-        let mut need_keyframe = false;
+        let nackable = is_video;
+        let mut need_keyframe: Vec<Option<Rid>> = Vec::new();
+        let mut untargeted: Vec<PeerId> = Vec::new();
         let subscribers = std::mem::take(&mut published.subscribers);
         for sub in &subscribers {
             let Some(speer) = self.peers.get_mut(sub) else {
@@ -824,16 +866,25 @@ impl<S: EventSink> Shard<S> {
             if !out.active {
                 continue;
             }
-            if let Some(since) = out.waiting_since {
-                if !keyframe {
-                    self.counters.drop(DropReason::AwaitingKeyframe);
-                    if now.saturating_duration_since(since) >= KEYFRAME_WAIT_RETRY {
-                        out.waiting_since = Some(now);
-                        need_keyframe = true;
+            if out.layers.target().is_none() {
+                if is_video {
+                    // Layers became known only now: choose after this packet.
+                    untargeted.push(*sub);
+                    continue;
+                }
+                out.layers.set_target(rid, now);
+            }
+            match out.layers.on_packet(rid, keyframe || !is_video) {
+                Decision::Forward | Decision::Switch => {}
+                Decision::Skip => {
+                    if out.layers.current().is_none() && out.layers.target() == Some(rid) {
+                        self.counters.drop(DropReason::AwaitingKeyframe);
+                    }
+                    if let Some(layer) = out.layers.keyframe_overdue(now, KEYFRAME_WAIT_RETRY) {
+                        need_keyframe.push(layer);
                     }
                     continue;
                 }
-                out.waiting_since = None;
             }
             let out_pt = match out.pt_map.iter().find(|(i, _)| *i == pt) {
                 Some((_, o)) => *o,
@@ -864,6 +915,7 @@ impl<S: EventSink> Shard<S> {
                 };
             let mid = out.mid;
             let mut api = speer.rtc.direct_api();
+            debug_assert!(out.layers.current() == Some(rid));
             let Some(tx) = api.stream_tx_by_mid(mid, None) else {
                 self.counters.drop(DropReason::NoSendStream);
                 continue;
@@ -882,22 +934,42 @@ impl<S: EventSink> Shard<S> {
         if let Some(published) = self.tracks.get_mut(&track) {
             published.subscribers = subscribers;
         }
-        if need_keyframe {
-            self.request_keyframe(&track, now);
+        for layer in need_keyframe {
+            self.request_keyframe(&track, layer, now);
+        }
+        if !untargeted.is_empty() {
+            let best = self
+                .tracks
+                .get(&track)
+                .and_then(|p| p.activity.best_active(now))
+                .unwrap_or(rid);
+            for sub in untargeted {
+                self.retarget(sub, &track, best, now);
+            }
         }
     }
 
-    fn request_keyframe(&mut self, track: &TrackRef, now: Instant) {
+    /// Ask the publisher for a keyframe of one layer, coalesced with other requests for it.
+    fn request_keyframe(&mut self, track: &TrackRef, layer: Option<Rid>, now: Instant) {
         let Some(p) = self.tracks.get_mut(track) else {
             return;
         };
-        if p.kind != TrackKind::Video || !p.keyframes.request(now) {
+        if p.kind != TrackKind::Video {
             return;
         }
-        self.send_pli(track);
+        let k = match p.keyframes.iter().position(|(l, _)| *l == layer) {
+            Some(i) => &mut p.keyframes[i].1,
+            None => {
+                p.keyframes.push((layer, KeyframeRequests::default()));
+                &mut p.keyframes.last_mut().expect("just pushed").1
+            }
+        };
+        if k.request(now) {
+            self.send_pli(track, layer);
+        }
     }
 
-    fn send_pli(&mut self, track: &TrackRef) {
+    fn send_pli(&mut self, track: &TrackRef, layer: Option<Rid>) {
         let Some(peer) = self.peers.get_mut(&track.publisher) else {
             return;
         };
@@ -909,7 +981,7 @@ impl<S: EventSink> Shard<S> {
         else {
             return;
         };
-        if let Some(rx) = peer.rtc.direct_api().stream_rx_by_mid(mid, None) {
+        if let Some(rx) = peer.rtc.direct_api().stream_rx_by_mid(mid, layer) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
             self.counters.keyframe_requests += 1;
         }
@@ -956,13 +1028,38 @@ impl<S: EventSink> Shard<S> {
         for (id, reason) in dead {
             self.close_peer(id, reason, now);
         }
-        let owed: Vec<TrackRef> = self
-            .tracks
-            .iter_mut()
-            .filter_map(|(t, p)| p.keyframes.poll(now).then(|| t.clone()))
-            .collect();
-        for t in owed {
-            self.send_pli(&t);
+        let mut owed: Vec<(TrackRef, Option<Rid>)> = Vec::new();
+        let mut moves: Vec<(PeerId, TrackRef, Option<Rid>)> = Vec::new();
+        for (t, p) in &mut self.tracks {
+            for (layer, k) in &mut p.keyframes {
+                if k.poll(now) {
+                    owed.push((t.clone(), *layer));
+                }
+            }
+            // Follow the best layer that flows: down when the current one stalls, back up when
+            // a better one returns. (Size- and bandwidth-aware choice comes with allocation.)
+            if p.kind != TrackKind::Video {
+                continue;
+            }
+            let Some(best) = p.activity.best_active(now) else {
+                continue;
+            };
+            for sub in &p.subscribers {
+                let target = self
+                    .peers
+                    .get(sub)
+                    .and_then(|s| s.out.get(t))
+                    .and_then(|o| o.layers.target());
+                if target.is_some() && target != Some(best) {
+                    moves.push((*sub, t.clone(), best));
+                }
+            }
+        }
+        for (t, layer) in owed {
+            self.send_pli(&t, layer);
+        }
+        for (sub, t, layer) in moves {
+            self.retarget(sub, &t, layer, now);
         }
         self.drain_dirty();
         let tracks = self.tracks.len() as u64;

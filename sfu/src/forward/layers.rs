@@ -1,0 +1,238 @@
+//! Simulcast layer choice for one subscriber's copy of one track.
+//!
+//! A publisher may send the same track as several layers (simulcast, told apart by rid). Each
+//! subscriber receives exactly one of them at a time, as one continuous stream. Switching to
+//! another layer happens only on a keyframe of that layer, so the subscriber's decoder never
+//! sees a delta frame that refers to a picture it never got. Until that keyframe arrives the
+//! old layer keeps flowing.
+
+use std::time::{Duration, Instant};
+
+/// A layer with no packets for this long is stalled and not chosen. Shorter reacts faster to a
+/// publisher that dropped a layer (Chrome drops its top layer under CPU or bandwidth pressure);
+/// longer rides out bursts of loss. Two seconds is about one keyframe interval.
+pub const LAYER_STALL: Duration = Duration::from_secs(2);
+
+/// What to do with one packet of one layer for one subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// The subscriber's current layer: forward.
+    Forward,
+    /// A keyframe of the layer the subscriber should move to: forward, it is now current.
+    Switch,
+    /// Another layer, or the target layer before its keyframe: not for this subscriber.
+    Skip,
+}
+
+/// Which layer a subscriber gets, and which it is moving to.
+#[derive(Debug, Clone)]
+pub struct LayerSelector<L> {
+    current: Option<L>,
+    target: Option<L>,
+    /// When we started waiting for a keyframe of the target (to ask again if none comes).
+    waiting_since: Option<Instant>,
+}
+
+impl<L: Copy + PartialEq> Default for LayerSelector<L> {
+    fn default() -> Self {
+        LayerSelector {
+            current: None,
+            target: None,
+            waiting_since: None,
+        }
+    }
+}
+
+impl<L: Copy + PartialEq> LayerSelector<L> {
+    pub fn current(&self) -> Option<L> {
+        self.current
+    }
+
+    pub fn target(&self) -> Option<L> {
+        self.target
+    }
+
+    /// Choose the layer to move to. Returns true if that needs a keyframe of `layer` (a switch
+    /// or a first start), which the caller should request from the publisher.
+    pub fn set_target(&mut self, layer: L, now: Instant) -> bool {
+        if self.target == Some(layer) {
+            return false;
+        }
+        self.target = Some(layer);
+        if self.current == Some(layer) {
+            self.waiting_since = None;
+            return false;
+        }
+        self.waiting_since = Some(now);
+        true
+    }
+
+    /// Decide for one packet. `keyframe` is true when the packet starts a keyframe (always true
+    /// for audio, which has no inter-frame dependencies that matter here).
+    pub fn on_packet(&mut self, layer: L, keyframe: bool) -> Decision {
+        if self.target == Some(layer) && self.current != Some(layer) {
+            if keyframe {
+                self.current = Some(layer);
+                self.waiting_since = None;
+                return Decision::Switch;
+            }
+            return Decision::Skip;
+        }
+        if self.current == Some(layer) {
+            Decision::Forward
+        } else {
+            Decision::Skip
+        }
+    }
+
+    /// If we have waited at least `retry` for a keyframe of the target, restart the wait and
+    /// return the layer to ask a keyframe of again.
+    pub fn keyframe_overdue(&mut self, now: Instant, retry: Duration) -> Option<L> {
+        let since = self.waiting_since?;
+        if now.saturating_duration_since(since) < retry {
+            return None;
+        }
+        self.waiting_since = Some(now);
+        self.target
+    }
+
+    /// Whether the subscriber is waiting for a keyframe to start or switch.
+    pub fn waiting(&self) -> bool {
+        self.waiting_since.is_some()
+    }
+}
+
+/// The layers of one published track and when each last carried a packet.
+#[derive(Debug, Clone, Default)]
+pub struct LayerActivity<L> {
+    layers: Vec<(L, u8, Instant)>,
+}
+
+impl<L: Copy + PartialEq> LayerActivity<L> {
+    /// Record a packet on `layer`, whose quality rank is `rank` (higher is better).
+    pub fn saw(&mut self, layer: L, rank: u8, now: Instant) {
+        match self.layers.iter_mut().find(|(l, _, _)| *l == layer) {
+            Some(entry) => entry.2 = now,
+            None => self.layers.push((layer, rank, now)),
+        }
+    }
+
+    /// The best layer that is not stalled, if any.
+    pub fn best_active(&self, now: Instant) -> Option<L> {
+        self.layers
+            .iter()
+            .filter(|(_, _, at)| now.saturating_duration_since(*at) < LAYER_STALL)
+            .max_by_key(|(_, rank, _)| *rank)
+            .map(|(l, _, _)| *l)
+    }
+
+    pub fn is_active(&self, layer: L, now: Instant) -> bool {
+        self.layers
+            .iter()
+            .any(|(l, _, at)| *l == layer && now.saturating_duration_since(*at) < LAYER_STALL)
+    }
+}
+
+/// Quality rank of a rid by the convention real clients use (`q` < `h` < `f`). A track without
+/// simulcast has a single layer and no rid. Unknown rids rank between none and `q`.
+pub fn rid_rank(rid: Option<&str>) -> u8 {
+    match rid {
+        None => 0,
+        Some("q") => 2,
+        Some("h") => 3,
+        Some("f") => 4,
+        Some(_) => 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subscriber_starts_on_a_keyframe_of_its_target() {
+        let t0 = Instant::now();
+        let mut s = LayerSelector::default();
+        assert!(s.set_target(2u8, t0), "the first start needs a keyframe");
+        assert_eq!(s.on_packet(2, false), Decision::Skip);
+        assert_eq!(
+            s.on_packet(1, true),
+            Decision::Skip,
+            "other layers are never forwarded"
+        );
+        assert_eq!(s.on_packet(2, true), Decision::Switch);
+        assert_eq!(s.on_packet(2, false), Decision::Forward);
+        assert!(!s.waiting());
+    }
+
+    #[test]
+    fn a_switch_keeps_the_old_layer_until_the_new_layers_keyframe() {
+        let t0 = Instant::now();
+        let mut s = LayerSelector::default();
+        s.set_target(2u8, t0);
+        s.on_packet(2, true);
+        assert!(s.set_target(3, t0));
+        assert_eq!(
+            s.on_packet(2, false),
+            Decision::Forward,
+            "old layer flows meanwhile"
+        );
+        assert_eq!(s.on_packet(3, false), Decision::Skip);
+        assert_eq!(s.on_packet(3, true), Decision::Switch);
+        assert_eq!(
+            s.on_packet(2, true),
+            Decision::Skip,
+            "old layer stops after the switch"
+        );
+        assert_eq!(s.current(), Some(3));
+    }
+
+    #[test]
+    fn setting_the_same_or_current_target_needs_no_keyframe() {
+        let t0 = Instant::now();
+        let mut s = LayerSelector::default();
+        s.set_target(1u8, t0);
+        assert!(!s.set_target(1, t0));
+        s.on_packet(1, true);
+        s.set_target(2, t0);
+        assert!(
+            !s.set_target(1, t0),
+            "back to the current layer before the switch happened"
+        );
+        assert!(!s.waiting());
+    }
+
+    #[test]
+    fn an_overdue_keyframe_is_asked_for_again() {
+        let t0 = Instant::now();
+        let mut s = LayerSelector::default();
+        s.set_target(3u8, t0);
+        let retry = Duration::from_secs(1);
+        assert_eq!(
+            s.keyframe_overdue(t0 + Duration::from_millis(500), retry),
+            None
+        );
+        assert_eq!(s.keyframe_overdue(t0 + retry, retry), Some(3));
+        assert_eq!(
+            s.keyframe_overdue(t0 + retry, retry),
+            None,
+            "the wait restarted"
+        );
+    }
+
+    #[test]
+    fn the_best_layer_that_still_flows_is_chosen() {
+        let t0 = Instant::now();
+        let mut a = LayerActivity::default();
+        a.saw("q", rid_rank(Some("q")), t0);
+        a.saw("f", rid_rank(Some("f")), t0);
+        a.saw("h", rid_rank(Some("h")), t0 + Duration::from_secs(1));
+        assert_eq!(a.best_active(t0 + Duration::from_millis(10)), Some("f"));
+        // f stalls; h and q flow.
+        a.saw("q", rid_rank(Some("q")), t0 + LAYER_STALL);
+        let later = t0 + LAYER_STALL + Duration::from_millis(1);
+        assert!(!a.is_active("f", later));
+        assert_eq!(a.best_active(later), Some("h"));
+        assert_eq!(LayerActivity::<u8>::default().best_active(t0), None);
+    }
+}
