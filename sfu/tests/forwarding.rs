@@ -321,7 +321,7 @@ fn two_participants_exchange_media_through_a_real_media_plane() {
     let mut sent_at = 0;
     world.run_until("bob receives alice's video from the keyframe on", |w| {
         sent_at += 1;
-        if sent_at % 3 == 0 && frames.len() < 40 {
+        if sent_at.is_multiple_of(3) && frames.len() < 40 {
             let key = frames.len() == 5;
             let payload = vp8_frame(key, frames.len() as u8);
             w.clients[0].send("video", seq, seq as u32 * 3000, &payload);
@@ -530,7 +530,7 @@ fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
     let mut tick = 0u64;
     let mut send_round = |w: &mut World, rids: &[&str]| {
         tick += 1;
-        if tick % 3 != 0 {
+        if !tick.is_multiple_of(3) {
             return;
         }
         for rid in rids {
@@ -539,7 +539,7 @@ fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
                 Some(rid),
                 1000 + n,
                 (n * 3000) as u32,
-                &frame(rid, n % 10 == 0, n),
+                &frame(rid, n.is_multiple_of(10), n),
             );
         }
         n += 1;
