@@ -318,7 +318,7 @@ fn two_participants_exchange_media_through_a_real_media_plane() {
     // Alice sends delta frames first (useless to a new subscriber), then a keyframe and more.
     let mut frames = Vec::new();
     let mut seq = 60_000u64; // near the 16-bit wrap: the subscriber must still start at ROC 0
-    let mut sent_at = 0;
+    let mut sent_at = 0u32;
     world.run_until("bob receives alice's video from the keyframe on", |w| {
         sent_at += 1;
         if sent_at.is_multiple_of(3) && frames.len() < 40 {
