@@ -96,12 +96,14 @@ impl Default for MediaConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: SocketAddr,
+    pub direct_token: String,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            direct_token: String::new(),
         }
     }
 }

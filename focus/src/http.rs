@@ -18,11 +18,15 @@ pub struct HttpState {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
 }
 
-pub fn router(state: HttpState) -> Router {
-    Router::new()
+pub fn router(state: HttpState, extra: Option<Router>) -> Router {
+    let base = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .with_state(state);
+    match extra {
+        Some(r) => base.merge(r),
+        None => base,
+    }
 }
 
 async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
@@ -47,11 +51,12 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
 pub async fn serve(
     addr: SocketAddr,
     state: HttpState,
+    extra: Option<Router>,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "http listening");
     Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(state)).await {
+        if let Err(e) = axum::serve(listener, router(state, extra)).await {
             tracing::error!(error = %e, "http server failed");
         }
     }))

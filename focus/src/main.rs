@@ -2,6 +2,7 @@
 
 mod conductor;
 mod config;
+mod direct;
 mod http;
 mod metrics;
 
@@ -51,7 +52,11 @@ fn main() -> std::process::ExitCode {
     init_tracing(&config);
     if cli.check_config {
         let mut shown = config.clone();
-        for s in [&mut shown.matrix.password, &mut shown.matrix.access_token] {
+        for s in [
+            &mut shown.matrix.password,
+            &mut shown.matrix.access_token,
+            &mut shown.http.direct_token,
+        ] {
             if !s.is_empty() {
                 *s = "<set>".into();
             }
@@ -115,6 +120,30 @@ async fn run(config: Config) -> Result<(), String> {
     info!(user = %signalling.user_id(), device = %signalling.device_id(), "signed in to matrix");
     let signalling = Arc::new(signalling);
 
+    // Direct mode (load testing without a homeserver): off unless a token is configured.
+    let (direct_tx, mut direct_rx) = tokio::sync::mpsc::channel(1024);
+    let direct = if config.http.direct_token.is_empty() {
+        None
+    } else {
+        let me = weir_signalling::wire::Identity {
+            user_id: signalling.user_id().clone(),
+            device_id: signalling.device_id().clone(),
+            session_id: config.matrix.session_id.as_str().into(),
+        };
+        let hub = direct::DirectHub::new(&config.http.direct_token, me, direct_tx)
+            .map_err(|e| e.to_string())?;
+        let ticker = hub.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                ticker.tick();
+            }
+        });
+        info!("direct mode enabled at /direct/v1/events");
+        Some(hub)
+    };
+
     let ready_handle = signalling.clone();
     let http = http::serve(
         config.http.listen,
@@ -122,12 +151,16 @@ async fn run(config: Config) -> Result<(), String> {
             metrics: metrics.clone(),
             ready: Arc::new(move || ready_handle.is_ready()),
         },
+        direct.clone().map(direct::routes),
     )
     .await
     .map_err(|e| format!("binding http listener {}: {e}", config.http.listen))?;
 
     let mut conductor = Conductor::new(
-        SharedLegs(signalling.clone()),
+        SharedLegs {
+            matrix: signalling.clone(),
+            direct,
+        },
         sfu.clone(),
         metrics.clone(),
         signalling.device_id().to_string(),
@@ -138,6 +171,7 @@ async fn run(config: Config) -> Result<(), String> {
         tokio::select! {
             Some(ev) = legs.recv() => conductor.on_leg_event(ev),
             Some(ev) = sfu_rx.recv() => conductor.on_sfu_event(ev),
+            Some(ev) = direct_rx.recv() => conductor.on_leg_event(ev),
             _ = sigterm.recv() => { info!("SIGTERM: hanging up every call"); break; }
             _ = sigint.recv() => { info!("SIGINT: hanging up every call"); break; }
             else => { warn!("signalling and media plane both stopped"); break; }
@@ -165,12 +199,18 @@ async fn run(config: Config) -> Result<(), String> {
     Ok(())
 }
 
-/// The conductor's handle on signalling, shared with the readiness probe.
-struct SharedLegs(Arc<weir_signalling::SignallingHandle>);
+/// Where the conductor's call signalling goes: the Matrix side, or direct mode for its legs.
+struct SharedLegs {
+    matrix: Arc<weir_signalling::SignallingHandle>,
+    direct: Option<direct::DirectHub>,
+}
 
 impl conductor::LegSender for SharedLegs {
     fn send(&self, cmd: weir_signalling::LegCommand) {
-        self.0.send(cmd)
+        match &self.direct {
+            Some(d) if direct::is_direct(&cmd.leg().room_id) => d.command(cmd),
+            _ => self.matrix.send(cmd),
+        }
     }
 }
 
