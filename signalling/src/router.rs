@@ -6,6 +6,9 @@
 //! Policy decisions taken here (see also `docs/decisions.md`):
 //! - Refused invites get `m.call.hangup` with the refusal reason (`not_in_room`, `no_call`, …)
 //!   as `reason`; js-sdk accepts any string and shows it in logs, which helps operators.
+//!   Refusals that late room state could fix are first held for [`RouterConfig::auth_grace`]
+//!   and re-checked after each room update (the to-device invite can overtake the
+//!   `m.call.member` update, especially over federation).
 //! - Any non-invite, non-hangup event for an unknown `call_id` gets `m.call.hangup`
 //!   `reason: "unknown_error"`, at most once per `call_id` per [`RouterConfig::unknown_call_reply_interval`]
 //!   and at most [`RouterConfig::unknown_call_replies_per_sec`] in total, so a flood never
@@ -62,6 +65,11 @@ pub struct RouterConfig {
     pub unknown_call_replies_per_sec: u32,
     /// Housekeeping period: member expiry, early-buffer expiry, idle state.
     pub housekeeping_interval: Duration,
+    /// An invite refused for a reason that room state arriving late could fix (`no_call`,
+    /// `not_in_room`, `no_member_device`, `session_mismatch`, `member_expired`) is held this
+    /// long and re-checked after every room update before it is refused. Over federation the
+    /// `m.call.member` update and the to-device invite travel separately. Zero disables it.
+    pub auth_grace: Duration,
 }
 
 impl RouterConfig {
@@ -79,6 +87,7 @@ impl RouterConfig {
             unknown_call_reply_interval: Duration::from_secs(30),
             unknown_call_replies_per_sec: 20,
             housekeeping_interval: Duration::from_secs(1),
+            auth_grace: Duration::from_secs(3),
         }
     }
 }
@@ -99,6 +108,16 @@ struct LegEntry {
     lifetime: Duration,
     offer_hash: u64,
 }
+
+/// An invite waiting for room state that may still arrive.
+struct Held {
+    call: InboundCall,
+    until: Instant,
+}
+
+/// Most invites held at once, and per (user, device).
+const MAX_HELD: usize = 256;
+const MAX_HELD_PER_DEVICE: usize = 2;
 
 struct EarlyBuf {
     first_at: Instant,
@@ -175,6 +194,7 @@ pub struct Router {
     reorder: Reorder<InboundCall>,
     legs: HashMap<CallId, LegEntry>,
     early: HashMap<ReorderKey, EarlyBuf>,
+    held: Vec<Held>,
     limiter: ReplyLimiter,
     out: VecDeque<Output>,
     anchor: (Instant, u64),
@@ -192,6 +212,7 @@ impl Router {
             reorder: Reorder::new(cfg.reorder_timeout),
             legs: HashMap::new(),
             early: HashMap::new(),
+            held: Vec::new(),
             limiter: ReplyLimiter::new(
                 cfg.unknown_call_replies_per_sec,
                 cfg.unknown_call_reply_interval,
@@ -240,10 +261,11 @@ impl Router {
     /// When [`Self::handle_timeout`] should next be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let housekeeping = self.has_timed_state().then_some(self.next_housekeeping);
-        match (self.reorder.poll_timeout(), housekeeping) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let held = self.held.iter().map(|h| h.until).min();
+        [self.reorder.poll_timeout(), housekeeping, held]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn has_timed_state(&self) -> bool {
@@ -262,6 +284,9 @@ impl Router {
         }
         for call in released {
             self.route(call, now);
+        }
+        if self.held.iter().any(|h| h.until <= now) {
+            self.retry_held(now);
         }
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + self.cfg.housekeeping_interval;
@@ -297,6 +322,16 @@ impl Router {
             self.rooms.apply_event(room, ev);
         }
         self.check_members(Some(room), now);
+        if !self.held.is_empty() {
+            self.retry_held(now);
+        }
+    }
+
+    /// Re-checks held invites: accepted, held on, or (past their grace) refused.
+    fn retry_held(&mut self, now: Instant) {
+        for h in std::mem::take(&mut self.held) {
+            self.try_invite(h.call, now, Some(h.until));
+        }
     }
 
     /// weir left (or was removed from) `room`.
@@ -474,29 +509,27 @@ impl Router {
     }
 
     fn on_invite(&mut self, call: InboundCall, now: Instant) {
-        let InboundCall {
-            sender, env, body, ..
-        } = call;
-        let CallBody::Invite {
-            sdp,
-            mut metadata,
-            lifetime_ms,
-        } = body
-        else {
+        self.try_invite(call, now, None)
+    }
+
+    /// Authorises an invite; `held_until` is set when it was held before.
+    fn try_invite(&mut self, call: InboundCall, now: Instant, held_until: Option<Instant>) {
+        let CallBody::Invite { sdp, metadata, .. } = &call.body else {
             return;
         };
+        let (sender, env) = (&call.sender, &call.env);
         let offer_hash = {
             let mut h = DefaultHasher::new();
             env.sender_session_id.hash(&mut h);
             sdp.hash(&mut h);
-            serde_json::to_string(&metadata)
+            serde_json::to_string(metadata)
                 .unwrap_or_default()
                 .hash(&mut h);
             h.finish()
         };
         let existing = self.legs.get(&env.call_id);
         if let Some(e) = existing {
-            if !(e.leg.user_id == sender
+            if !(&e.leg.user_id == sender
                 && e.leg.device_id == env.device_id
                 && e.leg.party_id == env.party_id)
             {
@@ -512,17 +545,45 @@ impl Router {
                 return self.drop_in(DropReason::Duplicate, "identical re-sent invite");
             }
         }
-        let reply_to = ReplyTo {
-            user_id: sender.clone(),
-            device_id: env.device_id.clone(),
-            call_id: env.call_id.clone(),
-            conf_id: env.conf_id.clone(),
-            session_id: env.sender_session_id.clone(),
-        };
-        let room = self.authorise(&sender, &env, existing.is_none(), now);
-        let room_id = match room {
+        if held_until.is_none() && self.held.iter().any(|h| h.call.env.call_id == env.call_id) {
+            return self.drop_in(DropReason::Duplicate, "invite for a call already held");
+        }
+        let room_id = match self.authorise(sender, env, existing.is_none(), now) {
             Ok(r) => r,
-            Err(reason) => return self.refuse(reply_to, reason, now),
+            Err(reason) => {
+                let until = held_until.unwrap_or(now + self.cfg.auth_grace);
+                if existing.is_none()
+                    && now < until
+                    && state_may_be_late(reason)
+                    && self.can_hold(&call)
+                {
+                    if held_until.is_none() {
+                        debug!(call = %env.call_id, user = %sender, reason = reason.as_str(),
+                            "invite held: room state may still arrive");
+                    }
+                    self.held.push(Held { call, until });
+                    return;
+                }
+                let reply_to = ReplyTo {
+                    user_id: sender.clone(),
+                    device_id: env.device_id.clone(),
+                    call_id: env.call_id.clone(),
+                    conf_id: env.conf_id.clone(),
+                    session_id: env.sender_session_id.clone(),
+                };
+                return self.refuse(reply_to, reason, now);
+            }
+        };
+        let InboundCall {
+            sender, env, body, ..
+        } = call;
+        let CallBody::Invite {
+            sdp,
+            mut metadata,
+            lifetime_ms,
+        } = body
+        else {
+            return;
         };
         for m in metadata.values_mut() {
             m.user_id = Some(sender.clone());
@@ -600,6 +661,18 @@ impl Router {
             }
         }
         Ok(room)
+    }
+
+    fn can_hold(&self, call: &InboundCall) -> bool {
+        self.held.len() < MAX_HELD
+            && self
+                .held
+                .iter()
+                .filter(|h| {
+                    h.call.sender == call.sender && h.call.env.device_id == call.env.device_id
+                })
+                .count()
+                < MAX_HELD_PER_DEVICE
     }
 
     fn refuse(&mut self, to: ReplyTo, reason: RefuseReason, now: Instant) {
@@ -682,7 +755,18 @@ impl Router {
                 self.buffer_early(call.sender, call.env, candidates, now)
             }
             CallBody::Hangup { .. } => {
-                self.drop_in(DropReason::UnknownCall, "hangup for unknown call")
+                let before = self.held.len();
+                self.held.retain(|h| {
+                    !(h.call.env.call_id == call.env.call_id
+                        && h.call.sender == call.sender
+                        && h.call.env.device_id == call.env.device_id)
+                });
+                if self.held.len() < before {
+                    debug!(call = %call.env.call_id, "client hung up a held invite");
+                    self.limiter.mark(&call.env.call_id, now);
+                } else {
+                    self.drop_in(DropReason::UnknownCall, "hangup for unknown call");
+                }
             }
             _ => {
                 self.drop_in(DropReason::UnknownCall, "event for unknown call");
@@ -900,6 +984,18 @@ impl Router {
         }
         self.out.push_back(Output::Send(out));
     }
+}
+
+/// Refusals that a room-state update still in flight could turn into an acceptance.
+fn state_may_be_late(reason: RefuseReason) -> bool {
+    matches!(
+        reason,
+        RefuseReason::NoCall
+            | RefuseReason::NotInRoom
+            | RefuseReason::NoMemberDevice
+            | RefuseReason::SessionMismatch
+            | RefuseReason::MemberExpired
+    )
 }
 
 fn owned_by(mut m: SdpStreamMetadata, leg: &Leg) -> SdpStreamMetadata {

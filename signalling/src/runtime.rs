@@ -48,6 +48,9 @@ pub struct SignallingConfig {
     pub allowed_servers: Vec<String>,
     /// How long an event that jumped ahead in `seq` waits for the gap; default 1 s.
     pub reorder_timeout: Duration,
+    /// How long an invite refused for missing/stale room state is held for that state to
+    /// arrive (see `RouterConfig::auth_grace`); default 3 s.
+    pub auth_grace: Duration,
     /// `/sync` long-poll timeout; default 30 s.
     pub sync_timeout: Duration,
     /// Capacity of the event channel to the focus; default 1024.
@@ -105,6 +108,7 @@ impl SignallingConfig {
             state_dir: state_dir.into(),
             allowed_servers: Vec::new(),
             reorder_timeout: Duration::from_secs(1),
+            auth_grace: Duration::from_secs(3),
             sync_timeout: Duration::from_secs(30),
             event_queue: 1024,
             command_queue: 1024,
@@ -384,6 +388,7 @@ pub async fn start(
     let mut rcfg = RouterConfig::new(me);
     rcfg.allowed_servers = config.allowed_servers.clone();
     rcfg.reorder_timeout = config.reorder_timeout;
+    rcfg.auth_grace = config.auth_grace;
     let router = Router::new(rcfg, metrics.clone(), (Instant::now(), unix_ms_now()));
 
     let (event_tx, event_rx) = mpsc::channel(config.event_queue);

@@ -28,14 +28,13 @@ fn identity() -> Identity {
 }
 
 /// A router holding the `focus-emulated-basic` room state, whose clock reads `wall` at `t0`.
+/// Refusals are immediate (no grace for late room state) unless a test turns it on.
 fn router_at(wall: u64) -> (Router, Instant, RoomId) {
     let t0 = Instant::now();
     let (tracker, room) = tracker_from_fixture("focus-emulated-basic", &FOCUS.into());
-    let mut r = Router::new(
-        RouterConfig::new(identity()),
-        Metrics::unregistered().unwrap(),
-        (t0, wall),
-    );
+    let mut cfg = RouterConfig::new(identity());
+    cfg.auth_grace = Duration::ZERO;
+    let mut r = Router::new(cfg, Metrics::unregistered().unwrap(), (t0, wall));
     r.rooms = tracker;
     (r, t0, room)
 }
@@ -1437,4 +1436,238 @@ fn idle_router_has_no_timer() {
 fn wall_clock_follows_the_anchor() {
     let (r, t0, _) = router_at(1_000_000);
     assert_eq!(r.wall_ms(t0 + Duration::from_millis(1500)), 1_001_500);
+}
+
+fn with_grace(wall: u64) -> (Router, Instant, RoomId) {
+    let (mut r, t0, room) = router_at(wall);
+    r.cfg.auth_grace = Duration::from_secs(3);
+    (r, t0, room)
+}
+
+fn alice_member_entry(session: &str) -> Value {
+    json!({"type": "org.matrix.msc3401.call.member", "state_key": ALICE, "sender": ALICE, "content": {"m.calls": [
+        {"m.call_id": CONF, "m.devices": [{"device_id": "ALICEDEV", "session_id": session, "expires_ts": ALICE_EXPIRES, "feeds": []}]}]}})
+}
+
+#[test]
+fn invite_overtaking_its_member_entry_is_held_until_the_state_arrives() {
+    let (mut r, t0, room) = with_grace(FIXTURE_NOW);
+    // Alice reloaded: her new session's invite arrives before her new member entry.
+    let mut invite = alice_invite();
+    invite["content"]["sender_session_id"] = json!("new-session");
+    r.handle_to_device(invite, t0);
+    assert!(drain(&mut r).is_empty(), "held, not refused");
+    assert_eq!(
+        r.poll_timeout(),
+        Some(t0 + Duration::from_secs(1)),
+        "housekeeping first"
+    );
+    // An unrelated room update re-checks but keeps holding.
+    r.handle_joined_room(
+        &room,
+        &[join_event("@dave:localhost")],
+        &[],
+        false,
+        t0 + Duration::from_secs(1),
+    );
+    assert!(drain(&mut r).is_empty());
+    r.handle_joined_room(
+        &room,
+        &[],
+        &[alice_member_entry("new-session")],
+        false,
+        t0 + Duration::from_secs(2),
+    );
+    let outs = drain(&mut r);
+    assert!(sends(&outs).is_empty(), "no hangup: {outs:?}");
+    match events(&outs).as_slice() {
+        [LegEvent::Invite { leg, .. }] => assert_eq!(leg.session_id.as_str(), "new-session"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        r.metrics()
+            .refused
+            .with_label_values(&["session_mismatch"])
+            .get(),
+        0
+    );
+}
+
+#[test]
+fn held_invite_is_refused_when_the_grace_runs_out() {
+    let (mut r, t0, _) = with_grace(FIXTURE_NOW);
+    let mut e = alice_invite();
+    e["sender"] = json!("@mallory:localhost");
+    r.handle_to_device(e, t0);
+    assert!(drain(&mut r).is_empty());
+    let mut due = r.poll_timeout().unwrap();
+    while due < t0 + Duration::from_secs(3) {
+        r.handle_timeout(due);
+        assert!(drain(&mut r).is_empty(), "still held at {:?}", due - t0);
+        due = r.poll_timeout().unwrap();
+    }
+    assert_eq!(due, t0 + Duration::from_secs(3));
+    r.handle_timeout(due);
+    assert_refused_hangup(
+        &drain(&mut r),
+        "not_in_room",
+        "@mallory:localhost",
+        ALICE_SESSION,
+    );
+    assert_eq!(r.metrics().refused_count(RefuseReason::NotInRoom), 1);
+}
+
+#[test]
+fn refusals_no_state_can_fix_are_immediate_and_holds_are_bounded() {
+    let (mut r, t0, _) = with_grace(FIXTURE_NOW);
+    r.cfg.allowed_servers = vec!["example.org".into()];
+    r.handle_to_device(alice_invite(), t0);
+    assert_refused_hangup(&drain(&mut r), "server_not_allowed", ALICE, ALICE_SESSION);
+
+    let (mut r, t0, _) = with_grace(FIXTURE_NOW);
+    for i in 0..MAX_HELD_PER_DEVICE + 1 {
+        let mut e = alice_invite();
+        e["sender"] = json!("@mallory:localhost");
+        e["content"]["call_id"] = json!(format!("m{i}"));
+        r.handle_to_device(e, t0);
+    }
+    let outs = drain(&mut r);
+    assert_eq!(
+        sends(&outs).len(),
+        1,
+        "only the invite over the hold cap is refused at once"
+    );
+}
+
+#[test]
+fn hangup_of_a_held_invite_cancels_it() {
+    let (mut r, t0, room) = with_grace(FIXTURE_NOW);
+    let mut invite = alice_invite();
+    invite["content"]["sender_session_id"] = json!("new-session");
+    r.handle_to_device(invite, t0);
+    let mut hangup = alice("m.call.hangup", json!({"reason": "user_hangup"}));
+    hangup["content"]["sender_session_id"] = json!("new-session");
+    r.handle_to_device(hangup, t0);
+    r.handle_joined_room(&room, &[], &[alice_member_entry("new-session")], false, t0);
+    let outs = drain(&mut r);
+    assert!(outs.is_empty(), "no leg for a hung-up call: {outs:?}");
+    assert_eq!(r.legs().count(), 0);
+    assert_eq!(r.metrics().dropped_count(DropReason::UnknownCall), 0);
+}
+
+/// Replaces one randomly chosen value somewhere inside `v` with garbage (or removes it).
+fn mutate(v: &mut Value, rng: &mut rand::rngs::StdRng) {
+    use rand::Rng;
+    let garbage = |rng: &mut rand::rngs::StdRng| match rng.random_range(0..9) {
+        0 => Value::Null,
+        1 => json!(rng.random::<i64>()),
+        2 => json!(-1.5),
+        3 => json!("x".repeat(rng.random_range(0..300_000))),
+        4 => json!([1, "two", null]),
+        5 => json!({"nested": {"deeper": [{}]}}),
+        6 => json!(true),
+        7 => json!(""),
+        _ => json!("\u{0}\u{feff}🎉"),
+    };
+    let descend = rng.random_range(0..3) > 0;
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            let keys: Vec<String> = m.keys().cloned().collect();
+            let k = keys[rng.random_range(0..keys.len())].clone();
+            if descend && matches!(m[&k], Value::Object(_) | Value::Array(_)) {
+                mutate(m.get_mut(&k).unwrap(), rng);
+            } else if rng.random_range(0..4) == 0 {
+                m.remove(&k);
+            } else {
+                let g = garbage(rng);
+                m.insert(k, g);
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            let i = rng.random_range(0..a.len());
+            if descend && matches!(a[i], Value::Object(_) | Value::Array(_)) {
+                mutate(&mut a[i], rng);
+            } else {
+                a[i] = garbage(rng);
+            }
+        }
+        other => *other = garbage(rng),
+    }
+}
+
+/// Thousands of randomly damaged real events from other users: no panic, every one either
+/// dropped with a reason, refused, or delivered for its own sender; Alice's call is untouched.
+#[test]
+fn damaged_fixture_events_never_panic_or_touch_another_call() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5EED_0001);
+    let mut seeds: Vec<Value> = sent_to_focus("focus-emulated-basic")
+        .into_iter()
+        .filter(|e| e["sender"] != ALICE)
+        .collect();
+    for name in ["focus-emulated-leave", "focus-emulated-mute"] {
+        for mut e in sent_to_focus(name) {
+            e["content"]["dest_session_id"] = json!(FOCUS_SESSION);
+            seeds.push(e);
+        }
+    }
+    let (mut r, t0, _) = router_at(FIXTURE_NOW);
+    let leg = open_alice_leg(&mut r, t0);
+    for i in 0..3000u32 {
+        let mut e = seeds[rng.random_range(0..seeds.len())].clone();
+        for _ in 0..rng.random_range(1..4) {
+            mutate(&mut e, &mut rng);
+        }
+        let now = t0 + Duration::from_millis(u64::from(i));
+        if rng.random_range(0..10) == 0 {
+            let text = e.to_string();
+            let cut = rng.random_range(0..text.len().max(1));
+            r.handle_to_device_json(text.get(..cut).unwrap_or("{"), now);
+        } else {
+            r.handle_to_device(e, now);
+        }
+        if let Some(due) = r.poll_timeout().filter(|d| *d <= now) {
+            r.handle_timeout(due);
+        }
+        for out in drain(&mut r) {
+            if let Output::Event(ev) = &out {
+                assert_ne!(ev.leg().map(|l| &l.user_id), Some(&leg.user_id), "{ev:?}");
+            }
+            if let Output::Send(s) = &out {
+                assert_ne!(s.to_user.as_str(), ALICE);
+                assert!(s.content.get("seq").is_none());
+            }
+        }
+        if i % 100 == 0 {
+            r.handle_to_device(
+                alice("m.call.candidates", json!({"candidates": [cand(i)]})),
+                now,
+            );
+            let outs = drain(&mut r);
+            assert!(
+                matches!(events(&outs).as_slice(), [LegEvent::Candidates { leg: l, .. }] if *l == leg),
+                "iteration {i}: {outs:?}"
+            );
+        }
+    }
+    assert!(r.legs().any(|l| *l == leg));
+    let dropped: u64 = [
+        "malformed",
+        "wrong_session",
+        "too_large",
+        "bad_version",
+        "unknown_type",
+        "duplicate",
+        "not_leg_owner",
+        "conf_mismatch",
+        "unknown_call",
+        "flood",
+    ]
+    .iter()
+    .map(|k| r.metrics().dropped.with_label_values(&[k]).get())
+    .sum();
+    assert!(
+        dropped > 1000,
+        "most damaged events are counted drops ({dropped})"
+    );
 }
