@@ -188,6 +188,11 @@ impl SfuCollector {
                 s.rtp_forwarded,
             ),
             counter(
+                "weir_send_messages_total",
+                "Send messages handed to the kernel; a GSO run of datagrams to one destination counts once",
+                s.send_messages,
+            ),
+            counter(
                 "weir_keyframe_requests_total",
                 "Keyframe requests (PLI) sent to publishers after coalescing",
                 s.keyframe_requests,

@@ -1075,10 +1075,11 @@ impl<S: EventSink> Shard<S> {
         if self.sendq.is_empty() {
             return;
         }
-        let (sent, dropped, bytes) = self.sendq.flush(&self.socket);
-        self.counters.datagrams_out += sent;
-        self.counters.bytes_out += bytes;
-        for _ in 0..dropped {
+        let st = self.sendq.flush(&self.socket);
+        self.counters.datagrams_out += st.datagrams;
+        self.counters.bytes_out += st.bytes;
+        self.counters.send_calls += st.messages;
+        for _ in 0..st.dropped {
             self.counters.drop(DropReason::SendFailed);
         }
     }

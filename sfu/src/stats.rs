@@ -80,6 +80,8 @@ pub(crate) struct ShardCounters {
     pub rtp_in: u64,
     pub rtp_forwarded: u64,
     pub keyframe_requests: u64,
+    /// Messages handed to the kernel (a GSO run of datagrams counts once).
+    pub send_calls: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -97,6 +99,7 @@ impl ShardCounters {
         to.rtp_in.store(self.rtp_in, r);
         to.rtp_forwarded.store(self.rtp_forwarded, r);
         to.keyframe_requests.store(self.keyframe_requests, r);
+        to.send_messages.store(self.send_calls, r);
         for (i, d) in self.drops.iter().enumerate() {
             to.drops[i].store(*d, r);
         }
@@ -116,6 +119,7 @@ pub struct ShardStats {
     pub rtp_in: AtomicU64,
     pub rtp_forwarded: AtomicU64,
     pub keyframe_requests: AtomicU64,
+    pub send_messages: AtomicU64,
     pub drops: [AtomicU64; DropReason::ALL.len()],
     pub peers: AtomicU64,
     pub conferences: AtomicU64,
@@ -132,6 +136,9 @@ pub struct StatsSnapshot {
     pub rtp_in: u64,
     pub rtp_forwarded: u64,
     pub keyframe_requests: u64,
+    /// Send messages handed to the kernel (GSO runs count once): datagrams_out / send_messages
+    /// is the average GSO batch.
+    pub send_messages: u64,
     pub drops: Vec<(DropReason, u64)>,
     pub peers: u64,
     pub conferences: u64,
@@ -153,6 +160,7 @@ impl StatsSnapshot {
             s.rtp_in += sh.rtp_in.load(r);
             s.rtp_forwarded += sh.rtp_forwarded.load(r);
             s.keyframe_requests += sh.keyframe_requests.load(r);
+            s.send_messages += sh.send_messages.load(r);
             for (i, d) in sh.drops.iter().enumerate() {
                 s.drops[i].1 += d.load(r);
             }
