@@ -53,7 +53,13 @@ export async function sleep(ms) {
   await new Promise((r) => setTimeout(r, ms));
 }
 
-/** Poll fn until it returns a truthy value; throw with `what` and the last value/error on timeout. */
+/** Thrown from a waitFor predicate to stop waiting at once (the awaited thing can no longer happen). */
+export class Fatal extends Error {}
+
+/**
+ * Poll fn until it returns a truthy value; throw with `what` and the last value/error on timeout.
+ * An error thrown by fn is retried, except a Fatal, which ends the wait at once.
+ */
 export async function waitFor(what, fn, { timeoutMs = 30000, intervalMs = 200 } = {}) {
   const deadline = Date.now() + timeoutMs;
   let last;
@@ -64,6 +70,7 @@ export async function waitFor(what, fn, { timeoutMs = 30000, intervalMs = 200 } 
       lastErr = undefined;
       if (last) return last;
     } catch (e) {
+      if (e instanceof Fatal) throw new Error(`gave up waiting for ${what}: ${e.message}`);
       lastErr = e;
     }
     if (Date.now() >= deadline) {
@@ -317,7 +324,7 @@ export class Focus {
     this.exit = null;
     this.proc = spawn(this.bin, ["--config", this.configPath], {
       cwd: this.dir,
-      env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info", RUST_BACKTRACE: "1" },
+      env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info", RUST_BACKTRACE: "1", NO_COLOR: "1" },
       stdio: ["ignore", "pipe", "pipe"],
     });
     this.pid = this.proc.pid;
@@ -692,6 +699,23 @@ export class Harness {
 
   async snapshots() {
     return Promise.all(this.participants.map((p) => p.snapshot()));
+  }
+
+  /**
+   * Snapshots, failing fast (Fatal) if any participant expected in a call has had its call end
+   * or the focus process has exited: nothing awaited can happen any more.
+   */
+  async liveSnapshots(expectInCall = this.participants.map((p) => p.name)) {
+    if (this.focus?.exit) throw new Fatal(`the focus exited: ${JSON.stringify(this.focus.exit)}`);
+    const snaps = await this.snapshots();
+    for (const s of snaps) {
+      if (!expectInCall.includes(s.name)) continue;
+      const rec = s.calls[s.calls.length - 1];
+      if (s.ended || s.callState === "ended") {
+        throw new Fatal(`${s.name}'s call ${s.callId} ended (reason ${rec?.hangupReason ?? "?"}) after ${rec?.endedAt ? rec.endedAt - rec.startedAt : "?"} ms`);
+      }
+    }
+    return snaps;
   }
 
   /** Printable evidence for a failure: focus log tail, each page's console tail, Synapse log tail. */
