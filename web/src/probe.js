@@ -113,7 +113,7 @@ export async function setup({ name, colour, baseUrl, user, password, deviceId })
 }
 
 /** Join (or re-join, with a fresh MatrixCall) the call via the focus. */
-export async function joinCall({ roomId, confId, focus, timeoutMs = 30000 }) {
+export async function joinCall({ roomId, confId, focus, timeoutMs = 30000, publishMember = true }) {
   if (!state.client) throw new Error("setup() first");
   if (state.weirCall && !state.weirCall.ended) throw new Error("already in a call");
   const seq = ++state.callSeq;
@@ -127,7 +127,7 @@ export async function joinCall({ roomId, confId, focus, timeoutMs = 30000 }) {
   });
   state.weirCall = wc;
   state.trackFirstFrame = new Map();
-  const rec = { seq, callId: null, startedAt: Date.now(), placedAt: null, connectedAt: null, firstFrameMs: null, endedAt: null, hangupReason: null };
+  const rec = { seq, callId: null, startedAt: Date.now(), placedAt: null, connectedAt: null, firstFrameMs: null, endedAt: null, hangupReason: null, hangupParty: null };
   state.calls.push(rec);
   wc.addEventListener("state", (e) => {
     if (e.detail.state === "connected" && !rec.connectedAt) rec.connectedAt = Date.now();
@@ -135,10 +135,11 @@ export async function joinCall({ roomId, confId, focus, timeoutMs = 30000 }) {
   wc.addEventListener("hangup", (e) => {
     rec.endedAt = Date.now();
     rec.hangupReason = e.detail.reason ?? null;
+    rec.hangupParty = e.detail.party ?? null;
   });
   wc.addEventListener("error", (e) => state.errors.push(String(e.detail?.message ?? e.detail)));
   wc.addEventListener("feeds", () => attachVideos());
-  const call = await wc.join({ timeoutMs });
+  const call = await wc.join({ timeoutMs, publishMember });
   rec.callId = call.callId;
   rec.placedAt = Date.now();
   startMonitor();

@@ -237,19 +237,25 @@ export class WeirCall extends EventTarget {
     );
   }
 
-  /** Publish membership, wait for the GroupCall, place the call to the focus. */
-  async join({ timeoutMs = 30000 } = {}) {
+  /**
+   * Publish membership, wait for the GroupCall, place the call to the focus.
+   * `publishMember: false` skips the m.call.member entry (only for testing that the focus refuses
+   * such an invite).
+   */
+  async join({ timeoutMs = 30000, publishMember = true } = {}) {
     if (this.call) throw new Error("join() called twice; make a new WeirCall to call again");
     const { client, roomId, confId, focus } = this;
     await waitForGroupCall(client, roomId, confId, timeoutMs);
     // The focus must be a room member, or js-sdk crashes on its streams (protocol.md §c.11 item 2).
     await waitForJoinedMember(client, roomId, focus.userId, timeoutMs);
 
-    await this.updateMemberState(true);
-    await this.waitForOwnMemberEntry(timeoutMs);
-    this.refreshTimer = setInterval(() => {
-      this.updateMemberState(true).catch((e) => this.log("refreshing m.call.member failed", e));
-    }, DEVICE_REFRESH_MS);
+    if (publishMember) {
+      await this.updateMemberState(true);
+      await this.waitForOwnMemberEntry(timeoutMs);
+      this.refreshTimer = setInterval(() => {
+        this.updateMemberState(true).catch((e) => this.log("refreshing m.call.member failed", e));
+      }, DEVICE_REFRESH_MS);
+    }
 
     const call = createNewMatrixCall(client, roomId, {
       invitee: focus.userId,
@@ -275,6 +281,7 @@ export class WeirCall extends EventTarget {
     call.on(CallEvent.Hangup, () => {
       this.ended = true;
       this.hangupReason = call.hangupReason ?? null;
+      this.hangupParty = call.hangupParty ?? null;
       this.log(`call ${call.callId} ended: ${call.hangupReason} by ${call.hangupParty}`);
       clearInterval(this.refreshTimer);
       this.dispatchEvent(

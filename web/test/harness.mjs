@@ -682,12 +682,13 @@ export class Harness {
     return { userId: this.focusUser.userId, deviceId: FOCUS_DEVICE_ID, sessionId: FOCUS_SESSION_ID };
   }
 
-  async join(part, timeoutMs = 30000) {
+  async join(part, timeoutMs = 30000, { publishMember = true } = {}) {
     const r = await part.page.evaluate((a) => window.Probe.joinCall(a), {
       roomId: this.roomId,
       confId: this.confId,
       focus: this.focusInfo,
       timeoutMs,
+      publishMember,
     });
     log(`${part.name} placed call ${r.callId}`);
     return r;
