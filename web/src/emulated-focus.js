@@ -122,7 +122,17 @@ async function onInvite(ev) {
     // forward once both tracks of the stream are there (audio+video) or shortly after
     scheduleForward(part);
   });
-  pc.addEventListener("iceconnectionstatechange", () => log(`${part.userId} ice ${pc.iceConnectionState}`));
+  pc.addEventListener("iceconnectionstatechange", () => {
+    log(`${part.userId} ice ${pc.iceConnectionState}`);
+    // liveness: a leg whose ICE stays disconnected/failed for 3 s is gone (tab closed, no hangup)
+    if (["disconnected", "failed"].includes(pc.iceConnectionState)) {
+      setTimeout(() => {
+        if (state.parts.get(key) === part && ["disconnected", "failed"].includes(pc.iceConnectionState)) {
+          removeParticipant(part, `ice ${pc.iceConnectionState}`);
+        }
+      }, 3000);
+    }
+  });
   await pc.setRemoteDescription(c.offer);
   const answer = await pc.createAnswer();
   await pc.setLocalDescription(answer);

@@ -34,7 +34,39 @@ const state = {
   trackFirstFrame: new Map(), // remote video track id -> ms since placing the call
   sampler: null,
   errors: [],
+  received: [], // summaries of m.call.* to-device events this client received
 };
+
+/** A summary of a received call event: the envelope fields and sizes, without the SDP itself. */
+function summarise(ev) {
+  const c = ev.getContent() ?? {};
+  const sdp = c.offer?.sdp ?? c.answer?.sdp ?? c.description?.sdp ?? null;
+  const stable = c.sdp_stream_metadata;
+  const unstable = c["org.matrix.msc3077.sdp_stream_metadata"];
+  return {
+    t: Date.now(),
+    type: ev.getType(),
+    sender: ev.getSender(),
+    version: c.version ?? null,
+    call_id: c.call_id ?? null,
+    party_id: c.party_id ?? null,
+    conf_id: c.conf_id ?? null,
+    device_id: c.device_id ?? null,
+    sender_session_id: c.sender_session_id ?? null,
+    dest_session_id: c.dest_session_id ?? null,
+    hasSeq: "seq" in c,
+    sdpType: c.offer?.type ?? c.answer?.type ?? c.description?.type ?? null,
+    sdpBytes: sdp ? sdp.length : null,
+    bodyBytes: JSON.stringify(c).length,
+    mlines: sdp ? (sdp.match(/^m=/gm) ?? []).length : null,
+    metadata: stable !== undefined ? "stable" : null,
+    unstableMetadata: unstable !== undefined,
+    metadataStreams: stable ? Object.keys(stable).length : null,
+    metadataWithOwner: stable ? Object.values(stable).filter((m) => m?.user_id && m?.device_id).length : null,
+    candidates: Array.isArray(c.candidates) ? c.candidates.map((x) => x.candidate) : null,
+    reason: c.reason ?? null,
+  };
+}
 
 function log(...a) {
   console.log(`[probe ${state.name}]`, ...a);
@@ -102,6 +134,11 @@ export async function setup({ name, colour, baseUrl, user, password, deviceId })
   document.title = `weir probe ${name}`;
   const creds = await W().loginWithPassword(baseUrl, user, password, deviceId);
   state.client = W().createCallClient(creds);
+  state.client.on("toDeviceEvent", (ev) => {
+    if (!ev.getType().startsWith("m.call.")) return;
+    state.received.push(summarise(ev));
+    if (state.received.length > 1000) state.received.shift();
+  });
   await W().startClient(state.client);
   state.camera = makeCamera(colour);
   if (state.camera.stream.getAudioTracks().length === 0) {
@@ -368,6 +405,11 @@ export async function rawStats(type) {
     if (!type || s.type === type) out.push(s);
   });
   return out;
+}
+
+/** Summaries of the m.call.* to-device events received so far. */
+export function received() {
+  return state.received.slice();
 }
 
 export async function hangup() {

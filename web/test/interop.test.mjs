@@ -82,6 +82,7 @@ function printReport() {
     );
     if (f.metrics) lines.push(`focus /metrics: ${JSON.stringify(f.metrics)}`);
   }
+  if (report.vanishMs) lines.push(`a closed tab's feeds disappeared at the others after ${report.vanishMs} ms`);
   console.log(lines.join("\n"));
 }
 
@@ -122,6 +123,43 @@ test("three clients join and each receives both others' audio and video", { time
         assert.match(s.selectedPair.remote, /^127\.0\.0\.1:/, `${s.name}: media goes to ${s.selectedPair.remote}`);
         // Where loopback is the only interface (scripts/in-netns.sh), our end must be too.
         if (onlyLoopback()) assert.match(s.selectedPair.local, /^127\.0\.0\.1:/, `${s.name}: media from ${s.selectedPair.local}`);
+      }
+    }
+  }));
+
+test("every to-device event from the focus has the full envelope and no seq", { timeout: 30000 }, (t) =>
+  step(t, async () => {
+    const focus = h.focusInfo;
+    for (const p of h.participants) {
+      const evs = (await p.page.evaluate(() => window.Probe.received())).filter((e) => e.sender === focus.userId);
+      const types = evs.map((e) => e.type);
+      log(`${p.name} received from the focus: ${JSON.stringify(types)}; largest body ${Math.max(...evs.map((e) => e.bodyBytes))} B`);
+      assert.ok(types.includes("m.call.answer"), `${p.name}: no m.call.answer`);
+      assert.ok(types.includes("m.call.negotiate"), `${p.name}: no m.call.negotiate`);
+      for (const e of evs) {
+        const where = `${p.name}: ${e.type}`;
+        assert.equal(e.version, "1", `${where} version`);
+        assert.ok(e.call_id, `${where} call_id`);
+        assert.equal(e.party_id, focus.deviceId, `${where} party_id (stable, the focus's device)`);
+        assert.equal(e.conf_id, h.confId, `${where} conf_id`);
+        assert.equal(e.device_id, focus.deviceId, `${where} device_id`);
+        assert.equal(e.sender_session_id, focus.sessionId, `${where} sender_session_id`);
+        assert.equal(e.dest_session_id, p.session.sessionId, `${where} dest_session_id`);
+        assert.equal(e.hasSeq, false, `${where} carries seq`);
+        assert.ok(e.bodyBytes < 60 * 1024, `${where} is ${e.bodyBytes} bytes`);
+        if (e.type === "m.call.answer") {
+          assert.equal(e.metadata, "stable", `${where}: no sdp_stream_metadata`);
+          assert.equal(e.unstableMetadata, true, `${where}: no org.matrix.msc3077.sdp_stream_metadata`);
+        }
+        if (e.type === "m.call.negotiate" && e.sdpType === "offer") {
+          assert.equal(e.metadata, "stable", `${where}: offer without sdp_stream_metadata`);
+          assert.equal(e.metadataWithOwner, e.metadataStreams, `${where}: metadata entries without user_id/device_id`);
+        }
+      }
+      const cands = evs.filter((e) => e.type === "m.call.candidates").flatMap((e) => e.candidates);
+      if (cands.length) {
+        assert.equal(cands[cands.length - 1], "", `${p.name}: the focus's candidates do not end with {candidate:""}`);
+        for (const c of cands.filter(Boolean)) assert.match(c, / 127\.0\.0\.1 /, `${p.name}: focus candidate ${c}`);
       }
     }
   }));
@@ -289,4 +327,27 @@ test("audio and video mute are seen by the others", { timeout: 120000 }, (t) =>
       },
       { timeoutMs: 30000, intervalMs: 500 },
     );
+  }));
+
+test("a client that vanishes without hanging up is removed for the others", { timeout: 120000 }, (t) =>
+  step(t, async () => {
+    const carol = h.byName("carol");
+    const stay = h.participants.filter((p) => p !== carol);
+    const t0 = Date.now();
+    // the tab dies: no m.call.hangup, no m.call.member update; only ICE/DTLS/RTP stop
+    await carol.context.close();
+    h.participants = stay;
+    await waitFor(
+      "alice and bob to lose carol's feeds (the focus must notice the dead leg and renegotiate)",
+      async () => {
+        const snaps = await h.liveSnapshots();
+        return snaps.every((s) => !s.feeds.some((f) => f.owner === carol.userId));
+      },
+      { timeoutMs: 60000, intervalMs: 500 },
+    );
+    const ms = Date.now() - t0;
+    log(`carol's feeds were gone at alice and bob ${ms} ms after her tab closed`);
+    report.vanishMs = ms;
+    const m = await h.focus.metricValues(["weir_participants"]);
+    log(`focus weir_participants after carol vanished: ${m.weir_participants}`);
   }));
