@@ -1,0 +1,586 @@
+//! One load-test run: measure the floor, set up rooms and accounts (through the homeserver, or
+//! nothing in direct mode), start participants at the join rate, measure for the duration,
+//! scrape the focus's metrics at both ends, hang up, and gather the reports. Bounded in time
+//! (setup cap + duration + a hangup grace) and in count.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::{watch, Semaphore};
+use tracing::{info, warn};
+
+use crate::call::Layout;
+use crate::ids::{epoch, PublisherId, RoomIndex};
+use crate::impair::Impairment;
+use crate::matrix::{self, Homeserver, Session};
+use crate::participant::{self, Plan, Shared, Timeline};
+use crate::prom;
+use crate::report::{FocusCost, RunReport};
+use crate::signal::{FocusAddress, SignalCounters, Transport};
+use crate::source::SpeakerSchedule;
+
+/// Hard cap on participants in one run, whatever the flags say: each is a WebRTC stack and a
+/// socket in this process.
+pub const MAX_PARTICIPANTS: usize = 2000;
+/// Concurrent homeserver requests during setup (registration hashes passwords: CPU-bound on
+/// the homeserver, so more does not go faster).
+pub const SETUP_CONCURRENCY: usize = 8;
+/// After the run, participants get this long to hang up and report.
+pub const HANGUP_GRACE: Duration = Duration::from_secs(10);
+/// How often the progress line refreshes.
+const PROGRESS_TICK: Duration = Duration::from_millis(500);
+
+/// Where the focus is reached for signalling.
+#[derive(Debug, Clone)]
+pub enum Signalling {
+    Matrix {
+        homeserver: String,
+        registration_secret: String,
+    },
+    Direct {
+        url: String,
+        token: String,
+    },
+}
+
+/// The shape and bounds of a run.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub signalling: Signalling,
+    pub focus_user: String,
+    pub focus_device: String,
+    pub focus_session: String,
+    pub rooms: usize,
+    /// Per room: publishers of audio and simulcast video.
+    pub publishers: usize,
+    /// Per room: publishers of audio only.
+    pub audio_publishers: usize,
+    /// Per room: participants that only receive.
+    pub subscribers: usize,
+    pub layout: Layout,
+    /// Participants started per second.
+    pub join_rate: f64,
+    pub duration: Duration,
+    pub setup_timeout: Duration,
+    pub speakers: usize,
+    pub speaker_turn: Duration,
+    pub uplink: Impairment,
+    pub downlink: Impairment,
+    /// Share of each room's participants (the first ones) that get the impairment.
+    pub impaired_fraction: f64,
+    pub focus_metrics: Option<String>,
+    pub measure_floor: bool,
+    pub seed: u64,
+    pub run_id: String,
+    pub progress: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0} participants asked for; at most {MAX_PARTICIPANTS} per run")]
+    TooMany(usize),
+    #[error("nothing to run: no participants")]
+    Empty,
+    #[error("setup: {0}")]
+    Setup(String),
+    #[error("measuring the floor: {0}")]
+    Floor(#[from] crate::floor::FloorError),
+}
+
+struct RoomPlan {
+    conf_id: String,
+    members: Vec<Member>,
+    video: Vec<PublisherId>,
+    audio: Vec<PublisherId>,
+}
+
+struct Member {
+    publisher: PublisherId,
+    video: bool,
+    audio: bool,
+    impaired: bool,
+    session_id: String,
+}
+
+fn plan_rooms(cfg: &RunConfig) -> Vec<RoomPlan> {
+    let mut next = 1u32;
+    (0..cfg.rooms)
+        .map(|_| {
+            let n = cfg.publishers + cfg.audio_publishers + cfg.subscribers;
+            let impaired = (n as f64 * cfg.impaired_fraction).round() as usize;
+            let mut members = Vec::new();
+            for i in 0..n {
+                let (video, audio) = if i < cfg.publishers {
+                    (true, true)
+                } else if i < cfg.publishers + cfg.audio_publishers {
+                    (false, true)
+                } else {
+                    (false, false)
+                };
+                members.push(Member {
+                    publisher: PublisherId(next),
+                    video,
+                    audio,
+                    impaired: i < impaired,
+                    session_id: crate::call::gen_id(0, 10),
+                });
+                next += 1;
+            }
+            RoomPlan {
+                conf_id: crate::call::gen_id(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or(0),
+                    16,
+                ),
+                video: members
+                    .iter()
+                    .filter(|m| m.video)
+                    .map(|m| m.publisher)
+                    .collect(),
+                audio: members
+                    .iter()
+                    .filter(|m| m.audio)
+                    .map(|m| m.publisher)
+                    .collect(),
+                members,
+            }
+        })
+        .collect()
+}
+
+/// Run the load test. `cancel` ends it early (Ctrl-C) with a partial report.
+pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<RunReport, RunError> {
+    let _ = epoch();
+    let total = cfg.rooms * (cfg.publishers + cfg.audio_publishers + cfg.subscribers);
+    if total > MAX_PARTICIPANTS {
+        return Err(RunError::TooMany(total));
+    }
+    if total == 0 {
+        return Err(RunError::Empty);
+    }
+    let cpu_start = crate::own_cpu_seconds();
+    let floor = if cfg.measure_floor {
+        let f = tokio::task::spawn_blocking(crate::floor::measure)
+            .await
+            .map_err(|e| RunError::Setup(e.to_string()))??;
+        info!(
+            gso_us = f.gso_us,
+            gcm_us = f.gcm_us,
+            sendto_us = f.sendto_us,
+            "floor measured"
+        );
+        Some(f)
+    } else {
+        None
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(total + 16)
+        .build()
+        .map_err(|e| RunError::Setup(e.to_string()))?;
+    let rooms = plan_rooms(&cfg);
+    let start = Instant::now();
+    let setup_deadline = start + cfg.setup_timeout;
+    let focus = FocusAddress {
+        user_id: cfg.focus_user.clone(),
+        device_id: cfg.focus_device.clone(),
+    };
+
+    let pb = if cfg.progress {
+        let pb = ProgressBar::new(total as u64);
+        pb.set_style(
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} joined {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    pb.set_message("setting up");
+
+    // ---------------------------------------------------------------- accounts and rooms
+    let transports = match &cfg.signalling {
+        Signalling::Matrix {
+            homeserver,
+            registration_secret,
+        } => {
+            let hs = Homeserver::new(http.clone(), homeserver);
+            let setup = setup_matrix(&cfg, &hs, registration_secret, &rooms, &pb);
+            let mut c = cancel_rx.clone();
+            tokio::select! {
+                r = tokio::time::timeout_at(setup_deadline.into(), setup) => match r {
+                    Ok(r) => r.map_err(RunError::Setup)?,
+                    Err(_) => return Err(RunError::Setup(format!("homeserver setup did not finish within {:?}", cfg.setup_timeout))),
+                },
+                _ = c.changed() => return Err(RunError::Setup("interrupted during setup".into())),
+            }
+            .into_iter()
+            .map(|sessions| {
+                sessions
+                    .into_iter()
+                    .map(|session| Transport::Matrix {
+                        hs: hs.clone(),
+                        session,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+        }
+        Signalling::Direct { url, token } => rooms
+            .iter()
+            .map(|r| {
+                r.members
+                    .iter()
+                    .map(|m| Transport::Direct {
+                        http: http.clone(),
+                        base: url.trim_end_matches('/').to_string(),
+                        token: token.clone(),
+                        user_id: format!("@wl-{}-{}:direct", cfg.run_id, m.publisher.0),
+                        device_id: format!("WL{}", m.publisher.0),
+                    })
+                    .collect()
+            })
+            .collect(),
+    };
+    let setup_s = start.elapsed().as_secs_f64();
+    info!(setup_s, "accounts and rooms ready");
+
+    // ---------------------------------------------------------------- participants
+    let shared = Arc::new(Shared {
+        run_start: start,
+        setup_deadline,
+        joined: AtomicU64::new(0),
+        active: AtomicU64::new(0),
+        rx_bytes: AtomicU64::new(0),
+        timeline: Mutex::new(Timeline::default()),
+        signal: Arc::new(SignalCounters::default()),
+    });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Ctrl-C (the caller's cancel) also stops participants.
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let mut c = cancel_rx.clone();
+        let stop_tx = stop_tx.clone();
+        let interrupted = interrupted.clone();
+        tokio::spawn(async move {
+            if c.changed().await.is_ok() && *c.borrow() {
+                interrupted.store(true, Ordering::Relaxed);
+                let _ = stop_tx.send(true);
+            }
+        });
+    }
+    let progress = {
+        let shared = shared.clone();
+        let pb = pb.clone();
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(PROGRESS_TICK).await;
+                let now = Instant::now();
+                let bytes = shared.rx_bytes.load(Ordering::Relaxed);
+                let dt = (now - last.0).as_secs_f64().max(1e-3);
+                let mbps = bytes.saturating_sub(last.1) as f64 * 8.0 / dt / 1e6;
+                last = (now, bytes);
+                pb.set_position(shared.joined.load(Ordering::Relaxed));
+                pb.set_message(format!(
+                    "active {} rx {:.1} Mbit/s",
+                    shared.active.load(Ordering::Relaxed),
+                    mbps
+                ));
+            }
+        })
+    };
+
+    let interval = Duration::from_secs_f64(1.0 / cfg.join_rate.max(0.01));
+    let mut handles = Vec::new();
+    let mut next_start = Instant::now();
+    let schedule = |room: usize| SpeakerSchedule {
+        speakers: cfg.speakers,
+        turn_us: cfg.speaker_turn.as_micros() as u64,
+        seed: cfg.seed ^ (room as u64).wrapping_mul(0x5851_f42d),
+    };
+    'start: for (ri, (room, tps)) in rooms.iter().zip(transports).enumerate() {
+        for (m, transport) in room.members.iter().zip(tps) {
+            if *stop_rx.borrow() {
+                break 'start;
+            }
+            let plan = Plan {
+                publisher: m.publisher,
+                room: RoomIndex(ri),
+                conf_id: room.conf_id.clone(),
+                publish_video: m.video,
+                publish_audio: m.audio,
+                layout: cfg.layout,
+                room_video: room.video.clone(),
+                room_audio: room.audio.clone(),
+                speakers: schedule(ri),
+                uplink: if m.impaired {
+                    cfg.uplink
+                } else {
+                    Impairment::default()
+                },
+                downlink: if m.impaired {
+                    cfg.downlink
+                } else {
+                    Impairment::default()
+                },
+                seed: cfg.seed ^ u64::from(m.publisher.0).wrapping_mul(0x9e37_79b9),
+                focus: focus.clone(),
+                focus_session: cfg.focus_session.clone(),
+                session_id: m.session_id.clone(),
+            };
+            let mut c = stop_rx.clone();
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_start.into()) => {}
+                _ = c.changed() => break 'start,
+            }
+            next_start += interval;
+            handles.push(tokio::spawn(participant::run(
+                plan,
+                transport,
+                shared.clone(),
+                stop_rx.clone(),
+            )));
+        }
+    }
+
+    // Setup phase: until everyone joined or the cap.
+    {
+        let mut c = stop_rx.clone();
+        loop {
+            if shared.joined.load(Ordering::Relaxed) as usize >= handles.len()
+                || Instant::now() >= setup_deadline
+                || *c.borrow()
+            {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = c.changed() => {}
+            }
+        }
+    }
+    let measure_start = Instant::now();
+    let mut focus_cost = FocusCost::default();
+    if let Some(url) = &cfg.focus_metrics {
+        match prom::scrape(&http, url).await {
+            Ok(s) => focus_cost.start = Some(s),
+            Err(e) => warn!(error = %e, "focus metrics at start"),
+        }
+    }
+    {
+        let mut c = stop_rx.clone();
+        pb.println(format!(
+            "{} of {} joined in {:.1}s; measuring for {:?}",
+            shared.joined.load(Ordering::Relaxed),
+            handles.len(),
+            setup_s
+                + measure_start
+                    .duration_since(start + Duration::from_secs_f64(setup_s))
+                    .as_secs_f64(),
+            cfg.duration
+        ));
+        if !*c.borrow() {
+            tokio::select! {
+                _ = tokio::time::sleep(cfg.duration) => {}
+                _ = c.changed() => {}
+            }
+        }
+    }
+    let measured = measure_start.elapsed();
+    if let Some(url) = &cfg.focus_metrics {
+        match prom::scrape(&http, url).await {
+            Ok(s) => focus_cost.end = Some(s),
+            Err(e) => warn!(error = %e, "focus metrics at end"),
+        }
+    }
+    if let (Some(a), Some(b)) = (focus_cost.start, focus_cost.end) {
+        focus_cost.cpu_us_per_forwarded_packet = prom::cpu_us_per_packet(&a, &b);
+        focus_cost.forwarded_packets = Some(b.forwarded - a.forwarded);
+        focus_cost.cpu_seconds = Some(b.cpu_seconds - a.cpu_seconds);
+    }
+    let _ = stop_tx.send(true);
+    pb.set_message("hanging up");
+    let elapsed_s = start.elapsed().as_secs_f64();
+    let mut reports = Vec::new();
+    let deadline = tokio::time::Instant::now() + HANGUP_GRACE;
+    for h in handles {
+        let abort = h.abort_handle();
+        match tokio::time::timeout_at(deadline, h).await {
+            Ok(Ok(r)) => reports.push(r),
+            Ok(Err(e)) => warn!(error = %e, "participant task failed"),
+            Err(_) => {
+                abort.abort();
+                warn!("participant did not stop in time");
+            }
+        }
+    }
+    // Let the last hangups leave (their sender tasks drain on their own).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    progress.abort();
+    pb.finish_and_clear();
+    let timeline = std::mem::take(&mut *shared.timeline.lock().unwrap_or_else(|e| e.into_inner()));
+    Ok(RunReport {
+        reports,
+        rooms: cfg.rooms,
+        duration_s: measured.as_secs_f64(),
+        elapsed_s,
+        setup_s,
+        interrupted: interrupted.load(Ordering::Relaxed),
+        floor,
+        focus: focus_cost,
+        loadtest_cpu_s: match (cpu_start, crate::own_cpu_seconds()) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
+        timeline,
+        signal_sent: shared.signal.sent.load(Ordering::Relaxed),
+        signal_failures: shared.signal.send_failures.load(Ordering::Relaxed),
+    })
+}
+
+/// Register every participant, create each room with its call state, join everyone, publish
+/// each member's call device, and wait until the focus has joined each room.
+async fn setup_matrix(
+    cfg: &RunConfig,
+    hs: &Homeserver,
+    secret: &str,
+    rooms: &[RoomPlan],
+    pb: &ProgressBar,
+) -> Result<Vec<Vec<Session>>, String> {
+    let sem = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+    let password = format!("wl-{}", crate::call::gen_id(0, 16));
+    // Register.
+    let mut tasks = Vec::new();
+    for room in rooms {
+        for m in &room.members {
+            let hs = hs.clone();
+            let sem = sem.clone();
+            let secret = secret.to_string();
+            let password = password.clone();
+            let localpart = format!("wl-{}-{}", cfg.run_id, m.publisher.0);
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
+                hs.register(&secret, &localpart, &password)
+                    .await
+                    .map_err(|e| e.to_string())
+            }));
+        }
+    }
+    let mut sessions = Vec::new();
+    let n = tasks.len();
+    for (i, t) in tasks.into_iter().enumerate() {
+        sessions.push(t.await.map_err(|e| e.to_string())??);
+        pb.set_message(format!("registered {}/{n}", i + 1));
+    }
+    let mut per_room: Vec<Vec<Session>> = Vec::new();
+    let mut it = sessions.into_iter();
+    for room in rooms {
+        per_room.push(it.by_ref().take(room.members.len()).collect());
+    }
+    // Rooms: create (inviting members and the focus), call state, joins, member state.
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        + matrix::MEMBER_TTL_MS;
+    let mut room_ids = Vec::new();
+    for (ri, (room, sess)) in rooms.iter().zip(&per_room).enumerate() {
+        let creator = &sess[0];
+        let mut invite: Vec<String> = sess[1..].iter().map(|s| s.user_id.clone()).collect();
+        invite.push(cfg.focus_user.clone());
+        let room_id = hs
+            .create_call_room(
+                creator,
+                &format!("weir-loadtest {} room {ri}", cfg.run_id),
+                &invite,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        hs.put_state(
+            creator,
+            &room_id,
+            matrix::CALL_STATE,
+            &room.conf_id,
+            &matrix::call_content(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut tasks = Vec::new();
+        for (m, s) in room.members.iter().zip(sess) {
+            let hs = hs.clone();
+            let sem = sem.clone();
+            let s = s.clone();
+            let room_id = room_id.clone();
+            let content = matrix::member_content(
+                &room.conf_id,
+                &s.device_id,
+                &m.session_id,
+                expires,
+                &cfg.focus_user,
+            );
+            let is_creator = s.user_id == creator.user_id;
+            tasks.push(tokio::spawn(async move {
+                let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
+                if !is_creator {
+                    hs.join(&s, &room_id).await.map_err(|e| e.to_string())?;
+                }
+                hs.put_state(
+                    &s,
+                    &room_id,
+                    matrix::CALL_MEMBER_STATE,
+                    &s.user_id,
+                    &content,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            }));
+        }
+        for t in tasks {
+            t.await.map_err(|e| e.to_string())??;
+        }
+        pb.set_message(format!("room {}/{} ready", ri + 1, rooms.len()));
+        room_ids.push(room_id);
+    }
+    // The focus must be in each room (it joins on invite) before it can authorise anyone.
+    for (room_id, sess) in room_ids.iter().zip(&per_room) {
+        loop {
+            let members = hs
+                .joined_members(&sess[0], room_id)
+                .await
+                .map_err(|e| e.to_string())?;
+            if members.iter().any(|m| *m == cfg.focus_user) {
+                break;
+            }
+            pb.set_message("waiting for the focus to join");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    Ok(per_room)
+}
+
+/// Register one account (e.g. the focus's) with the shared secret; used by `register`.
+pub async fn register_one(
+    homeserver: &str,
+    secret: &str,
+    localpart: &str,
+    password: &str,
+) -> Result<Session, String> {
+    let hs = Homeserver::new(reqwest::Client::new(), homeserver);
+    hs.register(secret, localpart, password)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Files `--json` and `--plot` write to.
+#[derive(Debug, Clone, Default)]
+pub struct Outputs {
+    pub json: Option<PathBuf>,
+    pub plot: Option<PathBuf>,
+}

@@ -1,0 +1,363 @@
+//! Synthetic media sources: when to send what, with realistic sizes. Pure: time is passed in as
+//! µs, randomness comes from a seeded generator.
+//!
+//! Video: three simulcast layers at 30 fps. Delta-frame sizes vary log-normally around the
+//! layer's mean; a keyframe is [`KEYFRAME_SIZE_FACTOR`] times a mean delta frame, every
+//! [`KEYFRAME_INTERVAL_US`] and on request (PLI/FIR). Sizes are scaled so each layer averages
+//! its target bitrate. Audio: 50 packets/s, larger while "talking" than in silence, with an RFC
+//! 6464 level.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::ids::Layer;
+
+/// Video frame interval (30 fps).
+pub const FRAME_INTERVAL_US: u64 = 33_333;
+/// Audio packet interval (Opus 20 ms frames, 50 packets/s).
+pub const AUDIO_INTERVAL_US: u64 = 20_000;
+/// A keyframe this often even without requests. Browsers send one every few seconds at most
+/// when nobody asks; 3 s matches LiveKit's load tester media.
+pub const KEYFRAME_INTERVAL_US: u64 = 3_000_000;
+/// Keyframe size relative to a mean delta frame (VP8 at these rates: 4-8x).
+pub const KEYFRAME_SIZE_FACTOR: f64 = 6.0;
+/// Spread of delta-frame sizes (σ of the log-normal): ±~30 % frame to frame.
+pub const FRAME_SIZE_SIGMA: f64 = 0.3;
+/// Largest RTP payload we send: with RTP header, extensions and SRTP tag this stays well under
+/// a 1280-byte path MTU, like browsers' packetisers.
+pub const MAX_PAYLOAD: usize = 1100;
+/// Audio payload sizes: Opus at ~32 kbit/s while talking, comfort-noise-sized in silence.
+pub const AUDIO_TALK_BYTES: usize = 80;
+pub const AUDIO_SILENCE_BYTES: usize = 45;
+/// RFC 6464 levels (-dBov) while talking and silent.
+pub const AUDIO_TALK_LEVEL: i8 = -25;
+pub const AUDIO_SILENCE_LEVEL: i8 = -90;
+
+/// One frame of one layer, ready to packetise.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FramePlan {
+    pub layer: Layer,
+    pub frame: u32,
+    pub keyframe: bool,
+    /// Capture time, µs since the epoch (drives the RTP timestamp).
+    pub capture_us: u64,
+    /// Payload size of each packet.
+    pub packets: Vec<usize>,
+}
+
+struct LayerState {
+    layer: Layer,
+    frame: u32,
+    last_key_us: Option<u64>,
+    key_requested: bool,
+}
+
+/// The three-layer simulcast video of one publisher.
+pub struct VideoSource {
+    layers: Vec<LayerState>,
+    next_us: u64,
+    rng: StdRng,
+}
+
+impl VideoSource {
+    pub fn new(start_us: u64, seed: u64) -> Self {
+        VideoSource {
+            layers: Layer::ALL
+                .iter()
+                .map(|&layer| LayerState {
+                    layer,
+                    frame: 0,
+                    last_key_us: None,
+                    key_requested: false,
+                })
+                .collect(),
+            next_us: start_us,
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// When the next frames are due.
+    pub fn next_due(&self) -> u64 {
+        self.next_us
+    }
+
+    /// A receiver asked for a keyframe on `layer` (or every layer): the next frame is one.
+    pub fn request_keyframe(&mut self, layer: Option<Layer>) {
+        for l in &mut self.layers {
+            if layer.is_none_or(|x| x == l.layer) {
+                l.key_requested = true;
+            }
+        }
+    }
+
+    /// The frames due at `now_us` (one per layer), or none if it is not time yet. Falls behind
+    /// gracefully: after a stall it sends one set of frames, not a burst of the missed ones.
+    pub fn poll(&mut self, now_us: u64) -> Vec<FramePlan> {
+        if now_us < self.next_us {
+            return Vec::new();
+        }
+        let capture_us = self.next_us;
+        self.next_us += FRAME_INTERVAL_US;
+        if self.next_us + FRAME_INTERVAL_US < now_us {
+            self.next_us = now_us + FRAME_INTERVAL_US;
+        }
+        let mut out = Vec::with_capacity(self.layers.len());
+        for i in 0..self.layers.len() {
+            let l = &mut self.layers[i];
+            let keyframe = l.key_requested
+                || l.last_key_us
+                    .is_none_or(|t| capture_us.saturating_sub(t) >= KEYFRAME_INTERVAL_US);
+            if keyframe {
+                l.last_key_us = Some(capture_us);
+                l.key_requested = false;
+            }
+            let layer = l.layer;
+            let frame = l.frame;
+            l.frame = l.frame.wrapping_add(1);
+            let size = frame_size(layer, keyframe, &mut self.rng);
+            out.push(FramePlan {
+                layer,
+                frame,
+                keyframe,
+                capture_us,
+                packets: split(size, MAX_PAYLOAD),
+            });
+        }
+        out
+    }
+}
+
+/// Mean delta-frame size of a layer such that, with one keyframe per interval, the layer
+/// averages its target bitrate.
+pub fn mean_delta_bytes(layer: Layer) -> f64 {
+    let frames_per_key = KEYFRAME_INTERVAL_US as f64 / FRAME_INTERVAL_US as f64;
+    let bytes_per_frame = layer.bitrate() as f64 / 8.0 * FRAME_INTERVAL_US as f64 / 1e6;
+    bytes_per_frame * frames_per_key / (frames_per_key - 1.0 + KEYFRAME_SIZE_FACTOR)
+}
+
+fn frame_size(layer: Layer, keyframe: bool, rng: &mut StdRng) -> usize {
+    let mean = mean_delta_bytes(layer);
+    if keyframe {
+        return (mean * KEYFRAME_SIZE_FACTOR) as usize;
+    }
+    // Log-normal with mean 1: exp(N(0, σ²) - σ²/2), N from Box-Muller.
+    let u1: f64 = rng.random::<f64>().max(1e-12);
+    let u2: f64 = rng.random();
+    let n = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+    let factor = (FRAME_SIZE_SIGMA * n - FRAME_SIZE_SIGMA * FRAME_SIZE_SIGMA / 2.0).exp();
+    ((mean * factor) as usize).max(crate::payload::MIN_VIDEO_PAYLOAD)
+}
+
+/// Split `size` bytes into packets of at most `max` bytes, as evenly as possible (like libwebrtc's
+/// VP8 packetiser), each at least one header long.
+pub fn split(size: usize, max: usize) -> Vec<usize> {
+    let min = crate::payload::MIN_VIDEO_PAYLOAD;
+    let n = size.div_ceil(max).max(1);
+    let base = size / n;
+    let extra = size % n;
+    (0..n)
+        .map(|i| (base + usize::from(i < extra)).max(min))
+        .collect()
+}
+
+/// Who is talking when: a deterministic schedule every participant of a room can compute on
+/// its own, so a speaker layout follows the same speaker everywhere without coordination.
+#[derive(Debug, Clone, Copy)]
+pub struct SpeakerSchedule {
+    /// How many of the room's publishers talk at once (0 = nobody).
+    pub speakers: usize,
+    /// How long a turn lasts.
+    pub turn_us: u64,
+    pub seed: u64,
+}
+
+impl SpeakerSchedule {
+    /// The turn number at `now_us`.
+    pub fn turn(&self, now_us: u64) -> u64 {
+        now_us / self.turn_us.max(1)
+    }
+
+    /// Indices (into the room's publisher list of length `n`) talking during `turn`. The first
+    /// one is the "active speaker".
+    pub fn talking(&self, turn: u64, n: usize) -> Vec<usize> {
+        if n == 0 || self.speakers == 0 {
+            return Vec::new();
+        }
+        let first = (mix(self.seed ^ turn.wrapping_mul(0x9e37_79b9)) % n as u64) as usize;
+        (0..self.speakers.min(n)).map(|k| (first + k) % n).collect()
+    }
+}
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// One audio packet to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AudioPlan {
+    pub seq: u32,
+    pub capture_us: u64,
+    pub bytes: usize,
+    pub level: i8,
+    pub voice: bool,
+}
+
+/// 50 packets/s of Opus-like audio.
+pub struct AudioSource {
+    next_us: u64,
+    seq: u32,
+}
+
+impl AudioSource {
+    pub fn new(start_us: u64) -> Self {
+        AudioSource {
+            next_us: start_us,
+            seq: 0,
+        }
+    }
+
+    pub fn next_due(&self) -> u64 {
+        self.next_us
+    }
+
+    /// The packet due at `now_us`, if any. `talking` decides its size and level.
+    pub fn poll(&mut self, now_us: u64, talking: bool) -> Option<AudioPlan> {
+        if now_us < self.next_us {
+            return None;
+        }
+        let capture_us = self.next_us;
+        self.next_us += AUDIO_INTERVAL_US;
+        if self.next_us + AUDIO_INTERVAL_US < now_us {
+            self.next_us = now_us + AUDIO_INTERVAL_US;
+        }
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        Some(AudioPlan {
+            seq,
+            capture_us,
+            bytes: if talking {
+                AUDIO_TALK_BYTES
+            } else {
+                AUDIO_SILENCE_BYTES
+            },
+            level: if talking {
+                AUDIO_TALK_LEVEL
+            } else {
+                AUDIO_SILENCE_LEVEL
+            },
+            voice: talking,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_layer_averages_its_target_bitrate() {
+        let mut v = VideoSource::new(0, 1);
+        let mut bytes = [0usize; 3];
+        let seconds = 30;
+        let mut t = 0;
+        while t < seconds * 1_000_000 {
+            for f in v.poll(t) {
+                bytes[f.layer.index()] += f.packets.iter().sum::<usize>();
+            }
+            t += 1000;
+        }
+        for l in Layer::ALL {
+            let rate = bytes[l.index()] as f64 * 8.0 / seconds as f64;
+            let target = l.bitrate() as f64;
+            assert!(
+                (rate - target).abs() / target < 0.06,
+                "{l:?}: {rate} vs {target}"
+            );
+        }
+    }
+
+    #[test]
+    fn keyframes_come_on_schedule_and_on_request_per_layer() {
+        let mut v = VideoSource::new(0, 2);
+        let first = v.poll(0);
+        assert!(
+            first.iter().all(|f| f.keyframe),
+            "a stream starts with a keyframe"
+        );
+        let mut t = FRAME_INTERVAL_US;
+        let f = v.poll(t);
+        assert!(f.iter().all(|f| !f.keyframe));
+        v.request_keyframe(Some(Layer::H));
+        t += FRAME_INTERVAL_US;
+        let f = v.poll(t);
+        let keys: Vec<Layer> = f.iter().filter(|f| f.keyframe).map(|f| f.layer).collect();
+        assert_eq!(keys, vec![Layer::H]);
+        // The periodic keyframe.
+        let mut saw = 0;
+        while t < KEYFRAME_INTERVAL_US + 2 * FRAME_INTERVAL_US {
+            t += FRAME_INTERVAL_US;
+            saw += v.poll(t).iter().filter(|f| f.keyframe).count();
+        }
+        assert_eq!(saw, 3, "one periodic keyframe per layer");
+    }
+
+    #[test]
+    fn keyframes_span_several_packets_and_packets_fit_the_mtu() {
+        let mut v = VideoSource::new(0, 3);
+        let f = v.poll(0);
+        let full = f.iter().find(|f| f.layer == Layer::F).unwrap();
+        assert!(full.packets.len() > 10, "{:?}", full.packets.len());
+        assert!(full.packets.iter().all(|&p| p <= MAX_PAYLOAD));
+        assert_eq!(split(2201, 1100), vec![734, 734, 733]);
+        assert_eq!(split(10, 1100), vec![crate::payload::MIN_VIDEO_PAYLOAD]);
+    }
+
+    #[test]
+    fn a_stall_does_not_cause_a_burst() {
+        let mut v = VideoSource::new(0, 4);
+        assert_eq!(v.poll(0).len(), 3);
+        assert_eq!(v.poll(1_000_000).len(), 3);
+        assert!(v.poll(1_000_001).is_empty());
+        let mut a = AudioSource::new(0);
+        assert!(a.poll(0, true).is_some());
+        assert!(a.poll(500_000, true).is_some());
+        assert!(a.poll(500_001, true).is_none());
+    }
+
+    #[test]
+    fn audio_is_fifty_packets_a_second_and_louder_when_talking() {
+        let mut a = AudioSource::new(0);
+        let mut n = 0;
+        for t in (0..1_000_000).step_by(1000) {
+            if let Some(p) = a.poll(t, n < 25) {
+                if p.voice {
+                    assert_eq!(p.level, AUDIO_TALK_LEVEL);
+                }
+                n += 1;
+            }
+        }
+        assert_eq!(n, 50);
+    }
+
+    #[test]
+    fn the_speaker_schedule_is_shared_and_rotates() {
+        let s = SpeakerSchedule {
+            speakers: 2,
+            turn_us: 5_000_000,
+            seed: 9,
+        };
+        assert_eq!(s.turn(4_999_999), 0);
+        assert_eq!(s.turn(5_000_000), 1);
+        let t0 = s.talking(0, 4);
+        assert_eq!(t0.len(), 2);
+        assert_ne!(t0[0], t0[1]);
+        assert!(s.talking(0, 0).is_empty());
+        let distinct: std::collections::HashSet<usize> =
+            (0..50).map(|t| s.talking(t, 4)[0]).collect();
+        assert!(distinct.len() > 1, "the active speaker changes over turns");
+    }
+}
