@@ -33,6 +33,19 @@ else
   echo "installed: $(/usr/bin/chromium --version 2>/dev/null)"
 fi
 
+# --- 1b. network namespace tools (scripts/in-netns.sh) ----------------------------------------
+step "ip and unshare (loopback-only network namespaces for the tests)"
+if command -v ip >/dev/null && command -v unshare >/dev/null; then
+  echo "present: $(command -v ip) $(command -v unshare)"
+elif [[ "${WEIR_SKIP_APT:-0}" == 1 ]]; then
+  echo "WARNING: ip/unshare missing and WEIR_SKIP_APT=1: tests will run without a namespace" >&2
+else
+  SUDO=""
+  [[ "$(id -u)" == 0 ]] || SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y iproute2 util-linux
+fi
+
 # --- 2. Synapse ----------------------------------------------------------------------------
 step "Synapse in .venv/synapse"
 VENV="$REPO/.venv/synapse"
