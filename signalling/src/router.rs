@@ -4,7 +4,8 @@
 //! commands, and performs the [`Output`]s.
 //!
 //! Policy decisions taken here (see also `docs/decisions.md`):
-//! - Refused invites get `m.call.hangup` with the refusal reason (`not_in_room`, `no_call`, …)
+//! - Refused invites get `m.call.reject` with the refusal reason (`not_in_room`, `no_call`, …);
+//!   a refused re-offer on a live leg gets `m.call.hangup`
 //!   as `reason`; js-sdk accepts any string and shows it in logs, which helps operators.
 //!   Refusals that late room state could fix are first held for [`RouterConfig::auth_grace`]
 //!   and re-checked after each room update (the to-device invite can overtake the
@@ -690,15 +691,25 @@ impl Router {
             }
         }
         // A refused re-offer ends the leg.
-        if let Some(e) = self.legs.remove(&to.call_id) {
+        let had_leg = if let Some(e) = self.legs.remove(&to.call_id) {
             self.metrics.legs.set(self.legs.len() as i64);
             self.out.push_back(Output::Event(LegEvent::Hangup {
                 leg: e.leg,
                 reason: format!("refused:{}", reason.as_str()),
             }));
-        }
+            true
+        } else {
+            false
+        };
         if self.limiter.allow(&to.call_id, now) {
-            self.reply_hangup(&to, reason.as_str());
+            if had_leg {
+                self.reply_hangup(&to, reason.as_str());
+            } else {
+                // Stock js-sdk ignores a hangup for a call nobody has answered yet ("our
+                // partner is undefined") and would wait out its 60 s invite timeout; it ends
+                // an unanswered outgoing call on `m.call.reject` at once.
+                self.reply_reject(&to, reason.as_str());
+            }
         }
         self.limiter.mark(&to.call_id, now);
     }
@@ -892,6 +903,21 @@ impl Router {
             &to.device_id,
             &to.call_id,
             "m.call.hangup",
+            content,
+        );
+    }
+
+    /// `m.call.reject` to the sender of an invite we refuse (the envelope as on every event,
+    /// plus the refusal reason, which clients show or ignore).
+    fn reply_reject(&mut self, to: &ReplyTo, reason: &str) {
+        self.metrics.unknown_call_hangups.inc();
+        let env = wire::envelope(&self.cfg.me, &to.call_id, &to.conf_id, &to.session_id);
+        let content = wire::hangup_content(env, reason);
+        self.send(
+            &to.user_id,
+            &to.device_id,
+            &to.call_id,
+            "m.call.reject",
             content,
         );
     }

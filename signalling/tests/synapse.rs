@@ -407,7 +407,7 @@ async fn focus_against_real_synapse() {
         )
         .await;
     let hangup = mallory
-        .wait_to_device("m.call.hangup", |c| c["call_id"] == "call-m")
+        .wait_to_device("m.call.reject", |c| c["call_id"] == "call-m")
         .await;
     assert_eq!(hangup["reason"], "not_in_room");
     assert_eq!(hangup["dest_session_id"], "mallory-sess");

@@ -330,7 +330,7 @@ fn assert_refused_hangup(outs: &[Output], reason: &str, to_user: &str, session: 
     );
     let s = sends(outs);
     assert_eq!(s.len(), 1, "{s:?}");
-    assert_eq!(s[0].event_type, "m.call.hangup");
+    assert_eq!(s[0].event_type, "m.call.reject");
     assert_eq!(s[0].to_user.as_str(), to_user);
     assert_eq!(s[0].content["reason"], reason);
     assert_eq!(s[0].content["dest_session_id"], session);
