@@ -80,14 +80,13 @@ impl<T> Link<T> {
             return None;
         }
         let mut depart = now;
-        if self.cfg.rate_bps > 0 {
+        if let Some(tx_ns) = (size as u64 * 8 * 1_000_000_000).checked_div(self.cfg.rate_bps) {
             let start = self.busy_until.map_or(now, |b| b.max(now));
             if start.saturating_duration_since(now) > QUEUE_LIMIT {
                 self.counters.queue_drops += 1;
                 return None;
             }
-            let tx = Duration::from_nanos(size as u64 * 8 * 1_000_000_000 / self.cfg.rate_bps);
-            depart = start + tx;
+            depart = start + Duration::from_nanos(tx_ns);
             self.busy_until = Some(depart);
         }
         let mut release = depart + self.cfg.delay;

@@ -229,8 +229,11 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
             }
         },
     };
-    if !(a.duration > 0.0 && a.duration <= 86_400.0) || !(a.setup_timeout > 0.0) {
-        eprintln!("weir-loadtest: --duration must be in (0, 86400] s and --setup-timeout > 0");
+    let valid = |v: f64, max: f64| v.is_finite() && v > 0.0 && v <= max;
+    if !valid(a.duration, 86_400.0) || !valid(a.setup_timeout, 3_600.0) {
+        eprintln!(
+            "weir-loadtest: --duration must be in (0, 86400] s and --setup-timeout in (0, 3600] s"
+        );
         return ExitCode::from(2);
     }
     let imp = Impairment {

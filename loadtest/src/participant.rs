@@ -108,6 +108,8 @@ pub struct Report {
     /// From the first invite to the first complete video frame.
     pub first_frame_ms: Option<f64>,
     pub rx: RxStats,
+    /// Seconds from the first connect to the end of the run (what received rates divide by).
+    pub active_s: f64,
     pub subscribed_video: BTreeSet<PublisherId>,
     pub subscribed_audio: BTreeSet<PublisherId>,
     pub sent_packets: u64,
@@ -187,6 +189,7 @@ struct Participant {
     ts_offset: [u32; 4],
     payload: Vec<u8>,
     first_invite: Option<Instant>,
+    first_connect: Option<Instant>,
     join_ms: Option<f64>,
     subscribed_video: BTreeSet<PublisherId>,
     subscribed_audio: BTreeSet<PublisherId>,
@@ -227,6 +230,7 @@ pub async fn run(
         join_ms: None,
         first_frame_ms: None,
         rx: RxStats::default(),
+        active_s: 0.0,
         subscribed_video: BTreeSet::new(),
         subscribed_audio: BTreeSet::new(),
         sent_packets: 0,
@@ -280,6 +284,7 @@ pub async fn run(
         ts_offset: std::array::from_fn(|_| rand::random()),
         payload: Vec::with_capacity(1500),
         first_invite: None,
+        first_connect: None,
         join_ms: None,
         subscribed_video: BTreeSet::new(),
         subscribed_audio: BTreeSet::new(),
@@ -335,6 +340,10 @@ pub async fn run(
     p.rx.finish(now_us);
     p.flush_second(Instant::now(), true);
     report.attempts = attempt;
+    report.active_s = p
+        .first_connect
+        .map(|t| t.elapsed().as_secs_f64())
+        .unwrap_or(0.0);
     report.join_ms = p.join_ms;
     report.first_frame_ms = match (p.rx.first_frame_us(), p.first_invite) {
         (Some(f), Some(i)) => Some((f as f64 - micros_since_epoch(i) as f64) / 1000.0),
@@ -627,9 +636,7 @@ impl Participant {
         };
         match msg {
             FromFocus::Answer { sdp, party_id } => {
-                let Some(pending) = c.pending.take() else {
-                    return None;
-                };
+                let pending = c.pending.take()?;
                 let answer = match SdpAnswer::from_sdp_string(&sdp) {
                     Ok(a) => a,
                     Err(e) => {
@@ -777,6 +784,7 @@ impl Participant {
                 c.connected_at = Some(now);
                 if !self.counted_joined {
                     self.counted_joined = true;
+                    self.first_connect = Some(now);
                     self.shared.joined.fetch_add(1, Ordering::Relaxed);
                     if let Some(first) = self.first_invite {
                         self.join_ms = Some((now - first).as_secs_f64() * 1000.0);

@@ -57,7 +57,8 @@ pub struct Summary {
     pub loss_pct: f64,
     pub latency_ms: Percentiles,
     pub jitter_ms: f64,
-    /// Received bitrate per layer, kbit/s, averaged per receiving participant.
+    /// Received bitrate per layer, kbit/s, averaged over connected participants (each one's
+    /// bytes over its own time connected).
     pub rx_kbps_per_participant: BTreeMap<&'static str, f64>,
     pub rx_mbps_total: f64,
     pub layer_switches: u64,
@@ -72,14 +73,15 @@ pub struct Summary {
 }
 
 impl Summary {
-    pub fn of(reports: &[&Report], seconds: f64) -> Summary {
+    pub fn of(reports: &[&Report]) -> Summary {
         let mut lat = new_histogram();
         let mut joins = Vec::new();
         let mut firsts = Vec::new();
         let (mut expected, mut lost) = (0u64, 0u64);
         let mut jitters = Vec::new();
-        let mut layer_bytes = [0u64; 3];
-        let mut audio_bytes = 0u64;
+        // Rates in bit/s, summed over participants: [q, h, f, audio].
+        let mut rates = [0f64; 4];
+        let mut connected = 0usize;
         let mut s = Summary {
             participants: reports.len(),
             joined: 0,
@@ -114,10 +116,16 @@ impl Summary {
             }
             expected += r.rx.rtp_expected();
             lost += r.rx.rtp_lost();
+            let secs = (r.active_s > 0.0).then_some(r.active_s);
+            if secs.is_some() {
+                connected += 1;
+            }
             for v in r.rx.video.values() {
                 jitters.push(v.jitter.jitter_us);
                 for l in Layer::ALL {
-                    layer_bytes[l.index()] += v.bytes_per_layer[l.index()];
+                    if let Some(secs) = secs {
+                        rates[l.index()] += v.bytes_per_layer[l.index()] as f64 * 8.0 / secs;
+                    }
                 }
                 s.layer_switches += v.layer_switches;
                 s.freezes += v.freezes;
@@ -125,7 +133,9 @@ impl Summary {
             }
             for a in r.rx.audio.values() {
                 jitters.push(a.jitter.jitter_us);
-                audio_bytes += a.bytes;
+                if let Some(secs) = secs {
+                    rates[3] += a.bytes as f64 * 8.0 / secs;
+                }
             }
             s.integrity_errors += r.rx.integrity_errors;
             s.duplicates += r.rx.duplicates;
@@ -147,18 +157,14 @@ impl Summary {
         } else {
             jitters.iter().sum::<f64>() / jitters.len() as f64 / 1000.0
         };
-        let secs = seconds.max(1e-3);
-        let n = s.participants.max(1) as f64;
+        let n = connected.max(1) as f64;
         for l in Layer::ALL {
-            s.rx_kbps_per_participant.insert(
-                l.rid(),
-                layer_bytes[l.index()] as f64 * 8.0 / secs / 1000.0 / n,
-            );
+            s.rx_kbps_per_participant
+                .insert(l.rid(), rates[l.index()] / 1000.0 / n);
         }
         s.rx_kbps_per_participant
-            .insert("audio", audio_bytes as f64 * 8.0 / secs / 1000.0 / n);
-        let total: u64 = layer_bytes.iter().sum::<u64>() + audio_bytes;
-        s.rx_mbps_total = total as f64 * 8.0 / secs / 1e6;
+            .insert("audio", rates[3] / 1000.0 / n);
+        s.rx_mbps_total = rates.iter().sum::<f64>() / 1e6;
         s
     }
 }
@@ -192,7 +198,7 @@ pub struct RunReport {
 impl RunReport {
     pub fn overall(&self) -> Summary {
         let all: Vec<&Report> = self.reports.iter().collect();
-        Summary::of(&all, self.elapsed_s)
+        Summary::of(&all)
     }
 
     pub fn per_room(&self) -> Vec<(RoomIndex, Summary)> {
@@ -202,7 +208,7 @@ impl RunReport {
         }
         rooms
             .into_iter()
-            .map(|(i, rs)| (i, Summary::of(&rs, self.elapsed_s)))
+            .map(|(i, rs)| (i, Summary::of(&rs)))
             .collect()
     }
 

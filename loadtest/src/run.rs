@@ -555,7 +555,7 @@ async fn setup_matrix(
                 .joined_members(&sess[0], room_id)
                 .await
                 .map_err(|e| e.to_string())?;
-            if members.iter().any(|m| *m == cfg.focus_user) {
+            if members.contains(&cfg.focus_user) {
                 break;
             }
             pb.set_message("waiting for the focus to join");
