@@ -1,0 +1,227 @@
+//! Micro-benchmarks of the forwarding hot path, without the kernel:
+//! - `rewrite`: one subscriber copy's sequence/timestamp mapping;
+//! - `layer_choice`: one subscriber copy's simulcast decision;
+//! - `keyframe_detect`: reading the VP8 descriptor of one packet;
+//! - `fanout/N`: one RTP packet written to N connected subscriber engines and each engine
+//!   drained (RTP header build, SRTP AES-GCM protection): the engine's per-copy cost that
+//!   every forwarded packet pays on top of weir's own bookkeeping and the kernel send.
+//!
+//! Run: `cargo bench -p weir-sfu --bench forwarding`. Results: docs/benchmarks.md.
+
+use std::collections::HashSet;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use str0m::change::{SdpAnswer, SdpOffer};
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpWrite;
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use weir_sfu::engine::new_rtc;
+use weir_sfu::forward::{starts_keyframe, Decision, LayerSelector, SeqTsRewriter, VideoCodec};
+
+fn rewrite(c: &mut Criterion) {
+    let t0 = Instant::now();
+    let mut r = SeqTsRewriter::new(90_000, 1000, 0);
+    let mut seq = 0u64;
+    c.bench_function("rewrite", |b| {
+        b.iter(|| {
+            seq += 1;
+            black_box(r.rewrite(7, black_box(seq), (seq * 3000) as u32, t0))
+        })
+    });
+}
+
+fn layer_choice(c: &mut Criterion) {
+    let mut s = LayerSelector::default();
+    s.set_target(2u8, Instant::now());
+    s.on_packet(2, true);
+    let mut i = 0u8;
+    c.bench_function("layer_choice", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            let layer = i % 3;
+            black_box(s.on_packet(black_box(layer), false) == Decision::Forward)
+        })
+    });
+}
+
+fn keyframe_detect(c: &mut Criterion) {
+    let payload: Vec<u8> = [0x90, 0xe0, 0x80, 0x12, 0x05, 0x20, 0x11]
+        .iter()
+        .copied()
+        .chain(std::iter::repeat_n(7, 1100))
+        .collect();
+    c.bench_function("keyframe_detect", |b| {
+        b.iter(|| black_box(starts_keyframe(VideoCodec::Vp8, black_box(&payload))))
+    });
+}
+
+/// A weir-side engine sending one video track to a client engine, connected in memory.
+struct Pair {
+    sfu: Rtc,
+    client: Rtc,
+    mid: Mid,
+    sfu_addr: SocketAddr,
+    client_addr: SocketAddr,
+}
+
+impl Pair {
+    fn new(i: u16) -> Pair {
+        let now = Instant::now();
+        let sfu_addr: SocketAddr = "127.0.0.1:10000".parse().unwrap();
+        let client_addr: SocketAddr = format!("127.0.0.1:{}", 20000 + i).parse().unwrap();
+        let mut sfu = new_rtc(now);
+        sfu.add_local_candidate(Candidate::host(sfu_addr, "udp").unwrap());
+        let mut client = Rtc::builder().set_rtp_mode(true).build(now);
+        client.add_local_candidate(Candidate::host(client_addr, "udp").unwrap());
+        // The participant offers (as browsers do), then weir offers the forwarded track.
+        let mut api = client.sdp_api();
+        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let (offer, pending) = api.apply().unwrap();
+        let offer = weir_sfu::engine::parse_offer(&offer.to_sdp_string(), &HashSet::new()).unwrap();
+        let answer = sfu.sdp_api().accept_offer(offer).unwrap();
+        client.sdp_api().accept_answer(pending, answer).unwrap();
+        client.add_remote_candidate(Candidate::host(sfu_addr, "udp").unwrap());
+        let mut api = sfu.sdp_api();
+        let mid = api.add_media(
+            MediaKind::Video,
+            Direction::SendOnly,
+            Some("s".into()),
+            Some("t".into()),
+            None,
+        );
+        let (offer, pending) = api.apply().unwrap();
+        let answer = client
+            .sdp_api()
+            .accept_offer(SdpOffer::from_sdp_string(&offer.to_sdp_string()).unwrap())
+            .unwrap();
+        sfu.sdp_api()
+            .accept_answer(
+                pending,
+                SdpAnswer::from_sdp_string(&answer.to_sdp_string()).unwrap(),
+            )
+            .unwrap();
+        let mut p = Pair {
+            sfu,
+            client,
+            mid,
+            sfu_addr,
+            client_addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(p.sfu.is_connected() && p.client.is_connected()) {
+            assert!(
+                Instant::now() < deadline,
+                "in-memory ICE/DTLS did not complete"
+            );
+            p.pump();
+        }
+        p
+    }
+
+    /// Move datagrams between the two engines until both are idle.
+    fn pump(&mut self) {
+        let now = Instant::now();
+        for _ in 0..64 {
+            let mut moved = false;
+            for from_sfu in [true, false] {
+                let (src, dst, src_addr, dst_addr) = if from_sfu {
+                    (
+                        &mut self.sfu,
+                        &mut self.client,
+                        self.sfu_addr,
+                        self.client_addr,
+                    )
+                } else {
+                    (
+                        &mut self.client,
+                        &mut self.sfu,
+                        self.client_addr,
+                        self.sfu_addr,
+                    )
+                };
+                let _ = src.handle_input(Input::Timeout(now));
+                while let Ok(out) = src.poll_output() {
+                    match out {
+                        Output::Transmit(t) => {
+                            let r = Receive::new(Protocol::Udp, src_addr, dst_addr, &t.contents)
+                                .unwrap();
+                            let _ = dst.handle_input(Input::Receive(now, r));
+                            while let Ok(o) = dst.poll_output() {
+                                if matches!(o, Output::Timeout(_)) {
+                                    break;
+                                }
+                                if let Output::Transmit(t2) = o {
+                                    let r = Receive::new(
+                                        Protocol::Udp,
+                                        dst_addr,
+                                        src_addr,
+                                        &t2.contents,
+                                    )
+                                    .unwrap();
+                                    let _ = src.handle_input(Input::Receive(now, r));
+                                }
+                                let _: Option<Event> = None;
+                            }
+                            moved = true;
+                        }
+                        Output::Timeout(_) => break,
+                        Output::Event(_) => {}
+                    }
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+}
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout");
+    for n in [1u16, 10, 50] {
+        let mut pairs: Vec<Pair> = (0..n).map(Pair::new).collect();
+        let pt = pairs[0]
+            .sfu
+            .codec_config()
+            .find(|p| p.spec().codec == Codec::Vp8)
+            .unwrap()
+            .pt();
+        let payload: Arc<[u8]> = vec![0x10u8; 1100].into();
+        let mut seq = 1u64;
+        group.throughput(Throughput::Elements(u64::from(n)));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.iter(|| {
+                seq += 1;
+                let now = Instant::now();
+                for p in &mut pairs {
+                    let mid = p.mid;
+                    let mut api = p.sfu.direct_api();
+                    let tx = api.stream_tx_by_mid(mid, None).unwrap();
+                    tx.write_rtp(
+                        RtpWrite::new(pt, seq.into(), (seq * 3000) as u32, now, payload.clone())
+                            .marker(true),
+                    );
+                    while let Ok(out) = p.sfu.poll_output() {
+                        match out {
+                            Output::Transmit(t) => {
+                                black_box(t.contents.len());
+                            }
+                            Output::Timeout(_) => break,
+                            Output::Event(_) => {}
+                        }
+                    }
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, rewrite, layer_choice, keyframe_detect, fanout);
+criterion_main!(benches);
