@@ -2,7 +2,8 @@
 //! participants each register, create their rooms, join, publish their call membership and
 //! call the focus with ordinary to-device events; each publishes simulcast video and audio for
 //! ten seconds and receives the others through the focus. Nothing arrives modified, and every
-//! participant receives every publisher it subscribed to.
+//! participant receives every publisher it subscribed to. Then the same focus is driven in
+//! direct mode (its authenticated HTTP signalling endpoint, no homeserver) with the same checks.
 //!
 //! Needs Synapse in `.venv/synapse` (scripts/setup.sh) and the focus binary
 //! (`cargo build -p weir-focus`, or `WEIR_FOCUS_BIN`).
@@ -14,6 +15,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+/// The focus's direct-mode bearer token in this test.
+const DIRECT_TOKEN: &str = "loadtest-direct-token";
 
 /// Bound on waiting for Synapse or the focus to come up; only matters when something is broken.
 const READY_DEADLINE: Duration = Duration::from_secs(90);
@@ -130,7 +134,7 @@ impl Focus {
                 "[matrix]\nhomeserver_url = {:?}\nuser_id = \"@focus:localhost\"\npassword = {:?}\n\
                  device_id = \"WEIRFOCUS\"\nsession_id = \"sfu\"\nstate_dir = {:?}\n\n\
                  [media]\nbind_ip = \"127.0.0.1\"\nadvertise_ips = [\"127.0.0.1\"]\n\n\
-                 [http]\nlisten = \"127.0.0.1:{http_port}\"\n",
+                 [http]\nlisten = \"127.0.0.1:{http_port}\"\ndirect_token = {DIRECT_TOKEN:?}\n",
                 syn.url(),
                 password,
                 state.display().to_string(),
@@ -186,6 +190,52 @@ impl Drop for Focus {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The run's JSON: everyone joined, nothing modified, every subscription satisfied.
+fn check(json: &Path, participants: usize, others: usize, context: &str) {
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(json).expect("--json file"))
+        .expect("valid JSON");
+    assert_eq!(r["participants"], participants, "{context}");
+    assert_eq!(r["joined"], participants, "everyone connected\n{context}");
+    assert_eq!(r["integrity_errors"], 0, "nothing modified\n{context}");
+    for key in [
+        "duration_s",
+        "loss_pct",
+        "freezes",
+        "focus_cpu_us_per_forwarded_packet",
+        "floor_us_per_packet",
+        "ratio_to_floor",
+        "focus_rss_bytes",
+    ] {
+        assert!(r[key].is_number(), "{key} missing from the JSON\n{context}");
+    }
+    for p in ["p50", "p95", "p99"] {
+        assert!(r["latency_ms"][p].is_number(), "latency_ms.{p}");
+    }
+    let parts = r["participants_detail"].as_array().expect("participants");
+    assert_eq!(parts.len(), participants);
+    for p in parts {
+        let subscribed = p["subscribed_video"].as_array().expect("list");
+        assert_eq!(
+            subscribed.len(),
+            others,
+            "each subscribes to the others in its room: {p}"
+        );
+        for kind in ["video", "audio"] {
+            let sub = p[format!("subscribed_{kind}")].as_array().unwrap();
+            let got = p[format!("received_{kind}")].as_array().unwrap();
+            for s in sub {
+                assert!(
+                    got.contains(s),
+                    "{} never received {kind} of publisher {s}: {p}\n{context}",
+                    p["user_id"]
+                );
+            }
+        }
+        assert!(p["missing"].as_array().unwrap().is_empty(), "{p}");
+        assert!(p["error"].is_null(), "{p}");
     }
 }
 
@@ -258,62 +308,54 @@ fn two_rooms_of_four_through_synapse_arrive_unmodified_and_complete() {
         tail(&focus.log, 30)
     );
     assert!(out.status.success(), "load test failed\n{context}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).expect("--json file"))
-        .expect("valid JSON");
     println!("{stdout}");
-
-    assert_eq!(r["participants"], 8, "{context}");
-    assert_eq!(r["joined"], 8, "everyone connected\n{context}");
-    assert_eq!(r["integrity_errors"], 0, "nothing modified\n{context}");
-    for key in [
-        "duration_s",
-        "loss_pct",
-        "freezes",
-        "focus_cpu_us_per_forwarded_packet",
-        "floor_us_per_packet",
-        "ratio_to_floor",
-        "focus_rss_bytes",
-    ] {
-        assert!(r[key].is_number(), "{key} missing from the JSON\n{context}");
-    }
-    for p in ["p50", "p95", "p99"] {
-        assert!(r["latency_ms"][p].is_number(), "latency_ms.{p}");
-    }
-    let parts = r["participants_detail"].as_array().expect("participants");
-    assert_eq!(parts.len(), 8);
-    for p in parts {
-        let subscribed = p["subscribed_video"].as_array().expect("list");
-        assert_eq!(
-            subscribed.len(),
-            3,
-            "each subscribes to the three others in its room: {p}"
-        );
-        for kind in ["video", "audio"] {
-            let sub: Vec<&Value> = p[format!("subscribed_{kind}")]
-                .as_array()
-                .unwrap()
-                .iter()
-                .collect();
-            let got: Vec<&Value> = p[format!("received_{kind}")]
-                .as_array()
-                .unwrap()
-                .iter()
-                .collect();
-            for s in sub {
-                assert!(
-                    got.contains(&s),
-                    "{} never received {kind} of publisher {s}: {p}\n{context}",
-                    p["user_id"]
-                );
-            }
-        }
-        assert!(p["missing"].as_array().unwrap().is_empty(), "{p}");
-        assert!(p["error"].is_null(), "{p}");
-    }
+    check(&json, 8, 3, &context);
     for chart in ["bitrate.svg", "latency.svg", "loss.svg"] {
         let svg = std::fs::read_to_string(dir.join("plots").join(chart)).expect("chart written");
         assert!(svg.starts_with("<svg"));
     }
+
+    // The same focus in direct mode: no homeserver between participants and focus.
+    let json = dir.join("direct.json");
+    let out = Command::new(lt)
+        .args(["run", "--direct"])
+        .arg(format!("http://127.0.0.1:{}", focus.http_port))
+        .args([
+            "--direct-token",
+            DIRECT_TOKEN,
+            "--focus-user",
+            "@focus:localhost",
+            "--focus-device",
+            "WEIRFOCUS",
+            "--rooms",
+            "1",
+            "--publishers",
+            "3",
+            "--duration",
+            "5",
+            "--setup-timeout",
+            "60",
+            "--quiet",
+            "--focus-metrics",
+        ])
+        .arg(format!("http://127.0.0.1:{}/metrics", focus.http_port))
+        .arg("--json")
+        .arg(&json)
+        .output()
+        .expect("weir-loadtest run --direct");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}\nfocus log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&focus.log, 30)
+    );
+    assert!(
+        out.status.success(),
+        "direct-mode load test failed\n{context}"
+    );
+    println!("{stdout}");
+    check(&json, 3, 2, &context);
+
     drop(focus);
     drop(syn);
     let _ = std::fs::remove_dir_all(&dir);
