@@ -438,10 +438,13 @@ impl<S: EventSink> Shard<S> {
             );
             added.push((track.clone(), mid));
         }
+        // A withdrawn track's m-line is stopped, not set inactive: its slot can then be
+        // recycled for a later track, so the SDP (and the to-device event carrying it, which
+        // Synapse caps at 64 KiB) stays bounded however many participants come and go.
         let mut withdrawn = Vec::new();
         for (track, out) in &peer.out {
             if out.active && !peer.desired.contains_key(track) {
-                api.set_direction(out.mid, Direction::Inactive);
+                api.stop_media(out.mid);
                 withdrawn.push(track.clone());
             }
         }
@@ -455,8 +458,9 @@ impl<S: EventSink> Shard<S> {
             peer.own_mids.insert(mid.to_string());
         }
         for track in &withdrawn {
-            if let Some(out) = peer.out.get_mut(track) {
-                out.active = false;
+            if let Some(out) = peer.out.remove(track) {
+                peer.out_by_mid.remove(&out.mid);
+                peer.own_mids.remove(&out.mid.to_string());
             }
         }
         let mut tracks: Vec<ForwardedTrack> = peer

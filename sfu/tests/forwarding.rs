@@ -2,7 +2,7 @@
 //! with real ICE, DTLS and SRTP on both sides (str0m clients). Alice publishes audio and VP8
 //! video; Bob publishes audio. Each receives the other's tracks, byte for byte, with a
 //! continuous sequence, starting at a keyframe; Bob's keyframe request reaches Alice; when
-//! Alice leaves, Bob is offered her tracks as inactive.
+//! Alice leaves, Bob is offered an SDP with her m-lines stopped.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
@@ -394,13 +394,21 @@ fn two_participants_exchange_media_through_a_real_media_plane() {
         w.clients[0].keyframe_requests > before
     });
 
-    // Alice leaves: Bob is offered her tracks as inactive, and the media plane reports her gone.
+    // Alice leaves: Bob is offered an SDP with her m-lines stopped (their slots recyclable),
+    // and the media plane reports her gone.
+    let mut bob_mids: Vec<Mid> = world.clients[1].received.iter().map(|r| r.0).collect();
+    bob_mids.sort();
+    bob_mids.dedup();
+    assert_eq!(bob_mids.len(), 2);
     world
         .sfu
         .send(Command::ClosePeer { peer: PeerId(0) })
         .unwrap();
-    world.run_until("bob's m-lines for alice go inactive", |w| {
+    world.run_until("bob's m-lines for alice are stopped", |w| {
         w.clients[1].inactive_mids >= 2
+            && bob_mids
+                .iter()
+                .all(|mid| w.clients[1].rtc.media(*mid).is_none_or(|m| m.disabled()))
             && w.log.iter().any(|e| {
                 matches!(
                     e,
@@ -411,6 +419,19 @@ fn two_participants_exchange_media_through_a_real_media_plane() {
                 )
             })
     });
+    let last_offer = world.log.iter().rev().find_map(|e| match e {
+        SfuEvent::Offer {
+            peer: PeerId(1),
+            tracks,
+            ..
+        } => Some(tracks.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        last_offer,
+        Some(vec![]),
+        "no forwarded track is left to describe"
+    );
     // Counters are published by the shard every housekeeping tick: wait for them.
     world.run_until("the forwarded packets to be counted", |w| {
         w.sfu.stats().rtp_forwarded >= 60
