@@ -341,6 +341,34 @@ async fn focus_against_real_synapse() {
         })
         .await;
 
+    // Key-blind: the focus's device exists but has no device keys and no one-time keys, so no
+    // client will ever share a room key (and with it media keys) with it.
+    let keys = alice
+        .call(
+            reqwest::Method::POST,
+            "/keys/query",
+            json!({"device_keys": {focus_id.as_str(): []}}),
+        )
+        .await;
+    let focus_devices = &keys["device_keys"][focus_id.as_str()];
+    assert!(
+        focus_devices.as_object().is_none_or(|d| d.is_empty()),
+        "the focus device must not have uploaded keys: {focus_devices}"
+    );
+    let claim = alice
+        .call(
+            reqwest::Method::POST,
+            "/keys/claim",
+            json!({"one_time_keys": {focus_id.as_str(): {device.as_str(): "signed_curve25519"}}}),
+        )
+        .await;
+    assert!(
+        claim["one_time_keys"][focus_id.as_str()]
+            .as_object()
+            .is_none_or(|d| d.is_empty()),
+        "the focus must have no one-time keys: {claim}"
+    );
+
     // An invite from a properly joined member is delivered.
     alice
         .to_device(
