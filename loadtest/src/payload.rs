@@ -133,40 +133,83 @@ fn finish(h: &MediaHeader, kind: u8, len: usize, buf: &mut Vec<u8>) {
         ^ (u64::from(h.layer_seq) << 8)
         ^ u64::from(h.layer.map_or(7, |l| l.index() as u8))
         ^ 0x9e37_79b9_7f4a_7c15;
-    while buf.len() < len {
+    let filled = buf.len();
+    buf.resize(len.max(filled), 0);
+    for chunk in buf[filled..].chunks_mut(8) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let bytes = x.to_le_bytes();
-        let n = (len - buf.len()).min(8);
-        buf.extend_from_slice(&bytes[..n]);
+        let n = chunk.len();
+        chunk.copy_from_slice(&x.to_le_bytes()[..n]);
     }
     let sum = checksum(buf, start + CHECKSUM_OFFSET);
     buf[start + CHECKSUM_OFFSET..start + CHECKSUM_OFFSET + 8].copy_from_slice(&sum.to_be_bytes());
 }
 
-/// 64-bit hash of `data` with the 8 bytes at `skip` read as zero. Word-at-a-time multiply/xor:
-/// not cryptographic, but any change of any byte changes it with overwhelming probability.
+/// 64-bit hash of `data` without the 8 bytes at `skip` (the checksum field itself). Word-at-a-time
+/// multiply/xor: not cryptographic, but any change of any byte changes it with overwhelming
+/// probability, and it is cheap enough to run on every packet even in a debug build.
 pub fn checksum(data: &[u8], skip: usize) -> u64 {
+    let mut h = Hasher::new(data.len() as u64);
+    let skip = skip.min(data.len());
+    h.write(&data[..skip]);
+    h.write(&data[(skip + 8).min(data.len())..]);
+    h.finish()
+}
+
+/// Streaming form of [`checksum`]'s hash.
+struct Hasher {
+    h: u64,
+    buf: [u8; 8],
+    n: usize,
+}
+
+impl Hasher {
     const K: u64 = 0x9fb2_1c65_1e98_df25;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ (data.len() as u64).wrapping_mul(K);
-    let mut i = 0;
-    while i < data.len() {
-        let mut w = [0u8; 8];
-        let n = (data.len() - i).min(8);
-        w[..n].copy_from_slice(&data[i..i + n]);
-        // Zero the checksum field's bytes that fall in this word.
-        for (j, b) in w.iter_mut().enumerate().take(n) {
-            let at = i + j;
-            if at >= skip && at < skip + 8 {
-                *b = 0;
-            }
+
+    fn new(len: u64) -> Self {
+        Hasher {
+            h: 0xcbf2_9ce4_8422_2325 ^ len.wrapping_mul(Self::K),
+            buf: [0; 8],
+            n: 0,
         }
-        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(K);
-        h ^= h >> 29;
-        i += 8;
     }
-    h ^ (h >> 32)
+
+    fn mix(&mut self, w: u64) {
+        self.h = (self.h ^ w).wrapping_mul(Self::K);
+        self.h ^= self.h >> 29;
+    }
+
+    fn write(&mut self, mut d: &[u8]) {
+        if self.n > 0 {
+            let take = (8 - self.n).min(d.len());
+            self.buf[self.n..self.n + take].copy_from_slice(&d[..take]);
+            self.n += take;
+            d = &d[take..];
+            if self.n < 8 {
+                return;
+            }
+            self.mix(u64::from_le_bytes(self.buf));
+            self.n = 0;
+        }
+        let mut chunks = d.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.mix(u64::from_le_bytes(w));
+        }
+        let rem = chunks.remainder();
+        self.buf[..rem.len()].copy_from_slice(rem);
+        self.n = rem.len();
+    }
+
+    fn finish(mut self) -> u64 {
+        if self.n > 0 {
+            self.buf[self.n..].fill(0);
+            self.mix(u64::from_le_bytes(self.buf));
+        }
+        self.h ^ (self.h >> 32)
+    }
 }
 
 /// Read and verify a payload. Video payloads must carry a VP8 descriptor consistent with our
@@ -315,6 +358,22 @@ mod tests {
             decode(&buf[..10], true),
             Err(IntegrityError::TooShort(10))
         ));
+    }
+
+    #[test]
+    fn the_checksum_ignores_only_its_own_field_and_is_split_invariant() {
+        let data: Vec<u8> = (0..100u8).collect();
+        let mut other = data.clone();
+        other[40..48].fill(0xee);
+        assert_eq!(checksum(&data, 40), checksum(&other, 40));
+        other[48] ^= 1;
+        assert_ne!(checksum(&data, 40), checksum(&other, 40));
+        let mut h = Hasher::new(7);
+        h.write(&data[..3]);
+        h.write(&data[3..20]);
+        let mut g = Hasher::new(7);
+        g.write(&data[..20]);
+        assert_eq!(h.finish(), g.finish());
     }
 
     #[test]

@@ -439,38 +439,42 @@ impl RunReport {
             .collect()
     }
 
-    /// Write bitrate.svg, latency.svg and loss.svg into `dir`.
+    /// Write bitrate.svg, latency.svg and loss.svg into `dir`. Seconds in which nothing
+    /// arrived (setup) have no latency or loss point.
     pub fn plots(&self, dir: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
         std::fs::create_dir_all(dir)?;
         let s = self.series();
-        let x: Vec<f64> = s.iter().map(|p| p.0).collect();
+        let live = |p: &&(f64, f64, f64, f64, f64)| p.1 > 0.0;
+        let pts = |f: fn(&(f64, f64, f64, f64, f64)) -> f64, only_live: bool| -> Vec<(f64, f64)> {
+            s.iter()
+                .filter(|p| !only_live || live(p))
+                .map(|p| (p.0, f(p)))
+                .collect()
+        };
         let charts = [
             (
                 "bitrate.svg",
                 "Received bitrate (all participants)",
                 "Mbit/s",
-                vec![("received", s.iter().map(|p| p.1).collect::<Vec<_>>())],
+                vec![("received", pts(|p| p.1, false))],
             ),
             (
                 "latency.svg",
                 "One-way latency",
                 "ms",
-                vec![
-                    ("p50", s.iter().map(|p| p.2).collect()),
-                    ("p95", s.iter().map(|p| p.3).collect()),
-                ],
+                vec![("p50", pts(|p| p.2, true)), ("p95", pts(|p| p.3, true))],
             ),
             (
                 "loss.svg",
                 "Packet loss (RTP sequence gaps)",
                 "%",
-                vec![("loss", s.iter().map(|p| p.4).collect())],
+                vec![("loss", pts(|p| p.4, true))],
             ),
         ];
         let mut written = Vec::new();
         for (file, title, unit, series) in charts {
             let path = dir.join(file);
-            std::fs::write(&path, svg_chart(title, unit, &x, &series))?;
+            std::fs::write(&path, svg_chart(title, unit, &series))?;
             written.push(path);
         }
         Ok(written)
@@ -485,14 +489,17 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A line chart as a standalone SVG document: x in seconds, one polyline per series.
-pub fn svg_chart(title: &str, unit: &str, x: &[f64], series: &[(&str, Vec<f64>)]) -> String {
+/// A line chart as a standalone SVG document: x in seconds, one polyline per series of points.
+pub fn svg_chart(title: &str, unit: &str, series: &[(&str, Vec<(f64, f64)>)]) -> String {
     let (w, h) = (800.0, 400.0);
     let (l, r, t, b) = (70.0, 20.0, 40.0, 50.0);
-    let xmax = x.iter().copied().fold(1.0_f64, f64::max);
+    let xmax = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().map(|p| p.0))
+        .fold(1.0_f64, f64::max);
     let ymax = series
         .iter()
-        .flat_map(|(_, v)| v.iter().copied())
+        .flat_map(|(_, v)| v.iter().map(|p| p.1))
         .fold(0.0_f64, f64::max);
     let ymax = nice_ceiling(ymax);
     let px = |v: f64| l + v / xmax * (w - l - r);
@@ -556,9 +563,8 @@ pub fn svg_chart(title: &str, unit: &str, x: &[f64], series: &[(&str, Vec<f64>)]
     );
     for (i, (name, ys)) in series.iter().enumerate() {
         let c = COLOURS[i % COLOURS.len()];
-        let pts: Vec<String> = x
+        let pts: Vec<String> = ys
             .iter()
-            .zip(ys.iter())
             .map(|(xv, yv)| format!("{:.1},{:.1}", px(*xv), py(*yv)))
             .collect();
         let _ = writeln!(
@@ -610,8 +616,10 @@ mod tests {
         let svg = svg_chart(
             "t <1>",
             "ms",
-            &[0.0, 1.0, 2.0],
-            &[("a", vec![1.0, 2.0, 3.0]), ("b", vec![0.0, 0.5, 0.2])],
+            &[
+                ("a", vec![(0.0, 1.0), (1.0, 2.0), (2.0, 3.0)]),
+                ("b", vec![(1.0, 0.5), (2.0, 0.2)]),
+            ],
         );
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
