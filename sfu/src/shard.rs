@@ -106,6 +106,8 @@ struct Peer {
     out_by_mid: HashMap<Mid, TrackRef>,
     addrs: Vec<SocketAddr>,
     timeout: Instant,
+    /// Queued in the shard's dirty list.
+    dirty: bool,
 }
 
 pub(crate) struct Shard<S: EventSink> {
@@ -303,6 +305,7 @@ impl<S: EventSink> Shard<S> {
             out_by_mid: HashMap::new(),
             addrs: Vec::new(),
             timeout: now,
+            dirty: false,
         };
         self.peers.insert(id, peer);
         let members = self.conferences.entry(conference).or_default();
@@ -573,7 +576,13 @@ impl<S: EventSink> Shard<S> {
         let id = match self.by_addr.get(&from) {
             Some(id) => *id,
             None => {
-                // A new 5-tuple: only a STUN check with a peer's credentials is accepted.
+                // A new 5-tuple: only a STUN check with a peer's credentials is accepted. Only
+                // STUN (first byte 0..=3, RFC 7983) is worth asking every peer about, so a
+                // flood of other garbage costs one comparison per datagram.
+                if data.first().is_none_or(|b| *b > 3) {
+                    self.counters.drop(DropReason::UnknownSource);
+                    return;
+                }
                 let found = self
                     .peers
                     .iter()
@@ -608,9 +617,14 @@ impl<S: EventSink> Shard<S> {
         self.drain_peer(id);
     }
 
+    /// Queue a peer for draining (once: a flag on the peer, not a search of the list, since
+    /// fan-out marks every subscriber for every packet).
     fn mark_dirty(&mut self, id: PeerId) {
-        if !self.dirty.contains(&id) {
-            self.dirty.push(id);
+        if let Some(p) = self.peers.get_mut(&id) {
+            if !p.dirty {
+                p.dirty = true;
+                self.dirty.push(id);
+            }
         }
     }
 
@@ -618,6 +632,9 @@ impl<S: EventSink> Shard<S> {
     /// drained in the same pass.
     fn drain_dirty(&mut self) {
         while let Some(id) = self.dirty.pop() {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.dirty = false;
+            }
             self.drain_peer(id);
         }
     }
@@ -931,7 +948,8 @@ impl<S: EventSink> Shard<S> {
                     .nackable(nackable),
             );
             self.counters.rtp_forwarded += 1;
-            if !self.dirty.contains(sub) {
+            if !speer.dirty {
+                speer.dirty = true;
                 self.dirty.push(*sub);
             }
         }
