@@ -42,6 +42,8 @@ pub const MAX_ATTEMPTS: u32 = 5;
 /// Pause before calling again after a refusal; doubles per attempt. A refusal usually means the
 /// focus has not yet seen our room state, which its next sync brings.
 pub const RETRY_BACKOFF: Duration = Duration::from_millis(1000);
+/// How long a participant waits at the end for its queued hangup to be sent.
+pub const HANGUP_FLUSH: Duration = Duration::from_secs(5);
 /// Datagrams read from the socket per wake-up before timers get a turn.
 const RECV_BURST: usize = 64;
 
@@ -194,6 +196,7 @@ struct Participant {
     subscribed_video: BTreeSet<PublisherId>,
     subscribed_audio: BTreeSet<PublisherId>,
     last_turn: Option<u64>,
+    last_tiles: Option<Vec<call::Tile>>,
     sent_packets: u64,
     sent_bytes: u64,
     keyframe_requests: u64,
@@ -213,7 +216,7 @@ pub async fn run(
     shared: Arc<Shared>,
     mut cancel: watch::Receiver<bool>,
 ) -> Report {
-    let (out, mut inc) = signal::spawn(
+    let (out, mut inc, sender) = signal::spawn(
         transport.clone(),
         plan.focus.clone(),
         plan.conf_id.clone(),
@@ -289,6 +292,7 @@ pub async fn run(
         subscribed_video: BTreeSet::new(),
         subscribed_audio: BTreeSet::new(),
         last_turn: None,
+        last_tiles: None,
         sent_packets: 0,
         sent_bytes: 0,
         keyframe_requests: 0,
@@ -362,6 +366,10 @@ pub async fn run(
     report.ended_by_focus = p.ended_by_focus.take();
     report.error = error;
     report.rx = std::mem::take(&mut p.rx);
+    // Our hangup is queued: let it reach the focus (bounded), so the focus frees the leg now
+    // rather than after its silence timeout.
+    drop(p);
+    let _ = tokio::time::timeout(HANGUP_FLUSH, sender).await;
     report
 }
 
@@ -807,6 +815,7 @@ impl Participant {
                 debug!(user = %self.user_id, %label, "data channel open");
                 c.channel = Some(id);
                 self.last_turn = None;
+                self.last_tiles = None;
                 self.maybe_resubscribe(c, Instant::now());
             }
             Event::RtpPacket(pkt) => {
@@ -978,6 +987,10 @@ impl Participant {
             .filter(|p| *p != me)
             .collect();
         let tiles = self.plan.layout.tiles(&others_video, self.speaker(now_us));
+        if self.last_tiles.as_ref() == Some(&tiles) {
+            self.last_turn = Some(turn);
+            return;
+        }
         let msg = call::track_subscription(&others_audio, &tiles, &others_video);
         let Some(mut channel) = c.rtc.channel(ch) else {
             return; // not open yet

@@ -421,8 +421,6 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
             }
         }
     }
-    // Let the last hangups leave (their sender tasks drain on their own).
-    tokio::time::sleep(Duration::from_millis(300)).await;
     progress.abort();
     pb.finish_and_clear();
     let timeline = std::mem::take(&mut *shared.timeline.lock().unwrap_or_else(|e| e.into_inner()));

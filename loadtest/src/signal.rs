@@ -85,17 +85,22 @@ pub struct FocusAddress {
     pub device_id: String,
 }
 
-/// Start the sender task and receive loop of one participant.
+/// Start the sender task and receive loop of one participant. The sender task ends once every
+/// queued event is sent and the returned sender is dropped; await its handle to flush.
 pub fn spawn(
     transport: Transport,
     focus: FocusAddress,
     conf_id: String,
     counters: Arc<SignalCounters>,
     cancel: watch::Receiver<bool>,
-) -> (mpsc::Sender<Outgoing>, mpsc::Receiver<Incoming>) {
+) -> (
+    mpsc::Sender<Outgoing>,
+    mpsc::Receiver<Incoming>,
+    tokio::task::JoinHandle<()>,
+) {
     let (out_tx, out_rx) = mpsc::channel(OUT_QUEUE);
     let (in_tx, in_rx) = mpsc::channel(IN_QUEUE);
-    tokio::spawn(send_loop(
+    let sender = tokio::spawn(send_loop(
         transport.clone(),
         focus,
         conf_id,
@@ -103,7 +108,7 @@ pub fn spawn(
         counters.clone(),
     ));
     tokio::spawn(receive_loop(transport, in_tx, counters, cancel));
-    (out_tx, in_rx)
+    (out_tx, in_rx, sender)
 }
 
 async fn send_loop(
