@@ -28,7 +28,7 @@ use crate::forward::{
     rid_rank, starts_keyframe, Decision, KeyframeRequests, LayerActivity, LayerSelector, Rewritten,
     SeqTsRewriter, VideoCodec,
 };
-use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind, TrackRef};
+use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 use crate::net::{self, RecvBatch, SendQueue, Waker};
 use crate::stats::{DropReason, ShardCounters, ShardStats};
 
@@ -54,6 +54,14 @@ impl EventSink for crossbeam_channel::Sender<SfuEvent> {
     fn send(&self, event: SfuEvent) -> bool {
         self.try_send(event).is_ok()
     }
+}
+
+/// A published track inside the shard: the publisher and the engine's mid. Copy, so the
+/// per-packet path looks tracks up without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct TrackKey {
+    publisher: PeerId,
+    mid: Mid,
 }
 
 struct Published {
@@ -84,7 +92,7 @@ struct OutTrack {
 
 struct PendingNegotiation {
     offer: SdpPendingOffer,
-    added: Vec<(TrackRef, Mid)>,
+    added: Vec<(TrackKey, Mid)>,
 }
 
 struct Peer {
@@ -97,13 +105,13 @@ struct Peer {
     own_mids: HashSet<String>,
     pending: Option<PendingNegotiation>,
     /// Tracks published by this peer, by its mid.
-    published: HashMap<Mid, TrackRef>,
+    published: HashMap<Mid, TrackKey>,
     ssrc_mid: HashMap<Ssrc, (Mid, Option<Rid>)>,
     /// What should be forwarded to this peer (policy: everything else in the conference).
-    desired: BTreeMap<TrackRef, (TrackKind, String, String)>,
+    desired: BTreeMap<TrackKey, (TrackKind, String, String)>,
     /// What is negotiated and forwarded, by track.
-    out: HashMap<TrackRef, OutTrack>,
-    out_by_mid: HashMap<Mid, TrackRef>,
+    out: HashMap<TrackKey, OutTrack>,
+    out_by_mid: HashMap<Mid, TrackKey>,
     addrs: Vec<SocketAddr>,
     timeout: Instant,
     /// Queued in the shard's dirty list.
@@ -121,7 +129,7 @@ pub(crate) struct Shard<S: EventSink> {
     stop: Arc<AtomicBool>,
     peers: HashMap<PeerId, Peer>,
     conferences: HashMap<ConferenceId, Vec<PeerId>>,
-    tracks: HashMap<TrackRef, Published>,
+    tracks: HashMap<TrackKey, Published>,
     by_addr: HashMap<SocketAddr, PeerId>,
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
     dirty: Vec<PeerId>,
@@ -319,7 +327,7 @@ impl<S: EventSink> Shard<S> {
         });
         // Policy for now: everyone receives every track published in the conference.
         for other in existing {
-            let tracks: Vec<TrackRef> = self.peers[&other].published.values().cloned().collect();
+            let tracks: Vec<TrackKey> = self.peers[&other].published.values().cloned().collect();
             for t in tracks {
                 self.want(id, t);
             }
@@ -403,7 +411,7 @@ impl<S: EventSink> Shard<S> {
     }
 
     /// Record that `track` should be forwarded to `subscriber`.
-    fn want(&mut self, subscriber: PeerId, track: TrackRef) {
+    fn want(&mut self, subscriber: PeerId, track: TrackKey) {
         let Some(p) = self.tracks.get(&track) else {
             return;
         };
@@ -439,7 +447,7 @@ impl<S: EventSink> Shard<S> {
                 Some(track_id.clone()),
                 None,
             );
-            added.push((track.clone(), mid));
+            added.push((*track, mid));
         }
         // A withdrawn track's m-line is stopped, not set inactive: its slot can then be
         // recycled for a later track, so the SDP (and the to-device event carrying it, which
@@ -448,7 +456,7 @@ impl<S: EventSink> Shard<S> {
         for (track, out) in &peer.out {
             if out.active && !peer.desired.contains_key(track) {
                 api.stop_media(out.mid);
-                withdrawn.push(track.clone());
+                withdrawn.push(*track);
             }
         }
         if !api.has_changes() {
@@ -505,7 +513,7 @@ impl<S: EventSink> Shard<S> {
         });
     }
 
-    fn start_forwarding(&mut self, id: PeerId, track: TrackRef, mid: Mid, now: Instant) {
+    fn start_forwarding(&mut self, id: PeerId, track: TrackKey, mid: Mid, now: Instant) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -520,7 +528,7 @@ impl<S: EventSink> Shard<S> {
         let first_seq: u16 = rand::random::<u16>() % 16_384;
         let first_ts: u32 = rand::random();
         peer.out.insert(
-            track.clone(),
+            track,
             OutTrack {
                 mid,
                 kind,
@@ -532,7 +540,7 @@ impl<S: EventSink> Shard<S> {
                 pt_map: Vec::new(),
             },
         );
-        peer.out_by_mid.insert(mid, track.clone());
+        peer.out_by_mid.insert(mid, track);
         if let Some(p) = self.tracks.get_mut(&track) {
             if !p.subscribers.contains(&id) {
                 p.subscribers.push(id);
@@ -549,7 +557,7 @@ impl<S: EventSink> Shard<S> {
     }
 
     /// Point a subscriber's copy of a track at `layer`, asking for the keyframe it needs.
-    fn retarget(&mut self, sub: PeerId, track: &TrackRef, layer: Option<Rid>, now: Instant) {
+    fn retarget(&mut self, sub: PeerId, track: &TrackKey, layer: Option<Rid>, now: Instant) {
         let needs_keyframe = self
             .peers
             .get_mut(&sub)
@@ -745,14 +753,11 @@ impl<S: EventSink> Shard<S> {
             stream_id: media.stream_id().to_string(),
             track_id: media.track_id().to_string(),
         };
-        let tref = TrackRef {
-            publisher: id,
-            mid: track.mid.clone(),
-        };
-        peer.published.insert(mid, tref.clone());
+        let tref = TrackKey { publisher: id, mid };
+        peer.published.insert(mid, tref);
         let conference = peer.conference;
         self.tracks.insert(
-            tref.clone(),
+            tref,
             Published {
                 kind,
                 stream_id: track.stream_id.clone(),
@@ -771,7 +776,7 @@ impl<S: EventSink> Shard<S> {
             .filter(|p| *p != id)
             .collect();
         for other in others {
-            self.want(other, tref.clone());
+            self.want(other, tref);
             self.maybe_offer(other, Instant::now());
         }
     }
@@ -788,7 +793,7 @@ impl<S: EventSink> Shard<S> {
         self.tracks.remove(&tref);
         self.emit(SfuEvent::TrackUnpublished {
             peer: id,
-            mid: tref.mid.clone(),
+            mid: MediaId(tref.mid.to_string()),
         });
         let others: Vec<PeerId> = self
             .conferences
@@ -972,7 +977,7 @@ impl<S: EventSink> Shard<S> {
     }
 
     /// Ask the publisher for a keyframe of one layer, coalesced with other requests for it.
-    fn request_keyframe(&mut self, track: &TrackRef, layer: Option<Rid>, now: Instant) {
+    fn request_keyframe(&mut self, track: &TrackKey, layer: Option<Rid>, now: Instant) {
         let Some(p) = self.tracks.get_mut(track) else {
             return;
         };
@@ -991,7 +996,7 @@ impl<S: EventSink> Shard<S> {
         }
     }
 
-    fn send_pli(&mut self, track: &TrackRef, layer: Option<Rid>) {
+    fn send_pli(&mut self, track: &TrackKey, layer: Option<Rid>) {
         let Some(peer) = self.peers.get_mut(&track.publisher) else {
             return;
         };
@@ -1050,12 +1055,12 @@ impl<S: EventSink> Shard<S> {
         for (id, reason) in dead {
             self.close_peer(id, reason, now);
         }
-        let mut owed: Vec<(TrackRef, Option<Rid>)> = Vec::new();
-        let mut moves: Vec<(PeerId, TrackRef, Option<Rid>)> = Vec::new();
+        let mut owed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
+        let mut moves: Vec<(PeerId, TrackKey, Option<Rid>)> = Vec::new();
         for (t, p) in &mut self.tracks {
             for (layer, k) in &mut p.keyframes {
                 if k.poll(now) {
-                    owed.push((t.clone(), *layer));
+                    owed.push((*t, *layer));
                 }
             }
             // Follow the best layer that flows: down when the current one stalls, back up when
@@ -1073,7 +1078,7 @@ impl<S: EventSink> Shard<S> {
                     .and_then(|s| s.out.get(t))
                     .and_then(|o| o.layers.target());
                 if target.is_some() && target != Some(best) {
-                    moves.push((*sub, t.clone(), best));
+                    moves.push((*sub, *t, best));
                 }
             }
         }
@@ -1136,7 +1141,7 @@ impl<S: EventSink> Shard<S> {
                 self.conferences.remove(&peer.conference);
             }
         }
-        let published: Vec<TrackRef> = peer.published.into_values().collect();
+        let published: Vec<TrackKey> = peer.published.into_values().collect();
         let others: Vec<PeerId> = self
             .conferences
             .get(&peer.conference)
