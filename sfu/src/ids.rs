@@ -15,13 +15,6 @@ pub struct ConferenceId(pub u64);
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MediaId(pub String);
 
-/// A published track: the publisher and the media section it sends on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TrackRef {
-    pub publisher: PeerId,
-    pub mid: MediaId,
-}
-
 /// Audio or video.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TrackKind {
@@ -44,12 +37,6 @@ impl fmt::Display for ConferenceId {
 impl fmt::Display for MediaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-impl fmt::Display for TrackRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.publisher, self.mid)
     }
 }
 

@@ -24,7 +24,7 @@ pub use api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuError,
     SfuEvent,
 };
-pub use ids::{ConferenceId, MediaId, PeerId, TrackKind, TrackRef};
+pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
 pub use shard::EventSink;
 pub use stats::{DropReason, ShardStats, StatsSnapshot};
 
