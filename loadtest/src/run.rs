@@ -32,6 +32,8 @@ pub const SETUP_CONCURRENCY: usize = 8;
 pub const HANGUP_GRACE: Duration = Duration::from_secs(10);
 /// How often the progress line refreshes.
 const PROGRESS_TICK: Duration = Duration::from_millis(500);
+/// Window over which the progress line's bitrate is computed.
+const PROGRESS_WINDOW: Duration = Duration::from_secs(4);
 
 /// Where the focus is reached for signalling.
 #[derive(Debug, Clone)]
@@ -279,14 +281,25 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
         let shared = shared.clone();
         let pb = pb.clone();
         tokio::spawn(async move {
-            let mut last = (Instant::now(), 0u64);
+            // Participants add their bytes once a second each, so the rate is taken over a
+            // window of several seconds to keep it from jumping.
+            let mut window: std::collections::VecDeque<(Instant, u64)> =
+                std::collections::VecDeque::new();
             loop {
                 tokio::time::sleep(PROGRESS_TICK).await;
                 let now = Instant::now();
                 let bytes = shared.rx_bytes.load(Ordering::Relaxed);
-                let dt = (now - last.0).as_secs_f64().max(1e-3);
-                let mbps = bytes.saturating_sub(last.1) as f64 * 8.0 / dt / 1e6;
-                last = (now, bytes);
+                window.push_back((now, bytes));
+                while window.len() > 1 && now - window[0].0 > PROGRESS_WINDOW {
+                    window.pop_front();
+                }
+                let (t0, b0) = window[0];
+                let dt = (now - t0).as_secs_f64();
+                let mbps = if dt > 0.0 {
+                    bytes.saturating_sub(b0) as f64 * 8.0 / dt / 1e6
+                } else {
+                    0.0
+                };
                 pb.set_position(shared.joined.load(Ordering::Relaxed));
                 pb.set_message(format!(
                     "active {} rx {:.1} Mbit/s",
