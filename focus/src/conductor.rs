@@ -55,6 +55,10 @@ struct Participant {
     metadata: SdpStreamMetadata,
     invite_at: Instant,
     answered: bool,
+    /// MSC3898 subscriptions from the data channel: (stream id, track id) → requested size.
+    /// Empty until the first `m.call.track_subscription`; the media plane then forwards
+    /// exactly these instead of everything.
+    subscriptions: BTreeMap<(String, String), (Option<u32>, Option<u32>)>,
 }
 
 struct Conference {
@@ -217,6 +221,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             metadata: SdpStreamMetadata::new(),
             invite_at: Instant::now(),
             answered: false,
+            subscriptions: BTreeMap::new(),
         };
         p.metadata = self.owned_metadata(&p.leg, metadata);
         self.participants.insert(peer, p);
@@ -424,6 +429,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 );
             }
             SfuEvent::TrackUnpublished { peer, mid } => debug!(%peer, %mid, "track unpublished"),
+            SfuEvent::DataMessage { peer, text } => self.data_message(peer, &text),
             SfuEvent::PeerClosed { peer, reason } => {
                 self.media.forget(peer);
                 if self.participants.contains_key(&peer) {
@@ -488,6 +494,134 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             entry.tracks.extend(md.tracks);
         }
         out
+    }
+
+    // ------------------------------------------------------------ data channel (MSC3898)
+
+    /// A JSON message from a participant's data channel: `{"type": ..., "content": {...}}`.
+    fn data_message(&mut self, peer: PeerId, text: &str) {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(text) else {
+            self.metrics
+                .data_messages
+                .with_label_values(&["malformed"])
+                .inc();
+            return;
+        };
+        let ty = msg.get("type").and_then(|t| t.as_str()).unwrap_or("");
+        let content = msg.get("content").cloned().unwrap_or_default();
+        match ty {
+            "m.call.track_subscription" => {
+                // A garbled subscription must not change what the participant receives.
+                let list_or_absent = |k: &str| content.get(k).is_none_or(|v| v.is_array());
+                let any =
+                    content.get("subscribe").is_some() || content.get("unsubscribe").is_some();
+                if !(any && list_or_absent("subscribe") && list_or_absent("unsubscribe")) {
+                    self.metrics
+                        .data_messages
+                        .with_label_values(&["malformed"])
+                        .inc();
+                    return;
+                }
+                self.metrics
+                    .data_messages
+                    .with_label_values(&["track_subscription"])
+                    .inc();
+                self.track_subscription(peer, &content);
+            }
+            "m.call.ping" => {
+                self.metrics
+                    .data_messages
+                    .with_label_values(&["ping"])
+                    .inc();
+                let pong = r#"{"type":"m.call.pong","content":{}}"#.to_string();
+                let _ = self.media.command(Command::SendData { peer, text: pong });
+            }
+            "m.call.pong" => self
+                .metrics
+                .data_messages
+                .with_label_values(&["pong"])
+                .inc(),
+            _ => self
+                .metrics
+                .data_messages
+                .with_label_values(&["other"])
+                .inc(),
+        }
+    }
+
+    /// Apply `unsubscribe` then `subscribe` (a repeated subscribe updates the size), then tell
+    /// the media plane the whole set.
+    fn track_subscription(&mut self, peer: PeerId, content: &serde_json::Value) {
+        /// More entries than any layout needs; a longer list is cut, not trusted.
+        const MAX_SUBSCRIPTIONS: usize = 256;
+        let Some(p) = self.participants.get_mut(&peer) else {
+            return;
+        };
+        let entries = |key: &str| -> Vec<(String, String, Option<u32>, Option<u32>)> {
+            content
+                .get(key)
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .take(MAX_SUBSCRIPTIONS)
+                        .filter_map(|e| {
+                            let s = e.get("stream_id")?.as_str()?.to_string();
+                            let t = e.get("track_id")?.as_str()?.to_string();
+                            let dim = |k: &str| {
+                                e.get(k)
+                                    .and_then(|v| v.as_u64())
+                                    .map(|v| v.min(16_384) as u32)
+                            };
+                            Some((s, t, dim("width"), dim("height")))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for (s, t, _, _) in entries("unsubscribe") {
+            p.subscriptions.remove(&(s, t));
+        }
+        for (s, t, w, h) in entries("subscribe") {
+            if p.subscriptions.len() < MAX_SUBSCRIPTIONS
+                || p.subscriptions.contains_key(&(s.clone(), t.clone()))
+            {
+                p.subscriptions.insert((s, t), (w, h));
+            }
+        }
+        let wanted: Vec<((String, String), Option<u32>)> = p
+            .subscriptions
+            .iter()
+            .map(|(k, (_, h))| (k.clone(), *h))
+            .collect();
+        let subscriptions = wanted
+            .into_iter()
+            .map(|((stream_id, track_id), max_height)| {
+                let source_height = self.source_height(&stream_id, &track_id);
+                weir_sfu::Subscription {
+                    stream_id,
+                    track_id,
+                    max_height,
+                    source_height,
+                }
+            })
+            .collect();
+        self.media_command(
+            peer,
+            Command::Subscribe {
+                peer,
+                subscriptions,
+            },
+        );
+    }
+
+    /// The full height a publisher says it sends a track at (its metadata), if any.
+    fn source_height(&self, stream_id: &str, track_id: &str) -> Option<u32> {
+        self.participants.values().find_map(|p| {
+            p.metadata
+                .get(&StreamId::from(stream_id))
+                .and_then(|m| m.tracks.get(&TrackId::from(track_id)))
+                .and_then(|t| t.height)
+        })
     }
 
     // ------------------------------------------------------------ endings
@@ -890,6 +1024,107 @@ mod tests {
             selected_party_id: "OTHER".into(),
         });
         assert_eq!(c.participant_count(), 0);
+    }
+
+    #[test]
+    fn a_track_subscription_becomes_the_subscribers_whole_set_with_sizes() {
+        let (mut c, rec) = setup();
+        let alice = leg("@alice:hs", "A", "c1");
+        let bob = leg("@bob:hs", "B", "c2");
+        // Alice describes her camera as 1280x720 in her invite metadata.
+        let mut md = SdpStreamMetadata::new();
+        let mut cam = StreamMetadata::new("m.usermedia");
+        cam.tracks.insert(
+            "a-video".into(),
+            TrackMetadata {
+                kind: "video".into(),
+                width: Some(1280),
+                height: Some(720),
+            },
+        );
+        md.insert("alice-stream".into(), cam);
+        c.on_leg_event(LegEvent::Invite {
+            leg: alice,
+            sdp: "o".into(),
+            metadata: md,
+            lifetime_ms: None,
+        });
+        let pb = join(&mut c, &rec, &bob, "bob-stream");
+        rec.take_media();
+        let msg = |sub: &str, unsub: &str| {
+            format!(
+                r#"{{"type":"m.call.track_subscription","content":{{"subscribe":[{sub}],"unsubscribe":[{unsub}]}}}}"#
+            )
+        };
+        c.on_sfu_event(SfuEvent::DataMessage {
+            peer: pb,
+            text: msg(
+                r#"{"stream_id":"alice-stream","track_id":"a-video","width":320,"height":180},{"stream_id":"alice-stream","track_id":"a-audio"}"#,
+                "",
+            ),
+        });
+        let Some(Command::Subscribe {
+            peer,
+            subscriptions,
+        }) = rec.take_media().pop()
+        else {
+            panic!("no subscribe")
+        };
+        assert_eq!(peer, pb);
+        assert_eq!(subscriptions.len(), 2);
+        let video = subscriptions
+            .iter()
+            .find(|s| s.track_id == "a-video")
+            .unwrap();
+        assert_eq!(
+            (video.max_height, video.source_height),
+            (Some(180), Some(720))
+        );
+        // A later message is applied as a delta: unsubscribing audio leaves the video.
+        c.on_sfu_event(SfuEvent::DataMessage {
+            peer: pb,
+            text: msg("", r#"{"stream_id":"alice-stream","track_id":"a-audio"}"#),
+        });
+        let Some(Command::Subscribe { subscriptions, .. }) = rec.take_media().pop() else {
+            panic!("no subscribe")
+        };
+        assert_eq!(subscriptions.len(), 1);
+        assert_eq!(subscriptions[0].track_id, "a-video");
+    }
+
+    #[test]
+    fn data_channel_ping_is_answered_and_garbage_is_only_counted() {
+        let (mut c, rec) = setup();
+        let p = join(&mut c, &rec, &leg("@a:hs", "A", "1"), "s");
+        rec.take_media();
+        c.on_sfu_event(SfuEvent::DataMessage {
+            peer: p,
+            text: r#"{"type":"m.call.ping","content":{}}"#.into(),
+        });
+        assert!(
+            matches!(rec.take_media().as_slice(), [Command::SendData { peer, text }] if *peer == p && text.contains("m.call.pong"))
+        );
+        for junk in [
+            "not json",
+            "[]",
+            r#"{"type":5}"#,
+            r#"{"type":"m.call.track_subscription","content":{"subscribe":"x"}}"#,
+        ] {
+            c.on_sfu_event(SfuEvent::DataMessage {
+                peer: p,
+                text: junk.into(),
+            });
+        }
+        // Nothing was sent, and what the participant receives did not change.
+        assert!(rec.take_media().is_empty());
+        assert_eq!(
+            c.metrics
+                .data_messages
+                .with_label_values(&["malformed"])
+                .get(),
+            2
+        );
+        assert_eq!(c.participant_count(), 1);
     }
 
     #[test]

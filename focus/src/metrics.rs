@@ -20,6 +20,7 @@ pub struct Metrics {
     pub legs_closed: IntCounterVec,
     pub refused_legs: IntCounterVec,
     pub metadata_relayed: IntCounter,
+    pub data_messages: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,8 +64,17 @@ impl Metrics {
             "sdp_stream_metadata_changed events relayed to subscribers",
         )
         .unwrap();
+        let data_messages = IntCounterVec::new(
+            Opts::new(
+                "weir_data_messages_total",
+                "MSC3898 data-channel messages from participants, by type",
+            ),
+            &["type"],
+        )
+        .unwrap();
         for c in [
-            Box::new(conferences.clone()) as Box<dyn Collector>,
+            Box::new(data_messages.clone()) as Box<dyn Collector>,
+            Box::new(conferences.clone()),
             Box::new(participants.clone()),
             Box::new(invite_to_answer.clone()),
             Box::new(legs_closed.clone()),
@@ -82,6 +92,7 @@ impl Metrics {
             legs_closed,
             refused_legs,
             metadata_relayed,
+            data_messages,
         }
     }
 

@@ -55,6 +55,46 @@ pub enum Command {
     RemoteAnswer { peer: PeerId, sdp: String },
     /// Close a peer (hangup, replaced leg, shutdown). Its tracks are withdrawn from everyone.
     ClosePeer { peer: PeerId },
+    /// What this peer wants to receive, replacing any earlier set. Until the first one a peer
+    /// receives every track of its conference; after it, exactly the tracks listed that exist
+    /// (tracks published later are matched by their ids too).
+    Subscribe {
+        peer: PeerId,
+        subscriptions: Vec<Subscription>,
+    },
+    /// A text message on the peer's data channel (dropped if it has none open yet).
+    SendData { peer: PeerId, text: String },
+}
+
+/// One track a subscriber asked for (MSC3898 `m.call.track_subscription`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The publisher's `a=msid` stream and track ids.
+    pub stream_id: String,
+    pub track_id: String,
+    /// The height the subscriber will display it at, if it said; caps the simulcast layer.
+    pub max_height: Option<u32>,
+    /// The full height the publisher sends, if known (its metadata); 720 is assumed otherwise.
+    pub source_height: Option<u32>,
+}
+
+impl Subscription {
+    /// The best simulcast layer rank (see `forward::rid_rank`) worth sending: by convention
+    /// `f` is the full size, `h` half and `q` a quarter, so the smallest layer at least as tall
+    /// as the display is enough.
+    pub fn max_rank(&self) -> u8 {
+        let Some(want) = self.max_height.filter(|h| *h > 0) else {
+            return u8::MAX;
+        };
+        let source = self.source_height.filter(|h| *h > 0).unwrap_or(720);
+        if want * 4 <= source {
+            crate::forward::rid_rank(Some("q"))
+        } else if want * 2 <= source {
+            crate::forward::rid_rank(Some("h"))
+        } else {
+            u8::MAX
+        }
+    }
 }
 
 /// An ICE candidate of ours, for the participant.
@@ -143,6 +183,11 @@ pub enum SfuEvent {
         peer: PeerId,
         mid: MediaId,
     },
+    /// A text message from the peer's data channel (MSC3898 JSON, for the control plane).
+    DataMessage {
+        peer: PeerId,
+        text: String,
+    },
     PeerClosed {
         peer: PeerId,
         reason: CloseReason,
@@ -164,4 +209,36 @@ pub enum SfuError {
     QueueFull(usize),
     #[error("shard {0} has stopped")]
     ShardGone(usize),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(max: Option<u32>, source: Option<u32>) -> Subscription {
+        Subscription {
+            stream_id: "s".into(),
+            track_id: "t".into(),
+            max_height: max,
+            source_height: source,
+        }
+    }
+
+    #[test]
+    fn the_requested_size_caps_the_layer() {
+        let q = crate::forward::rid_rank(Some("q"));
+        let h = crate::forward::rid_rank(Some("h"));
+        assert_eq!(sub(None, None).max_rank(), u8::MAX);
+        assert_eq!(sub(Some(720), None).max_rank(), u8::MAX);
+        assert_eq!(sub(Some(360), None).max_rank(), h);
+        assert_eq!(sub(Some(180), None).max_rank(), q);
+        assert_eq!(sub(Some(100), Some(1080)).max_rank(), q);
+        assert_eq!(sub(Some(540), Some(1080)).max_rank(), h);
+        assert_eq!(sub(Some(600), Some(1080)).max_rank(), u8::MAX);
+        assert_eq!(
+            sub(Some(0), None).max_rank(),
+            u8::MAX,
+            "0 means unspecified"
+        );
+    }
 }

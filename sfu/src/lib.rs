@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 
 pub use api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuError,
-    SfuEvent,
+    SfuEvent, Subscription,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
 pub use shard::EventSink;
@@ -140,12 +140,13 @@ impl Sfu {
                     }
                     None => return Ok(()),
                 },
-                Command::RemoteOffer { peer, .. } | Command::RemoteAnswer { peer, .. } => {
-                    match pl.peers.get(peer) {
-                        Some((idx, _)) => *idx,
-                        None => return Ok(()),
-                    }
-                }
+                Command::RemoteOffer { peer, .. }
+                | Command::RemoteAnswer { peer, .. }
+                | Command::Subscribe { peer, .. }
+                | Command::SendData { peer, .. } => match pl.peers.get(peer) {
+                    Some((idx, _)) => *idx,
+                    None => return Ok(()),
+                },
             }
         };
         let h = &self.shards[shard];

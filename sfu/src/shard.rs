@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use str0m::change::SdpPendingOffer;
+use str0m::channel::ChannelId;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
@@ -22,6 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuEvent,
+    Subscription,
 };
 use crate::engine::{self, parse_answer, parse_offer};
 use crate::forward::{
@@ -35,6 +37,9 @@ use crate::stats::{DropReason, ShardCounters, ShardStats};
 /// How often the shard checks timeouts, owed keyframe requests and publishes its counters.
 /// Shorter reacts faster to dead peers and owed requests; longer costs less idle CPU.
 const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+/// Largest data-channel message passed to the control plane. MSC3898 messages are small JSON
+/// (a subscription list, a renegotiation SDP of tens of KiB); more is refused and counted.
+const MAX_DATA_MESSAGE: usize = 128 * 1024;
 /// How long a new subscriber waits for a keyframe before asking again.
 const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
 
@@ -116,6 +121,10 @@ struct Peer {
     timeout: Instant,
     /// Queued in the shard's dirty list.
     dirty: bool,
+    /// What the peer asked to receive; `None` until its first subscription: everything.
+    explicit: Option<Vec<Subscription>>,
+    /// The peer's data channel, once open.
+    channel: Option<ChannelId>,
 }
 
 pub(crate) struct Shard<S: EventSink> {
@@ -245,6 +254,11 @@ impl<S: EventSink> Shard<S> {
             Command::RemoteOffer { peer, sdp } => self.remote_offer(peer, &sdp, now),
             Command::RemoteAnswer { peer, sdp } => self.remote_answer(peer, &sdp, now),
             Command::ClosePeer { peer } => self.close_peer(peer, CloseReason::Requested, now),
+            Command::Subscribe {
+                peer,
+                subscriptions,
+            } => self.subscribe(peer, subscriptions, now),
+            Command::SendData { peer, text } => self.send_data(peer, &text),
         }
     }
 
@@ -314,6 +328,8 @@ impl<S: EventSink> Shard<S> {
             addrs: Vec::new(),
             timeout: now,
             dirty: false,
+            explicit: None,
+            channel: None,
         };
         self.peers.insert(id, peer);
         let members = self.conferences.entry(conference).or_default();
@@ -417,7 +433,83 @@ impl<S: EventSink> Shard<S> {
         };
         let info = (p.kind, p.stream_id.clone(), p.track_id.clone());
         if let Some(peer) = self.peers.get_mut(&subscriber) {
-            peer.desired.insert(track, info);
+            let wanted = match &peer.explicit {
+                None => true,
+                Some(subs) => subs
+                    .iter()
+                    .any(|s| s.stream_id == info.1 && s.track_id == info.2),
+            };
+            if wanted {
+                peer.desired.insert(track, info);
+            }
+        }
+    }
+
+    /// The simulcast layer cap for `track` as received by `sub` (from its subscription).
+    fn layer_cap(&self, sub: PeerId, track: &TrackKey) -> u8 {
+        let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
+            return u8::MAX;
+        };
+        match &peer.explicit {
+            None => u8::MAX,
+            Some(subs) => subs
+                .iter()
+                .find(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
+                .map_or(u8::MAX, Subscription::max_rank),
+        }
+    }
+
+    /// Replace what `id` receives with `subscriptions` (an explicit set from now on).
+    fn subscribe(&mut self, id: PeerId, subscriptions: Vec<Subscription>, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        peer.explicit = Some(subscriptions);
+        peer.desired.clear();
+        let conference = peer.conference;
+        let candidates: Vec<TrackKey> = self
+            .conferences
+            .get(&conference)
+            .into_iter()
+            .flatten()
+            .filter(|p| **p != id)
+            .filter_map(|p| self.peers.get(p))
+            .flat_map(|p| p.published.values().copied())
+            .collect();
+        for t in candidates {
+            self.want(id, t);
+        }
+        self.maybe_offer(id, now);
+        // Caps may have changed for tracks already forwarded.
+        let forwarded: Vec<TrackKey> = self
+            .peers
+            .get(&id)
+            .map(|p| p.out.keys().copied().collect())
+            .unwrap_or_default();
+        for t in forwarded {
+            let cap = self.layer_cap(id, &t);
+            let best = self
+                .tracks
+                .get(&t)
+                .and_then(|p| p.activity.best_active_capped(now, cap));
+            if let Some(layer) = best {
+                self.retarget(id, &t, layer, now);
+            }
+        }
+    }
+
+    fn send_data(&mut self, id: PeerId, text: &str) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let sent = peer
+            .channel
+            .and_then(|c| peer.rtc.channel(c))
+            .is_some_and(|mut ch| ch.write(false, text.as_bytes()).unwrap_or(false));
+        if sent {
+            self.mark_dirty(id);
+        } else {
+            self.counters.drop(DropReason::DataChannel);
         }
     }
 
@@ -547,10 +639,11 @@ impl<S: EventSink> Shard<S> {
             }
         }
         // Start on the best layer flowing now; if none flows yet, the first packet decides.
+        let cap = self.layer_cap(id, &track);
         let best = self
             .tracks
             .get(&track)
-            .and_then(|p| p.activity.best_active(now));
+            .and_then(|p| p.activity.best_active_capped(now, cap));
         if let Some(layer) = best {
             self.retarget(id, &track, layer, now);
         }
@@ -728,6 +821,22 @@ impl<S: EventSink> Shard<S> {
                 }
             }
             Event::Closed => self.close_peer(id, CloseReason::Disconnected, now),
+            Event::ChannelOpen(cid, _label) => {
+                // The first channel the participant opens carries MSC3898 messages.
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.channel.get_or_insert(cid);
+                }
+            }
+            Event::ChannelData(d) => {
+                if d.binary || d.data.len() > MAX_DATA_MESSAGE {
+                    self.counters.drop(DropReason::DataChannel);
+                } else {
+                    match String::from_utf8(d.data) {
+                        Ok(text) => self.emit(SfuEvent::DataMessage { peer: id, text }),
+                        Err(_) => self.counters.drop(DropReason::DataChannel),
+                    }
+                }
+            }
             Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
             _ => {}
         }
@@ -964,15 +1073,14 @@ impl<S: EventSink> Shard<S> {
         for layer in need_keyframe {
             self.request_keyframe(&track, layer, now);
         }
-        if !untargeted.is_empty() {
+        for sub in untargeted {
+            let cap = self.layer_cap(sub, &track);
             let best = self
                 .tracks
                 .get(&track)
-                .and_then(|p| p.activity.best_active(now))
+                .and_then(|p| p.activity.best_active_capped(now, cap))
                 .unwrap_or(rid);
-            for sub in untargeted {
-                self.retarget(sub, &track, best, now);
-            }
+            self.retarget(sub, &track, best, now);
         }
     }
 
@@ -1068,15 +1176,21 @@ impl<S: EventSink> Shard<S> {
             if p.kind != TrackKind::Video {
                 continue;
             }
-            let Some(best) = p.activity.best_active(now) else {
-                continue;
-            };
             for sub in &p.subscribers {
-                let target = self
-                    .peers
-                    .get(sub)
-                    .and_then(|s| s.out.get(t))
-                    .and_then(|o| o.layers.target());
+                let Some(speer) = self.peers.get(sub) else {
+                    continue;
+                };
+                let cap = match &speer.explicit {
+                    None => u8::MAX,
+                    Some(subs) => subs
+                        .iter()
+                        .find(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
+                        .map_or(u8::MAX, Subscription::max_rank),
+                };
+                let Some(best) = p.activity.best_active_capped(now, cap) else {
+                    continue;
+                };
+                let target = speer.out.get(t).and_then(|o| o.layers.target());
                 if target.is_some() && target != Some(best) {
                     moves.push((*sub, *t, best));
                 }

@@ -30,10 +30,12 @@ pub enum DropReason {
     BadSdp,
     /// The control plane's event queue was full.
     EventQueueFull,
+    /// A data-channel message that was binary, too large, not UTF-8, or could not be sent.
+    DataChannel,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -46,6 +48,7 @@ impl DropReason {
         DropReason::SendFailed,
         DropReason::BadSdp,
         DropReason::EventQueueFull,
+        DropReason::DataChannel,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +65,7 @@ impl DropReason {
             DropReason::SendFailed => "send_failed",
             DropReason::BadSdp => "bad_sdp",
             DropReason::EventQueueFull => "event_queue_full",
+            DropReason::DataChannel => "data_channel",
         }
     }
 

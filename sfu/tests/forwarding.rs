@@ -16,7 +16,7 @@ use str0m::media::{
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use weir_sfu::{Command, ConferenceId, PeerId, Sfu, SfuConfig, SfuEvent};
+use weir_sfu::{Command, ConferenceId, PeerId, Sfu, SfuConfig, SfuEvent, Subscription};
 
 /// Bound on every wait in this test: generous, because it only matters when something is broken.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -606,4 +606,141 @@ fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
             "one continuous sequence across the switch"
         );
     }
+}
+
+/// Story: Bob shows Alice's camera as a small tile: he subscribes at 180 px and receives only
+/// the quarter-size layer. He enlarges it to 720 px and is moved to the full layer at its next
+/// keyframe. Then he unsubscribes, and her m-line is stopped.
+#[test]
+fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let sfu = Sfu::start(
+        SfuConfig {
+            shards: 1,
+            ..SfuConfig::default()
+        },
+        tx,
+    )
+    .unwrap();
+    let mut world = World {
+        sfu,
+        events: rx,
+        clients: vec![Client::new("alice"), Client::new("bob")],
+        log: vec![],
+    };
+    let conf = ConferenceId(1);
+    let offer = world.clients[0].offer_with(&[("video", MediaKind::Video)], Some(&["q", "h", "f"]));
+    world
+        .sfu
+        .send(Command::CreatePeer {
+            peer: PeerId(0),
+            conference: conf,
+            offer,
+        })
+        .unwrap();
+    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
+    world
+        .sfu
+        .send(Command::CreatePeer {
+            peer: PeerId(1),
+            conference: conf,
+            offer,
+        })
+        .unwrap();
+    world.run_until("both connected and bob offered alice's video", |w| {
+        w.clients[0].connected
+            && w.clients[1].connected
+            && w.log.iter().any(|e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.len() == 1))
+    });
+    let sub = |h: u32| Subscription {
+        stream_id: "alice-stream".into(),
+        track_id: "alice-video".into(),
+        max_height: Some(h),
+        source_height: Some(720),
+    };
+    world
+        .sfu
+        .send(Command::Subscribe {
+            peer: PeerId(1),
+            subscriptions: vec![sub(180)],
+        })
+        .unwrap();
+    let frame = |rid: &str, key: bool, n: u64| -> Vec<u8> {
+        let mut p = vec![0x10, if key { 0x00 } else { 0x01 }, rid.as_bytes()[0]];
+        p.extend_from_slice(&n.to_be_bytes());
+        p.extend(std::iter::repeat_n(0x55, 100));
+        p
+    };
+    let mut n = 0u64;
+    let mut tick = 0u64;
+    let mut send_round = |w: &mut World| {
+        tick += 1;
+        if !tick.is_multiple_of(3) {
+            return;
+        }
+        for rid in ["q", "h", "f"] {
+            w.clients[0].send_layer(
+                "video",
+                Some(rid),
+                1000 + n,
+                (n * 3000) as u32,
+                &frame(rid, n.is_multiple_of(10), n),
+            );
+        }
+        n += 1;
+    };
+    world.run_until("bob receives the small layer", |w| {
+        send_round(w);
+        w.clients[1]
+            .received
+            .iter()
+            .filter(|r| r.2[2] == b'q')
+            .count()
+            >= 15
+    });
+    assert!(
+        world.clients[1].received.iter().all(|r| r.2[2] == b'q'),
+        "only the quarter-size layer for a small tile"
+    );
+    world
+        .sfu
+        .send(Command::Subscribe {
+            peer: PeerId(1),
+            subscriptions: vec![sub(720)],
+        })
+        .unwrap();
+    let before = world.clients[1].received.len();
+    world.run_until("bob moves to the full layer", |w| {
+        send_round(w);
+        w.clients[1].received[before..]
+            .iter()
+            .filter(|r| r.2[2] == b'f')
+            .count()
+            >= 15
+    });
+    let got = &world.clients[1].received;
+    let first_f = got.iter().position(|r| r.2[2] == b'f').unwrap();
+    assert_eq!(got[first_f].2[1] & 1, 0, "the switch happens on a keyframe");
+    assert!(got[first_f..].iter().all(|r| r.2[2] == b'f'));
+    for w in got.windows(2) {
+        assert_eq!(
+            w[1].1,
+            w[0].1 + 1,
+            "one continuous sequence across the switch"
+        );
+    }
+    // Unsubscribing from everything stops her m-line for Bob.
+    world
+        .sfu
+        .send(Command::Subscribe {
+            peer: PeerId(1),
+            subscriptions: vec![],
+        })
+        .unwrap();
+    world.run_until("bob is offered nothing", |w| {
+        send_round(w);
+        w.log.iter().any(
+            |e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.is_empty()),
+        )
+    });
 }

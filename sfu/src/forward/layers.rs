@@ -126,6 +126,21 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
             .map(|(l, _, _)| *l)
     }
 
+    /// The best active layer whose rank is at most `max_rank`; if every active layer is above
+    /// the cap, the lowest active one (something is better than nothing).
+    pub fn best_active_capped(&self, now: Instant, max_rank: u8) -> Option<L> {
+        let active = || {
+            self.layers
+                .iter()
+                .filter(move |(_, _, at)| now.saturating_duration_since(*at) < LAYER_STALL)
+        };
+        active()
+            .filter(|(_, rank, _)| *rank <= max_rank)
+            .max_by_key(|(_, rank, _)| *rank)
+            .or_else(|| active().min_by_key(|(_, rank, _)| *rank))
+            .map(|(l, _, _)| *l)
+    }
+
     pub fn is_active(&self, layer: L, now: Instant) -> bool {
         self.layers
             .iter()
@@ -234,5 +249,24 @@ mod tests {
         assert!(!a.is_active("f", later));
         assert_eq!(a.best_active(later), Some("h"));
         assert_eq!(LayerActivity::<u8>::default().best_active(t0), None);
+    }
+
+    #[test]
+    fn a_size_cap_picks_the_best_layer_under_it_or_the_lowest() {
+        let t0 = Instant::now();
+        let mut a = LayerActivity::default();
+        for rid in ["q", "h", "f"] {
+            a.saw(rid, rid_rank(Some(rid)), t0);
+        }
+        assert_eq!(a.best_active_capped(t0, u8::MAX), Some("f"));
+        assert_eq!(a.best_active_capped(t0, rid_rank(Some("h"))), Some("h"));
+        assert_eq!(a.best_active_capped(t0, rid_rank(Some("q"))), Some("q"));
+        // Only f flows: a cap of q still gets f rather than nothing.
+        let mut only_f = LayerActivity::default();
+        only_f.saw("f", rid_rank(Some("f")), t0);
+        assert_eq!(
+            only_f.best_active_capped(t0, rid_rank(Some("q"))),
+            Some("f")
+        );
     }
 }
