@@ -490,11 +490,9 @@ fn a_garbage_offer_fails_that_peer_only() {
     }
 }
 
-/// Story: Alice publishes simulcast video (q, h, f). Bob receives exactly one layer at a time as
-/// one continuous stream: the best one flowing (f). When Alice's top layer stops, Bob is moved
-/// down to h at h's next keyframe, with no sequence gap and no packet of the other layers.
-#[test]
-fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
+/// Alice publishes simulcast video (q, h, f) and Bob audio; both are connected and Bob has been
+/// offered Alice's video.
+fn simulcast_call() -> World {
     let (tx, rx) = crossbeam_channel::unbounded();
     let sfu = Sfu::start(
         SfuConfig {
@@ -534,39 +532,49 @@ fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
             && w.clients[1].connected
             && w.log.iter().any(|e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.len() == 1))
     });
+    world
+}
 
-    // Every layer's payload names its layer in byte 2; keyframes every 10 frames per layer.
-    let layer_byte = |rid: &str| match rid {
-        "q" => b'q',
-        "h" => b'h',
-        _ => b'f',
-    };
-    let frame = |rid: &str, key: bool, n: u64| -> Vec<u8> {
-        let mut p = vec![0x10, if key { 0x00 } else { 0x01 }, layer_byte(rid)];
-        p.extend_from_slice(&n.to_be_bytes());
-        p.extend(std::iter::repeat_n(0x55, 100));
-        p
-    };
-    let mut n = 0u64;
-    let mut tick = 0u64;
-    let mut send_round = |w: &mut World, rids: &[&str]| {
-        tick += 1;
-        if !tick.is_multiple_of(3) {
+/// Alice's simulcast frames: every layer's payload names its layer in byte 2 (after the VP8
+/// descriptor and header byte); a keyframe every 10 frames on every layer; one frame per layer
+/// every third pump.
+#[derive(Default)]
+struct SimulcastSender {
+    n: u64,
+    tick: u64,
+}
+
+impl SimulcastSender {
+    fn round(&mut self, w: &mut World, rids: &[&str]) {
+        self.tick += 1;
+        if !self.tick.is_multiple_of(3) {
             return;
         }
+        let n = self.n;
         for rid in rids {
-            w.clients[0].send_layer(
-                "video",
-                Some(rid),
-                1000 + n,
-                (n * 3000) as u32,
-                &frame(rid, n.is_multiple_of(10), n),
-            );
+            let mut p = vec![
+                0x10,
+                if n.is_multiple_of(10) { 0x00 } else { 0x01 },
+                rid.as_bytes()[0],
+            ];
+            p.extend_from_slice(&n.to_be_bytes());
+            p.extend(std::iter::repeat_n(0x55, 100));
+            w.clients[0].send_layer("video", Some(rid), 1000 + n, (n * 3000) as u32, &p);
         }
-        n += 1;
-    };
+        self.n += 1;
+    }
+}
+
+/// Story: Alice publishes simulcast video (q, h, f). Bob receives exactly one layer at a time as
+/// one continuous stream: the best one flowing (f). When Alice's top layer stops, Bob is moved
+/// down to h at h's next keyframe, with no sequence gap and no packet of the other layers.
+#[test]
+fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
+    let mut world = simulcast_call();
+
+    let mut alice = SimulcastSender::default();
     world.run_until("bob receives the top layer", |w| {
-        send_round(w, &["q", "h", "f"]);
+        alice.round(w, &["q", "h", "f"]);
         w.clients[1]
             .received
             .iter()
@@ -576,7 +584,7 @@ fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
     });
     let before = world.clients[1].received.len();
     world.run_until("bob moved to the middle layer after f stalled", |w| {
-        send_round(w, &["q", "h"]);
+        alice.round(w, &["q", "h"]);
         w.clients[1].received[before..]
             .iter()
             .filter(|r| r.2[2] == b'h')
@@ -613,45 +621,7 @@ fn a_subscriber_gets_one_simulcast_layer_and_moves_down_when_it_stalls() {
 /// keyframe. Then he unsubscribes, and her m-line is stopped.
 #[test]
 fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let sfu = Sfu::start(
-        SfuConfig {
-            shards: 1,
-            ..SfuConfig::default()
-        },
-        tx,
-    )
-    .unwrap();
-    let mut world = World {
-        sfu,
-        events: rx,
-        clients: vec![Client::new("alice"), Client::new("bob")],
-        log: vec![],
-    };
-    let conf = ConferenceId(1);
-    let offer = world.clients[0].offer_with(&[("video", MediaKind::Video)], Some(&["q", "h", "f"]));
-    world
-        .sfu
-        .send(Command::CreatePeer {
-            peer: PeerId(0),
-            conference: conf,
-            offer,
-        })
-        .unwrap();
-    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
-    world
-        .sfu
-        .send(Command::CreatePeer {
-            peer: PeerId(1),
-            conference: conf,
-            offer,
-        })
-        .unwrap();
-    world.run_until("both connected and bob offered alice's video", |w| {
-        w.clients[0].connected
-            && w.clients[1].connected
-            && w.log.iter().any(|e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.len() == 1))
-    });
+    let mut world = simulcast_call();
     let sub = |h: u32| Subscription {
         stream_id: "alice-stream".into(),
         track_id: "alice-video".into(),
@@ -665,32 +635,9 @@ fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
             subscriptions: vec![sub(180)],
         })
         .unwrap();
-    let frame = |rid: &str, key: bool, n: u64| -> Vec<u8> {
-        let mut p = vec![0x10, if key { 0x00 } else { 0x01 }, rid.as_bytes()[0]];
-        p.extend_from_slice(&n.to_be_bytes());
-        p.extend(std::iter::repeat_n(0x55, 100));
-        p
-    };
-    let mut n = 0u64;
-    let mut tick = 0u64;
-    let mut send_round = |w: &mut World| {
-        tick += 1;
-        if !tick.is_multiple_of(3) {
-            return;
-        }
-        for rid in ["q", "h", "f"] {
-            w.clients[0].send_layer(
-                "video",
-                Some(rid),
-                1000 + n,
-                (n * 3000) as u32,
-                &frame(rid, n.is_multiple_of(10), n),
-            );
-        }
-        n += 1;
-    };
+    let mut alice = SimulcastSender::default();
     world.run_until("bob receives the small layer", |w| {
-        send_round(w);
+        alice.round(w, &["q", "h", "f"]);
         w.clients[1]
             .received
             .iter()
@@ -711,7 +658,7 @@ fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
         .unwrap();
     let before = world.clients[1].received.len();
     world.run_until("bob moves to the full layer", |w| {
-        send_round(w);
+        alice.round(w, &["q", "h", "f"]);
         w.clients[1].received[before..]
             .iter()
             .filter(|r| r.2[2] == b'f')
@@ -738,7 +685,7 @@ fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
         })
         .unwrap();
     world.run_until("bob is offered nothing", |w| {
-        send_round(w);
+        alice.round(w, &["q", "h", "f"]);
         w.log.iter().any(
             |e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.is_empty()),
         )

@@ -705,9 +705,6 @@ impl Router {
             if had_leg {
                 self.reply_hangup(&to, reason.as_str());
             } else {
-                // Stock js-sdk ignores a hangup for a call nobody has answered yet ("our
-                // partner is undefined") and would wait out its 60 s invite timeout; it ends
-                // an unanswered outgoing call on `m.call.reject` at once.
                 self.reply_reject(&to, reason.as_str());
             }
         }
@@ -893,33 +890,23 @@ impl Router {
         }
     }
 
-    /// `m.call.hangup` to a device we have no leg with (refusal or unknown call).
+    /// `m.call.hangup` to a device we have no leg with (a refused re-offer, an unknown call).
     fn reply_hangup(&mut self, to: &ReplyTo, reason: &str) {
-        self.metrics.unknown_call_hangups.inc();
-        let env = wire::envelope(&self.cfg.me, &to.call_id, &to.conf_id, &to.session_id);
-        let content = wire::hangup_content(env, reason);
-        self.send(
-            &to.user_id,
-            &to.device_id,
-            &to.call_id,
-            "m.call.hangup",
-            content,
-        );
+        self.reply_ending(to, "m.call.hangup", reason);
     }
 
-    /// `m.call.reject` to the sender of an invite we refuse (the envelope as on every event,
-    /// plus the refusal reason, which clients show or ignore).
+    /// `m.call.reject` to the sender of an invite we refuse: stock js-sdk ends an unanswered
+    /// outgoing call on it, but ignores a hangup there.
     fn reply_reject(&mut self, to: &ReplyTo, reason: &str) {
+        self.reply_ending(to, "m.call.reject", reason);
+    }
+
+    /// The envelope as on every event, plus `reason`, which clients log or show.
+    fn reply_ending(&mut self, to: &ReplyTo, event_type: &'static str, reason: &str) {
         self.metrics.unknown_call_hangups.inc();
         let env = wire::envelope(&self.cfg.me, &to.call_id, &to.conf_id, &to.session_id);
         let content = wire::hangup_content(env, reason);
-        self.send(
-            &to.user_id,
-            &to.device_id,
-            &to.call_id,
-            "m.call.reject",
-            content,
-        );
+        self.send(&to.user_id, &to.device_id, &to.call_id, event_type, content);
     }
 
     // ----------------------------------------------------------------------------------------
