@@ -32,6 +32,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 HS_PORT="$(free_port)"; HTTP_PORT="$(free_port)"
 FOCUS_PID=""
 cleanup() {
+  [[ -n "${HTTP_PORT:-}" ]] && curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" > "$TMP/metrics-end.txt" 2>/dev/null || true
   [[ -n "$FOCUS_PID" ]] && kill -TERM "$FOCUS_PID" 2>/dev/null && wait "$FOCUS_PID" 2>/dev/null || true
   scripts/synapse.sh stop "$TMP/synapse" >/dev/null 2>&1 || true
   if [[ "${WEIR_KEEP_TMP:-0}" == 1 ]]; then echo "logs kept in $TMP"; else rm -rf "$TMP"; fi

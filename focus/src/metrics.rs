@@ -204,6 +204,11 @@ impl SfuCollector {
                 s.send_messages,
             ),
             counter(
+                "weir_engine_timeouts_total",
+                "Engine timers fired (per-peer RTCP, ICE, DTLS and SCTP housekeeping)",
+                s.engine_timeouts,
+            ),
+            counter(
                 "weir_keyframe_requests_total",
                 "Keyframe requests (PLI) sent to publishers after coalescing",
                 s.keyframe_requests,

@@ -118,7 +118,8 @@ struct Peer {
     out: HashMap<TrackKey, OutTrack>,
     out_by_mid: HashMap<Mid, TrackKey>,
     addrs: Vec<SocketAddr>,
-    timeout: Instant,
+    /// The engine's next deadline, as queued in the shard's timer heap.
+    timeout: Option<Instant>,
     /// Queued in the shard's dirty list.
     dirty: bool,
     /// What the peer asked to receive; `None` until its first subscription: everything.
@@ -326,7 +327,7 @@ impl<S: EventSink> Shard<S> {
             out: HashMap::new(),
             out_by_mid: HashMap::new(),
             addrs: Vec::new(),
-            timeout: now,
+            timeout: None,
             dirty: false,
             explicit: None,
             channel: None,
@@ -755,8 +756,12 @@ impl<S: EventSink> Shard<S> {
             };
             match out {
                 Output::Timeout(t) => {
-                    peer.timeout = t;
-                    self.timers.push(Reverse((t, id)));
+                    // One heap entry per distinct deadline: draining after every packet
+                    // returns the same deadline again and again.
+                    if peer.timeout != Some(t) {
+                        peer.timeout = Some(t);
+                        self.timers.push(Reverse((t, id)));
+                    }
                     if !peer.rtc.is_alive() {
                         self.close_peer(id, CloseReason::Disconnected, Instant::now());
                     }
@@ -1135,9 +1140,11 @@ impl<S: EventSink> Shard<S> {
             let Some(peer) = self.peers.get_mut(&id) else {
                 continue;
             };
-            if peer.timeout != t {
+            if peer.timeout != Some(t) {
                 continue; // superseded by a later poll
             }
+            peer.timeout = None;
+            self.counters.engine_timeouts += 1;
             if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
                 self.close_peer(id, CloseReason::EngineError(e.to_string()), now);
                 continue;

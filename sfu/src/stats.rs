@@ -86,6 +86,8 @@ pub(crate) struct ShardCounters {
     pub keyframe_requests: u64,
     /// Messages handed to the kernel (a GSO run of datagrams counts once).
     pub send_calls: u64,
+    /// Engine timers fired (per-peer housekeeping inside the engine: RTCP, ICE, DTLS, SCTP).
+    pub engine_timeouts: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -104,6 +106,7 @@ impl ShardCounters {
         to.rtp_forwarded.store(self.rtp_forwarded, r);
         to.keyframe_requests.store(self.keyframe_requests, r);
         to.send_messages.store(self.send_calls, r);
+        to.engine_timeouts.store(self.engine_timeouts, r);
         for (i, d) in self.drops.iter().enumerate() {
             to.drops[i].store(*d, r);
         }
@@ -124,6 +127,7 @@ pub struct ShardStats {
     pub rtp_forwarded: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub send_messages: AtomicU64,
+    pub engine_timeouts: AtomicU64,
     pub drops: [AtomicU64; DropReason::ALL.len()],
     pub peers: AtomicU64,
     pub conferences: AtomicU64,
@@ -143,6 +147,7 @@ pub struct StatsSnapshot {
     /// Send messages handed to the kernel (GSO runs count once): datagrams_out / send_messages
     /// is the average GSO batch.
     pub send_messages: u64,
+    pub engine_timeouts: u64,
     pub drops: Vec<(DropReason, u64)>,
     pub peers: u64,
     pub conferences: u64,
@@ -165,6 +170,7 @@ impl StatsSnapshot {
             s.rtp_forwarded += sh.rtp_forwarded.load(r);
             s.keyframe_requests += sh.keyframe_requests.load(r);
             s.send_messages += sh.send_messages.load(r);
+            s.engine_timeouts += sh.engine_timeouts.load(r);
             for (i, d) in sh.drops.iter().enumerate() {
                 s.drops[i].1 += d.load(r);
             }
