@@ -24,8 +24,7 @@ if [[ "${WEIR_SKIP_BUILD:-0}" != 1 ]]; then
 fi
 
 export WEIR_FOCUS_BIN="${WEIR_FOCUS_BIN:-target/debug/weir-focus}"
-[[ -x "$WEIR_FOCUS_BIN" || "${WEIR_FOCUS_MODE:-binary}" == emulated ]] \
-  || { echo "demo.sh: no focus binary at $WEIR_FOCUS_BIN" >&2; exit 1; }
+[[ -x "$WEIR_FOCUS_BIN" ]] || { echo "demo.sh: no focus binary at $WEIR_FOCUS_BIN" >&2; exit 1; }
 
 # In a network namespace with only loopback, so the call's media is 127.0.0.1 on both ends.
 echo "==> scripts/in-netns.sh node web/tools/demo.mjs (${WEIR_DEMO_SECONDS:-20} s call)"

@@ -1,5 +1,5 @@
 // Bundle the browser client (dist/weir-call.js, ESM, matrix-js-sdk included), the in-page test
-// probe (dist/probe.js) and the in-browser stand-in focus (dist/emulated-focus.js) with esbuild. Run by scripts/setup.sh; `npm run build` does the same.
+// probe (dist/probe.js) with esbuild. Run by scripts/setup.sh; `npm run build` does the same.
 import { build } from "esbuild";
 import { mkdirSync } from "node:fs";
 import { dirname, join } from "node:path";
@@ -22,5 +22,4 @@ const common = {
 
 await build({ ...common, entryPoints: [join(here, "src/weir-call.js")], outfile: join(out, "weir-call.js") });
 await build({ ...common, entryPoints: [join(here, "src/probe.js")], outfile: join(out, "probe.js") });
-await build({ ...common, entryPoints: [join(here, "src/emulated-focus.js")], outfile: join(out, "emulated-focus.js") });
-console.log(`built weir-call.js, probe.js and emulated-focus.js in ${out}`);
+console.log(`built weir-call.js and probe.js in ${out}`);

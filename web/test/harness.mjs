@@ -408,63 +408,6 @@ export class Focus {
   }
 }
 
-/**
- * The in-browser stand-in focus (web/src/emulated-focus.js) behind the same interface as Focus, for
- * checking the harness itself without the Rust binary (WEIR_FOCUS_MODE=emulated). No process
- * stats: it lives in the browser.
- */
-export class EmulatedFocus {
-  constructor({ page, user }) {
-    this.page = page;
-    this.user = user;
-    this.pid = null;
-    this.exit = null;
-    this.console = [];
-    this.logPath = "(browser page)";
-  }
-
-  static async start({ browser, web, syn, user }) {
-    const context = await browser.newContext();
-    const page = await context.newPage();
-    const f = new EmulatedFocus({ page, user });
-    page.on("console", (m) => {
-      f.console.push(`${m.type()}: ${m.text()}`);
-      if (f.console.length > 3000) f.console.shift();
-    });
-    page.on("pageerror", (e) => f.console.push(`pageerror: ${e.stack ?? e}`));
-    await page.goto(`${web.url}focus.html`);
-    await page.waitForFunction(() => window.weirReady === true, null, { timeout: 30000 });
-    await page.evaluate((a) => window.EmulatedFocus.start(a), {
-      baseUrl: syn.baseUrl,
-      user: user.localpart,
-      password: user.password,
-      deviceId: FOCUS_DEVICE_ID,
-      sessionId: FOCUS_SESSION_ID,
-    });
-    return f;
-  }
-
-  async waitHealthy() {}
-
-  async metricValues(names) {
-    const s = await this.page.evaluate(() => window.EmulatedFocus.stats()).catch(() => null);
-    return Object.fromEntries(names.map((n) => [n, n === "weir_participants" ? s?.participants.length ?? null : null]));
-  }
-
-  stats() {
-    return null;
-  }
-
-  tailText(n = 80) {
-    return this.console.slice(-n).join("\n");
-  }
-
-  async stop() {
-    await this.page.evaluate(() => window.EmulatedFocus.stop()).catch(() => {});
-    this.exit = { code: 0, signal: null };
-    return this.exit;
-  }
-}
 
 // ------------------------------------------------------------------------------------------------
 // Static server for the browser bundle
@@ -483,25 +426,15 @@ export const PAGE_HTML = `<!doctype html>
 </script>
 </body></html>`;
 
-export const FOCUS_PAGE_HTML = `<!doctype html>
-<html><head><meta charset="utf-8"><title>weir emulated focus</title></head>
-<body>
-<script type="module">
-  import * as Focus from "/emulated-focus.js";
-  window.EmulatedFocus = Focus;
-  window.weirReady = true;
-</script>
-</body></html>`;
-
 export async function startStaticServer(root = DIST) {
-  for (const f of ["weir-call.js", "probe.js", "emulated-focus.js"]) {
+  for (const f of ["weir-call.js", "probe.js"]) {
     if (!existsSync(join(root, f))) throw new Error(`${join(root, f)} missing: run scripts/setup.sh (or: cd web && npm run build)`);
   }
   const server = createServer((req, res) => {
     const url = new URL(req.url, "http://127.0.0.1");
-    if (url.pathname === "/" || url.pathname === "/index.html" || url.pathname === "/focus.html") {
+    if (url.pathname === "/" || url.pathname === "/index.html") {
       res.writeHead(200, { "Content-Type": MIME[".html"], "Cache-Control": "no-store" });
-      res.end(url.pathname === "/focus.html" ? FOCUS_PAGE_HTML : PAGE_HTML);
+      res.end(PAGE_HTML);
       return;
     }
     if (url.pathname === "/favicon.ico") {
@@ -572,19 +505,14 @@ export class Harness {
    * @param {object} [o]
    * @param {Array<{name: string, colour: string}>} [o.people]
    * @param {boolean} [o.withFocus] start a focus (else the caller plays the focus's Matrix side)
-   * @param {"binary"|"emulated"} [o.focusMode] the Rust binary (default; env WEIR_FOCUS_MODE) or
-   *   the in-browser stand-in, to check the harness itself
    */
   constructor({
     people = PEOPLE,
     withFocus = true,
-    focusMode = process.env.WEIR_FOCUS_MODE ?? "binary",
     keepDir = !!process.env.WEIR_KEEP_TMP,
   } = {}) {
     this.people = people;
     this.withFocus = withFocus;
-    this.focusMode = focusMode;
-    if (!["binary", "emulated"].includes(focusMode)) throw new Error(`WEIR_FOCUS_MODE must be binary or emulated, not ${focusMode}`);
     this.keepDir = keepDir;
     this.participants = [];
     this.timings = {};
@@ -628,13 +556,8 @@ export class Harness {
 
     if (this.withFocus) {
       const tf = Date.now();
-      if (this.focusMode === "emulated") {
-        this.focus = await EmulatedFocus.start({ browser: this.browser, web: this.web, syn: this.syn, user: this.focusUser });
-        log("emulated focus (browser page) started");
-      } else {
-        this.focus = await Focus.start({ syn: this.syn, user: this.focusUser, dir: this.dir });
-        log(`focus pid ${this.focus.pid}, http ${this.focus.baseUrl}, log ${this.focus.logPath}`);
-      }
+      this.focus = await Focus.start({ syn: this.syn, user: this.focusUser, dir: this.dir });
+      log(`focus pid ${this.focus.pid}, http ${this.focus.baseUrl}, log ${this.focus.logPath}`);
       this.cleanups.push(() => this.focus.stop());
       await this.focus.waitHealthy();
       await waitFor(

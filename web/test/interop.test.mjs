@@ -117,13 +117,10 @@ test("three clients join and each receives both others' audio and video", { time
       }
       assert.equal(s.callState, "connected", `${s.name} call state`);
       assert.ok(s.selectedPair, `${s.name}: no selected ICE candidate pair`);
-      // The Rust focus is ICE-lite and offers only 127.0.0.1. (The emulated focus is a full ICE
-      // agent whose checks also come from other local addresses, seen as peer-reflexive.)
-      if (h.focusMode === "binary") {
-        assert.match(s.selectedPair.remote, /^127\.0\.0\.1:/, `${s.name}: media goes to ${s.selectedPair.remote}`);
-        // Where loopback is the only interface (scripts/in-netns.sh), our end must be too.
-        if (onlyLoopback()) assert.match(s.selectedPair.local, /^127\.0\.0\.1:/, `${s.name}: media from ${s.selectedPair.local}`);
-      }
+      // The focus is ICE-lite and offers only 127.0.0.1.
+      assert.match(s.selectedPair.remote, /^127\.0\.0\.1:/, `${s.name}: media goes to ${s.selectedPair.remote}`);
+      // Where loopback is the only interface (scripts/in-netns.sh), our end must be too.
+      if (onlyLoopback()) assert.match(s.selectedPair.local, /^127\.0\.0\.1:/, `${s.name}: media from ${s.selectedPair.local}`);
     }
   }));
 

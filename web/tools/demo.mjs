@@ -6,7 +6,6 @@
 //   node web/tools/demo.mjs            (scripts/demo.sh runs setup and the cargo build first)
 //
 // Environment: WEIR_DEMO_SECONDS (default 20), WEIR_FOCUS_BIN (default target/debug/weir-focus),
-// WEIR_FOCUS_MODE=emulated (use the in-browser stand-in focus instead of the binary),
 // WEIR_KEEP_TMP=1 (keep the work dir with the Synapse and focus logs).
 
 import { Harness, waitFor, log, procStats, fmtTable } from "../test/harness.mjs";
@@ -26,7 +25,7 @@ process.once("SIGTERM", onSignal);
 
 try {
   await h.start();
-  log(`focus: ${h.focusMode === "emulated" ? "in-browser stand-in" : h.focus.bin}`);
+  log(`focus: ${h.focus.bin}`);
   for (const p of h.participants) await h.join(p);
 
   log("waiting for everyone to decode everyone ...");
