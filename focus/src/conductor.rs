@@ -857,7 +857,6 @@ mod tests {
                 kind: TrackKind::Audio,
                 stream_id: "alice-stream".into(),
                 track_id: "a-audio".into(),
-                active: true,
             }],
         });
         let sent = rec.take_legs();

@@ -123,8 +123,6 @@ pub struct ForwardedTrack {
     pub kind: TrackKind,
     pub stream_id: String,
     pub track_id: String,
-    /// False once the publisher has gone: the m-line stays (SDP cannot shrink) but is inactive.
-    pub active: bool,
 }
 
 /// Why a peer was closed.

@@ -87,7 +87,6 @@ struct OutTrack {
     kind: TrackKind,
     stream_id: String,
     track_id: String,
-    active: bool,
     rewriter: SeqTsRewriter,
     /// Which layer this subscriber gets; starts and switches only on keyframes.
     layers: LayerSelector<Option<Rid>>,
@@ -547,7 +546,7 @@ impl<S: EventSink> Shard<S> {
         // Synapse caps at 64 KiB) stays bounded however many participants come and go.
         let mut withdrawn = Vec::new();
         for (track, out) in &peer.out {
-            if out.active && !peer.desired.contains_key(track) {
+            if !peer.desired.contains_key(track) {
                 api.stop_media(out.mid);
                 withdrawn.push(*track);
             }
@@ -575,7 +574,6 @@ impl<S: EventSink> Shard<S> {
                 kind: o.kind,
                 stream_id: o.stream_id.clone(),
                 track_id: o.track_id.clone(),
-                active: o.active,
             })
             .collect();
         for (t, _) in &added {
@@ -585,7 +583,6 @@ impl<S: EventSink> Shard<S> {
                 kind,
                 stream_id,
                 track_id,
-                active: true,
             });
         }
         peer.pending = Some(PendingNegotiation {
@@ -627,7 +624,6 @@ impl<S: EventSink> Shard<S> {
                 kind,
                 stream_id,
                 track_id,
-                active: true,
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
                 layers: LayerSelector::default(),
                 pt_map: Vec::new(),
@@ -1003,9 +999,6 @@ impl<S: EventSink> Shard<S> {
             let Some(out) = speer.out.get_mut(&track) else {
                 continue;
             };
-            if !out.active {
-                continue;
-            }
             if out.layers.target().is_none() {
                 if is_video {
                     // Layers became known only now: choose after this packet.
