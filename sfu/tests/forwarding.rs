@@ -185,6 +185,36 @@ struct World {
 }
 
 impl World {
+    /// A one-shard media plane and one client per name (client i is peer i).
+    fn new(names: &[&'static str]) -> World {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sfu = Sfu::start(
+            SfuConfig {
+                shards: 1,
+                ..SfuConfig::default()
+            },
+            tx,
+        )
+        .unwrap();
+        World {
+            sfu,
+            events: rx,
+            clients: names.iter().map(|n| Client::new(n)).collect(),
+            log: vec![],
+        }
+    }
+
+    /// Client `i` calls into conference 1 with `offer`.
+    fn call(&self, i: u64, offer: String) {
+        self.sfu
+            .send(Command::CreatePeer {
+                peer: PeerId(i),
+                conference: ConferenceId(1),
+                offer,
+            })
+            .unwrap();
+    }
+
     /// Pump clients and collect media-plane events until `done` holds or the deadline passes.
     fn run_until(&mut self, what: &str, mut done: impl FnMut(&mut World) -> bool) {
         let start = Instant::now();
@@ -248,33 +278,11 @@ fn two_participants_exchange_media_through_a_real_media_plane() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let sfu = Sfu::start(
-        SfuConfig {
-            shards: 1,
-            ..SfuConfig::default()
-        },
-        tx,
-    )
-    .unwrap();
-    let mut world = World {
-        sfu,
-        events: rx,
-        clients: vec![Client::new("alice"), Client::new("bob")],
-        log: vec![],
-    };
-    let conf = ConferenceId(1);
+    let mut world = World::new(&["alice", "bob"]);
 
     // Alice calls in with audio and video.
     let offer = world.clients[0].offer(&[("audio", MediaKind::Audio), ("video", MediaKind::Video)]);
-    world
-        .sfu
-        .send(Command::CreatePeer {
-            peer: PeerId(0),
-            conference: conf,
-            offer,
-        })
-        .unwrap();
+    world.call(0, offer);
     world.run_until("alice connected and her tracks published", |w| {
         w.clients[0].connected
             && w.log
@@ -286,14 +294,7 @@ fn two_participants_exchange_media_through_a_real_media_plane() {
 
     // Bob calls in with audio; the media plane offers him Alice's two tracks.
     let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
-    world
-        .sfu
-        .send(Command::CreatePeer {
-            peer: PeerId(1),
-            conference: conf,
-            offer,
-        })
-        .unwrap();
+    world.call(1, offer);
     world.run_until("bob connected and offered alice's tracks", |w| {
         w.clients[1].connected
             && w.log.iter().any(|e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.len() == 2))
@@ -493,40 +494,11 @@ fn a_garbage_offer_fails_that_peer_only() {
 /// Alice publishes simulcast video (q, h, f) and Bob audio; both are connected and Bob has been
 /// offered Alice's video.
 fn simulcast_call() -> World {
-    let (tx, rx) = crossbeam_channel::unbounded();
-    let sfu = Sfu::start(
-        SfuConfig {
-            shards: 1,
-            ..SfuConfig::default()
-        },
-        tx,
-    )
-    .unwrap();
-    let mut world = World {
-        sfu,
-        events: rx,
-        clients: vec![Client::new("alice"), Client::new("bob")],
-        log: vec![],
-    };
-    let conf = ConferenceId(1);
+    let mut world = World::new(&["alice", "bob"]);
     let offer = world.clients[0].offer_with(&[("video", MediaKind::Video)], Some(&["q", "h", "f"]));
-    world
-        .sfu
-        .send(Command::CreatePeer {
-            peer: PeerId(0),
-            conference: conf,
-            offer,
-        })
-        .unwrap();
+    world.call(0, offer);
     let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
-    world
-        .sfu
-        .send(Command::CreatePeer {
-            peer: PeerId(1),
-            conference: conf,
-            offer,
-        })
-        .unwrap();
+    world.call(1, offer);
     world.run_until("both connected and bob offered alice's video", |w| {
         w.clients[0].connected
             && w.clients[1].connected
