@@ -278,24 +278,21 @@ impl MatrixClient {
 
     /// `POST /join/{room}`.
     pub async fn join(&self, room: &RoomId) -> Result<(), ClientError> {
-        let path = format!("/join/{}", encode_segment(room.as_str()));
-        self.request(
-            reqwest::Method::POST,
-            &path,
-            &[],
-            Some(b"{}".to_vec()),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-        Ok(())
+        self.post_empty(&format!("/join/{}", encode_segment(room.as_str())))
+            .await
     }
 
     /// `POST /rooms/{room}/leave` (also declines an invite).
     pub async fn leave(&self, room: &RoomId) -> Result<(), ClientError> {
-        let path = format!("/rooms/{}/leave", encode_segment(room.as_str()));
+        self.post_empty(&format!("/rooms/{}/leave", encode_segment(room.as_str())))
+            .await
+    }
+
+    /// `POST {path}` with an empty JSON object, ignoring the response body.
+    async fn post_empty(&self, path: &str) -> Result<(), ClientError> {
         self.request(
             reqwest::Method::POST,
-            &path,
+            path,
             &[],
             Some(b"{}".to_vec()),
             REQUEST_TIMEOUT,
