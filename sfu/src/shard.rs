@@ -341,7 +341,8 @@ impl<S: EventSink> Shard<S> {
             answer: answer_sdp,
             candidates,
         });
-        // Policy for now: everyone receives every track published in the conference.
+        // A new peer receives every track of the conference until its first subscription
+        // (`want` applies the subscription once there is one).
         for other in existing {
             let tracks: Vec<TrackKey> = self.peers[&other].published.values().cloned().collect();
             for t in tracks {
