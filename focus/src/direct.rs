@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, Notify};
 use weir_signalling::router::{Output, Router, RouterConfig};
 use weir_signalling::wire::Identity;
-use weir_signalling::{DeviceId, LegCommand, LegEvent, RoomId, UserId};
+use weir_signalling::{LegCommand, LegEvent, RoomId, UserId};
 
 /// The room every direct-mode leg belongs to. Not a real room (room ids from a homeserver
 /// always contain a server name after `:`); the conductor keys conferences by (room, conf_id),
@@ -280,7 +280,6 @@ async fn post_event(
             ),
         );
     }
-    let _ = DeviceId::from(ev.device_id.as_str());
     hub.incoming(
         &ev.user_id,
         &ev.device_id,

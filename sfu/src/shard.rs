@@ -226,10 +226,9 @@ impl<S: EventSink> Shard<S> {
                 net::wait_readable(&self.socket, &self.waker, Some(wait));
             }
         }
-        let now = Instant::now();
         let ids: Vec<PeerId> = self.peers.keys().copied().collect();
         for id in ids {
-            self.close_peer(id, CloseReason::Requested, now);
+            self.close_peer(id, CloseReason::Requested);
         }
         self.flush();
         self.counters.publish(&self.stats, 0, 0, 0);
@@ -251,9 +250,9 @@ impl<S: EventSink> Shard<S> {
                 conference,
                 offer,
             } => self.create_peer(peer, conference, &offer, now),
-            Command::RemoteOffer { peer, sdp } => self.remote_offer(peer, &sdp, now),
+            Command::RemoteOffer { peer, sdp } => self.remote_offer(peer, &sdp),
             Command::RemoteAnswer { peer, sdp } => self.remote_answer(peer, &sdp, now),
-            Command::ClosePeer { peer } => self.close_peer(peer, CloseReason::Requested, now),
+            Command::ClosePeer { peer } => self.close_peer(peer, CloseReason::Requested),
             Command::Subscribe {
                 peer,
                 subscriptions,
@@ -350,10 +349,10 @@ impl<S: EventSink> Shard<S> {
             }
         }
         self.mark_dirty(id);
-        self.maybe_offer(id, now);
+        self.maybe_offer(id);
     }
 
-    fn remote_offer(&mut self, id: PeerId, sdp: &str, now: Instant) {
+    fn remote_offer(&mut self, id: PeerId, sdp: &str) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -377,7 +376,7 @@ impl<S: EventSink> Shard<S> {
                 self.emit(SfuEvent::Answer { peer: id, sdp });
                 // New or changed media arrive as engine events while draining.
                 self.drain_dirty();
-                self.maybe_offer(id, now);
+                self.maybe_offer(id);
             }
             Err(e) => {
                 self.counters.drop(DropReason::BadSdp);
@@ -417,14 +416,14 @@ impl<S: EventSink> Shard<S> {
                 error: e.to_string(),
             });
             self.mark_dirty(id);
-            self.maybe_offer(id, now);
+            self.maybe_offer(id);
             return;
         }
         for (track, mid) in pending.added {
             self.start_forwarding(id, track, mid, now);
         }
         self.mark_dirty(id);
-        self.maybe_offer(id, now);
+        self.maybe_offer(id);
     }
 
     /// Record that `track` should be forwarded to `subscriber`.
@@ -480,7 +479,7 @@ impl<S: EventSink> Shard<S> {
         for t in candidates {
             self.want(id, t);
         }
-        self.maybe_offer(id, now);
+        self.maybe_offer(id);
         // Caps may have changed for tracks already forwarded.
         let forwarded: Vec<TrackKey> = self
             .peers
@@ -516,7 +515,7 @@ impl<S: EventSink> Shard<S> {
 
     /// Make an offer to `id` if what it should receive differs from what is negotiated and no
     /// offer is outstanding (one negotiation at a time per peer).
-    fn maybe_offer(&mut self, id: PeerId, _now: Instant) {
+    fn maybe_offer(&mut self, id: PeerId) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -746,8 +745,7 @@ impl<S: EventSink> Shard<S> {
             let out = match peer.rtc.poll_output() {
                 Ok(o) => o,
                 Err(e) => {
-                    let now = Instant::now();
-                    self.close_peer(id, CloseReason::EngineError(e.to_string()), now);
+                    self.close_peer(id, CloseReason::EngineError(e.to_string()));
                     return;
                 }
             };
@@ -760,7 +758,7 @@ impl<S: EventSink> Shard<S> {
                         self.timers.push(Reverse((t, id)));
                     }
                     if !peer.rtc.is_alive() {
-                        self.close_peer(id, CloseReason::Disconnected, Instant::now());
+                        self.close_peer(id, CloseReason::Disconnected);
                     }
                     return;
                 }
@@ -783,7 +781,7 @@ impl<S: EventSink> Shard<S> {
                 self.emit(SfuEvent::Connected { peer: id });
             }
             Event::MediaAdded(m) if m.direction.is_receiving() => {
-                self.publish(id, m.mid, m.kind, now);
+                self.publish(id, m.mid, m.kind);
             }
             Event::MediaChanged(m) => {
                 let published = self
@@ -797,7 +795,7 @@ impl<S: EventSink> Shard<S> {
                         .and_then(|p| p.rtc.media(m.mid))
                         .map(|m| m.kind());
                     if let Some(kind) = kind {
-                        self.publish(id, m.mid, kind, now);
+                        self.publish(id, m.mid, kind);
                     }
                 } else if !m.direction.is_receiving() && published {
                     self.unpublish(id, m.mid);
@@ -822,7 +820,7 @@ impl<S: EventSink> Shard<S> {
                     }
                 }
             }
-            Event::Closed => self.close_peer(id, CloseReason::Disconnected, now),
+            Event::Closed => self.close_peer(id, CloseReason::Disconnected),
             Event::ChannelOpen(cid, _label) => {
                 // The first channel the participant opens carries MSC3898 messages.
                 if let Some(p) = self.peers.get_mut(&id) {
@@ -844,7 +842,7 @@ impl<S: EventSink> Shard<S> {
         }
     }
 
-    fn publish(&mut self, id: PeerId, mid: Mid, kind: MediaKind, _now: Instant) {
+    fn publish(&mut self, id: PeerId, mid: Mid, kind: MediaKind) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -888,7 +886,7 @@ impl<S: EventSink> Shard<S> {
             .collect();
         for other in others {
             self.want(other, tref);
-            self.maybe_offer(other, Instant::now());
+            self.maybe_offer(other);
         }
     }
 
@@ -914,7 +912,7 @@ impl<S: EventSink> Shard<S> {
         for other in others {
             if let Some(p) = self.peers.get_mut(&other) {
                 if p.desired.remove(&tref).is_some() {
-                    self.maybe_offer(other, Instant::now());
+                    self.maybe_offer(other);
                 }
             }
         }
@@ -1140,7 +1138,7 @@ impl<S: EventSink> Shard<S> {
             peer.timeout = None;
             self.counters.engine_timeouts += 1;
             if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
-                self.close_peer(id, CloseReason::EngineError(e.to_string()), now);
+                self.close_peer(id, CloseReason::EngineError(e.to_string()));
                 continue;
             }
             self.drain_peer(id);
@@ -1162,7 +1160,7 @@ impl<S: EventSink> Shard<S> {
             }
         }
         for (id, reason) in dead {
-            self.close_peer(id, reason, now);
+            self.close_peer(id, reason);
         }
         let mut owed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
         let mut moves: Vec<(PeerId, TrackKey, Option<Rid>)> = Vec::new();
@@ -1228,7 +1226,7 @@ impl<S: EventSink> Shard<S> {
 
     // ---------------------------------------------------------------- teardown
 
-    fn close_peer(&mut self, id: PeerId, reason: CloseReason, _now: Instant) {
+    fn close_peer(&mut self, id: PeerId, reason: CloseReason) {
         let Some(mut peer) = self.peers.remove(&id) else {
             return;
         };
@@ -1273,7 +1271,7 @@ impl<S: EventSink> Shard<S> {
                 }
             }
             if changed {
-                self.maybe_offer(other, Instant::now());
+                self.maybe_offer(other);
             }
         }
         info!(shard = self.index, %id, ?reason, "peer closed");
