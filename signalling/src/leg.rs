@@ -2,6 +2,7 @@
 
 use crate::ids::{CallId, ConfId, DeviceId, PartyId, RoomId, SessionId, UserId};
 use crate::metadata::SdpStreamMetadata;
+use crate::room::FocusRef;
 use crate::wire::{Candidate, SdpType};
 
 /// One client↔focus call leg, as opened by an authorised invite.
@@ -15,6 +16,9 @@ pub struct Leg {
     pub party_id: PartyId,
     /// The client's `sender_session_id` (weir's `dest_session_id` towards it).
     pub session_id: SessionId,
+    /// A trunk: the other end is a focus serving this conference (docs/cascading.md), not a
+    /// participant. Its metadata keeps the owners it names (checked against room state).
+    pub trunk: bool,
 }
 
 /// Delivered to the focus: parsed, authorised, ordered by `seq`, de-duplicated.
@@ -63,6 +67,19 @@ pub enum LegEvent {
         user_id: UserId,
         device_id: DeviceId,
     },
+    /// The answer of the focus weir dialled ([`LegCommand::Invite`]).
+    Answer {
+        leg: Leg,
+        sdp: String,
+        metadata: SdpStreamMetadata,
+    },
+    /// The set of foci serving a conference changed (MSC3898 `foci.active` of its unexpired
+    /// member devices; weir itself included when named). Empty when the call ended.
+    Foci {
+        room_id: RoomId,
+        conf_id: ConfId,
+        foci: Vec<FocusRef>,
+    },
 }
 
 impl LegEvent {
@@ -74,8 +91,9 @@ impl LegEvent {
             | LegEvent::SelectAnswer { leg, .. }
             | LegEvent::Negotiate { leg, .. }
             | LegEvent::MetadataChanged { leg, .. }
-            | LegEvent::Hangup { leg, .. } => Some(leg),
-            LegEvent::MemberGone { .. } => None,
+            | LegEvent::Hangup { leg, .. }
+            | LegEvent::Answer { leg, .. } => Some(leg),
+            LegEvent::MemberGone { .. } | LegEvent::Foci { .. } => None,
         }
     }
 }
@@ -84,6 +102,13 @@ impl LegEvent {
 /// go out in the order they were sent.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LegCommand {
+    /// Dial another focus (a trunk): opens the leg in the router, so the far focus's answer,
+    /// candidates and hangup for this `call_id` are accepted from it.
+    Invite {
+        leg: Leg,
+        sdp: String,
+        metadata: SdpStreamMetadata,
+    },
     Answer {
         leg: Leg,
         sdp: String,
@@ -111,7 +136,8 @@ pub enum LegCommand {
 impl LegCommand {
     pub fn leg(&self) -> &Leg {
         match self {
-            LegCommand::Answer { leg, .. }
+            LegCommand::Invite { leg, .. }
+            | LegCommand::Answer { leg, .. }
             | LegCommand::Negotiate { leg, .. }
             | LegCommand::Candidates { leg, .. }
             | LegCommand::MetadataChanged { leg, .. }

@@ -36,6 +36,8 @@ pub enum RefuseReason {
     ServerNotAllowed,
     /// The sender has too many unanswered invites, or weir holds too many legs.
     TooManyInvites,
+    /// A trunk invite from a focus that no unexpired member device of the call names active.
+    NotActiveFocus,
 }
 
 impl RefuseReason {
@@ -48,6 +50,7 @@ impl RefuseReason {
             RefuseReason::SessionMismatch => "session_mismatch",
             RefuseReason::ServerNotAllowed => "server_not_allowed",
             RefuseReason::TooManyInvites => "too_many_invites",
+            RefuseReason::NotActiveFocus => "not_active_focus",
         }
     }
 }
@@ -57,7 +60,28 @@ struct MemberDevice {
     device_id: DeviceId,
     session_id: Option<SessionId>,
     expires_ts: Option<u64>,
+    /// MSC3898 `foci.active`: the foci this device publishes to.
+    foci: Vec<FocusRef>,
 }
+
+/// A focus named in a member device's MSC3898 `org.matrix.msc3898.foci.active` (or
+/// `m.foci.active`) list: `{"user_id", "device_id"}`, plus weir's optional `session_id` (the
+/// `dest_session_id` to call it with; absent means [`DEFAULT_FOCUS_SESSION`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FocusRef {
+    pub user_id: UserId,
+    pub device_id: DeviceId,
+    pub session_id: SessionId,
+}
+
+/// The session id a focus is called with when its `foci.active` entry does not say.
+pub const DEFAULT_FOCUS_SESSION: &str = "sfu";
+
+/// The two spellings of MSC3898's active-foci key in a member device entry.
+pub const FOCI_ACTIVE_KEYS: [&str; 2] = ["org.matrix.msc3898.foci.active", "m.foci.active"];
+
+/// Most foci read from one device entry.
+const MAX_FOCI_PER_DEVICE: usize = 4;
 
 #[derive(Clone, Debug, Default)]
 struct RoomState {
@@ -271,6 +295,117 @@ impl RoomTracker {
     pub fn call_active(&self, room: &RoomId, conf: &ConfId) -> bool {
         self.rooms.get(room).is_some_and(|s| s.call_active(conf))
     }
+
+    /// The foci serving `conf` in `room` at wall-clock `now_ms`: every focus named active by
+    /// an unexpired device entry of a joined member, while the call is active. A focus whose
+    /// user is not joined to the room is left out (it could not be authorised anyway).
+    pub fn active_foci(&self, room: &RoomId, conf: &ConfId, now_ms: u64) -> Vec<FocusRef> {
+        let Some(state) = self.rooms.get(room) else {
+            return Vec::new();
+        };
+        if !state.call_active(conf) {
+            return Vec::new();
+        }
+        let mut out: Vec<FocusRef> = state
+            .call_members
+            .iter()
+            .filter(|((_, user), _)| state.joined(user))
+            .filter_map(|(_, confs)| confs.get(conf))
+            .flatten()
+            .filter(|d| d.expires_ts.is_some_and(|e| e > now_ms))
+            .flat_map(|d| d.foci.iter().cloned())
+            .filter(|f| state.joined(&f.user_id))
+            .collect();
+        out.sort();
+        out.dedup_by(|a, b| a.user_id == b.user_id && a.device_id == b.device_id);
+        out
+    }
+
+    /// Every (room, conf) that has an active call, for re-deriving the foci of each.
+    pub fn active_calls(&self) -> Vec<(RoomId, ConfId)> {
+        let mut out = Vec::new();
+        for (room, state) in &self.rooms {
+            for ((_, conf), active) in &state.calls {
+                if *active && !out.iter().any(|(r, c)| r == room && c == conf) {
+                    out.push((room.clone(), conf.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Authorises a trunk invite: (`user`, `device`) must be a focus that an unexpired member
+    /// device of `conf` names as active, and `user` must be joined to that room. Returns the
+    /// room, chosen as in [`Self::authorise`].
+    pub fn authorise_focus(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        conf: &ConfId,
+        now_ms: u64,
+    ) -> Result<RoomId, RefuseReason> {
+        let mut best: Option<RefuseReason> = None;
+        let mut any_call = false;
+        for (room_id, state) in &self.rooms {
+            if !state.call_active(conf) {
+                continue;
+            }
+            any_call = true;
+            let outcome = if !state.joined(user) {
+                Err(RefuseReason::NotInRoom)
+            } else if self
+                .active_foci(room_id, conf, now_ms)
+                .iter()
+                .any(|f| &f.user_id == user && &f.device_id == device)
+            {
+                Ok(())
+            } else {
+                Err(RefuseReason::NotActiveFocus)
+            };
+            match outcome {
+                Ok(()) => return Ok(room_id.clone()),
+                Err(reason) => best = Some(best.map_or(reason, |b| more_specific(b, reason))),
+            }
+        }
+        if !any_call {
+            return Err(RefuseReason::NoCall);
+        }
+        Err(best.unwrap_or(RefuseReason::NoCall))
+    }
+
+    /// Whether (`user`, `device`) is a live member device of `conf` in `room` that names
+    /// (`focus_user`, `focus_device`) as its active focus.
+    #[allow(clippy::too_many_arguments)]
+    pub fn device_uses_focus(
+        &self,
+        room: &RoomId,
+        conf: &ConfId,
+        user: &UserId,
+        device: &DeviceId,
+        focus_user: &UserId,
+        focus_device: &DeviceId,
+        now_ms: u64,
+    ) -> bool {
+        let Some(state) = self.rooms.get(room) else {
+            return false;
+        };
+        state.joined(user)
+            && state.devices(user, conf).any(|d| {
+                &d.device_id == device
+                    && d.expires_ts.is_some_and(|e| e > now_ms)
+                    && d.foci
+                        .iter()
+                        .any(|f| &f.user_id == focus_user && &f.device_id == focus_device)
+            })
+    }
+
+    /// Whether `user` has any member device entry (expired or not) in `conf` anywhere: such a
+    /// sender is a participant, never a focus, when both would match.
+    pub fn has_member_devices(&self, user: &UserId, device: &DeviceId, conf: &ConfId) -> bool {
+        self.rooms
+            .values()
+            .any(|s| s.devices(user, conf).any(|d| &d.device_id == device))
+    }
 }
 
 /// Ranks refusals so the most informative one is reported: a sender who got further through
@@ -279,7 +414,7 @@ fn specificity(r: RefuseReason) -> u8 {
     match r {
         RefuseReason::NoCall => 0,
         RefuseReason::NotInRoom => 1,
-        RefuseReason::NoMemberDevice => 2,
+        RefuseReason::NoMemberDevice | RefuseReason::NotActiveFocus => 2,
         RefuseReason::MemberExpired => 3,
         RefuseReason::SessionMismatch => 4,
         RefuseReason::ServerNotAllowed | RefuseReason::TooManyInvites => 5,
@@ -323,10 +458,48 @@ fn parse_member_content(content: &Value) -> HashMap<ConfId, Vec<MemberDevice>> {
                 device_id: DeviceId::from(device_id),
                 session_id,
                 expires_ts,
+                foci: parse_foci(d),
             });
         }
     }
     out.retain(|_, v| !v.is_empty());
+    out
+}
+
+/// The MSC3898 active foci of one device entry; entries that are not `{user_id, device_id}`
+/// strings are skipped.
+fn parse_foci(device: &Value) -> Vec<FocusRef> {
+    let mut out = Vec::new();
+    for key in FOCI_ACTIVE_KEYS {
+        let Some(list) = device.get(key).and_then(Value::as_array) else {
+            continue;
+        };
+        for f in list.iter().take(MAX_FOCI_PER_DEVICE) {
+            let (Some(user), Some(dev)) = (
+                f.get("user_id").and_then(Value::as_str),
+                f.get("device_id").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            let user = UserId::from(user);
+            if user.server_name().is_none() || dev.is_empty() || dev.len() > 255 {
+                continue;
+            }
+            let session = f
+                .get("session_id")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty() && s.len() <= 255)
+                .unwrap_or(DEFAULT_FOCUS_SESSION);
+            let r = FocusRef {
+                user_id: user,
+                device_id: DeviceId::from(dev),
+                session_id: SessionId::from(session),
+            };
+            if !out.contains(&r) {
+                out.push(r);
+            }
+        }
+    }
     out
 }
 

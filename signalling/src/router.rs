@@ -34,7 +34,7 @@ use crate::leg::{Leg, LegCommand, LegEvent};
 use crate::metadata::SdpStreamMetadata;
 use crate::metrics::Metrics;
 use crate::reorder::{Admit, Reorder, ReorderKey};
-use crate::room::{RefuseReason, RoomTracker};
+use crate::room::{FocusRef, RefuseReason, RoomTracker};
 use crate::wire::{
     self, classify, parse_call, received_label, CallBody, CallEventType, Candidate, DropReason,
     Envelope, Identity, InboundCall, OutgoingToDevice, ReplyTo, TypeClass, MAX_ID_LEN,
@@ -104,7 +104,10 @@ pub enum Output {
 
 struct LegEntry {
     leg: Leg,
+    /// Answered by us, or (a trunk we dialled) by the far focus.
     answered: bool,
+    /// weir sent the invite (a trunk it dialled).
+    caller: bool,
     invited_at: Instant,
     lifetime: Duration,
     offer_hash: u64,
@@ -200,7 +203,14 @@ pub struct Router {
     out: VecDeque<Output>,
     anchor: (Instant, u64),
     next_housekeeping: Instant,
+    /// The foci of every active conference, as last reported in [`LegEvent::Foci`].
+    foci: HashMap<(RoomId, ConfId), Vec<FocusRef>>,
 }
+
+/// How long weir's own trunk invite waits for the far focus's answer before the leg is
+/// dropped (the focus redials). Federation delivers in seconds; a minute covers a homeserver
+/// that is still catching up without leaving a dead dial around for long.
+pub const TRUNK_INVITE_LIFETIME_MS: u64 = 60_000;
 
 impl Router {
     /// `anchor` ties the monotonic clock to wall-clock time: `(instant, unix ms at that instant)`.
@@ -221,6 +231,7 @@ impl Router {
             ),
             out: VecDeque::new(),
             next_housekeeping: now + cfg.housekeeping_interval,
+            foci: HashMap::new(),
             anchor,
             metrics,
             cfg,
@@ -271,6 +282,7 @@ impl Router {
 
     fn has_timed_state(&self) -> bool {
         !self.legs.is_empty()
+            || !self.foci.is_empty()
             || !self.early.is_empty()
             || !self.limiter.per_call.is_empty()
             || self.reorder.len() > 0
@@ -293,6 +305,7 @@ impl Router {
             self.next_housekeeping = now + self.cfg.housekeeping_interval;
             self.expire_early(now);
             self.check_members(None, now);
+            self.update_foci(now);
             self.reorder.sweep(now);
             self.limiter.sweep(now);
         }
@@ -323,8 +336,42 @@ impl Router {
             self.rooms.apply_event(room, ev);
         }
         self.check_members(Some(room), now);
+        self.update_foci(now);
         if !self.held.is_empty() {
             self.retry_held(now);
+        }
+    }
+
+    /// Re-derives the foci of every active conference and reports the sets that changed.
+    fn update_foci(&mut self, now: Instant) {
+        let wall = self.wall_ms(now);
+        let mut current: HashMap<(RoomId, ConfId), Vec<FocusRef>> = HashMap::new();
+        for (room, conf) in self.rooms.active_calls() {
+            let foci = self.rooms.active_foci(&room, &conf, wall);
+            if !foci.is_empty() {
+                current.insert((room, conf), foci);
+            }
+        }
+        let mut changed: Vec<((RoomId, ConfId), Vec<FocusRef>)> = Vec::new();
+        for (key, foci) in &current {
+            if self.foci.get(key) != Some(foci) {
+                changed.push((key.clone(), foci.clone()));
+            }
+        }
+        for key in self.foci.keys() {
+            if !current.contains_key(key) {
+                changed.push((key.clone(), Vec::new()));
+            }
+        }
+        changed.sort();
+        self.foci = current;
+        for ((room_id, conf_id), foci) in changed {
+            info!(room = %room_id, conf = %conf_id, n = foci.len(), "foci of the conference changed");
+            self.out.push_back(Output::Event(LegEvent::Foci {
+                room_id,
+                conf_id,
+                foci,
+            }));
         }
     }
 
@@ -341,6 +388,7 @@ impl Router {
             info!(%room, "left room");
         }
         self.check_members(Some(room), now);
+        self.update_foci(now);
     }
 
     /// Emits `MemberGone` for every (room, conf, user, device) with legs whose member entry is
@@ -353,10 +401,23 @@ impl Router {
             if room.is_some_and(|r| r != &l.room_id) {
                 continue;
             }
-            if !self
-                .rooms
-                .member_present(&l.room_id, &l.conf_id, &l.user_id, &l.device_id, wall)
-            {
+            let present = if l.trunk {
+                // A trunk lives while the far focus still serves the conference (and, for one
+                // we dialled, until its answer is overdue).
+                let overdue = !e.answered
+                    && e.caller
+                    && now.saturating_duration_since(e.invited_at) >= e.lifetime;
+                !overdue
+                    && self
+                        .rooms
+                        .active_foci(&l.room_id, &l.conf_id, wall)
+                        .iter()
+                        .any(|f| f.user_id == l.user_id && f.device_id == l.device_id)
+            } else {
+                self.rooms
+                    .member_present(&l.room_id, &l.conf_id, &l.user_id, &l.device_id, wall)
+            };
+            if !present {
                 gone.insert((
                     l.room_id.clone(),
                     l.conf_id.clone(),
@@ -549,7 +610,14 @@ impl Router {
         if held_until.is_none() && self.held.iter().any(|h| h.call.env.call_id == env.call_id) {
             return self.drop_in(DropReason::Duplicate, "invite for a call already held");
         }
-        let room_id = match self.authorise(sender, env, existing.is_none(), now) {
+        let trunk = self.is_focus_caller(sender, env, now);
+        let authorised = if trunk {
+            self.rooms
+                .authorise_focus(sender, &env.device_id, &env.conf_id, self.wall_ms(now))
+        } else {
+            self.authorise(sender, env, existing.is_none(), now)
+        };
+        let room_id = match authorised {
             Ok(r) => r,
             Err(reason) => {
                 let until = held_until.unwrap_or(now + self.cfg.auth_grace);
@@ -586,9 +654,11 @@ impl Router {
         else {
             return;
         };
-        for m in metadata.values_mut() {
-            m.user_id = Some(sender.clone());
-            m.device_id = Some(env.device_id.clone());
+        if !trunk {
+            for m in metadata.values_mut() {
+                m.user_id = Some(sender.clone());
+                m.device_id = Some(env.device_id.clone());
+            }
         }
         let leg = Leg {
             room_id,
@@ -598,16 +668,23 @@ impl Router {
             device_id: env.device_id,
             party_id: env.party_id,
             session_id: env.sender_session_id,
+            trunk,
+        };
+        let metadata = if trunk {
+            self.trunk_owned(metadata, &leg, now)
+        } else {
+            metadata
         };
         let answered = self.legs.get(&leg.call_id).is_some_and(|e| e.answered);
         let lifetime = Duration::from_millis(lifetime_ms.unwrap_or(60_000).clamp(1_000, 600_000));
         info!(room = %leg.room_id, conf = %leg.conf_id, call = %leg.call_id, user = %leg.user_id,
-            device = %leg.device_id, reoffer = answered, "invite accepted");
+            device = %leg.device_id, reoffer = answered, trunk, "invite accepted");
         self.legs.insert(
             leg.call_id.clone(),
             LegEntry {
                 leg: leg.clone(),
                 answered,
+                caller: false,
                 invited_at: now,
                 lifetime,
                 offer_hash,
@@ -621,6 +698,56 @@ impl Router {
             lifetime_ms,
         }));
         self.flush_early(&leg);
+    }
+
+    /// Whether an invite comes from a focus rather than a participant: some unexpired member
+    /// device of the conference names (sender, device) as its active focus, and the sender
+    /// has no member device of its own with that id (a participant that is also named as a
+    /// focus is treated as a participant). Never ourselves.
+    fn is_focus_caller(&self, sender: &UserId, env: &Envelope, now: Instant) -> bool {
+        if sender == &self.cfg.me.user_id && env.device_id == self.cfg.me.device_id {
+            return false;
+        }
+        let wall = self.wall_ms(now);
+        !self
+            .rooms
+            .has_member_devices(sender, &env.device_id, &env.conf_id)
+            && self
+                .rooms
+                .authorise_focus(sender, &env.device_id, &env.conf_id, wall)
+                .is_ok()
+    }
+
+    /// A trunk's stream metadata keeps the owners it names, but only owners that really call
+    /// through that focus: a member device of the conference naming it active, or a user of
+    /// the focus's own server (whose member state may still be on its way over federation).
+    /// Any other entry is dropped and counted: a focus cannot speak for another's participants.
+    fn trunk_owned(&self, m: SdpStreamMetadata, leg: &Leg, now: Instant) -> SdpStreamMetadata {
+        let wall = self.wall_ms(now);
+        let focus_server = leg.user_id.server_name();
+        m.into_iter()
+            .filter(|(_, s)| {
+                let ok = match (&s.user_id, &s.device_id) {
+                    (Some(u), Some(d)) => {
+                        (focus_server.is_some() && u.server_name() == focus_server)
+                            || self.rooms.device_uses_focus(
+                                &leg.room_id,
+                                &leg.conf_id,
+                                u,
+                                d,
+                                &leg.user_id,
+                                &leg.device_id,
+                                wall,
+                            )
+                    }
+                    _ => false,
+                };
+                if !ok {
+                    self.metrics.drop(DropReason::ForeignOwner);
+                }
+                ok
+            })
+            .collect()
     }
 
     fn authorise(
@@ -723,6 +850,20 @@ impl Router {
         }
         let leg = entry.leg.clone();
         let ev = match call.body {
+            CallBody::Answer { sdp, metadata } => {
+                let Some(e) = self.legs.get_mut(&leg.call_id) else {
+                    return;
+                };
+                if !e.caller || e.answered {
+                    return self.drop_in(
+                        DropReason::Duplicate,
+                        "answer to a call we did not dial, or answered",
+                    );
+                }
+                e.answered = true;
+                let metadata = self.trunk_owned(metadata, &leg, now);
+                LegEvent::Answer { leg, sdp, metadata }
+            }
             CallBody::Candidates(candidates) => LegEvent::Candidates { leg, candidates },
             CallBody::SelectAnswer { selected_party_id } => LegEvent::SelectAnswer {
                 leg,
@@ -733,7 +874,7 @@ impl Router {
                 sdp,
                 metadata,
             } => {
-                let metadata = metadata.map(|m| owned_by(m, &leg));
+                let metadata = metadata.map(|m| self.owned(m, &leg, now));
                 LegEvent::Negotiate {
                     leg,
                     kind,
@@ -742,7 +883,7 @@ impl Router {
                 }
             }
             CallBody::MetadataChanged(m) => LegEvent::MetadataChanged {
-                metadata: owned_by(m, &leg),
+                metadata: self.owned(m, &leg, now),
                 leg,
             },
             CallBody::Hangup { reason } => {
@@ -755,6 +896,16 @@ impl Router {
             CallBody::Invite { .. } => return,
         };
         self.out.push_back(Output::Event(ev));
+    }
+
+    /// Metadata of a leg with its owners settled: a participant's streams are its own; a
+    /// trunk's are checked ([`Self::trunk_owned`]).
+    fn owned(&self, m: SdpStreamMetadata, leg: &Leg, now: Instant) -> SdpStreamMetadata {
+        if leg.trunk {
+            self.trunk_owned(m, leg, now)
+        } else {
+            owned_by(m, leg)
+        }
     }
 
     fn on_unknown_call(&mut self, call: InboundCall, now: Instant) {
@@ -918,6 +1069,26 @@ impl Router {
         let leg = cmd.leg().clone();
         let env = wire::envelope(&me, &leg.call_id, &leg.conf_id, &leg.session_id);
         let (ty, content) = match cmd {
+            LegCommand::Invite { sdp, metadata, .. } => {
+                info!(call = %leg.call_id, to = %leg.user_id, device = %leg.device_id,
+                    conf = %leg.conf_id, "dialling a focus (trunk)");
+                self.legs.insert(
+                    leg.call_id.clone(),
+                    LegEntry {
+                        leg: leg.clone(),
+                        answered: false,
+                        caller: true,
+                        invited_at: now,
+                        lifetime: Duration::from_millis(TRUNK_INVITE_LIFETIME_MS),
+                        offer_hash: 0,
+                    },
+                );
+                self.metrics.legs.set(self.legs.len() as i64);
+                (
+                    "m.call.invite",
+                    wire::invite_content(env, &sdp, &metadata, TRUNK_INVITE_LIFETIME_MS),
+                )
+            }
             LegCommand::Answer { sdp, metadata, .. } => {
                 if let Some(e) = self.legs.get_mut(&leg.call_id) {
                     e.answered = true;
@@ -1021,3 +1192,6 @@ fn owned_by(mut m: SdpStreamMetadata, leg: &Leg) -> SdpStreamMetadata {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod trunk_tests;

@@ -115,6 +115,8 @@ pub enum DropReason {
     QueueFull,
     /// An outgoing send failed permanently (after retries, or a 4xx).
     SendFailed,
+    /// A stream in a trunk's metadata claims an owner that does not use that trunk's focus.
+    ForeignOwner,
 }
 
 impl DropReason {
@@ -135,6 +137,7 @@ impl DropReason {
             DropReason::Flood => "flood",
             DropReason::QueueFull => "queue_full",
             DropReason::SendFailed => "send_failed",
+            DropReason::ForeignOwner => "foreign_owner",
         }
     }
 }
@@ -143,6 +146,8 @@ impl DropReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CallEventType {
     Invite,
+    /// Only on a leg weir opened itself (a trunk it dialled).
+    Answer,
     Candidates,
     SelectAnswer,
     Negotiate,
@@ -178,6 +183,7 @@ pub(crate) fn classify(event_type: &str) -> TypeClass {
     use CallEventType::*;
     match event_type {
         "m.call.invite" => TypeClass::Call(Invite),
+        "m.call.answer" => TypeClass::Call(Answer),
         "m.call.candidates" => TypeClass::Call(Candidates),
         "m.call.select_answer" => TypeClass::Call(SelectAnswer),
         "m.call.negotiate" => TypeClass::Call(Negotiate),
@@ -235,6 +241,10 @@ pub(crate) enum CallBody {
         sdp: String,
         metadata: SdpStreamMetadata,
         lifetime_ms: Option<u64>,
+    },
+    Answer {
+        sdp: String,
+        metadata: SdpStreamMetadata,
     },
     Candidates(Vec<Candidate>),
     SelectAnswer {
@@ -460,6 +470,16 @@ fn parse_body(kind: CallEventType, content: &mut Map<String, Value>) -> Result<C
                 lifetime_ms,
             }
         }
+        CallEventType::Answer => {
+            let answer = content
+                .remove("answer")
+                .ok_or_else(|| rejected(DropReason::Malformed, "missing answer"))?;
+            let (_, sdp) = take_sdp(answer, Some(SdpType::Answer), "answer")?;
+            CallBody::Answer {
+                sdp,
+                metadata: take_metadata(content)?.unwrap_or_default(),
+            }
+        }
         CallEventType::Candidates => {
             let Some(Value::Array(list)) = content.remove("candidates") else {
                 return Err(rejected(
@@ -601,6 +621,20 @@ pub(crate) fn answer_content(
     metadata: &SdpStreamMetadata,
 ) -> Value {
     env.insert("answer".into(), json!({"type": "answer", "sdp": sdp}));
+    put_metadata(&mut env, metadata);
+    env.insert("capabilities".into(), capabilities());
+    Value::Object(env)
+}
+
+/// `m.call.invite` content (weir dialling another focus: a trunk).
+pub(crate) fn invite_content(
+    mut env: Map<String, Value>,
+    sdp: &str,
+    metadata: &SdpStreamMetadata,
+    lifetime_ms: u64,
+) -> Value {
+    env.insert("offer".into(), json!({"type": "offer", "sdp": sdp}));
+    env.insert("lifetime".into(), json!(lifetime_ms));
     put_metadata(&mut env, metadata);
     env.insert("capabilities".into(), capabilities());
     Value::Object(env)
@@ -908,7 +942,10 @@ mod tests {
         ] {
             assert_eq!(classify(k), TypeClass::Key);
         }
-        assert_eq!(classify("m.call.answer"), TypeClass::Unknown);
+        assert_eq!(
+            classify("m.call.answer"),
+            TypeClass::Call(CallEventType::Answer)
+        );
         assert_eq!(classify("m.call.replaces"), TypeClass::Unknown);
         assert_eq!(received_label("m.call.invite"), "m.call.invite");
         assert_eq!(received_label("m.room_key"), "m.room_key");

@@ -241,6 +241,7 @@ fn fixture_session_is_delivered_in_order_without_drops() {
             device_id: "ALICEDEV".into(),
             party_id: "ALICEDEV".into(),
             session_id: ALICE_SESSION.into(),
+            trunk: false,
         }
     );
     assert!(sdp.starts_with("v=0"));
@@ -706,7 +707,8 @@ fn bad_inputs_are_counted_and_do_not_affect_another_call() {
             }),
         ),
         (
-            "unknown_type",
+            // An answer is only taken on a trunk weir dialled; one without a body is malformed.
+            "malformed",
             Box::new(|r| {
                 r.handle_to_device(
                     ev(BOB, "m.call.answer", bob_call, "BOBDEV", "s", json!({})),
