@@ -47,6 +47,20 @@ pub enum Command {
         peer: PeerId,
         conference: ConferenceId,
         offer: String,
+        role: PeerRole,
+    },
+    /// Open a trunk to another focus: weir makes the offer (full ICE, a data channel, no
+    /// media yet). Answered by [`SfuEvent::TrunkOffer`] or [`SfuEvent::PeerFailed`]; the far
+    /// focus's answer comes as [`Command::RemoteAnswer`].
+    DialTrunk {
+        peer: PeerId,
+        conference: ConferenceId,
+    },
+    /// ICE candidates from the far end (`candidate:...` lines). Only a peer weir dialled runs
+    /// full ICE and needs them; an ICE-lite peer ignores them.
+    RemoteCandidates {
+        peer: PeerId,
+        candidates: Vec<String>,
     },
     /// A later offer from the participant (renegotiation, ICE restart). Any offer of ours that
     /// is outstanding is rolled back (weir is always the polite peer) and re-made afterwards.
@@ -64,6 +78,16 @@ pub enum Command {
     },
     /// A text message on the peer's data channel (dropped if it has none open yet).
     SendData { peer: PeerId, text: String },
+}
+
+/// What the far end of a connection is. Forwarding treats both alike except for the origin
+/// rule: a track that arrived on a trunk is never sent onto another trunk (in a full mesh of
+/// foci every track then crosses exactly one trunk, so no loop can form), and a trunk
+/// receives nothing until it subscribes (it pulls only what its side watches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PeerRole {
+    Participant,
+    Trunk,
 }
 
 /// One track a subscriber asked for (MSC3898 `m.call.track_subscription`).
@@ -147,6 +171,15 @@ pub enum SfuEvent {
         peer: PeerId,
         answer: String,
         candidates: Vec<LocalCandidate>,
+    },
+    /// Our offer for a trunk we dial ([`Command::DialTrunk`]), with our candidates in it.
+    TrunkOffer {
+        peer: PeerId,
+        sdp: String,
+    },
+    /// The peer's data channel opened: messages to it can be sent from now on.
+    ChannelOpen {
+        peer: PeerId,
     },
     /// The initial offer was unusable. The peer does not exist.
     PeerFailed {

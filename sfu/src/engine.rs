@@ -30,6 +30,20 @@ pub fn new_rtc(now: Instant) -> Rtc {
         .build(now)
 }
 
+/// A new engine instance for a trunk weir dials to another focus: the same as
+/// [`new_rtc`] but full ICE, since the far focus is ICE-lite and two lite agents never check.
+pub fn new_trunk_rtc(now: Instant) -> Rtc {
+    RtcConfig::new()
+        .set_ice_lite(false)
+        .set_rtp_mode(true)
+        .clear_codecs()
+        .enable_opus(true, false)
+        .enable_vp8(true)
+        .enable_vp9(true)
+        .enable_h264(true)
+        .build(now)
+}
+
 /// Map an engine codec to what keyframe detection understands.
 pub fn video_codec(codec: Codec) -> VideoCodec {
     match codec {

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 pub use api::{
-    CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuError,
-    SfuEvent, Subscription,
+    CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack, SfuConfig,
+    SfuError, SfuEvent, Subscription,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
 pub use shard::EventSink;
@@ -118,7 +118,8 @@ impl Sfu {
             match &cmd {
                 Command::CreatePeer {
                     peer, conference, ..
-                } => {
+                }
+                | Command::DialTrunk { peer, conference } => {
                     let idx = match pl.conferences.get(conference) {
                         Some((idx, _)) => *idx,
                         None => self.least_loaded(),
@@ -142,6 +143,7 @@ impl Sfu {
                 },
                 Command::RemoteOffer { peer, .. }
                 | Command::RemoteAnswer { peer, .. }
+                | Command::RemoteCandidates { peer, .. }
                 | Command::Subscribe { peer, .. }
                 | Command::SendData { peer, .. } => match pl.peers.get(peer) {
                     Some((idx, _)) => *idx,

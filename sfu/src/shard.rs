@@ -22,8 +22,8 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 use tracing::{debug, info, warn};
 
 use crate::api::{
-    CloseReason, Command, ForwardedTrack, LocalCandidate, PublishedTrack, SfuConfig, SfuEvent,
-    Subscription,
+    CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack, SfuConfig,
+    SfuEvent, Subscription,
 };
 use crate::engine::{self, parse_answer, parse_offer};
 use crate::forward::{
@@ -40,6 +40,11 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
 /// Largest data-channel message passed to the control plane. MSC3898 messages are small JSON
 /// (a subscription list, a renegotiation SDP of tens of KiB); more is refused and counted.
 const MAX_DATA_MESSAGE: usize = 128 * 1024;
+/// Label of the data channel weir opens on a trunk it dials.
+const TRUNK_CHANNEL_LABEL: &str = "weir-trunk";
+/// Most remote candidates taken from one message: a trunk peer has a handful of host
+/// candidates; more is refused rather than fed to ICE.
+const MAX_REMOTE_CANDIDATES: usize = 32;
 /// How long a new subscriber waits for a keyframe before asking again.
 const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
 
@@ -101,6 +106,10 @@ struct PendingNegotiation {
 
 struct Peer {
     conference: ConferenceId,
+    role: PeerRole,
+    /// Polite peers roll back their own offer on glare; the impolite one (a trunk we dialled)
+    /// ignores the other's offer instead, so two foci never both roll back.
+    polite: bool,
     rtc: Rtc,
     created_at: Instant,
     last_rx: Instant,
@@ -249,7 +258,12 @@ impl<S: EventSink> Shard<S> {
                 peer,
                 conference,
                 offer,
-            } => self.create_peer(peer, conference, &offer, now),
+                role,
+            } => self.create_peer(peer, conference, &offer, role, now),
+            Command::DialTrunk { peer, conference } => self.dial_trunk(peer, conference, now),
+            Command::RemoteCandidates { peer, candidates } => {
+                self.remote_candidates(peer, &candidates)
+            }
             Command::RemoteOffer { peer, sdp } => self.remote_offer(peer, &sdp),
             Command::RemoteAnswer { peer, sdp } => self.remote_answer(peer, &sdp, now),
             Command::ClosePeer { peer } => self.close_peer(peer, CloseReason::Requested),
@@ -261,7 +275,14 @@ impl<S: EventSink> Shard<S> {
         }
     }
 
-    fn create_peer(&mut self, id: PeerId, conference: ConferenceId, offer: &str, now: Instant) {
+    fn create_peer(
+        &mut self,
+        id: PeerId,
+        conference: ConferenceId,
+        offer: &str,
+        role: PeerRole,
+        now: Instant,
+    ) {
         if self.peers.contains_key(&id) {
             self.emit(SfuEvent::PeerFailed {
                 peer: id,
@@ -278,18 +299,7 @@ impl<S: EventSink> Shard<S> {
             }
         };
         let mut rtc = engine::new_rtc(now);
-        let mut candidates = Vec::new();
-        for ip in &self.config.advertise_ips {
-            let addr = SocketAddr::new(*ip, self.local_addr.port());
-            match Candidate::host(addr, "udp") {
-                Ok(c) => {
-                    if let Some(c) = rtc.add_local_candidate(c) {
-                        candidates.push(c.to_sdp_string());
-                    }
-                }
-                Err(e) => warn!(%addr, error = %e, "unusable advertise address"),
-            }
-        }
+        let candidates = self.add_host_candidates(&mut rtc);
         let answer = match rtc.sdp_api().accept_offer(offer) {
             Ok(a) => a,
             Err(e) => {
@@ -313,6 +323,8 @@ impl<S: EventSink> Shard<S> {
             .collect();
         let peer = Peer {
             conference,
+            role,
+            polite: true,
             rtc,
             created_at: now,
             last_rx: now,
@@ -327,7 +339,8 @@ impl<S: EventSink> Shard<S> {
             addrs: Vec::new(),
             timeout: None,
             dirty: false,
-            explicit: None,
+            // A trunk pulls only what its side subscribes to.
+            explicit: (role == PeerRole::Trunk).then(Vec::new),
             channel: None,
         };
         self.peers.insert(id, peer);
@@ -352,10 +365,103 @@ impl<S: EventSink> Shard<S> {
         self.maybe_offer(id);
     }
 
+    /// Our host candidates (one per advertised address, on this shard's port) added to `rtc`.
+    fn add_host_candidates(&self, rtc: &mut Rtc) -> Vec<String> {
+        let mut candidates = Vec::new();
+        for ip in &self.config.advertise_ips {
+            let addr = SocketAddr::new(*ip, self.local_addr.port());
+            match Candidate::host(addr, "udp") {
+                Ok(c) => {
+                    if let Some(c) = rtc.add_local_candidate(c) {
+                        candidates.push(c.to_sdp_string());
+                    }
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable advertise address"),
+            }
+        }
+        candidates
+    }
+
+    /// Dial a trunk: a full-ICE engine whose first offer carries only the data channel (media
+    /// is added by later offers from either side, as subscriptions ask for it).
+    fn dial_trunk(&mut self, id: PeerId, conference: ConferenceId, now: Instant) {
+        if self.peers.contains_key(&id) {
+            self.emit(SfuEvent::PeerFailed {
+                peer: id,
+                error: "peer id already in use".into(),
+            });
+            return;
+        }
+        let mut rtc = engine::new_trunk_rtc(now);
+        self.add_host_candidates(&mut rtc);
+        let mut api = rtc.sdp_api();
+        api.add_channel(TRUNK_CHANNEL_LABEL.to_string());
+        let Some((offer, pending)) = api.apply() else {
+            self.emit(SfuEvent::PeerFailed {
+                peer: id,
+                error: "the engine made no offer".into(),
+            });
+            return;
+        };
+        let peer = Peer {
+            conference,
+            role: PeerRole::Trunk,
+            polite: false,
+            rtc,
+            created_at: now,
+            last_rx: now,
+            connected: false,
+            own_mids: HashSet::new(),
+            pending: Some(PendingNegotiation {
+                offer: pending,
+                added: Vec::new(),
+            }),
+            published: HashMap::new(),
+            ssrc_mid: HashMap::new(),
+            desired: BTreeMap::new(),
+            out: HashMap::new(),
+            out_by_mid: HashMap::new(),
+            addrs: Vec::new(),
+            timeout: None,
+            dirty: false,
+            explicit: Some(Vec::new()),
+            channel: None,
+        };
+        self.peers.insert(id, peer);
+        self.conferences.entry(conference).or_default().push(id);
+        info!(shard = self.index, %id, %conference, "trunk dialled");
+        self.emit(SfuEvent::TrunkOffer {
+            peer: id,
+            sdp: offer.to_sdp_string(),
+        });
+        self.mark_dirty(id);
+    }
+
+    fn remote_candidates(&mut self, id: PeerId, candidates: &[String]) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        for line in candidates.iter().take(MAX_REMOTE_CANDIDATES) {
+            let line = line.strip_prefix("a=").unwrap_or(line);
+            match Candidate::from_sdp_string(line) {
+                Ok(c) => peer.rtc.add_remote_candidate(c),
+                Err(e) => debug!(%id, error = %e, "unusable remote candidate"),
+            }
+        }
+        self.mark_dirty(id);
+    }
+
     fn remote_offer(&mut self, id: PeerId, sdp: &str) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
+        if !peer.polite && peer.pending.is_some() {
+            // Glare with a focus we dialled: it is the polite one and will answer our offer
+            // after rolling back its own, which it then makes again.
+            debug!(%id, "glare: kept our offer, ignored the far focus's");
+            self.counters.drop(DropReason::Glare);
+            return;
+        }
         let offer = match parse_offer(sdp, &peer.own_mids) {
             Ok(o) => o,
             Err(error) => {
@@ -431,6 +537,9 @@ impl<S: EventSink> Shard<S> {
         let Some(p) = self.tracks.get(&track) else {
             return;
         };
+        if self.is_trunk(subscriber) && self.is_trunk(track.publisher) {
+            return; // the origin rule: what came over a trunk never leaves over another
+        }
         let info = (p.kind, p.stream_id.clone(), p.track_id.clone());
         if let Some(peer) = self.peers.get_mut(&subscriber) {
             let wanted = match &peer.explicit {
@@ -443,6 +552,12 @@ impl<S: EventSink> Shard<S> {
                 peer.desired.insert(track, info);
             }
         }
+    }
+
+    fn is_trunk(&self, id: PeerId) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|p| p.role == PeerRole::Trunk)
     }
 
     /// The simulcast layer cap for `track` as received by `sub` (from its subscription).
@@ -823,8 +938,12 @@ impl<S: EventSink> Shard<S> {
             Event::Closed => self.close_peer(id, CloseReason::Disconnected),
             Event::ChannelOpen(cid, _label) => {
                 // The first channel the participant opens carries MSC3898 messages.
-                if let Some(p) = self.peers.get_mut(&id) {
-                    p.channel.get_or_insert(cid);
+                let first = self
+                    .peers
+                    .get_mut(&id)
+                    .is_some_and(|p| p.channel.replace(p.channel.unwrap_or(cid)).is_none());
+                if first {
+                    self.emit(SfuEvent::ChannelOpen { peer: id });
                 }
             }
             Event::ChannelData(d) => {

@@ -32,10 +32,12 @@ pub enum DropReason {
     EventQueueFull,
     /// A data-channel message that was binary, too large, not UTF-8, or could not be sent.
     DataChannel,
+    /// An offer from a focus we dialled while ours was outstanding (we are the impolite side).
+    Glare,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -49,6 +51,7 @@ impl DropReason {
         DropReason::BadSdp,
         DropReason::EventQueueFull,
         DropReason::DataChannel,
+        DropReason::Glare,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +69,7 @@ impl DropReason {
             DropReason::BadSdp => "bad_sdp",
             DropReason::EventQueueFull => "event_queue_full",
             DropReason::DataChannel => "data_channel",
+            DropReason::Glare => "glare",
         }
     }
 

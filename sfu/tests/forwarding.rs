@@ -16,7 +16,7 @@ use str0m::media::{
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use weir_sfu::{Command, ConferenceId, PeerId, Sfu, SfuConfig, SfuEvent, Subscription};
+use weir_sfu::{Command, ConferenceId, PeerId, PeerRole, Sfu, SfuConfig, SfuEvent, Subscription};
 
 /// Bound on every wait in this test: generous, because it only matters when something is broken.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -211,6 +211,7 @@ impl World {
                 peer: PeerId(i),
                 conference: ConferenceId(1),
                 offer,
+                role: PeerRole::Participant,
             })
             .unwrap();
     }
@@ -447,6 +448,7 @@ fn a_garbage_offer_fails_that_peer_only() {
         peer: PeerId(7),
         conference: ConferenceId(1),
         offer: "v=0\r\nnonsense".into(),
+        role: PeerRole::Participant,
     })
     .unwrap();
     let huge = "a".repeat(weir_sfu::engine::MAX_SDP_BYTES + 1);
@@ -454,6 +456,7 @@ fn a_garbage_offer_fails_that_peer_only() {
         peer: PeerId(8),
         conference: ConferenceId(1),
         offer: huge,
+        role: PeerRole::Participant,
     })
     .unwrap();
     let mut failed = Vec::new();
