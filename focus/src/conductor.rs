@@ -4,14 +4,16 @@
 //! Conferences are keyed by (room, conf_id); participants by (user, device) within a
 //! conference. A new call from the same device replaces the old leg.
 
+mod cascade;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::{debug, info, warn};
 use weir_sfu::{
-    CloseReason, Command, ConferenceId, ForwardedTrack, LocalCandidate, PeerId, Sfu, SfuEvent,
-    TrackKind,
+    CloseReason, Command, ConferenceId, ForwardedTrack, LocalCandidate, PeerId, PeerRole, Sfu,
+    SfuEvent, TrackKind,
 };
 use weir_signalling::{
     Candidate, ConfId, DeviceId, Leg, LegCommand, LegEvent, RoomId, SdpStreamMetadata, SdpType,
@@ -75,6 +77,10 @@ pub struct Conductor<L: LegSender, M: MediaPlane> {
     metrics: Arc<Metrics>,
     /// Our party id (the focus's device id): `select_answer` must name it.
     own_party: String,
+    /// Our Matrix user: with `own_party`, who we are among a conference's foci.
+    own_user: UserId,
+    /// Trunks to other foci and what each conference's foci are (cascade.rs).
+    cascade: cascade::Cascade,
     conferences: HashMap<(RoomId, ConfId), Conference>,
     participants: HashMap<PeerId, Participant>,
     /// What each subscriber currently has forwarded, from our last offer to it.
@@ -84,12 +90,20 @@ pub struct Conductor<L: LegSender, M: MediaPlane> {
 }
 
 impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
-    pub fn new(legs: L, media: M, metrics: Arc<Metrics>, own_party: String) -> Self {
+    pub fn new(
+        legs: L,
+        media: M,
+        metrics: Arc<Metrics>,
+        own_user: UserId,
+        own_party: String,
+    ) -> Self {
         Conductor {
             legs,
             media,
             metrics,
             own_party,
+            own_user,
+            cascade: cascade::Cascade::default(),
             conferences: HashMap::new(),
             participants: HashMap::new(),
             forwarded: HashMap::new(),
@@ -146,9 +160,27 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             }
             LegEvent::Candidates { leg, candidates } => {
                 // ICE-lite: the participant's checks tell us its addresses; its candidates
-                // carry nothing we need.
-                debug!(call = %leg.call_id, n = candidates.len(), "participant candidates (ICE-lite: not needed)");
+                // carry nothing we need. A trunk we dialled runs full ICE and does.
+                match self.find_leg(&leg) {
+                    Some(peer) if self.cascade.dialled(peer) => {
+                        let candidates = candidates
+                            .into_iter()
+                            .filter(|c| !c.is_end_of_candidates())
+                            .map(|c| c.candidate)
+                            .collect();
+                        self.media_command(peer, Command::RemoteCandidates { peer, candidates });
+                    }
+                    _ => {
+                        debug!(call = %leg.call_id, n = candidates.len(), "candidates (ICE-lite: not needed)")
+                    }
+                }
             }
+            LegEvent::Answer { leg, sdp, metadata } => self.trunk_answered(leg, sdp, metadata),
+            LegEvent::Foci {
+                room_id,
+                conf_id,
+                foci,
+            } => self.foci_changed(room_id, conf_id, foci),
             LegEvent::SelectAnswer {
                 leg,
                 selected_party_id,
@@ -200,6 +232,11 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 self.end(old, "replaced", true);
             }
         }
+        let role = if leg.trunk {
+            PeerRole::Trunk
+        } else {
+            PeerRole::Participant
+        };
         let next_conference = &mut self.next_conference;
         let conf = self.conferences.entry(key.clone()).or_insert_with(|| {
             let id = ConferenceId(*next_conference);
@@ -223,8 +260,17 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             answered: false,
             subscriptions: BTreeMap::new(),
         };
-        p.metadata = self.owned_metadata(&p.leg, metadata);
+        p.metadata = if p.leg.trunk {
+            metadata // owners checked by signalling against room state
+        } else {
+            self.owned_metadata(&p.leg, metadata)
+        };
+        let key = p.conference.clone();
+        let trunk = p.leg.trunk;
         self.participants.insert(peer, p);
+        if trunk {
+            self.cascade.answered_trunk(peer);
+        }
         self.refresh_gauges();
         self.media_command(
             peer,
@@ -232,8 +278,11 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 peer,
                 conference,
                 offer: sdp,
+                role,
             },
         );
+        // A new local participant may want what the far side publishes.
+        self.sync_trunk_subscriptions(&key);
     }
 
     /// The participant's description of its own streams, with the owner set to the
@@ -250,6 +299,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
     }
 
     fn update_metadata(&mut self, peer: PeerId, metadata: SdpStreamMetadata, relay: bool) {
+        if self.participants.get(&peer).is_some_and(|p| p.leg.trunk) {
+            return self.trunk_catalogue(peer, metadata);
+        }
         let Some(p) = self.participants.get_mut(&peer) else {
             return;
         };
@@ -288,12 +340,18 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 }
             }
         }
+        self.publish_catalogue(&key);
         if !relay {
             return;
         }
-        // Relay to every subscriber that has one of these streams forwarded.
+        self.relay_metadata(owner, &changed);
+    }
+
+    /// Tell every local subscriber that has one of `owner`'s streams forwarded about the
+    /// changed descriptions (trunks get the whole catalogue instead: `publish_catalogue`).
+    fn relay_metadata(&self, owner: PeerId, changed: &SdpStreamMetadata) {
         for (sub, tracks) in &self.forwarded {
-            if *sub == owner {
+            if *sub == owner || self.cascade.is_trunk(*sub) {
                 continue;
             }
             let relevant: SdpStreamMetadata = changed
@@ -344,7 +402,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 p.answered = true;
                 let leg = p.leg.clone();
                 let elapsed = p.invite_at.elapsed();
-                let metadata = self.subscriber_metadata(peer);
+                let metadata = self.metadata_for(peer);
                 self.legs.send(LegCommand::Answer {
                     leg: leg.clone(),
                     sdp: answer,
@@ -371,7 +429,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                     return;
                 };
                 let leg = p.leg.clone();
-                let metadata = self.subscriber_metadata(peer);
+                let metadata = self.metadata_for(peer);
                 self.legs.send(LegCommand::Negotiate {
                     leg,
                     kind: SdpType::Answer,
@@ -394,7 +452,8 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                     }
                 }
                 self.forwarded.insert(peer, tracks);
-                let metadata = self.subscriber_metadata(peer);
+                self.refresh_trunk_gauges();
+                let metadata = self.metadata_for(peer);
                 self.legs.send(LegCommand::Negotiate {
                     leg,
                     kind: SdpType::Offer,
@@ -415,20 +474,36 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                     TrackKind::Video => "video",
                 };
                 let sid = StreamId::from(track.stream_id.as_str());
+                if p.leg.trunk {
+                    // The far focus describes its streams in its catalogue; never claim the
+                    // trunk's own identity as their owner.
+                    self.cascade.track_arrived(peer);
+                    self.refresh_trunk_gauges();
+                    return;
+                }
+                let key = p.conference.clone();
                 let entry = p
                     .metadata
                     .entry(sid)
                     .or_insert_with(|| owned_stream(&p.leg));
-                entry.tracks.insert(
-                    TrackId::from(track.track_id.as_str()),
-                    TrackMetadata {
+                entry
+                    .tracks
+                    .entry(TrackId::from(track.track_id.as_str()))
+                    .or_insert(TrackMetadata {
                         kind: kind.into(),
                         width: None,
                         height: None,
-                    },
-                );
+                    });
+                self.publish_catalogue(&key);
             }
-            SfuEvent::TrackUnpublished { peer, mid } => debug!(%peer, %mid, "track unpublished"),
+            SfuEvent::TrackUnpublished { peer, mid } => {
+                debug!(%peer, %mid, "track unpublished");
+                if self.cascade.track_left(peer) {
+                    self.refresh_trunk_gauges();
+                }
+            }
+            SfuEvent::TrunkOffer { peer, sdp } => self.trunk_offer(peer, sdp),
+            SfuEvent::ChannelOpen { peer } => self.channel_open(peer),
             SfuEvent::DataMessage { peer, text } => self.data_message(peer, &text),
             SfuEvent::PeerClosed { peer, reason } => {
                 self.media.forget(peer);
@@ -452,6 +527,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
         if let Some(p) = self.participants.get(&t.publisher) {
             if let Some(m) = p.metadata.get(&StreamId::from(t.stream_id.as_str())) {
                 return m.clone();
+            }
+            if p.leg.trunk {
+                return StreamMetadata::new("m.usermedia");
             }
             return owned_stream(&p.leg);
         }
@@ -557,6 +635,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
         let Some(p) = self.participants.get_mut(&peer) else {
             return;
         };
+        let conference = p.conference.clone();
         let entries = |key: &str| -> Vec<(String, String, Option<u32>, Option<u32>)> {
             content
                 .get(key)
@@ -612,6 +691,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 subscriptions,
             },
         );
+        if !self.cascade.is_trunk(peer) {
+            self.sync_trunk_subscriptions(&conference);
+        }
     }
 
     /// The full height a publisher says it sends a track at (its metadata), if any.
@@ -637,6 +719,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             return;
         };
         self.forwarded.remove(&peer);
+        if p.leg.trunk {
+            self.trunk_gone(peer, &p.leg);
+        }
         self.metrics
             .legs_closed
             .with_label_values(&[reason_label(reason)])
@@ -657,6 +742,11 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             }
         }
         self.refresh_gauges();
+        if !p.leg.trunk {
+            // What the far side is asked for, and what it is offered, may have shrunk.
+            self.sync_trunk_subscriptions(&p.conference);
+            self.publish_catalogue(&p.conference);
+        }
     }
 
     /// Hang up every leg (shutdown).
@@ -766,6 +856,7 @@ mod tests {
             device_id: device.into(),
             party_id: device.into(),
             session_id: "sess".into(),
+            trunk: false,
         }
     }
 
@@ -775,6 +866,7 @@ mod tests {
             rec.clone(),
             rec.clone(),
             Arc::new(Metrics::new()),
+            "@focus:hs".into(),
             "FOCUSDEV".into(),
         );
         (c, rec)

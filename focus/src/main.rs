@@ -38,6 +38,9 @@ struct Cli {
 /// per packet), so this only fills if the conductor is stuck; shards count what they drop.
 const SFU_EVENT_QUEUE: usize = 16_384;
 /// How long shutdown waits for the hangups to reach the homeserver.
+/// How often the conductor's timers (trunk redials) are checked: the granularity of the
+/// shortest redial delay; cheap, since it only looks at owed redials.
+const CONDUCTOR_TICK: Duration = Duration::from_millis(250);
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 fn main() -> std::process::ExitCode {
@@ -163,8 +166,10 @@ async fn run(config: Config) -> Result<(), String> {
         },
         sfu.clone(),
         metrics.clone(),
+        signalling.user_id().clone(),
         signalling.device_id().to_string(),
     );
+    let mut ticker = tokio::time::interval(CONDUCTOR_TICK);
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
     loop {
@@ -172,6 +177,7 @@ async fn run(config: Config) -> Result<(), String> {
             Some(ev) = legs.recv() => conductor.on_leg_event(ev),
             Some(ev) = sfu_rx.recv() => conductor.on_sfu_event(ev),
             Some(ev) = direct_rx.recv() => conductor.on_leg_event(ev),
+            _ = ticker.tick() => conductor.tick(std::time::Instant::now()),
             _ = sigterm.recv() => { info!("SIGTERM: hanging up every call"); break; }
             _ = sigint.recv() => { info!("SIGINT: hanging up every call"); break; }
             else => { warn!("signalling and media plane both stopped"); break; }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 use weir_sfu::{DropReason, Sfu};
 
@@ -21,6 +21,14 @@ pub struct Metrics {
     pub refused_legs: IntCounterVec,
     pub metadata_relayed: IntCounter,
     pub data_messages: IntCounterVec,
+    /// Trunks to other foci, by who dialled (`dialled` = us, `answered` = them).
+    pub trunks: IntGaugeVec,
+    /// Tracks crossing trunks, by direction: `out` = local tracks forwarded onto a trunk,
+    /// `in` = tracks that arrived on one. One per (stream track, trunk), however many
+    /// subscribers watch it on the far side.
+    pub trunk_tracks: IntGaugeVec,
+    /// Trunk dials, by outcome of the previous one (`first`, `redial`).
+    pub trunk_dials: IntCounterVec,
 }
 
 impl Metrics {
@@ -72,8 +80,32 @@ impl Metrics {
             &["type"],
         )
         .unwrap();
+        let trunks = IntGaugeVec::new(
+            Opts::new("weir_trunks", "Trunks to other foci, by who dialled"),
+            &["side"],
+        )
+        .unwrap();
+        let trunk_tracks = IntGaugeVec::new(
+            Opts::new(
+                "weir_trunk_tracks",
+                "Tracks crossing trunks: out = local tracks sent onto trunks, in = tracks received on them",
+            ),
+            &["direction"],
+        )
+        .unwrap();
+        let trunk_dials = IntCounterVec::new(
+            Opts::new(
+                "weir_trunk_dials_total",
+                "Trunk dials: first, or redial after a loss",
+            ),
+            &["kind"],
+        )
+        .unwrap();
         for c in [
             Box::new(data_messages.clone()) as Box<dyn Collector>,
+            Box::new(trunks.clone()),
+            Box::new(trunk_tracks.clone()),
+            Box::new(trunk_dials.clone()),
             Box::new(conferences.clone()),
             Box::new(participants.clone()),
             Box::new(invite_to_answer.clone()),
@@ -93,6 +125,9 @@ impl Metrics {
             refused_legs,
             metadata_relayed,
             data_messages,
+            trunks,
+            trunk_tracks,
+            trunk_dials,
         }
     }
 
