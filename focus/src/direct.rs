@@ -173,6 +173,8 @@ impl DirectHub {
     fn drain(&self, inner: &mut Inner) {
         while let Some(out) = inner.router.poll_output() {
             match out {
+                // Direct mode has no homeserver: its room state is what the endpoint was given.
+                Output::RefreshRoom(_) => {}
                 Output::Event(ev) => {
                     if self.events.try_send(ev).is_err() {
                         inner.dropped += 1;

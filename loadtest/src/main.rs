@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use weir_loadtest::call::Layout;
 use weir_loadtest::impair::Impairment;
-use weir_loadtest::run::{self, RunConfig, Signalling};
+use weir_loadtest::run::{self, RunConfig, Signalling, Site};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -81,6 +81,12 @@ struct RunArgs {
     /// The focus's to-device session id (dest_session_id).
     #[arg(long, default_value = "sfu")]
     focus_session: String,
+    /// A cascade shape: another homeserver and its focus, as
+    /// `HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE`; repeat for more. Each room's
+    /// participants are spread round-robin over the first site (the flags above) and these;
+    /// each calls its own site's focus, and the foci trunk to each other.
+    #[arg(long = "site")]
+    sites: Vec<String>,
     /// Skip the homeserver: signal through the focus's direct endpoint at this base URL.
     #[arg(long, requires = "direct_token")]
     direct: Option<String>,
@@ -219,10 +225,24 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
             token: token.clone(),
         },
         _ => match a.hs.secret() {
-            Ok(secret) => Signalling::Matrix {
-                homeserver: a.hs.homeserver.clone(),
-                registration_secret: secret,
-            },
+            Ok(secret) => {
+                let mut sites = vec![Site {
+                    homeserver: a.hs.homeserver.clone(),
+                    registration_secret: secret,
+                    focus_user: a.focus_user.clone(),
+                    focus_device: a.focus_device.clone(),
+                }];
+                for spec in &a.sites {
+                    match Site::parse(spec) {
+                        Ok(site) => sites.push(site),
+                        Err(e) => {
+                            eprintln!("weir-loadtest: --site {spec}: {e}");
+                            return ExitCode::from(2);
+                        }
+                    }
+                }
+                Signalling::Matrix { sites }
+            }
             Err(e) => {
                 eprintln!("weir-loadtest: {e} (or use --direct URL --direct-token T)");
                 return ExitCode::from(2);

@@ -403,6 +403,8 @@ pub fn member_content(
     session_id: &str,
     expires_ts: u64,
     focus_user: &str,
+    focus_device: &str,
+    focus_session: &str,
 ) -> Value {
     json!({
         "m.calls": [{
@@ -412,6 +414,12 @@ pub fn member_content(
                 "session_id": session_id,
                 "expires_ts": expires_ts,
                 "feeds": [{"purpose": "m.usermedia"}],
+                // MSC3898: the focus this device publishes to (foci read it to trunk).
+                "org.matrix.msc3898.foci.active": [{
+                    "user_id": focus_user,
+                    "device_id": focus_device,
+                    "session_id": focus_session,
+                }],
             }],
             "m.foci": [focus_user],
         }]
@@ -457,8 +465,13 @@ mod tests {
 
     #[test]
     fn member_content_has_the_device_fields_the_focus_checks() {
-        let m = member_content("conf", "DEV", "sess", 99, "@focus:hs");
+        let m = member_content("conf", "DEV", "sess", 99, "@focus:hs", "FOCUSDEV", "sfu");
         let d = &m["m.calls"][0]["m.devices"][0];
+        let focus = &d["org.matrix.msc3898.foci.active"][0];
+        assert_eq!(
+            (&focus["user_id"], &focus["device_id"], &focus["session_id"]),
+            (&json!("@focus:hs"), &json!("FOCUSDEV"), &json!("sfu"))
+        );
         assert_eq!(d["device_id"], "DEV");
         assert_eq!(d["session_id"], "sess");
         assert_eq!(d["expires_ts"], 99);

@@ -28,6 +28,11 @@ pub const MAX_PARTICIPANTS: usize = 2000;
 /// Concurrent homeserver requests during setup (registration hashes passwords: CPU-bound on
 /// the homeserver, so more does not go faster).
 pub const SETUP_CONCURRENCY: usize = 8;
+/// A participant on another homeserver joins through federation; its invite can lag the
+/// room's creation by a second or two, so a refused join is retried this often...
+const JOIN_RETRIES: u32 = 40;
+/// ...this far apart (bounded: 40 × 250 ms = 10 s).
+const JOIN_RETRY_DELAY: Duration = Duration::from_millis(250);
 /// After the run, participants get this long to hang up and report.
 pub const HANGUP_GRACE: Duration = Duration::from_secs(10);
 /// How often the progress line refreshes.
@@ -38,14 +43,41 @@ const PROGRESS_WINDOW: Duration = Duration::from_secs(4);
 /// Where the focus is reached for signalling.
 #[derive(Debug, Clone)]
 pub enum Signalling {
+    /// Through homeservers: one site, or several (a cascade shape).
     Matrix {
-        homeserver: String,
-        registration_secret: String,
+        sites: Vec<Site>,
     },
     Direct {
         url: String,
         token: String,
     },
+}
+
+/// One organisation of a cascade: a homeserver and the focus its participants call.
+#[derive(Debug, Clone)]
+pub struct Site {
+    pub homeserver: String,
+    pub registration_secret: String,
+    pub focus_user: String,
+    pub focus_device: String,
+}
+
+impl Site {
+    /// `HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE`.
+    pub fn parse(spec: &str) -> Result<Site, String> {
+        let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
+        let [hs, secret_file, user, device] = parts.as_slice() else {
+            return Err("expected HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE".into());
+        };
+        let secret = std::fs::read_to_string(secret_file)
+            .map_err(|e| format!("reading {secret_file}: {e}"))?;
+        Ok(Site {
+            homeserver: hs.to_string(),
+            registration_secret: secret.trim().to_string(),
+            focus_user: user.to_string(),
+            focus_device: device.to_string(),
+        })
+    }
 }
 
 /// The shape and bounds of a run.
@@ -208,12 +240,12 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
 
     // ---------------------------------------------------------------- accounts and rooms
     let transports = match &cfg.signalling {
-        Signalling::Matrix {
-            homeserver,
-            registration_secret,
-        } => {
-            let hs = Homeserver::new(http.clone(), homeserver);
-            let setup = setup_matrix(&cfg, &hs, registration_secret, &rooms, &pb);
+        Signalling::Matrix { sites } => {
+            let hss: Vec<Homeserver> = sites
+                .iter()
+                .map(|s| Homeserver::new(http.clone(), &s.homeserver))
+                .collect();
+            let setup = setup_matrix(&cfg, sites, &hss, &rooms, &pb);
             let mut c = cancel_rx.clone();
             tokio::select! {
                 r = tokio::time::timeout_at(setup_deadline.into(), setup) => match r {
@@ -226,8 +258,9 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
             .map(|sessions| {
                 sessions
                     .into_iter()
-                    .map(|session| Transport::Matrix {
-                        hs: hs.clone(),
+                    .enumerate()
+                    .map(|(i, session)| Transport::Matrix {
+                        hs: hss[i % hss.len()].clone(),
                         session,
                     })
                     .collect::<Vec<_>>()
@@ -319,7 +352,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
         seed: cfg.seed ^ (room as u64).wrapping_mul(0x5851_f42d),
     };
     'start: for (ri, (room, tps)) in rooms.iter().zip(transports).enumerate() {
-        for (m, transport) in room.members.iter().zip(tps) {
+        for (mi, (m, transport)) in room.members.iter().zip(tps).enumerate() {
             if *stop_rx.borrow() {
                 break 'start;
             }
@@ -344,7 +377,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
                     Impairment::default()
                 },
                 seed: cfg.seed ^ u64::from(m.publisher.0).wrapping_mul(0x9e37_79b9),
-                focus: focus.clone(),
+                focus: site_focus(&cfg, mi).unwrap_or_else(|| focus.clone()),
                 focus_session: cfg.focus_session.clone(),
                 session_id: m.session_id.clone(),
             };
@@ -458,22 +491,36 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
 
 /// Register every participant, create each room with its call state, join everyone, publish
 /// each member's call device, and wait until the focus has joined each room.
+/// The focus member `index` of a room calls: its site's (members are spread round-robin).
+fn site_focus(cfg: &RunConfig, index: usize) -> Option<FocusAddress> {
+    let Signalling::Matrix { sites } = &cfg.signalling else {
+        return None;
+    };
+    let site = sites.get(index % sites.len().max(1))?;
+    Some(FocusAddress {
+        user_id: site.focus_user.clone(),
+        device_id: site.focus_device.clone(),
+    })
+}
+
 async fn setup_matrix(
     cfg: &RunConfig,
-    hs: &Homeserver,
-    secret: &str,
+    sites: &[Site],
+    hss: &[Homeserver],
     rooms: &[RoomPlan],
     pb: &ProgressBar,
 ) -> Result<Vec<Vec<Session>>, String> {
+    let hs = &hss[0];
     let sem = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
     let password = format!("wl-{}", crate::call::gen_id(0, 16));
     // Register.
     let mut tasks = Vec::new();
     for room in rooms {
-        for m in &room.members {
-            let hs = hs.clone();
+        for (mi, m) in room.members.iter().enumerate() {
+            let site = mi % sites.len();
+            let hs = hss[site].clone();
             let sem = sem.clone();
-            let secret = secret.to_string();
+            let secret = sites[site].registration_secret.clone();
             let password = password.clone();
             let localpart = format!("wl-{}-{}", cfg.run_id, m.publisher.0);
             tasks.push(tokio::spawn(async move {
@@ -505,7 +552,11 @@ async fn setup_matrix(
     for (ri, (room, sess)) in rooms.iter().zip(&per_room).enumerate() {
         let creator = &sess[0];
         let mut invite: Vec<String> = sess[1..].iter().map(|s| s.user_id.clone()).collect();
-        invite.push(cfg.focus_user.clone());
+        for site in sites {
+            if !invite.contains(&site.focus_user) {
+                invite.push(site.focus_user.clone());
+            }
+        }
         let room_id = hs
             .create_call_room(
                 creator,
@@ -524,8 +575,9 @@ async fn setup_matrix(
         .await
         .map_err(|e| e.to_string())?;
         let mut tasks = Vec::new();
-        for (m, s) in room.members.iter().zip(sess) {
-            let hs = hs.clone();
+        for (mi, (m, s)) in room.members.iter().zip(sess).enumerate() {
+            let site = &sites[mi % sites.len()];
+            let hs = hss[mi % sites.len()].clone();
             let sem = sem.clone();
             let s = s.clone();
             let room_id = room_id.clone();
@@ -534,13 +586,27 @@ async fn setup_matrix(
                 &s.device_id,
                 &m.session_id,
                 expires,
-                &cfg.focus_user,
+                &site.focus_user,
+                &site.focus_device,
+                &cfg.focus_session,
             );
             let is_creator = s.user_id == creator.user_id;
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
                 if !is_creator {
-                    hs.join(&s, &room_id).await.map_err(|e| e.to_string())?;
+                    // Over federation the invite may still be on its way: retry a while.
+                    let mut tries = 0;
+                    loop {
+                        match hs.join(&s, &room_id).await {
+                            Ok(()) => break,
+                            Err(e) if tries < JOIN_RETRIES => {
+                                tries += 1;
+                                tracing::debug!(error = %e, tries, "join failed; retrying");
+                                tokio::time::sleep(JOIN_RETRY_DELAY).await;
+                            }
+                            Err(e) => return Err(e.to_string()),
+                        }
+                    }
                 }
                 hs.put_state(
                     &s,
@@ -559,14 +625,14 @@ async fn setup_matrix(
         pb.set_message(format!("room {}/{} ready", ri + 1, rooms.len()));
         room_ids.push(room_id);
     }
-    // The focus must be in each room (it joins on invite) before it can authorise anyone.
+    // Every focus must be in each room (it joins on invite) before it can authorise anyone.
     for (room_id, sess) in room_ids.iter().zip(&per_room) {
         loop {
             let members = hs
                 .joined_members(&sess[0], room_id)
                 .await
                 .map_err(|e| e.to_string())?;
-            if members.contains(&cfg.focus_user) {
+            if sites.iter().all(|s| members.contains(&s.focus_user)) {
                 break;
             }
             pb.set_message("waiting for the focus to join");

@@ -103,6 +103,9 @@ impl std::fmt::Debug for MatrixClient {
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on a room-state fetch: long enough for a partial-state join to finish resyncing over
+/// federation, short enough that a stuck homeserver does not hold up sync for long.
+const ROOM_STATE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl MatrixClient {
     pub fn new(homeserver_url: &str) -> Result<Self, ClientError> {
@@ -274,6 +277,26 @@ impl MatrixClient {
             timeout + REQUEST_TIMEOUT,
         )
         .await
+    }
+
+    /// `GET /rooms/{room}/state`: the room's full current state. For a room joined over
+    /// federation with partial state (Synapse's faster joins), Synapse answers only once the
+    /// state is complete, which `/sync` may never show as events (members that were omitted
+    /// from the join arrive by state resolution, not in a timeline).
+    pub async fn room_state(&self, room: &RoomId) -> Result<Vec<Value>, ClientError> {
+        let v = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/rooms/{}/state", encode_segment(room.as_str())),
+                &[],
+                None,
+                ROOM_STATE_TIMEOUT,
+            )
+            .await?;
+        match v {
+            Value::Array(events) => Ok(events),
+            _ => Err(ClientError::Response("room state: not an array".into())),
+        }
     }
 
     /// `POST /join/{room}`.

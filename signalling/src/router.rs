@@ -100,7 +100,15 @@ pub enum Output {
     Event(LegEvent),
     /// Send to a device.
     Send(OutgoingToDevice),
+    /// Fetch this room's full state and feed it back with [`Router::handle_joined_room`]:
+    /// an invite is being held for state that `/sync` may never show (a partial-state join
+    /// over federation completes by state resolution, without timeline events).
+    RefreshRoom(RoomId),
 }
+
+/// Least time between two state refreshes of one room: a refresh costs the homeserver a full
+/// state read, and a burst of invites for one room needs only one.
+const ROOM_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
 
 struct LegEntry {
     leg: Leg,
@@ -205,6 +213,8 @@ pub struct Router {
     next_housekeeping: Instant,
     /// The foci of every active conference, as last reported in [`LegEvent::Foci`].
     foci: HashMap<(RoomId, ConfId), Vec<FocusRef>>,
+    /// When each room's state was last asked to be refreshed ([`Output::RefreshRoom`]).
+    refreshed: HashMap<RoomId, Instant>,
 }
 
 /// How long weir's own trunk invite waits for the far focus's answer before the leg is
@@ -232,6 +242,7 @@ impl Router {
             out: VecDeque::new(),
             next_housekeeping: now + cfg.housekeeping_interval,
             foci: HashMap::new(),
+            refreshed: HashMap::new(),
             anchor,
             metrics,
             cfg,
@@ -629,6 +640,7 @@ impl Router {
                     if held_until.is_none() {
                         debug!(call = %env.call_id, user = %sender, reason = reason.as_str(),
                             "invite held: room state may still arrive");
+                        self.refresh_rooms_of(&env.conf_id, now);
                     }
                     self.held.push(Held { call, until });
                     return;
@@ -789,6 +801,30 @@ impl Router {
             }
         }
         Ok(room)
+    }
+
+    /// Ask for the full state of every joined room that holds `conf` (every joined room when
+    /// none does yet), each at most once per [`ROOM_REFRESH_INTERVAL`].
+    fn refresh_rooms_of(&mut self, conf: &ConfId, now: Instant) {
+        let mut rooms: Vec<RoomId> = self
+            .rooms
+            .active_calls()
+            .into_iter()
+            .filter(|(_, c)| c == conf)
+            .map(|(r, _)| r)
+            .collect();
+        if rooms.is_empty() {
+            rooms = self.rooms.joined_rooms().cloned().collect();
+        }
+        self.refreshed
+            .retain(|_, at| now.saturating_duration_since(*at) < ROOM_REFRESH_INTERVAL);
+        for room in rooms {
+            if self.refreshed.contains_key(&room) {
+                continue;
+            }
+            self.refreshed.insert(room.clone(), now);
+            self.out.push_back(Output::RefreshRoom(room));
+        }
     }
 
     fn can_hold(&self, call: &InboundCall) -> bool {

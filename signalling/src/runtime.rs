@@ -409,17 +409,21 @@ pub async fn start(
         batch_tx,
         stop: stop_rx.clone(),
         joins: HashMap::new(),
+        known_rooms: HashSet::new(),
     };
     let sync_handle = tokio::spawn(sync.run());
     let sender = SenderTask::new(
-        client,
+        client.clone(),
         metrics.clone(),
         config.max_parallel_sends,
         config.send_queue,
     );
     let sender_handle = tokio::spawn(sender.run(send_rx));
+    let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
     let core = Core {
         router,
+        client: client.clone(),
+        refresh_tx,
         metrics: metrics.clone(),
         event_tx,
         send_tx,
@@ -431,6 +435,7 @@ pub async fn start(
     let core_handle = tokio::spawn(core.run(
         cmd_rx,
         batch_rx,
+        refresh_rx,
         shutdown_rx,
         stop_tx,
         sync_handle,
@@ -471,6 +476,8 @@ struct SyncTask {
     stop: watch::Receiver<bool>,
     /// Rooms we were invited to and failed to join yet → attempts.
     joins: HashMap<RoomId, u32>,
+    /// Joined rooms whose full state we fetched once (see [`SyncTask::complete_new_rooms`]).
+    known_rooms: HashSet<RoomId>,
 }
 
 const MAX_JOIN_ATTEMPTS: u32 = 5;
@@ -526,6 +533,14 @@ impl SyncTask {
             if self.cfg.auto_join {
                 self.handle_invites(&response).await;
             }
+            let mut response = response;
+            if !first {
+                self.complete_new_rooms(&mut response).await;
+            } else if let Some(joined) = response.pointer("/rooms/join").and_then(Value::as_object)
+            {
+                self.known_rooms
+                    .extend(joined.keys().map(|r| RoomId::from(r.as_str())));
+            }
             let (done_tx, done_rx) = oneshot::channel();
             if self
                 .batch_tx
@@ -554,6 +569,42 @@ impl SyncTask {
             }
         }
         debug!("sync task stopped");
+    }
+
+    /// A room that appears joined for the first time after the first sync is one we just
+    /// joined: its full state is fetched and added to its `state` events. Over federation
+    /// Synapse joins with partial state and completes it by state resolution, so members that
+    /// joined before us (another focus, for instance) may never reach us through `/sync`.
+    /// The fetched events go before the sync's own, so anything newer in the batch still wins.
+    async fn complete_new_rooms(&mut self, response: &mut Value) {
+        let Some(joined) = response
+            .pointer_mut("/rooms/join")
+            .and_then(Value::as_object_mut)
+        else {
+            return;
+        };
+        for (room, data) in joined.iter_mut() {
+            let id = RoomId::from(room.as_str());
+            if self.known_rooms.contains(&id) {
+                continue;
+            }
+            match self.client.room_state(&id).await {
+                Ok(mut events) => {
+                    info!(%id, n = events.len(), "fetched the state of a newly joined room");
+                    if let Some(existing) = data
+                        .pointer_mut("/state/events")
+                        .and_then(Value::as_array_mut)
+                    {
+                        events.append(existing);
+                    }
+                    data["state"] = json!({ "events": events });
+                    self.known_rooms.insert(id);
+                }
+                Err(e) => {
+                    warn!(%id, error = %e, "could not fetch a new room's state; relying on sync")
+                }
+            }
+        }
     }
 
     async fn relogin(&mut self) {
@@ -638,8 +689,15 @@ impl SyncTask {
 // ---------------------------------------------------------------------------------------------
 // core task
 
+/// Room-state refreshes in flight at once; more are dropped (the held invite is then judged on
+/// what sync brought).
+const REFRESH_QUEUE: usize = 16;
+
 struct Core {
     router: Router,
+    /// For room-state refreshes the router asks for.
+    client: MatrixClient,
+    refresh_tx: mpsc::Sender<(RoomId, Vec<Value>)>,
     metrics: Metrics,
     event_tx: mpsc::Sender<LegEvent>,
     send_tx: mpsc::Sender<OutgoingToDevice>,
@@ -656,6 +714,7 @@ impl Core {
         mut self,
         mut cmd_rx: mpsc::Receiver<LegCommand>,
         mut batch_rx: mpsc::Receiver<SyncBatch>,
+        mut refresh_rx: mpsc::Receiver<(RoomId, Vec<Value>)>,
         mut shutdown_rx: oneshot::Receiver<()>,
         stop_tx: watch::Sender<bool>,
         sync_handle: tokio::task::JoinHandle<()>,
@@ -691,6 +750,13 @@ impl Core {
                     // Every handle is gone: nobody can send commands or shut us down.
                     None => break,
                 },
+                Some((room, events)) = refresh_rx.recv() => {
+                    debug!(%room, n = events.len(), "room state refreshed");
+                    if self.router.rooms().joined_rooms().any(|r| r == &room) {
+                        self.router.handle_joined_room(&room, &events, &[], false, Instant::now());
+                        self.drain_outputs();
+                    }
+                }
                 batch = batch_rx.recv(), if self.pending.is_empty() && batches_open => match batch {
                     Some(b) => self.apply_batch(b),
                     None => batches_open = false,
@@ -798,6 +864,20 @@ impl Core {
                     } else {
                         self.pending.push_back(ev);
                     }
+                }
+                Output::RefreshRoom(room) => {
+                    let (client, tx) = (self.client.clone(), self.refresh_tx.clone());
+                    if tx.capacity() == 0 {
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        match client.room_state(&room).await {
+                            Ok(events) => {
+                                let _ = tx.try_send((room, events));
+                            }
+                            Err(e) => warn!(%room, error = %e, "room state refresh failed"),
+                        }
+                    });
                 }
                 Output::Send(s) => {
                     if let Err(e) = self.send_tx.try_send(s) {
