@@ -36,8 +36,6 @@ pub enum RefuseReason {
     ServerNotAllowed,
     /// The sender has too many unanswered invites, or weir holds too many legs.
     TooManyInvites,
-    /// A trunk invite from a focus that no unexpired member device of the call names active.
-    NotActiveFocus,
 }
 
 impl RefuseReason {
@@ -50,7 +48,6 @@ impl RefuseReason {
             RefuseReason::SessionMismatch => "session_mismatch",
             RefuseReason::ServerNotAllowed => "server_not_allowed",
             RefuseReason::TooManyInvites => "too_many_invites",
-            RefuseReason::NotActiveFocus => "not_active_focus",
         }
     }
 }
@@ -360,7 +357,9 @@ impl RoomTracker {
             {
                 Ok(())
             } else {
-                Err(RefuseReason::NotActiveFocus)
+                // Neither a member device nor a focus anyone names: refused as a participant
+                // without a member device would be.
+                Err(RefuseReason::NoMemberDevice)
             };
             match outcome {
                 Ok(()) => return Ok(room_id.clone()),
@@ -414,7 +413,7 @@ fn specificity(r: RefuseReason) -> u8 {
     match r {
         RefuseReason::NoCall => 0,
         RefuseReason::NotInRoom => 1,
-        RefuseReason::NoMemberDevice | RefuseReason::NotActiveFocus => 2,
+        RefuseReason::NoMemberDevice => 2,
         RefuseReason::MemberExpired => 3,
         RefuseReason::SessionMismatch => 4,
         RefuseReason::ServerNotAllowed | RefuseReason::TooManyInvites => 5,

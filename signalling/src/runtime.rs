@@ -424,6 +424,7 @@ pub async fn start(
         router,
         client: client.clone(),
         refresh_tx,
+        refresh_rx: Some(refresh_rx),
         metrics: metrics.clone(),
         event_tx,
         send_tx,
@@ -435,7 +436,6 @@ pub async fn start(
     let core_handle = tokio::spawn(core.run(
         cmd_rx,
         batch_rx,
-        refresh_rx,
         shutdown_rx,
         stop_tx,
         sync_handle,
@@ -698,6 +698,8 @@ struct Core {
     /// For room-state refreshes the router asks for.
     client: MatrixClient,
     refresh_tx: mpsc::Sender<(RoomId, Vec<Value>)>,
+    /// Taken by `run` (its results come back here).
+    refresh_rx: Option<mpsc::Receiver<(RoomId, Vec<Value>)>>,
     metrics: Metrics,
     event_tx: mpsc::Sender<LegEvent>,
     send_tx: mpsc::Sender<OutgoingToDevice>,
@@ -714,13 +716,14 @@ impl Core {
         mut self,
         mut cmd_rx: mpsc::Receiver<LegCommand>,
         mut batch_rx: mpsc::Receiver<SyncBatch>,
-        mut refresh_rx: mpsc::Receiver<(RoomId, Vec<Value>)>,
         mut shutdown_rx: oneshot::Receiver<()>,
         stop_tx: watch::Sender<bool>,
         sync_handle: tokio::task::JoinHandle<()>,
         sender_handle: tokio::task::JoinHandle<()>,
     ) {
         let mut batches_open = true;
+        let (_, idle) = mpsc::channel(1);
+        let mut refresh_rx = self.refresh_rx.take().unwrap_or(idle);
         let event_tx = self.event_tx.clone();
         loop {
             let deadline = self.router.poll_timeout();
