@@ -5,6 +5,8 @@
 //! conference. A new call from the same device replaces the old leg.
 
 mod cascade;
+#[cfg(test)]
+mod cascade_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -819,7 +821,7 @@ mod tests {
     use super::*;
 
     #[derive(Clone, Default)]
-    struct Rec {
+    pub(super) struct Rec {
         legs: Rc<RefCell<Vec<LegCommand>>>,
         media: Rc<RefCell<Vec<Command>>>,
     }
@@ -839,15 +841,15 @@ mod tests {
     }
 
     impl Rec {
-        fn take_legs(&self) -> Vec<LegCommand> {
+        pub(super) fn take_legs(&self) -> Vec<LegCommand> {
             std::mem::take(&mut self.legs.borrow_mut())
         }
-        fn take_media(&self) -> Vec<Command> {
+        pub(super) fn take_media(&self) -> Vec<Command> {
             std::mem::take(&mut self.media.borrow_mut())
         }
     }
 
-    fn leg(user: &str, device: &str, call: &str) -> Leg {
+    pub(super) fn leg(user: &str, device: &str, call: &str) -> Leg {
         Leg {
             room_id: "!room:hs".into(),
             conf_id: "conf1".into(),
@@ -860,7 +862,7 @@ mod tests {
         }
     }
 
-    fn setup() -> (Conductor<Rec, Rec>, Rec) {
+    pub(super) fn setup() -> (Conductor<Rec, Rec>, Rec) {
         let rec = Rec::default();
         let c = Conductor::new(
             rec.clone(),
@@ -872,7 +874,7 @@ mod tests {
         (c, rec)
     }
 
-    fn join(c: &mut Conductor<Rec, Rec>, rec: &Rec, l: &Leg, stream: &str) -> PeerId {
+    pub(super) fn join(c: &mut Conductor<Rec, Rec>, rec: &Rec, l: &Leg, stream: &str) -> PeerId {
         let mut md = SdpStreamMetadata::new();
         // A client may claim someone else owns its stream; the owner must end up as itself.
         let mut claimed = StreamMetadata::new("m.usermedia");

@@ -33,6 +33,9 @@ pub const SETUP_CONCURRENCY: usize = 8;
 const JOIN_RETRIES: u32 = 40;
 /// ...this far apart (bounded: 40 × 250 ms = 10 s).
 const JOIN_RETRY_DELAY: Duration = Duration::from_millis(250);
+/// How often a participant of a cascade checks that every focus has joined the room (through
+/// its own homeserver) before it publishes its member entry. Bounded by the setup timeout.
+const FOCI_JOIN_POLL: Duration = Duration::from_millis(250);
 /// After the run, participants get this long to hang up and report.
 pub const HANGUP_GRACE: Duration = Duration::from_secs(10);
 /// How often the progress line refreshes.
@@ -239,6 +242,9 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
     pb.set_message("setting up");
 
     // ---------------------------------------------------------------- accounts and rooms
+    // (homeserver, session, room) of every Matrix participant, to take their member entries
+    // out of the room at the end, as a client leaving a call does.
+    let mut members_to_remove: Vec<(Homeserver, Session, String)> = Vec::new();
     let transports = match &cfg.signalling {
         Signalling::Matrix { sites } => {
             let hss: Vec<Homeserver> = sites
@@ -247,25 +253,29 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
                 .collect();
             let setup = setup_matrix(&cfg, sites, &hss, &rooms, &pb);
             let mut c = cancel_rx.clone();
-            tokio::select! {
+            let setup = tokio::select! {
                 r = tokio::time::timeout_at(setup_deadline.into(), setup) => match r {
                     Ok(r) => r.map_err(RunError::Setup)?,
                     Err(_) => return Err(RunError::Setup(format!("homeserver setup did not finish within {:?}", cfg.setup_timeout))),
                 },
                 _ = c.changed() => return Err(RunError::Setup("interrupted during setup".into())),
-            }
-            .into_iter()
-            .map(|sessions| {
-                sessions
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, session)| Transport::Matrix {
-                        hs: hss[i % hss.len()].clone(),
-                        session,
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect::<Vec<_>>()
+            };
+            let (per_room, room_ids) = setup;
+            per_room
+                .into_iter()
+                .zip(room_ids)
+                .map(|(sessions, room_id)| {
+                    sessions
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, session)| {
+                            let hs = hss[i % hss.len()].clone();
+                            members_to_remove.push((hs.clone(), session.clone(), room_id.clone()));
+                            Transport::Matrix { hs, session }
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
         }
         Signalling::Direct { url, token } => rooms
             .iter()
@@ -467,6 +477,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
             }
         }
     }
+    leave_calls(members_to_remove).await;
     progress.abort();
     pb.finish_and_clear();
     let timeline = std::mem::take(&mut *shared.timeline.lock().unwrap_or_else(|e| e.into_inner()));
@@ -503,13 +514,51 @@ fn site_focus(cfg: &RunConfig, index: usize) -> Option<FocusAddress> {
     })
 }
 
+/// Take every participant's member entry out of its room (an empty `m.calls`), as a js-sdk
+/// client does when it leaves: the foci then see the call end and drop their trunks, instead
+/// of waiting an hour for the entries to expire. Bounded by [`HANGUP_GRACE`]; failures are
+/// only logged (the entries then expire).
+async fn leave_calls(members: Vec<(Homeserver, Session, String)>) {
+    if members.is_empty() {
+        return;
+    }
+    let sem = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
+    let mut tasks = Vec::new();
+    for (hs, s, room) in members {
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.ok()?;
+            hs.put_state(
+                &s,
+                &room,
+                matrix::CALL_MEMBER_STATE,
+                &s.user_id,
+                &serde_json::json!({"m.calls": []}),
+            )
+            .await
+            .err()
+        }));
+    }
+    let deadline = tokio::time::Instant::now() + HANGUP_GRACE;
+    for t in tasks {
+        match tokio::time::timeout_at(deadline, t).await {
+            Ok(Ok(Some(e))) => warn!(error = %e, "could not remove a member entry"),
+            Ok(_) => {}
+            Err(_) => {
+                warn!("member entries not all removed in time");
+                return;
+            }
+        }
+    }
+}
+
 async fn setup_matrix(
     cfg: &RunConfig,
     sites: &[Site],
     hss: &[Homeserver],
     rooms: &[RoomPlan],
     pb: &ProgressBar,
-) -> Result<Vec<Vec<Session>>, String> {
+) -> Result<(Vec<Vec<Session>>, Vec<String>), String> {
     let hs = &hss[0];
     let sem = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
     let password = format!("wl-{}", crate::call::gen_id(0, 16));
@@ -591,6 +640,7 @@ async fn setup_matrix(
                 &cfg.focus_session,
             );
             let is_creator = s.user_id == creator.user_id;
+            let foci: Vec<String> = sites.iter().map(|s| s.focus_user.clone()).collect();
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
                 if !is_creator {
@@ -606,6 +656,22 @@ async fn setup_matrix(
                             }
                             Err(e) => return Err(e.to_string()),
                         }
+                    }
+                }
+                // In a cascade, announce ourselves only once our own homeserver sees every
+                // focus in the room: a server sends an event to the servers it knows are in
+                // the room, so a focus whose server joins later would never receive our
+                // member entry (federation does not relay it) and would refuse its trunk.
+                if foci.len() > 1 {
+                    loop {
+                        let members = hs
+                            .joined_members(&s, &room_id)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if foci.iter().all(|f| members.contains(f)) {
+                            break;
+                        }
+                        tokio::time::sleep(FOCI_JOIN_POLL).await;
                     }
                 }
                 hs.put_state(
@@ -639,7 +705,7 @@ async fn setup_matrix(
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
-    Ok(per_room)
+    Ok((per_room, room_ids))
 }
 
 /// Register one account (e.g. the focus's) with the shared secret; used by `register`.

@@ -35,6 +35,11 @@ impl ClientError {
         }
     }
 
+    /// The homeserver refused the request as forbidden (403).
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, ClientError::Status { status: 403, .. })
+    }
+
     /// The access token is not (or no longer) valid.
     pub fn is_unknown_token(&self) -> bool {
         matches!(self, ClientError::Status { status: 401, .. })

@@ -109,6 +109,12 @@ pub enum Output {
 /// Least time between two state refreshes of one room: a refresh costs the homeserver a full
 /// state read, and a burst of invites for one room needs only one.
 const ROOM_REFRESH_INTERVAL: Duration = Duration::from_secs(2);
+/// Every room with an active call has its full state re-read this often. Over federation a
+/// state change can reach the homeserver by state resolution or as a pulled event, and
+/// `/sync` then never shows it (a far focus or far participants would stay unknown, and no
+/// trunk would form). Shorter finds such changes sooner; each re-read is one full state GET
+/// per room with a call.
+const ROOM_RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 
 struct LegEntry {
     leg: Leg,
@@ -317,6 +323,7 @@ impl Router {
             self.expire_early(now);
             self.check_members(None, now);
             self.update_foci(now);
+            self.resync_call_rooms(now);
             self.reorder.sweep(now);
             self.limiter.sweep(now);
         }
@@ -816,15 +823,36 @@ impl Router {
         if rooms.is_empty() {
             rooms = self.rooms.joined_rooms().cloned().collect();
         }
-        self.refreshed
-            .retain(|_, at| now.saturating_duration_since(*at) < ROOM_REFRESH_INTERVAL);
+        self.refresh(rooms, ROOM_REFRESH_INTERVAL, now);
+    }
+
+    /// Ask for the state of each of `rooms` not refreshed within `interval`.
+    fn refresh(&mut self, rooms: Vec<RoomId>, interval: Duration, now: Instant) {
         for room in rooms {
-            if self.refreshed.contains_key(&room) {
+            let recent = self
+                .refreshed
+                .get(&room)
+                .is_some_and(|at| now.saturating_duration_since(*at) < interval);
+            if recent {
                 continue;
             }
             self.refreshed.insert(room.clone(), now);
             self.out.push_back(Output::RefreshRoom(room));
         }
+    }
+
+    /// The periodic re-read of rooms with an active call ([`ROOM_RESYNC_INTERVAL`]).
+    fn resync_call_rooms(&mut self, now: Instant) {
+        let mut rooms: Vec<RoomId> = self
+            .rooms
+            .active_calls()
+            .into_iter()
+            .map(|(r, _)| r)
+            .collect();
+        rooms.dedup();
+        let joined: HashSet<&RoomId> = self.rooms.joined_rooms().collect();
+        self.refreshed.retain(|r, _| joined.contains(r));
+        self.refresh(rooms, ROOM_RESYNC_INTERVAL, now);
     }
 
     fn can_hold(&self, call: &InboundCall) -> bool {

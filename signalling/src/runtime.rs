@@ -481,6 +481,9 @@ struct SyncTask {
 }
 
 const MAX_JOIN_ATTEMPTS: u32 = 5;
+/// The sync long-poll while joins wait for a retry: the retry pace (a second apart, five tries
+/// at most), instead of the usual 30 s park.
+const JOIN_RETRY_SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl SyncTask {
     async fn run(mut self) {
@@ -490,6 +493,8 @@ impl SyncTask {
             self.metrics.sync_requests.inc();
             let timeout = if first {
                 Duration::ZERO
+            } else if !self.joins.is_empty() {
+                JOIN_RETRY_SYNC_TIMEOUT // joins are retried after each sync: don't park
             } else {
                 self.cfg.sync_timeout
             };
@@ -677,7 +682,10 @@ impl SyncTask {
                         *a
                     });
                     warn!(%room, error = %e, ?attempts, "join failed");
-                    if !e.is_transient() || attempts.unwrap_or(0) >= MAX_JOIN_ATTEMPTS {
+                    // Over federation the resident server the homeserver asks may not have
+                    // our invite yet and answers 403: worth a few more tries too.
+                    let retry = e.is_transient() || e.is_forbidden();
+                    if !retry || attempts.unwrap_or(0) >= MAX_JOIN_ATTEMPTS {
                         self.joins.remove(&room);
                     }
                 }

@@ -227,6 +227,17 @@ impl Focus {
 
 impl Drop for Focus {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Focus {
+    /// SIGTERM the focus (it hangs up every call) and wait for it to exit, killing it if it
+    /// lingers. Idempotent.
+    pub fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         // SAFETY: kill(2) on our own child's pid.
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);

@@ -65,6 +65,11 @@ fn drain(r: &mut Router) -> Vec<Output> {
     std::iter::from_fn(|| r.poll_output()).collect()
 }
 
+/// Nothing but the periodic room-state re-reads of rooms with a call.
+fn quiet(outs: &[Output]) -> bool {
+    outs.iter().all(|o| matches!(o, Output::RefreshRoom(_)))
+}
+
 fn events(outs: &[Output]) -> Vec<&LegEvent> {
     outs.iter()
         .filter_map(|o| match o {
@@ -1036,7 +1041,7 @@ fn early_candidates_expire_and_are_bounded() {
     assert!(drain(&mut r).is_empty());
     assert!(r.poll_timeout().is_some());
     r.handle_timeout(t0 + Duration::from_secs(9));
-    assert!(drain(&mut r).is_empty(), "not yet expired");
+    assert!(quiet(&drain(&mut r)), "not yet expired");
     r.handle_timeout(t0 + Duration::from_secs(10));
     let outs = drain(&mut r);
     assert_eq!(r.metrics().dropped_count(DropReason::EarlyExpired), 1);
@@ -1353,7 +1358,7 @@ fn member_gone_on_entry_removal_leave_and_expiry() {
     let next = r.poll_timeout().unwrap();
     assert!(next <= t0 + Duration::from_secs(1));
     r.handle_timeout(t0 + Duration::from_secs(4));
-    assert!(drain(&mut r).is_empty());
+    assert!(quiet(&drain(&mut r)));
     r.handle_timeout(t0 + Duration::from_secs(5));
     assert_eq!(events(&drain(&mut r)), vec![&gone]);
 

@@ -293,3 +293,51 @@ fn an_unanswered_dial_is_dropped_after_its_lifetime() {
         Output::Event(LegEvent::MemberGone { user_id, .. }) if user_id.as_str() == FAR)));
     assert_eq!(r.legs().count(), 0);
 }
+
+#[test]
+fn rooms_with_a_call_have_their_state_reread_periodically() {
+    // Federation can change state without a timeline event (a far focus's join resolved in):
+    // the periodic re-read is what finds it.
+    let (mut r, t0) = setup();
+    drain(&mut r);
+    let refreshes = |outs: &[Output]| {
+        outs.iter()
+            .filter(|o| matches!(o, Output::RefreshRoom(room) if room.as_str() == ROOM))
+            .count()
+    };
+    r.handle_timeout(t0 + Duration::from_secs(1));
+    assert_eq!(refreshes(&drain(&mut r)), 1);
+    r.handle_timeout(t0 + Duration::from_secs(6));
+    assert_eq!(
+        refreshes(&drain(&mut r)),
+        0,
+        "not again before the interval"
+    );
+    r.handle_timeout(t0 + Duration::from_secs(12));
+    assert_eq!(refreshes(&drain(&mut r)), 1);
+    // What a re-read brings is applied like any state: a focus that joined unseen appears.
+    let late = focus_joining_late();
+    r.handle_joined_room(
+        &ROOM.into(),
+        &late,
+        &[],
+        false,
+        t0 + Duration::from_secs(12),
+    );
+    assert_eq!(
+        foci_event(&drain(&mut r)).unwrap(),
+        vec![
+            (ME.into(), "FA".into()),
+            (FAR.into(), "FB".into()),
+            ("@focus:c.example".into(), "FC".into())
+        ]
+    );
+}
+
+fn focus_joining_late() -> Vec<Value> {
+    vec![
+        join_event("@focus:c.example"),
+        join_event("@carol:c.example"),
+        member("@carol:c.example", "CD", "@focus:c.example", "FC"),
+    ]
+}
