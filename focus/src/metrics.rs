@@ -234,6 +234,26 @@ impl SfuCollector {
                 s.rtp_forwarded,
             ),
             counter(
+                "weir_trunk_rtp_packets_in_total",
+                "RTP packets received on trunks from other foci",
+                s.trunk.packets_in,
+            ),
+            counter(
+                "weir_trunk_rtp_packets_out_total",
+                "RTP packets sent onto trunks to other foci",
+                s.trunk.packets_out,
+            ),
+            counter(
+                "weir_trunk_payload_bytes_in_total",
+                "RTP payload bytes received on trunks (no headers or SRTP overhead)",
+                s.trunk.payload_bytes_in,
+            ),
+            counter(
+                "weir_trunk_payload_bytes_out_total",
+                "RTP payload bytes sent onto trunks (no headers or SRTP overhead)",
+                s.trunk.payload_bytes_out,
+            ),
+            counter(
                 "weir_send_messages_total",
                 "Send messages handed to the kernel; a GSO run of datagrams to one destination counts once",
                 s.send_messages,

@@ -82,7 +82,8 @@ struct RunArgs {
     #[arg(long, default_value = "sfu")]
     focus_session: String,
     /// A cascade shape: another homeserver and its focus, as
-    /// `HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE`; repeat for more. Each room's
+    /// `HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE[,FOCUS_METRICS_URL]`; repeat for
+    /// more. With every focus's metrics, the report gives the trunks' bandwidth. Each room's
     /// participants are spread round-robin over the first site (the flags above) and these;
     /// each calls its own site's focus, and the foci trunk to each other.
     #[arg(long = "site")]
@@ -231,6 +232,7 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
                     registration_secret: secret,
                     focus_user: a.focus_user.clone(),
                     focus_device: a.focus_device.clone(),
+                    metrics: a.focus_metrics.clone(),
                 }];
                 for spec in &a.sites {
                     match Site::parse(spec) {

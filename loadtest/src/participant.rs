@@ -68,6 +68,9 @@ pub struct Plan {
     pub focus_session: String,
     /// Our to-device session id (also in our `m.call.member` device entry).
     pub session_id: String,
+    /// Publishers of this room that call another focus (a cascade): their media reaches us
+    /// through a trunk.
+    pub far_publishers: BTreeSet<PublisherId>,
 }
 
 /// Time series of the whole run, one bucket per second since the run started.
@@ -847,6 +850,7 @@ impl Participant {
                     pkt.payload.len(),
                     now_us,
                     &self.roster,
+                    &self.plan.far_publishers,
                 );
                 if let (false, true, Some(p)) = (video, voiced, publisher) {
                     self.rx.on_voice(p);

@@ -40,6 +40,8 @@ pub struct FocusSample {
     pub cpu_seconds: f64,
     pub rss_bytes: f64,
     pub forwarded: f64,
+    /// RTP payload bytes this focus sent onto trunks to other foci (0 without cascading).
+    pub trunk_bytes_out: f64,
 }
 
 impl FocusSample {
@@ -48,6 +50,7 @@ impl FocusSample {
             cpu_seconds: sample(text, "process_cpu_seconds_total")?,
             rss_bytes: sample(text, "process_resident_memory_bytes").unwrap_or(0.0),
             forwarded: sample(text, "weir_rtp_packets_forwarded_total")?,
+            trunk_bytes_out: sample(text, "weir_trunk_payload_bytes_out_total").unwrap_or(0.0),
         })
     }
 }
@@ -89,7 +92,8 @@ process_resident_memory_bytes 4.2e7\n\
 weir_rtp_packets_forwarded_total 1000\n\
 weir_rtp_packets_forwarded_total_extra 5\n\
 weir_media_dropped_total{reason=\"stale\"} 3\n\
-weir_media_dropped_total{reason=\"bad_sdp\"} 4\n";
+weir_media_dropped_total{reason=\"bad_sdp\"} 4\n\
+weir_trunk_payload_bytes_out_total 2048\n";
 
     #[test]
     fn samples_are_found_by_exact_name_and_summed_over_labels() {
@@ -102,6 +106,7 @@ weir_media_dropped_total{reason=\"bad_sdp\"} 4\n";
         assert_eq!(sample(TEXT, "absent"), None);
         let s = FocusSample::parse(TEXT).unwrap();
         assert_eq!(s.rss_bytes, 4.2e7);
+        assert_eq!(s.trunk_bytes_out, 2048.0);
     }
 
     #[test]
@@ -110,11 +115,13 @@ weir_media_dropped_total{reason=\"bad_sdp\"} 4\n";
             cpu_seconds: 1.0,
             rss_bytes: 0.0,
             forwarded: 1000.0,
+            trunk_bytes_out: 0.0,
         };
         let b = FocusSample {
             cpu_seconds: 1.5,
             rss_bytes: 0.0,
             forwarded: 101_000.0,
+            trunk_bytes_out: 0.0,
         };
         assert_eq!(cpu_us_per_packet(&a, &b), Some(5.0));
         assert_eq!(cpu_us_per_packet(&a, &a), None);

@@ -56,6 +56,13 @@ pub struct Summary {
     pub first_frame_ms: Percentiles,
     pub loss_pct: f64,
     pub latency_ms: Percentiles,
+    /// A cascade: latency of media from publishers on the same focus, and through a trunk
+    /// (one more focus hop); `None` when there was none of that kind.
+    pub latency_near_ms: Option<Percentiles>,
+    pub latency_far_ms: Option<Percentiles>,
+    /// Payload received from publishers on another focus, Mbit/s summed over participants
+    /// (each one's bytes over its own time connected): what the trunks fanned out.
+    pub rx_far_mbps_total: f64,
     pub jitter_ms: f64,
     /// Received bitrate per layer, kbit/s, averaged over connected participants (each one's
     /// bytes over its own time connected).
@@ -75,6 +82,9 @@ pub struct Summary {
 impl Summary {
     pub fn of(reports: &[&Report]) -> Summary {
         let mut lat = new_histogram();
+        let mut near = new_histogram();
+        let mut far = new_histogram();
+        let mut far_bps = 0f64;
         let mut joins = Vec::new();
         let mut firsts = Vec::new();
         let (mut expected, mut lost) = (0u64, 0u64);
@@ -90,6 +100,9 @@ impl Summary {
             first_frame_ms: Percentiles::default(),
             loss_pct: 0.0,
             latency_ms: Percentiles::default(),
+            latency_near_ms: None,
+            latency_far_ms: None,
+            rx_far_mbps_total: 0.0,
             jitter_ms: 0.0,
             rx_kbps_per_participant: BTreeMap::new(),
             rx_mbps_total: 0.0,
@@ -105,6 +118,8 @@ impl Summary {
         };
         for r in reports {
             let _ = lat.add(&r.rx.latency);
+            let _ = near.add(&r.rx.latency_near);
+            let _ = far.add(&r.rx.latency_far);
             if let Some(j) = r.join_ms {
                 s.joined += 1;
                 joins.push(j);
@@ -117,8 +132,9 @@ impl Summary {
             expected += r.rx.rtp_expected();
             lost += r.rx.rtp_lost();
             let secs = (r.active_s > 0.0).then_some(r.active_s);
-            if secs.is_some() {
+            if let Some(secs) = secs {
                 connected += 1;
+                far_bps += r.rx.far_bytes as f64 * 8.0 / secs;
             }
             for v in r.rx.video.values() {
                 jitters.push(v.jitter.jitter_us);
@@ -147,6 +163,11 @@ impl Summary {
         s.join_ms = pct_of_samples(&mut joins);
         s.first_frame_ms = pct_of_samples(&mut firsts);
         s.latency_ms = pct_of(&lat, 1000.0);
+        if !far.is_empty() {
+            s.latency_far_ms = Some(pct_of(&far, 1000.0));
+            s.latency_near_ms = (!near.is_empty()).then(|| pct_of(&near, 1000.0));
+        }
+        s.rx_far_mbps_total = far_bps / 1e6;
         s.loss_pct = if expected > 0 {
             lost as f64 * 100.0 / expected as f64
         } else {
@@ -193,6 +214,8 @@ pub struct RunReport {
     pub timeline: Timeline,
     pub signal_sent: u64,
     pub signal_failures: u64,
+    /// RTP payload bytes all scraped foci sent onto trunks during the measurement.
+    pub trunk_bytes: Option<f64>,
 }
 
 impl RunReport {
@@ -210,6 +233,12 @@ impl RunReport {
             .into_iter()
             .map(|(i, rs)| (i, Summary::of(&rs)))
             .collect()
+    }
+
+    /// Payload Mbit/s the scraped foci sent onto trunks during the measurement.
+    pub fn trunk_mbps(&self) -> Option<f64> {
+        let bytes = self.trunk_bytes?;
+        (self.duration_s > 0.0 && bytes > 0.0).then(|| bytes * 8.0 / self.duration_s / 1e6)
     }
 
     pub fn ratio_to_floor(&self) -> Option<f64> {
@@ -270,6 +299,27 @@ impl RunReport {
             "\nreceived {:.1} Mbit/s in total; {} duplicates; {} missing subscriptions; {} keyframe requests reached publishers",
             o.rx_mbps_total, o.duplicates, o.missing_subscriptions, o.keyframe_requests
         );
+        if let Some(far) = o.latency_far_ms {
+            let near = match o.latency_near_ms {
+                Some(n) => format!(
+                    ", on the same focus {:.1}/{:.1} ms (+{:.1} ms p50 for the second focus hop)",
+                    n.p50,
+                    n.p95,
+                    far.p50 - n.p50
+                ),
+                None => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "cascade: latency through a trunk p50/p95 {:.1}/{:.1} ms{near}; {:.1} Mbit/s of payload from far publishers received{}",
+                far.p50,
+                far.p95,
+                o.rx_far_mbps_total,
+                self.trunk_mbps()
+                    .map(|t| format!(", carried by {t:.1} Mbit/s on the trunks (x{:.1} fan-out after the trunk)", o.rx_far_mbps_total / t.max(1e-9)))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(f) = &self.floor {
             let _ = writeln!(
                 out,
@@ -388,6 +438,10 @@ impl RunReport {
             "joined": o.joined,
             "loss_pct": o.loss_pct,
             "latency_ms": o.latency_ms,
+            "latency_near_ms": o.latency_near_ms,
+            "latency_far_ms": o.latency_far_ms,
+            "rx_far_mbps_total": o.rx_far_mbps_total,
+            "trunk_mbps": self.trunk_mbps(),
             "jitter_ms": o.jitter_ms,
             "join_ms": o.join_ms,
             "first_frame_ms": o.first_frame_ms,

@@ -63,14 +63,23 @@ pub struct Site {
     pub registration_secret: String,
     pub focus_user: String,
     pub focus_device: String,
+    /// The focus's `/metrics` URL (for trunk bandwidth), if given.
+    pub metrics: Option<String>,
 }
 
 impl Site {
-    /// `HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE`.
+    /// `HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE[,METRICS_URL]`.
     pub fn parse(spec: &str) -> Result<Site, String> {
         let parts: Vec<&str> = spec.split(',').map(str::trim).collect();
-        let [hs, secret_file, user, device] = parts.as_slice() else {
-            return Err("expected HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE".into());
+        let (hs, secret_file, user, device, metrics) = match parts.as_slice() {
+            [hs, f, u, d] => (hs, f, u, d, None),
+            [hs, f, u, d, m] => (hs, f, u, d, Some(m.to_string())),
+            _ => {
+                return Err(
+                    "expected HOMESERVER_URL,SECRET_FILE,FOCUS_USER,FOCUS_DEVICE[,METRICS_URL]"
+                        .into(),
+                )
+            }
         };
         let secret = std::fs::read_to_string(secret_file)
             .map_err(|e| format!("reading {secret_file}: {e}"))?;
@@ -79,6 +88,7 @@ impl Site {
             registration_secret: secret.trim().to_string(),
             focus_user: user.to_string(),
             focus_device: device.to_string(),
+            metrics,
         })
     }
 }
@@ -390,6 +400,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
                 focus: site_focus(&cfg, mi).unwrap_or_else(|| focus.clone()),
                 focus_session: cfg.focus_session.clone(),
                 session_id: m.session_id.clone(),
+                far_publishers: far_publishers(&cfg, room, mi),
             };
             let mut c = stop_rx.clone();
             tokio::select! {
@@ -423,6 +434,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
         }
     }
     let measure_start = Instant::now();
+    let trunk_start = trunk_bytes(&http, &cfg).await;
     let mut focus_cost = FocusCost::default();
     if let Some(url) = &cfg.focus_metrics {
         match prom::scrape(&http, url).await {
@@ -450,6 +462,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
         }
     }
     let measured = measure_start.elapsed();
+    let trunk_end = trunk_bytes(&http, &cfg).await;
     if let Some(url) = &cfg.focus_metrics {
         match prom::scrape(&http, url).await {
             Ok(s) => focus_cost.end = Some(s),
@@ -497,11 +510,61 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
         timeline,
         signal_sent: shared.signal.sent.load(Ordering::Relaxed),
         signal_failures: shared.signal.send_failures.load(Ordering::Relaxed),
+        trunk_bytes: match (trunk_start, trunk_end) {
+            (Some(a), Some(b)) => Some(b - a),
+            _ => None,
+        },
     })
 }
 
 /// Register every participant, create each room with its call state, join everyone, publish
 /// each member's call device, and wait until the focus has joined each room.
+/// RTP payload bytes sent onto trunks so far, summed over every focus whose metrics we can
+/// read (`--focus-metrics` and each `--site`'s); `None` in a run without a cascade, or if any
+/// of them cannot be read (a partial sum would understate the trunks).
+async fn trunk_bytes(http: &reqwest::Client, cfg: &RunConfig) -> Option<f64> {
+    let Signalling::Matrix { sites } = &cfg.signalling else {
+        return None;
+    };
+    if sites.len() < 2 {
+        return None;
+    }
+    let mut urls: Vec<&String> = cfg.focus_metrics.iter().collect();
+    urls.extend(sites[1..].iter().filter_map(|s| s.metrics.as_ref()));
+    if urls.len() < sites.len() {
+        return None;
+    }
+    let mut total = 0.0;
+    for url in urls {
+        match prom::scrape(http, url).await {
+            Ok(s) => total += s.trunk_bytes_out,
+            Err(e) => {
+                warn!(error = %e, %url, "focus metrics for trunk bytes");
+                return None;
+            }
+        }
+    }
+    Some(total)
+}
+
+/// The publishers of `room` on another site than member `index` (none without a cascade).
+fn far_publishers(
+    cfg: &RunConfig,
+    room: &RoomPlan,
+    index: usize,
+) -> std::collections::BTreeSet<PublisherId> {
+    let Signalling::Matrix { sites } = &cfg.signalling else {
+        return Default::default();
+    };
+    let n = sites.len().max(1);
+    room.members
+        .iter()
+        .enumerate()
+        .filter(|(i, m)| i % n != index % n && (m.video || m.audio))
+        .map(|(_, m)| m.publisher)
+        .collect()
+}
+
 /// The focus member `index` of a room calls: its site's (members are spread round-robin).
 fn site_focus(cfg: &RunConfig, index: usize) -> Option<FocusAddress> {
     let Signalling::Matrix { sites } = &cfg.signalling else {

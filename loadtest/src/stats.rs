@@ -267,6 +267,11 @@ impl SecondBucket {
 #[derive(Debug, Clone)]
 pub struct RxStats {
     pub latency: Histogram<u64>,
+    /// Latency of packets from publishers on another focus (through a trunk), and their
+    /// payload bytes: the cascade's extra hop, measured against `latency`.
+    pub latency_far: Histogram<u64>,
+    pub latency_near: Histogram<u64>,
+    pub far_bytes: u64,
     pub integrity_errors: u64,
     pub first_integrity_error: Option<IntegrityError>,
     pub duplicates: u64,
@@ -284,6 +289,9 @@ impl Default for RxStats {
     fn default() -> Self {
         RxStats {
             latency: new_histogram(),
+            latency_far: new_histogram(),
+            latency_near: new_histogram(),
+            far_bytes: 0,
             integrity_errors: 0,
             first_integrity_error: None,
             duplicates: 0,
@@ -300,7 +308,8 @@ impl Default for RxStats {
 
 impl RxStats {
     /// Record one RTP packet: its SSRC and extended sequence number (for loss), and what its
-    /// payload decoded to. `roster` is the set of publishers expected in this room.
+    /// payload decoded to. `roster` is the set of publishers expected in this room; `far` are
+    /// those that call another focus (their packets crossed a trunk).
     pub fn on_packet(
         &mut self,
         ssrc: u32,
@@ -309,6 +318,7 @@ impl RxStats {
         len: usize,
         now_us: u64,
         roster: &BTreeSet<PublisherId>,
+        far: &BTreeSet<PublisherId>,
     ) {
         let (seen, advance) = self.rtp.entry(ssrc).or_default().insert(rtp_seq);
         self.second.expected += advance;
@@ -336,6 +346,12 @@ impl RxStats {
         let lat = now_us.saturating_sub(h.sent_us).clamp(1, MAX_LATENCY_US);
         let _ = self.latency.record(lat);
         let _ = self.second.latency.record(lat);
+        if far.contains(&h.publisher) {
+            let _ = self.latency_far.record(lat);
+            self.far_bytes += len as u64;
+        } else {
+            let _ = self.latency_near.record(lat);
+        }
         let dup = if h.is_audio() {
             let a = self.audio.entry(h.publisher).or_default();
             let (s, _) = a.seqs.insert(u64::from(h.layer_seq));
@@ -393,6 +409,24 @@ mod tests {
     use super::*;
     use crate::payload::{decode, encode_video};
 
+    #[test]
+    fn packets_from_another_focus_are_measured_apart() {
+        let mut s = RxStats::default();
+        let r = roster();
+        let far: BTreeSet<PublisherId> = [PublisherId(2)].into();
+        // Publisher 2 calls another focus: 30 ms; publisher 1, on ours: 10 ms.
+        let mut h = hdr(Layer::Q, 0, 0, 3, 0, 1_000);
+        h.publisher = PublisherId(2);
+        s.on_packet(1, 1, Ok(h), 400, 31_000, &r, &far);
+        h.publisher = PublisherId(1);
+        s.on_packet(2, 1, Ok(h), 300, 11_000, &r, &far);
+        assert_eq!(s.far_bytes, 400);
+        assert_eq!(s.latency_far.len(), 1);
+        assert!(s.latency_far.value_at_quantile(0.5).abs_diff(30_000) <= 30);
+        assert!(s.latency_near.value_at_quantile(0.5).abs_diff(10_000) <= 10);
+        assert_eq!(s.latency.len(), 2);
+    }
+
     fn roster() -> BTreeSet<PublisherId> {
         [PublisherId(1), PublisherId(2)].into()
     }
@@ -449,6 +483,7 @@ mod tests {
                     500,
                     t,
                     &r,
+                    &BTreeSet::new(),
                 );
                 seq += 1;
                 rtp += 1;
@@ -477,8 +512,24 @@ mod tests {
     fn a_frame_missing_a_packet_never_completes_and_counts_as_loss() {
         let mut s = RxStats::default();
         let r = roster();
-        s.on_packet(5, 100, Ok(hdr(Layer::Q, 0, 0, 3, 0, 0)), 400, 10, &r);
-        s.on_packet(5, 102, Ok(hdr(Layer::Q, 0, 2, 3, 2, 0)), 400, 20, &r);
+        s.on_packet(
+            5,
+            100,
+            Ok(hdr(Layer::Q, 0, 0, 3, 0, 0)),
+            400,
+            10,
+            &r,
+            &BTreeSet::new(),
+        );
+        s.on_packet(
+            5,
+            102,
+            Ok(hdr(Layer::Q, 0, 2, 3, 2, 0)),
+            400,
+            20,
+            &r,
+            &BTreeSet::new(),
+        );
         s.finish(2_000_000);
         let v = &s.video[&PublisherId(1)];
         assert_eq!(v.complete_frames, 0);
@@ -494,21 +545,21 @@ mod tests {
         let mut buf = Vec::new();
         let h = hdr(Layer::H, 0, 0, 1, 0, 5);
         encode_video(&h, 300, &mut buf);
-        s.on_packet(1, 1, decode(&buf, true), 300, 10, &r);
+        s.on_packet(1, 1, decode(&buf, true), 300, 10, &r, &BTreeSet::new());
         // The same RTP packet again (a duplicate on the wire).
-        s.on_packet(1, 1, decode(&buf, true), 300, 11, &r);
+        s.on_packet(1, 1, decode(&buf, true), 300, 11, &r, &BTreeSet::new());
         // The same media packet under a new RTP sequence number (duplicated by a forwarder).
-        s.on_packet(1, 2, decode(&buf, true), 300, 12, &r);
+        s.on_packet(1, 2, decode(&buf, true), 300, 12, &r, &BTreeSet::new());
         assert_eq!(s.duplicates, 2);
         buf[200] ^= 0x40;
-        s.on_packet(1, 3, decode(&buf, true), 300, 13, &r);
+        s.on_packet(1, 3, decode(&buf, true), 300, 13, &r, &BTreeSet::new());
         assert_eq!(s.integrity_errors, 1);
         assert_eq!(s.first_integrity_error, Some(IntegrityError::Checksum));
         let stranger = MediaHeader {
             publisher: PublisherId(99),
             ..h
         };
-        s.on_packet(1, 4, Ok(stranger), 300, 14, &r);
+        s.on_packet(1, 4, Ok(stranger), 300, 14, &r, &BTreeSet::new());
         assert_eq!(s.foreign, 1);
         assert_eq!(s.integrity_errors, 2);
     }
@@ -527,7 +578,15 @@ mod tests {
     fn seconds_are_taken_and_reset() {
         let mut s = RxStats::default();
         let r = roster();
-        s.on_packet(1, 1, Ok(hdr(Layer::Q, 0, 0, 1, 0, 0)), 100, 50, &r);
+        s.on_packet(
+            1,
+            1,
+            Ok(hdr(Layer::Q, 0, 0, 1, 0, 0)),
+            100,
+            50,
+            &r,
+            &BTreeSet::new(),
+        );
         let b = s.take_second();
         assert_eq!((b.bytes, b.packets, b.expected), (100, 1, 1));
         assert_eq!(b.latency.len(), 1);

@@ -74,11 +74,12 @@ fn spawn_load(sites: &[&Site], args: &[&str], json: &std::path::Path) -> Child {
         ]);
     for s in &sites[1..] {
         cmd.arg("--site").arg(format!(
-            "{},{},{},{}",
+            "{},{},{},{},http://127.0.0.1:{}/metrics",
             s.syn.url(),
             s.syn.secret_file().display(),
             s.focus_user,
-            s.device
+            s.device,
+            s.focus.http_port
         ));
     }
     cmd.args(args)
@@ -158,6 +159,24 @@ fn run(sites: &[&Site], args: &[&str], json: &std::path::Path) -> (String, Vec<G
     (context, max)
 }
 
+/// Wait (bounded) until every focus's trunk gauges read `want`.
+fn settle(sites: &[&Site], want: Gauges, what: &str) {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let now: Vec<Gauges> = sites.iter().map(|s| gauges(&s.focus)).collect();
+        if now.iter().all(|g| *g == want) {
+            return;
+        }
+        let logs: Vec<String> = sites.iter().map(|s| tail(&s.focus.log, 20)).collect();
+        assert!(
+            Instant::now() < deadline,
+            "{what}: trunks never reached {want:?}: {now:?}\n{}",
+            logs.join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100)); // sampling period
+    }
+}
+
 #[test]
 fn two_organisations_share_one_conference_through_a_trunk() {
     let dir = scratch_dir();
@@ -183,6 +202,21 @@ fn two_organisations_share_one_conference_through_a_trunk() {
     );
     println!("{out}");
     check(&json, 4, Some(3), &out);
+    // The report tells the trunk hop apart: latency through it, and what it carried against
+    // what far participants received (here each far stream has one far watcher besides
+    // the other publisher on that side: 2 per trunk copy).
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("--json")).expect("valid JSON");
+    let (far, near) = (&r["latency_far_ms"]["p50"], &r["latency_near_ms"]["p50"]);
+    assert!(far.is_number() && near.is_number(), "{r}");
+    let (trunk, fanned) = (
+        r["trunk_mbps"].as_f64().expect("trunk_mbps"),
+        r["rx_far_mbps_total"].as_f64().expect("rx_far_mbps_total"),
+    );
+    assert!(
+        trunk > 0.0 && fanned > 1.5 * trunk && fanned < 2.5 * trunk,
+        "two far watchers per trunk copy: trunks {trunk} Mbit/s, received {fanned} Mbit/s"
+    );
     // One trunk between the two foci; each sends its two publishers' audio and video once
     // and receives the other's once.
     for g in &max {
@@ -192,6 +226,10 @@ fn two_organisations_share_one_conference_through_a_trunk() {
             "{max:?}\n{out}"
         );
     }
+
+    // Everyone left (their member entries are gone): the trunk is hung up and nothing of the
+    // call remains on either focus.
+    settle(&[&a, &b], Gauges::default(), "after everyone left");
 
     // One publisher per organisation and ten receivers on each side: still one copy of each
     // track per trunk, not one per far subscriber.
@@ -259,6 +297,8 @@ fn three_foci_form_a_loop_free_mesh_and_a_stopped_focus_is_withdrawn() {
             "{max:?}\n{out}"
         );
     }
+
+    settle(&[&a, &b, &c], Gauges::default(), "after everyone left");
 
     // Again, long enough to stop organisation C's focus in the middle.
     let json = dir.join("stop.json");

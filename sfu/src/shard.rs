@@ -1069,6 +1069,10 @@ impl<S: EventSink> Shard<S> {
             self.counters.drop(DropReason::Padding);
             return;
         }
+        if peer.role == PeerRole::Trunk {
+            self.counters.trunk.packets_in += 1;
+            self.counters.trunk.payload_bytes_in += pkt.payload.len() as u64;
+        }
         let pt = pkt.header.payload_type;
         let spec = peer
             .rtc
@@ -1178,6 +1182,10 @@ impl<S: EventSink> Shard<S> {
                     .nackable(nackable),
             );
             self.counters.rtp_forwarded += 1;
+            if speer.role == PeerRole::Trunk {
+                self.counters.trunk.packets_out += 1;
+                self.counters.trunk.payload_bytes_out += pkt.payload.len() as u64;
+            }
             if !speer.dirty {
                 speer.dirty = true;
                 self.dirty.push(*sub);

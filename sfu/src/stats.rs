@@ -87,12 +87,24 @@ pub(crate) struct ShardCounters {
     pub bytes_out: u64,
     pub rtp_in: u64,
     pub rtp_forwarded: u64,
+    /// RTP received from trunks / written onto trunks, and their payload bytes (what crosses
+    /// between foci, without headers or SRTP overhead).
+    pub trunk: TrunkCounts,
     pub keyframe_requests: u64,
     /// Messages handed to the kernel (a GSO run of datagrams counts once).
     pub send_calls: u64,
     /// Engine timers fired (per-peer housekeeping inside the engine: RTCP, ICE, DTLS, SCTP).
     pub engine_timeouts: u64,
     drops: [u64; DropReason::ALL.len()],
+}
+
+/// Media crossing trunks (see [`ShardCounters::trunk`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrunkCounts {
+    pub packets_in: u64,
+    pub payload_bytes_in: u64,
+    pub packets_out: u64,
+    pub payload_bytes_out: u64,
 }
 
 impl ShardCounters {
@@ -108,6 +120,10 @@ impl ShardCounters {
         to.bytes_out.store(self.bytes_out, r);
         to.rtp_in.store(self.rtp_in, r);
         to.rtp_forwarded.store(self.rtp_forwarded, r);
+        to.trunk_packets_in.store(self.trunk.packets_in, r);
+        to.trunk_bytes_in.store(self.trunk.payload_bytes_in, r);
+        to.trunk_packets_out.store(self.trunk.packets_out, r);
+        to.trunk_bytes_out.store(self.trunk.payload_bytes_out, r);
         to.keyframe_requests.store(self.keyframe_requests, r);
         to.send_messages.store(self.send_calls, r);
         to.engine_timeouts.store(self.engine_timeouts, r);
@@ -129,6 +145,10 @@ pub struct ShardStats {
     pub bytes_out: AtomicU64,
     pub rtp_in: AtomicU64,
     pub rtp_forwarded: AtomicU64,
+    pub trunk_packets_in: AtomicU64,
+    pub trunk_bytes_in: AtomicU64,
+    pub trunk_packets_out: AtomicU64,
+    pub trunk_bytes_out: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub send_messages: AtomicU64,
     pub engine_timeouts: AtomicU64,
@@ -147,6 +167,7 @@ pub struct StatsSnapshot {
     pub bytes_out: u64,
     pub rtp_in: u64,
     pub rtp_forwarded: u64,
+    pub trunk: TrunkCounts,
     pub keyframe_requests: u64,
     /// Send messages handed to the kernel (GSO runs count once): datagrams_out / send_messages
     /// is the average GSO batch.
@@ -172,6 +193,10 @@ impl StatsSnapshot {
             s.bytes_out += sh.bytes_out.load(r);
             s.rtp_in += sh.rtp_in.load(r);
             s.rtp_forwarded += sh.rtp_forwarded.load(r);
+            s.trunk.packets_in += sh.trunk_packets_in.load(r);
+            s.trunk.payload_bytes_in += sh.trunk_bytes_in.load(r);
+            s.trunk.packets_out += sh.trunk_packets_out.load(r);
+            s.trunk.payload_bytes_out += sh.trunk_bytes_out.load(r);
             s.keyframe_requests += sh.keyframe_requests.load(r);
             s.send_messages += sh.send_messages.load(r);
             s.engine_timeouts += sh.engine_timeouts.load(r);

@@ -425,6 +425,7 @@ pub async fn start(
         client: client.clone(),
         refresh_tx,
         refresh_rx: Some(refresh_rx),
+        generations: HashMap::new(),
         metrics: metrics.clone(),
         event_tx,
         send_tx,
@@ -700,14 +701,29 @@ impl SyncTask {
 /// Room-state refreshes in flight at once; more are dropped (the held invite is then judged on
 /// what sync brought).
 const REFRESH_QUEUE: usize = 16;
+/// A refresh whose room changed in `/sync` while it was in flight may be older than what the
+/// router knows; it is fetched again, at most this many times in a row.
+const MAX_REFRESH_TRIES: u32 = 3;
+
+/// A room's full state, fetched when the room's sync generation was `generation`.
+struct Refreshed {
+    room: RoomId,
+    events: Vec<Value>,
+    generation: u64,
+    tries: u32,
+}
 
 struct Core {
     router: Router,
     /// For room-state refreshes the router asks for.
     client: MatrixClient,
-    refresh_tx: mpsc::Sender<(RoomId, Vec<Value>)>,
+    refresh_tx: mpsc::Sender<Refreshed>,
     /// Taken by `run` (its results come back here).
-    refresh_rx: Option<mpsc::Receiver<(RoomId, Vec<Value>)>>,
+    refresh_rx: Option<mpsc::Receiver<Refreshed>>,
+    /// Per room, how many sync batches touched it: a refresh result is applied only if none
+    /// did while it was fetched, so an older `/state` never overwrites newer sync events
+    /// (a member's `invite` replacing their `join` would end their call).
+    generations: HashMap<RoomId, u64>,
     metrics: Metrics,
     event_tx: mpsc::Sender<LegEvent>,
     send_tx: mpsc::Sender<OutgoingToDevice>,
@@ -761,10 +777,16 @@ impl Core {
                     // Every handle is gone: nobody can send commands or shut us down.
                     None => break,
                 },
-                Some((room, events)) = refresh_rx.recv() => {
-                    debug!(%room, n = events.len(), "room state refreshed");
-                    if self.router.rooms().joined_rooms().any(|r| r == &room) {
-                        self.router.handle_joined_room(&room, &events, &[], false, Instant::now());
+                Some(r) = refresh_rx.recv() => {
+                    let now_gen = self.generations.get(&r.room).copied().unwrap_or(0);
+                    if now_gen != r.generation {
+                        debug!(room = %r.room, "room changed while its state was fetched: fetching again");
+                        if r.tries < MAX_REFRESH_TRIES {
+                            self.spawn_refresh(r.room, r.tries + 1);
+                        }
+                    } else if self.router.rooms().joined_rooms().any(|j| j == &r.room) {
+                        debug!(room = %r.room, n = r.events.len(), "room state refreshed");
+                        self.router.handle_joined_room(&r.room, &r.events, &[], false, Instant::now());
                         self.drain_outputs();
                     }
                 }
@@ -815,6 +837,7 @@ impl Core {
         {
             for (room, data) in std::mem::take(joined) {
                 let room = RoomId::from(room);
+                *self.generations.entry(room.clone()).or_default() += 1;
                 let state = data
                     .pointer("/state/events")
                     .and_then(Value::as_array)
@@ -831,6 +854,7 @@ impl Core {
         }
         if let Some(left) = response.pointer("/rooms/leave").and_then(Value::as_object) {
             for room in left.keys() {
+                self.generations.remove(&RoomId::from(room.as_str()));
                 self.router
                     .handle_room_left(&RoomId::from(room.as_str()), now);
             }
@@ -852,6 +876,29 @@ impl Core {
         }
         self.acks.push(done);
         self.ack_if_drained();
+    }
+
+    /// Fetch a room's full state in the background; the result comes back through
+    /// `refresh_rx` tagged with the room's sync generation at the time of asking.
+    fn spawn_refresh(&self, room: RoomId, tries: u32) {
+        let (client, tx) = (self.client.clone(), self.refresh_tx.clone());
+        if tx.capacity() == 0 {
+            return;
+        }
+        let generation = self.generations.get(&room).copied().unwrap_or(0);
+        tokio::spawn(async move {
+            match client.room_state(&room).await {
+                Ok(events) => {
+                    let _ = tx.try_send(Refreshed {
+                        room,
+                        events,
+                        generation,
+                        tries,
+                    });
+                }
+                Err(e) => warn!(%room, error = %e, "room state refresh failed"),
+            }
+        });
     }
 
     fn ack_if_drained(&mut self) {
@@ -876,20 +923,7 @@ impl Core {
                         self.pending.push_back(ev);
                     }
                 }
-                Output::RefreshRoom(room) => {
-                    let (client, tx) = (self.client.clone(), self.refresh_tx.clone());
-                    if tx.capacity() == 0 {
-                        continue;
-                    }
-                    tokio::spawn(async move {
-                        match client.room_state(&room).await {
-                            Ok(events) => {
-                                let _ = tx.try_send((room, events));
-                            }
-                            Err(e) => warn!(%room, error = %e, "room state refresh failed"),
-                        }
-                    });
-                }
+                Output::RefreshRoom(room) => self.spawn_refresh(room, 1),
                 Output::Send(s) => {
                     if let Err(e) = self.send_tx.try_send(s) {
                         let s = match e {
