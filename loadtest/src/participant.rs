@@ -31,7 +31,7 @@ use crate::impair::{Impairment, Link, LinkCounters};
 use crate::payload::{encode_audio, encode_video, MediaHeader};
 use crate::signal::{self, FocusAddress, Incoming, Outgoing, SignalCounters, Transport};
 use crate::source::{AudioSource, SpeakerSchedule, VideoSource};
-use crate::stats::{RxStats, SecondBucket};
+use crate::stats::{Roster, RxStats, SecondBucket};
 
 /// Wait this long for the focus's answer before calling again with a new call id.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -185,7 +185,7 @@ struct Participant {
     local: SocketAddr,
     uplink: Link<(SocketAddr, Vec<u8>)>,
     downlink: Link<(SocketAddr, Vec<u8>)>,
-    roster: BTreeSet<PublisherId>,
+    roster: Roster,
     rx: RxStats,
     video_src: Option<VideoSource>,
     audio_src: Option<AudioSource>,
@@ -264,12 +264,15 @@ pub async fn run(
             return report;
         }
     };
-    let roster: BTreeSet<PublisherId> = plan
-        .room_video
-        .iter()
-        .chain(plan.room_audio.iter())
-        .copied()
-        .collect();
+    let roster = Roster {
+        all: plan
+            .room_video
+            .iter()
+            .chain(plan.room_audio.iter())
+            .copied()
+            .collect(),
+        far: plan.far_publishers.clone(),
+    };
     let session_id = plan.session_id.clone();
     let mut p = Participant {
         uplink: Link::new(plan.uplink, plan.seed ^ 0x11),
@@ -850,7 +853,6 @@ impl Participant {
                     pkt.payload.len(),
                     now_us,
                     &self.roster,
-                    &self.plan.far_publishers,
                 );
                 if let (false, true, Some(p)) = (video, voiced, publisher) {
                     self.rx.on_voice(p);

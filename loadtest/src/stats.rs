@@ -263,6 +263,15 @@ impl SecondBucket {
     }
 }
 
+/// The publishers a participant expects packets from.
+#[derive(Debug, Clone, Default)]
+pub struct Roster {
+    /// Every publisher of the room.
+    pub all: BTreeSet<PublisherId>,
+    /// Those that call another focus (a cascade): their packets crossed a trunk.
+    pub far: BTreeSet<PublisherId>,
+}
+
 /// Everything one receiving participant measures.
 #[derive(Debug, Clone)]
 pub struct RxStats {
@@ -308,8 +317,7 @@ impl Default for RxStats {
 
 impl RxStats {
     /// Record one RTP packet: its SSRC and extended sequence number (for loss), and what its
-    /// payload decoded to. `roster` is the set of publishers expected in this room; `far` are
-    /// those that call another focus (their packets crossed a trunk).
+    /// payload decoded to, against the `roster` of publishers expected in this room.
     pub fn on_packet(
         &mut self,
         ssrc: u32,
@@ -317,8 +325,7 @@ impl RxStats {
         decoded: Result<MediaHeader, IntegrityError>,
         len: usize,
         now_us: u64,
-        roster: &BTreeSet<PublisherId>,
-        far: &BTreeSet<PublisherId>,
+        roster: &Roster,
     ) {
         let (seen, advance) = self.rtp.entry(ssrc).or_default().insert(rtp_seq);
         self.second.expected += advance;
@@ -338,7 +345,7 @@ impl RxStats {
                 return;
             }
         };
-        if !roster.contains(&h.publisher) {
+        if !roster.all.contains(&h.publisher) {
             self.foreign += 1;
             self.integrity_errors += 1;
             return;
@@ -346,7 +353,7 @@ impl RxStats {
         let lat = now_us.saturating_sub(h.sent_us).clamp(1, MAX_LATENCY_US);
         let _ = self.latency.record(lat);
         let _ = self.second.latency.record(lat);
-        if far.contains(&h.publisher) {
+        if roster.far.contains(&h.publisher) {
             let _ = self.latency_far.record(lat);
             self.far_bytes += len as u64;
         } else {
@@ -412,14 +419,16 @@ mod tests {
     #[test]
     fn packets_from_another_focus_are_measured_apart() {
         let mut s = RxStats::default();
-        let r = roster();
-        let far: BTreeSet<PublisherId> = [PublisherId(2)].into();
+        let r = Roster {
+            far: [PublisherId(2)].into(),
+            ..roster()
+        };
         // Publisher 2 calls another focus: 30 ms; publisher 1, on ours: 10 ms.
         let mut h = hdr(Layer::Q, 0, 0, 3, 0, 1_000);
         h.publisher = PublisherId(2);
-        s.on_packet(1, 1, Ok(h), 400, 31_000, &r, &far);
+        s.on_packet(1, 1, Ok(h), 400, 31_000, &r);
         h.publisher = PublisherId(1);
-        s.on_packet(2, 1, Ok(h), 300, 11_000, &r, &far);
+        s.on_packet(2, 1, Ok(h), 300, 11_000, &r);
         assert_eq!(s.far_bytes, 400);
         assert_eq!(s.latency_far.len(), 1);
         assert!(s.latency_far.value_at_quantile(0.5).abs_diff(30_000) <= 30);
@@ -427,8 +436,11 @@ mod tests {
         assert_eq!(s.latency.len(), 2);
     }
 
-    fn roster() -> BTreeSet<PublisherId> {
-        [PublisherId(1), PublisherId(2)].into()
+    fn roster() -> Roster {
+        Roster {
+            all: [PublisherId(1), PublisherId(2)].into(),
+            far: BTreeSet::new(),
+        }
     }
 
     fn hdr(
@@ -483,7 +495,6 @@ mod tests {
                     500,
                     t,
                     &r,
-                    &BTreeSet::new(),
                 );
                 seq += 1;
                 rtp += 1;
@@ -512,24 +523,8 @@ mod tests {
     fn a_frame_missing_a_packet_never_completes_and_counts_as_loss() {
         let mut s = RxStats::default();
         let r = roster();
-        s.on_packet(
-            5,
-            100,
-            Ok(hdr(Layer::Q, 0, 0, 3, 0, 0)),
-            400,
-            10,
-            &r,
-            &BTreeSet::new(),
-        );
-        s.on_packet(
-            5,
-            102,
-            Ok(hdr(Layer::Q, 0, 2, 3, 2, 0)),
-            400,
-            20,
-            &r,
-            &BTreeSet::new(),
-        );
+        s.on_packet(5, 100, Ok(hdr(Layer::Q, 0, 0, 3, 0, 0)), 400, 10, &r);
+        s.on_packet(5, 102, Ok(hdr(Layer::Q, 0, 2, 3, 2, 0)), 400, 20, &r);
         s.finish(2_000_000);
         let v = &s.video[&PublisherId(1)];
         assert_eq!(v.complete_frames, 0);
@@ -545,21 +540,21 @@ mod tests {
         let mut buf = Vec::new();
         let h = hdr(Layer::H, 0, 0, 1, 0, 5);
         encode_video(&h, 300, &mut buf);
-        s.on_packet(1, 1, decode(&buf, true), 300, 10, &r, &BTreeSet::new());
+        s.on_packet(1, 1, decode(&buf, true), 300, 10, &r);
         // The same RTP packet again (a duplicate on the wire).
-        s.on_packet(1, 1, decode(&buf, true), 300, 11, &r, &BTreeSet::new());
+        s.on_packet(1, 1, decode(&buf, true), 300, 11, &r);
         // The same media packet under a new RTP sequence number (duplicated by a forwarder).
-        s.on_packet(1, 2, decode(&buf, true), 300, 12, &r, &BTreeSet::new());
+        s.on_packet(1, 2, decode(&buf, true), 300, 12, &r);
         assert_eq!(s.duplicates, 2);
         buf[200] ^= 0x40;
-        s.on_packet(1, 3, decode(&buf, true), 300, 13, &r, &BTreeSet::new());
+        s.on_packet(1, 3, decode(&buf, true), 300, 13, &r);
         assert_eq!(s.integrity_errors, 1);
         assert_eq!(s.first_integrity_error, Some(IntegrityError::Checksum));
         let stranger = MediaHeader {
             publisher: PublisherId(99),
             ..h
         };
-        s.on_packet(1, 4, Ok(stranger), 300, 14, &r, &BTreeSet::new());
+        s.on_packet(1, 4, Ok(stranger), 300, 14, &r);
         assert_eq!(s.foreign, 1);
         assert_eq!(s.integrity_errors, 2);
     }
@@ -578,15 +573,7 @@ mod tests {
     fn seconds_are_taken_and_reset() {
         let mut s = RxStats::default();
         let r = roster();
-        s.on_packet(
-            1,
-            1,
-            Ok(hdr(Layer::Q, 0, 0, 1, 0, 0)),
-            100,
-            50,
-            &r,
-            &BTreeSet::new(),
-        );
+        s.on_packet(1, 1, Ok(hdr(Layer::Q, 0, 0, 1, 0, 0)), 100, 50, &r);
         let b = s.take_second();
         assert_eq!((b.bytes, b.packets, b.expected), (100, 1, 1));
         assert_eq!(b.latency.len(), 1);
