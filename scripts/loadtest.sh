@@ -6,7 +6,11 @@
 #   scripts/loadtest.sh --rooms 2 --publishers 4 --duration 30 --json result.json --plot charts/
 #   scripts/loadtest.sh --direct --publishers 1 --subscribers 50 --duration 30
 #
+#   scripts/loadtest.sh --sites 2 --publishers 2 --subscribers 20 --duration 30
+#
 # `--direct` (first argument) signals through the focus's direct endpoint instead of Synapse.
+# `--sites N` (first argument) is a cascade: N Synapses that federate over loopback, each with
+# its own focus; each room's participants are spread over them and call their own site's focus.
 # Everything runs in a loopback-only network namespace (scripts/in-netns.sh). Environment:
 # WEIR_PROFILE=debug to skip the release build; WEIR_KEEP_TMP=1 to keep logs; WEIR_SHARDS.
 set -euo pipefail
@@ -26,34 +30,51 @@ fi
 
 BIN="$REPO/target/$PROFILE"
 DIRECT=0
+SITES=1
 if [[ "${1:-}" == --direct ]]; then DIRECT=1; shift; fi
+if [[ "${1:-}" == --sites ]]; then SITES="${2:?--sites needs a number}"; shift 2; fi
+[[ "$SITES" =~ ^[1-9]$ ]] || { echo "--sites takes 1 to 9" >&2; exit 64; }
 TMP="$(mktemp -d /tmp/weir-loadtest-XXXXXX)"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-HS_PORT="$(free_port)"; HTTP_PORT="$(free_port)"
-FOCUS_PID=""
+FOCUS_PIDS=()
+HTTP_PORTS=()
 cleanup() {
-  [[ -n "${HTTP_PORT:-}" ]] && curl -fs "http://127.0.0.1:$HTTP_PORT/metrics" > "$TMP/metrics-end.txt" 2>/dev/null || true
-  [[ -n "$FOCUS_PID" ]] && kill -TERM "$FOCUS_PID" 2>/dev/null && wait "$FOCUS_PID" 2>/dev/null || true
-  scripts/synapse.sh stop "$TMP/synapse" >/dev/null 2>&1 || true
+  for i in "${!HTTP_PORTS[@]}"; do
+    curl -fs "http://127.0.0.1:${HTTP_PORTS[$i]}/metrics" > "$TMP/metrics-end-$i.txt" 2>/dev/null || true
+  done
+  for pid in "${FOCUS_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+  for i in $(seq 0 $((SITES - 1))); do scripts/synapse.sh stop "$TMP/synapse$i" >/dev/null 2>&1 || true; done
   if [[ "${WEIR_KEEP_TMP:-0}" == 1 ]]; then echo "logs kept in $TMP"; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
 
-echo "==> Synapse on 127.0.0.1:$HS_PORT"
-scripts/synapse.sh start "$TMP/synapse" "$HS_PORT" >/dev/null
-HS="http://127.0.0.1:$HS_PORT"
-PASSWORD="$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
-TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
-FOCUS_USER="$("$BIN/weir-loadtest" register --homeserver "$HS" \
-  --registration-secret-file "$TMP/synapse/shared_secret" --user focus --password "$PASSWORD")"
-
-cat > "$TMP/focus.toml" <<TOML
+# One site: a Synapse (federating when there are several) and its focus. Sets HS, SECRET,
+# FOCUS_USER, DEVICE, HTTP_PORT, TOKEN.
+start_site() { # index
+  local i="$1" hs_port fed_port password
+  hs_port="$(free_port)"; HTTP_PORT="$(free_port)"
+  if [[ "$SITES" == 1 ]]; then
+    echo "==> Synapse on 127.0.0.1:$hs_port"
+    scripts/synapse.sh start "$TMP/synapse$i" "$hs_port" >/dev/null
+  else
+    fed_port="$(free_port)"
+    echo "==> Synapse $i on 127.0.0.1:$hs_port (server name localhost:$fed_port)"
+    scripts/synapse.sh start-fed "$TMP/synapse$i" "$hs_port" "$fed_port" >/dev/null
+  fi
+  HS="http://127.0.0.1:$hs_port"
+  SECRET="$TMP/synapse$i/shared_secret"
+  DEVICE="WEIRFOCUS$i"
+  password="$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
+  TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+  FOCUS_USER="$("$BIN/weir-loadtest" register --homeserver "$HS" \
+    --registration-secret-file "$SECRET" --user focus --password "$password")"
+  cat > "$TMP/focus$i.toml" <<TOML
 [matrix]
 homeserver_url = "$HS"
 user_id = "$FOCUS_USER"
-password = "$PASSWORD"
-device_id = "WEIRFOCUS"
-state_dir = "$TMP/focus-state"
+password = "$password"
+device_id = "$DEVICE"
+state_dir = "$TMP/focus-state$i"
 [media]
 shards = ${WEIR_SHARDS:-0}
 [http]
@@ -62,21 +83,33 @@ direct_token = "$TOKEN"
 [log]
 level = "warn"
 TOML
-echo "==> weir-focus ($PROFILE) as $FOCUS_USER"
-"$BIN/weir-focus" --config "$TMP/focus.toml" 2> "$TMP/focus.log" &
-FOCUS_PID=$!
-for _ in $(seq 1 300); do
-  curl -fs "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null 2>&1 && break
-  kill -0 "$FOCUS_PID" 2>/dev/null || { cat "$TMP/focus.log" >&2; exit 1; }
-  sleep 0.1
-done
-curl -fs "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null || { echo "focus not ready" >&2; exit 1; }
+  echo "==> weir-focus ($PROFILE) as $FOCUS_USER"
+  "$BIN/weir-focus" --config "$TMP/focus$i.toml" 2> "$TMP/focus$i.log" &
+  local pid=$!
+  FOCUS_PIDS+=("$pid")
+  HTTP_PORTS+=("$HTTP_PORT")
+  for _ in $(seq 1 300); do
+    curl -fs "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || { cat "$TMP/focus$i.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  curl -fs "http://127.0.0.1:$HTTP_PORT/healthz" >/dev/null || { echo "focus $i not ready" >&2; exit 1; }
+}
 
-ARGS=(--focus-user "$FOCUS_USER" --focus-metrics "http://127.0.0.1:$HTTP_PORT/metrics")
-if [[ "$DIRECT" == 1 ]]; then
-  ARGS+=(--direct "http://127.0.0.1:$HTTP_PORT" --direct-token "$TOKEN")
-else
-  ARGS+=(--homeserver "$HS" --registration-secret-file "$TMP/synapse/shared_secret")
-fi
+ARGS=()
+for i in $(seq 0 $((SITES - 1))); do
+  start_site "$i"
+  METRICS="http://127.0.0.1:$HTTP_PORT/metrics"
+  if [[ "$i" == 0 ]]; then
+    ARGS+=(--focus-user "$FOCUS_USER" --focus-device "$DEVICE" --focus-metrics "$METRICS")
+    if [[ "$DIRECT" == 1 ]]; then
+      ARGS+=(--direct "http://127.0.0.1:$HTTP_PORT" --direct-token "$TOKEN")
+    else
+      ARGS+=(--homeserver "$HS" --registration-secret-file "$SECRET")
+    fi
+  else
+    ARGS+=(--site "$HS,$SECRET,$FOCUS_USER,$DEVICE,$METRICS")
+  fi
+done
 echo "==> weir-loadtest run ${ARGS[*]} $*"
 "$BIN/weir-loadtest" run "${ARGS[@]}" "$@"

@@ -13,7 +13,7 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{check, scratch_dir, tail, Focus, Synapse};
+use common::{check, free_udp_port, scratch_dir, tail, Focus, Synapse};
 use serde_json::Value;
 
 /// Bound on one load-test run (setup, duration, hangup), past which the test fails.
@@ -46,11 +46,16 @@ fn register_focus(syn: &Synapse, password: &str) -> String {
 }
 
 fn site(dir: &std::path::Path, name: &str, device: &'static str) -> Site {
+    site_with_media(dir, name, device, "")
+}
+
+/// A site whose focus gets extra `[media]` settings.
+fn site_with_media(dir: &std::path::Path, name: &str, device: &'static str, media: &str) -> Site {
     let syn = Synapse::start_federating(dir.join(name));
     let password = "focus-password";
     let focus_user = register_focus(&syn, password);
     assert_eq!(focus_user, format!("@focus:{}", syn.server_name()));
-    let focus = Focus::start_as(dir, &syn, "focus", device, password);
+    let focus = Focus::start_with_media(dir, &syn, "focus", device, password, media);
     Site {
         syn,
         focus,
@@ -392,5 +397,152 @@ fn three_foci_form_a_loop_free_mesh_and_a_stopped_focus_is_withdrawn() {
         }
     }
     drop(c);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Drop every UDP datagram between two loopback ports (both ways) in this test's network
+/// namespace, until dropped.
+struct Cut;
+
+impl Cut {
+    fn between(a: u16, b: u16) -> Cut {
+        let nft = |args: &str| {
+            let out = Command::new("nft")
+                .args(args.split(' '))
+                .output()
+                .expect("nft (scripts/setup.sh installs nftables)");
+            assert!(
+                out.status.success(),
+                "nft {args}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        nft("add table inet weircut");
+        nft("add chain inet weircut input { type filter hook input priority 0 ; }");
+        nft(&format!(
+            "add rule inet weircut input udp sport {a} udp dport {b} drop"
+        ));
+        nft(&format!(
+            "add rule inet weircut input udp sport {b} udp dport {a} drop"
+        ));
+        Cut
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", "weircut"])
+            .output();
+    }
+}
+
+/// A counter of one focus (0 when absent).
+fn counter(f: &Focus, name: &str) -> f64 {
+    f.metric(name).unwrap_or(0.0)
+}
+
+/// Wait (bounded) until `cond` holds.
+fn wait_until(what: &str, sites: &[&Site], mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    while !cond() {
+        let logs: Vec<String> = sites.iter().map(|s| tail(&s.focus.log, 20)).collect();
+        assert!(Instant::now() < deadline, "{what}\n{}", logs.join("\n"));
+        std::thread::sleep(Duration::from_millis(100)); // sampling period
+    }
+}
+
+/// The UDP path between the two foci is cut in the middle of a call (nftables, inside this
+/// test's own network namespace). The trunk goes silent, is closed and redialled with backoff
+/// while the cut lasts; once the path is back, a redial connects and media crosses again.
+/// Nobody rejoins: every participant keeps its one call.
+#[test]
+fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
+    if std::env::var("WEIR_IN_NETNS").as_deref() != Ok("1") {
+        assert!(
+            std::env::var("WEIR_NETNS_REQUIRED").as_deref() != Ok("1"),
+            "this test changes firewall rules: run it through scripts/in-netns.sh"
+        );
+        eprintln!("skipped: changes firewall rules, so it runs only inside scripts/in-netns.sh");
+        return;
+    }
+    let dir = scratch_dir();
+    let (pa, pb) = (free_udp_port(), free_udp_port());
+    // One shard each, so each focus has one known media port; short timeouts, so a dead trunk
+    // is noticed and a failed redial gives up within seconds.
+    let media = |port: u16| {
+        format!("shards = 1\nport_base = {port}\nsilence_timeout_s = 3\nconnect_timeout_s = 4")
+    };
+    let a = site_with_media(&dir, "hs-a", "FOCUSA", &media(pa));
+    let b = site_with_media(&dir, "hs-b", "FOCUSB", &media(pb));
+    let json = dir.join("cut.json");
+    let child = spawn_load(
+        &[&a, &b],
+        &[
+            "--rooms",
+            "1",
+            "--publishers",
+            "2",
+            "--duration",
+            "40",
+            "--join-rate",
+            "4",
+        ],
+        &json,
+    );
+    let steady = Gauges {
+        trunks: 1.0,
+        tracks_out: 2.0,
+        tracks_in: 2.0,
+    };
+    settle(&[&a, &b], steady, "before the cut");
+    let redials = |s: &Site| counter(&s.focus, r#"weir_trunk_dials_total{kind="redial"}"#);
+    let before = redials(&a) + redials(&b);
+
+    let cut = Cut::between(pa, pb);
+    let cut_at = Instant::now();
+    wait_until("the dead trunk was never redialled", &[&a, &b], || {
+        redials(&a) + redials(&b) > before
+    });
+    let noticed = cut_at.elapsed();
+    // Keep the path cut until a redial has failed too (ICE cannot complete), so recovery is
+    // shown from the backoff, not from a dial that happened to start after the path was back.
+    wait_until("a redial during the cut never gave up", &[&a, &b], || {
+        redials(&a) + redials(&b) > before + 1.0
+    });
+    drop(cut);
+    let restored = Instant::now();
+    let crossed = |s: &Site| counter(&s.focus, "weir_trunk_rtp_packets_in_total");
+    settle(&[&a, &b], steady, "after the path came back");
+    let (ia, ib) = (crossed(&a), crossed(&b));
+    wait_until("no media crossed the new trunk", &[&a, &b], || {
+        crossed(&a) > ia + 50.0 && crossed(&b) > ib + 50.0
+    });
+    println!(
+        "cut noticed and redialled after {} ms; cut for {} ms; media crossing again {} ms after the path came back",
+        noticed.as_millis(),
+        (restored - cut_at).as_millis(),
+        restored.elapsed().as_millis()
+    );
+
+    let (out, ok, _) = finish(child, &[&a, &b]);
+    assert!(ok, "{out}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("--json")).expect("JSON");
+    assert_eq!(r["integrity_errors"], 0, "{out}");
+    for p in r["participants_detail"].as_array().expect("participants") {
+        assert_eq!(p["attempts"], 1, "nobody called again: {p}");
+        assert!(p["error"].is_null(), "{p}");
+        let other = if p["publisher"] == 1 { 2 } else { 1 };
+        assert!(
+            p["received_video"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::Value::from(other)),
+            "{p}"
+        );
+    }
+    drop(a);
+    drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }

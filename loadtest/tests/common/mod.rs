@@ -23,6 +23,14 @@ pub fn repo() -> PathBuf {
         .to_path_buf()
 }
 
+/// A UDP port nothing on loopback uses right now.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free loopback UDP port")
+        .port()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -165,6 +173,18 @@ impl Focus {
         device: &str,
         password: &str,
     ) -> Focus {
+        Self::start_with_media(dir, syn, localpart, device, password, "")
+    }
+
+    /// [`Focus::start_as`] with extra `[media]` settings (TOML lines).
+    pub fn start_with_media(
+        dir: &Path,
+        syn: &Synapse,
+        localpart: &str,
+        device: &str,
+        password: &str,
+        media: &str,
+    ) -> Focus {
         let bin = std::env::var_os("WEIR_FOCUS_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo().join("target/debug/weir-focus"));
@@ -182,7 +202,7 @@ impl Focus {
             format!(
                 "[matrix]\nhomeserver_url = {:?}\nuser_id = \"@{localpart}:{}\"\npassword = {:?}\n\
                  device_id = {device:?}\nsession_id = \"sfu\"\nstate_dir = {:?}\n\n\
-                 [media]\nbind_ip = \"127.0.0.1\"\nadvertise_ips = [\"127.0.0.1\"]\n\n\
+                 [media]\nbind_ip = \"127.0.0.1\"\nadvertise_ips = [\"127.0.0.1\"]\n{media}\n\n\
                  [http]\nlisten = \"127.0.0.1:{http_port}\"\ndirect_token = {DIRECT_TOKEN:?}\n",
                 syn.url(),
                 syn.server_name(),
