@@ -2,6 +2,12 @@
 // it drives weir-call.js (loaded as window.Weir by the page) with a synthetic camera and microphone
 // and measures what arrives.
 //
+// Audio: remote feeds play through muted <video> elements unless setAudible(true). Chromium computes
+// a received track's audioLevel only while it is played unmuted, so the level (and the tone) of
+// what arrives is measured only in audible mode: each feed then also gets an AnalyserNode, and
+// snapshot() reports the dominant frequency of its audio, so a test that gives every participant
+// its own microphone tone (setup's toneHz) can tell whose audio a feed carries.
+//
 // Camera: a canvas filled with the participant's colour, repainted ~30 times a second with a small
 // moving bar in the bottom-left corner so the encoder always has changing pixels. Microphone: a
 // WebAudio oscillator. Measurements: per remote feed, inbound-rtp stats by track, and the average
@@ -35,6 +41,9 @@ const state = {
   sampler: null,
   errors: [],
   received: [], // summaries of m.call.* to-device events this client received
+  audible: false, // play remote audio (setAudible)
+  analysis: null, // AudioContext for the analysers
+  analysers: new Map(), // streamId -> {stream, source, analyser}
 };
 
 /** A summary of a received call event: the envelope fields and sizes, without the SDP itself. */
@@ -128,7 +137,7 @@ export function makeCamera(colourName, { width = 320, height = 240, fps = 30, to
 }
 
 /** Log in, start syncing, build the camera. Must run before joinCall. */
-export async function setup({ name, colour, baseUrl, user, password, deviceId }) {
+export async function setup({ name, colour, baseUrl, user, password, deviceId, toneHz = 440 }) {
   state.name = name;
   state.colourName = colour;
   document.title = `weir probe ${name}`;
@@ -140,7 +149,7 @@ export async function setup({ name, colour, baseUrl, user, password, deviceId })
     if (state.received.length > 1000) state.received.shift();
   });
   await W().startClient(state.client);
-  state.camera = makeCamera(colour);
+  state.camera = makeCamera(colour, { toneHz });
   if (state.camera.stream.getAudioTracks().length === 0) {
     const mic = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
     mic.getAudioTracks().forEach((t) => state.camera.stream.addTrack(t));
@@ -189,7 +198,7 @@ function attachVideos() {
   for (const f of feeds) {
     if (state.videos.has(f.streamId)) continue;
     const v = document.createElement("video");
-    v.muted = true;
+    v.muted = !state.audible;
     v.autoplay = true;
     v.playsInline = true;
     v.dataset.streamId = f.streamId;
@@ -206,6 +215,57 @@ function attachVideos() {
       state.videos.delete(id);
     }
   }
+  if (state.audible) attachAnalysers(feeds);
+}
+
+/** An AnalyserNode on each feed's audio (re-made when the feed's stream or track changes). */
+function attachAnalysers(feeds) {
+  if (!state.analysis) state.analysis = new AudioContext();
+  void state.analysis.resume();
+  const live = new Set();
+  for (const f of feeds) {
+    const at = f.stream.getAudioTracks()[0];
+    if (!at) continue;
+    live.add(f.streamId);
+    const cur = state.analysers.get(f.streamId);
+    if (cur && cur.trackId === at.id) continue;
+    cur?.source.disconnect();
+    const source = state.analysis.createMediaStreamSource(new MediaStream([at]));
+    const analyser = state.analysis.createAnalyser();
+    analyser.fftSize = 4096;
+    analyser.smoothingTimeConstant = 0.5;
+    source.connect(analyser);
+    state.analysers.set(f.streamId, { trackId: at.id, source, analyser });
+  }
+  for (const [id, a] of state.analysers) {
+    if (!live.has(id)) {
+      a.source.disconnect();
+      state.analysers.delete(id);
+    }
+  }
+}
+
+/** The dominant frequency of a feed's audio right now ({hz, db}), or null without an analyser. */
+function dominantTone(streamId) {
+  const a = state.analysers.get(streamId);
+  if (!a) return null;
+  const bins = new Float32Array(a.analyser.frequencyBinCount);
+  a.analyser.getFloatFrequencyData(bins);
+  let best = 0;
+  for (let i = 1; i < bins.length; i++) if (bins[i] > bins[best]) best = i;
+  if (!Number.isFinite(bins[best])) return null;
+  return { hz: Math.round((best * state.analysis.sampleRate) / a.analyser.fftSize), db: Math.round(bins[best]) };
+}
+
+/**
+ * Play remote audio (unmute the feeds' elements) and analyse each feed's tone; snapshot() then
+ * reports each feed's audioLevel and dominant frequency.
+ */
+export function setAudible(on = true) {
+  state.audible = !!on;
+  for (const v of state.videos.values()) v.muted = !state.audible;
+  if (state.audible) attachAnalysers(state.weirCall?.remoteFeeds() ?? []);
+  return state.audible;
 }
 
 /** The ICE candidate pair the browser selected: addresses on both ends. */
@@ -284,6 +344,7 @@ async function inboundByTrack() {
       nackCount: s.nackCount ?? null,
       totalSamplesReceived: s.totalSamplesReceived ?? null,
       audioLevel: s.audioLevel ?? null,
+      totalAudioEnergy: s.totalAudioEnergy ?? null,
       jitter: s.jitter ?? null,
     });
   });
@@ -370,6 +431,7 @@ export async function snapshot() {
       pixel: px,
       colour: classify(px).name,
       colourDistance: classify(px).distance,
+      tone: dominantTone(f.streamId),
     };
   });
   const pc = wc?.peerConnection;
@@ -434,6 +496,9 @@ export async function shutdown() {
   }
   clearInterval(state.monitor);
   state.monitor = null;
+  for (const a of state.analysers.values()) a.source.disconnect();
+  state.analysers.clear();
+  void state.analysis?.close();
   state.camera?.stop();
   state.client?.stopClient();
 }

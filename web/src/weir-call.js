@@ -4,7 +4,9 @@
 //   1. the room holds `org.matrix.msc3401.call` state for the conf id, so js-sdk builds a GroupCall
 //      for it (without one, js-sdk drops every event the focus sends);
 //   2. we publish our device in `org.matrix.msc3401.call.member` (the focus authorises the invite
-//      against it: same device id and session id, unexpired);
+//      against it: same device id and session id, unexpired), naming the focus we call in MSC3898
+//      `org.matrix.msc3898.foci.active` (foci of several organisations find each other there and
+//      trunk: docs/cascading.md);
 //   3. one plain MatrixCall to the focus's device and session carries our camera/mic up and every
 //      other participant's streams down; the focus adds them with `m.call.negotiate` offers.
 // GroupCall.enter() is never called: GroupCall would mesh-call every member instead.
@@ -184,13 +186,20 @@ export class WeirCall extends EventTarget {
     };
   }
 
-  /** Our device entry, exactly as js-sdk 43 GroupCall writes it. */
+  /**
+   * Our device entry: what js-sdk 43 GroupCall writes, plus MSC3898 `foci.active` naming the focus
+   * this device calls. In a cascade (docs/cascading.md) the foci discover each other from these
+   * entries, and a focus accepts a trunk only from a focus some member device names.
+   */
   deviceEntry() {
     return {
       device_id: this.client.getDeviceId(),
       session_id: this.client.getSessionId(),
       expires_ts: Date.now() + DEVICE_TTL_MS,
       feeds: [{ purpose: "m.usermedia" }],
+      "org.matrix.msc3898.foci.active": [
+        { user_id: this.focus.userId, device_id: this.focus.deviceId, session_id: this.focus.sessionId },
+      ],
     };
   }
 

@@ -26,8 +26,9 @@ export function everyoneDecodesEveryone(snaps) {
 }
 
 /**
- * For each (receiver, sender) pair: the largest growth of framesDecoded and of audio
- * packetsReceived between two snapshot sets, over the sender's feeds. A feed already in `prev`
+ * For each (receiver, sender) pair: the largest growth of framesDecoded, of audio
+ * packetsReceived and of audio totalAudioEnergy (which Chromium counts only for audio it plays
+ * unmuted: Probe.setAudible) between two snapshot sets, over the sender's feeds. A feed already in `prev`
  * (same stream id, same receiving call) counts its difference; a feed new since `prev` counts
  * all it has, since all of it arrived in between. Receivers not in a call in `cur` are left out.
  */
@@ -41,13 +42,15 @@ export function trackGrowth(prev, cur, participants) {
       if (sender.userId === c.userId) continue;
       let frames = 0;
       let audioPackets = 0;
+      let audioEnergy = 0;
       const feeds = c.feeds.filter((x) => x.owner === sender.userId);
       for (const f of feeds) {
         const old = p?.callId === c.callId ? p.feeds.find((x) => x.streamId === f.streamId) : null;
         frames = Math.max(frames, (f.video?.framesDecoded ?? 0) - (old?.video?.framesDecoded ?? 0));
         audioPackets = Math.max(audioPackets, (f.audio?.packetsReceived ?? 0) - (old?.audio?.packetsReceived ?? 0));
+        audioEnergy = Math.max(audioEnergy, (f.audio?.totalAudioEnergy ?? 0) - (old?.audio?.totalAudioEnergy ?? 0));
       }
-      out.push({ receiver: c.name, sender: names[sender.userId], feeds: feeds.length, frames, audioPackets });
+      out.push({ receiver: c.name, sender: names[sender.userId], feeds: feeds.length, frames, audioPackets, audioEnergy });
     }
   }
   return out;

@@ -93,31 +93,80 @@ export async function freePort() {
   });
 }
 
-function suffix() {
+/** A short random hex string for account names and passwords. */
+export function suffix() {
   return randomBytes(5).toString("hex");
+}
+
+/** Run a command to completion (killed after timeoutMs); resolves {status, signal, stdout, stderr}. */
+export function runBounded(cmd, args, { env = process.env, timeoutMs = 120000 } = {}) {
+  return new Promise((resolveRun) => {
+    const child = spawn(cmd, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    child.stdout.on("data", (b) => (stdout += b));
+    child.stderr.on("data", (b) => (stderr += b));
+    const timer = setTimeout(() => {
+      stderr += `\n(killed after ${timeoutMs} ms)`;
+      child.kill("SIGKILL");
+    }, timeoutMs);
+    child.on("error", (e) => {
+      clearTimeout(timer);
+      resolveRun({ status: null, signal: null, stdout, stderr: `${stderr}\n${e.stack ?? e}` });
+    });
+    child.on("close", (status, signal) => {
+      clearTimeout(timer);
+      resolveRun({ status, signal, stdout, stderr });
+    });
+  });
 }
 
 // ------------------------------------------------------------------------------------------------
 // Synapse
 
 export class Synapse {
-  constructor(dir, port) {
+  constructor(dir, port, fedPort = null) {
     this.dir = dir;
     this.port = port;
+    /** The federation (TLS) port of a federating server, else null. */
+    this.fedPort = fedPort;
+    /** The Matrix server name: user ids are `@name:${serverName}`. */
+    this.serverName = fedPort ? `localhost:${fedPort}` : "localhost";
     this.baseUrl = `http://127.0.0.1:${port}`;
     this.started = false;
   }
 
+  /** A server with no federation at all (server name `localhost`). */
   static async start(dir) {
+    return Synapse.launch(dir, null);
+  }
+
+  /**
+   * A server that federates over loopback with the other federating ones (`scripts/synapse.sh
+   * start-fed`): server name `localhost:FED_PORT`, so users look like `@alice:localhost:18448`.
+   * Two can start at once (this does not block the event loop).
+   */
+  static async startFederating(dir) {
     const port = await freePort();
-    const s = new Synapse(dir, port);
+    let fedPort = await freePort();
+    while (fedPort === port) fedPort = await freePort();
+    return Synapse.launch(dir, fedPort, port);
+  }
+
+  static async launch(dir, fedPort, clientPort) {
+    const port = clientPort ?? (await freePort());
+    const s = new Synapse(dir, port, fedPort);
     const t0 = Date.now();
-    const r = spawnSync("bash", [join(REPO, "scripts/synapse.sh"), "start", dir, String(port)], {
-      encoding: "utf8",
-      timeout: 120000,
-    });
+    const args = fedPort
+      ? [join(REPO, "scripts/synapse.sh"), "start-fed", dir, String(port), String(fedPort)]
+      : [join(REPO, "scripts/synapse.sh"), "start", dir, String(port)];
+    // A first start creates the sqlite schema: slow on a busy machine, so give the federating
+    // servers (started two at a time) the same margin scripts/federation-check.sh does.
+    const env = fedPort ? { ...process.env, SYNAPSE_START_TIMEOUT: process.env.SYNAPSE_START_TIMEOUT ?? "180" } : process.env;
+    const timeoutMs = fedPort ? 240000 : 120000;
+    const r = await runBounded("bash", args, { env, timeoutMs });
     if (r.status !== 0) {
-      throw new Error(`scripts/synapse.sh start failed (${r.status}):\n${r.stdout}\n${r.stderr}`);
+      throw new Error(`scripts/synapse.sh ${args[1]} failed (${r.status ?? r.signal}):\n${r.stdout}\n${r.stderr}`);
     }
     s.started = true;
     s.startMs = Date.now() - t0;
@@ -224,8 +273,10 @@ export async function createCallRoom(syn, creator, { focusUserId, invite = [] } 
   return { roomId, confId };
 }
 
-export async function joinRoom(syn, user, roomId) {
-  await syn.api(user.accessToken, "POST", `/_matrix/client/v3/join/${encodeURIComponent(roomId)}`, {});
+/** Join roomId; `via`: server names to join through (needed to join a remote room over federation). */
+export async function joinRoom(syn, user, roomId, { via = [] } = {}) {
+  const q = via.length ? `?${via.map((v) => `server_name=${encodeURIComponent(v)}`).join("&")}` : "";
+  await syn.api(user.accessToken, "POST", `/_matrix/client/v3/join/${encodeURIComponent(roomId)}${q}`, {});
 }
 
 export async function joinedMembers(syn, token, roomId) {
@@ -270,12 +321,15 @@ const CLK_TCK = (() => {
 })();
 
 export class Focus {
-  constructor({ bin, configPath, dir, httpPort, user }) {
+  constructor({ bin, configPath, dir, httpPort, user, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus" }) {
     this.bin = bin;
     this.configPath = configPath;
     this.dir = dir;
     this.httpPort = httpPort;
     this.user = user;
+    this.deviceId = deviceId;
+    this.sessionId = sessionId;
+    this.name = name;
     this.proc = null;
     this.tail = [];
     this.exit = null;
@@ -286,12 +340,19 @@ export class Focus {
     return resolve(REPO, p);
   }
 
-  static async start({ syn, user, dir }) {
+  /**
+   * Write a config for `user` (registered on `syn`, with its password) and start the focus.
+   * `deviceId`/`sessionId`: the focus device participants call (default WEIRFOCUS / sfu).
+   * `name`: the stem of its files in `dir` (NAME.toml, NAME.log, NAME-state/); give each focus
+   * sharing a dir its own.
+   */
+  static async start({ syn, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus" }) {
     const bin = Focus.binPath();
     if (!existsSync(bin)) throw new Error(`focus binary not found at ${bin} (build it with cargo build -p weir-focus, or set WEIR_FOCUS_BIN)`);
-    mkdirSync(join(dir, "focus-state"), { recursive: true });
+    const stateDir = join(dir, `${name}-state`);
+    mkdirSync(stateDir, { recursive: true });
     const httpPort = await freePort();
-    const configPath = join(dir, "focus.toml");
+    const configPath = join(dir, `${name}.toml`);
     const q = (s) => JSON.stringify(s); // TOML basic strings accept JSON string escapes for our values
     writeFileSync(
       configPath,
@@ -300,9 +361,9 @@ export class Focus {
         `homeserver_url = ${q(syn.baseUrl)}`,
         `user_id = ${q(user.userId)}`,
         `password = ${q(user.password)}`,
-        `device_id = ${q(FOCUS_DEVICE_ID)}`,
-        `session_id = ${q(FOCUS_SESSION_ID)}`,
-        `state_dir = ${q(join(dir, "focus-state"))}`,
+        `device_id = ${q(deviceId)}`,
+        `session_id = ${q(sessionId)}`,
+        `state_dir = ${q(stateDir)}`,
         "",
         "[media]",
         'bind_ip = "127.0.0.1"',
@@ -313,14 +374,19 @@ export class Focus {
         "",
       ].join("\n"),
     );
-    const f = new Focus({ bin, configPath, dir, httpPort, user });
+    const f = new Focus({ bin, configPath, dir, httpPort, user, deviceId, sessionId, name });
     f.spawn();
     return f;
   }
 
+  /** What a participant calls: {userId, deviceId, sessionId}. */
+  get info() {
+    return { userId: this.user.userId, deviceId: this.deviceId, sessionId: this.sessionId };
+  }
+
   spawn() {
-    const logFile = createWriteStream(join(this.dir, "focus.log"), { flags: "a" });
-    this.logPath = join(this.dir, "focus.log");
+    this.logPath = join(this.dir, `${this.name}.log`);
+    const logFile = createWriteStream(this.logPath, { flags: "a" });
     this.exit = null;
     this.proc = spawn(this.bin, ["--config", this.configPath], {
       cwd: this.dir,
@@ -497,6 +563,34 @@ export class Participant {
   }
 }
 
+/**
+ * A new incognito context and page on the static server, logged in to `baseUrl` as `user` with
+ * device `${NAME}DEV`, syncing, with its canvas camera and oscillator microphone (Probe.setup).
+ */
+export async function openParticipant({ browser, webUrl, baseUrl, name, colour, tone, user }) {
+  const context = await browser.newContext({ viewport: { width: 700, height: 300 } });
+  const page = await context.newPage();
+  const part = new Participant({ name, colour, user, page, context });
+  page.on("console", (m) => {
+    part.console.push(`${m.type()}: ${m.text()}`);
+    if (part.console.length > 3000) part.console.shift();
+  });
+  page.on("pageerror", (e) => part.console.push(`pageerror: ${e.stack ?? e}`));
+  await page.goto(webUrl);
+  await page.waitForFunction(() => window.weirReady === true, null, { timeout: 30000 });
+  part.session = await page.evaluate((a) => window.Probe.setup(a), {
+    name,
+    colour,
+    baseUrl,
+    user: user.localpart,
+    password: user.password,
+    deviceId: `${name.toUpperCase()}DEV`,
+    toneHz: tone,
+  });
+  part.tone = tone ?? 440;
+  return part;
+}
+
 // ------------------------------------------------------------------------------------------------
 // The whole set-up
 
@@ -578,24 +672,13 @@ export class Harness {
   }
 
   async addParticipant({ name, colour }) {
-    const context = await this.browser.newContext({ viewport: { width: 700, height: 300 } });
-    const page = await context.newPage();
-    const user = this.users[name];
-    const part = new Participant({ name, colour, user, page, context });
-    page.on("console", (m) => {
-      part.console.push(`${m.type()}: ${m.text()}`);
-      if (part.console.length > 3000) part.console.shift();
-    });
-    page.on("pageerror", (e) => part.console.push(`pageerror: ${e.stack ?? e}`));
-    await page.goto(this.web.url);
-    await page.waitForFunction(() => window.weirReady === true, null, { timeout: 30000 });
-    part.session = await page.evaluate((a) => window.Probe.setup(a), {
+    const part = await openParticipant({
+      browser: this.browser,
+      webUrl: this.web.url,
+      baseUrl: this.syn.baseUrl,
       name,
       colour,
-      baseUrl: this.syn.baseUrl,
-      user: user.localpart,
-      password: user.password,
-      deviceId: `${name.toUpperCase()}DEV`,
+      user: this.users[name],
     });
     this.participants.push(part);
     return part;
@@ -603,6 +686,16 @@ export class Harness {
 
   get focusInfo() {
     return { userId: this.focusUser.userId, deviceId: FOCUS_DEVICE_ID, sessionId: FOCUS_SESSION_ID };
+  }
+
+  /** Every focus process of the set-up (liveSnapshots and diagnostics watch them all). */
+  get foci() {
+    return this.focus ? [this.focus] : [];
+  }
+
+  /** Every Synapse of the set-up. */
+  get synapses() {
+    return this.syn ? [this.syn] : [];
   }
 
   async join(part, timeoutMs = 30000, { publishMember = true } = {}) {
@@ -630,7 +723,9 @@ export class Harness {
    * or the focus process has exited: nothing awaited can happen any more.
    */
   async liveSnapshots(expectInCall = this.participants.map((p) => p.name)) {
-    if (this.focus?.exit) throw new Fatal(`the focus exited: ${JSON.stringify(this.focus.exit)}`);
+    for (const f of this.foci) {
+      if (f.exit) throw new Fatal(`the focus ${f.name} (${f.user.userId}/${f.deviceId}) exited: ${JSON.stringify(f.exit)}`);
+    }
     const snaps = await this.snapshots();
     for (const s of snaps) {
       if (!expectInCall.includes(s.name)) continue;
@@ -645,9 +740,11 @@ export class Harness {
   /** Printable evidence for a failure: focus log tail, each page's console tail, Synapse log tail. */
   async diagnostics({ consoleLines = 80, focusLines = 120 } = {}) {
     const out = [];
-    if (this.focus) {
-      out.push(`----- focus (pid ${this.focus.pid}, exit ${JSON.stringify(this.focus.exit)}) last ${focusLines} lines; full log ${this.focus.logPath}`);
-      out.push(this.focus.tailText(focusLines));
+    for (const f of this.foci) {
+      out.push(
+        `----- ${f.name} ${f.user.userId}/${f.deviceId} (pid ${f.pid}, exit ${JSON.stringify(f.exit)}) last ${focusLines} lines; full log ${f.logPath}`,
+      );
+      out.push(f.tailText(focusLines));
     }
     for (const p of this.participants) {
       let snap = null;
@@ -661,9 +758,9 @@ export class Harness {
       out.push(`----- ${p.name} browser console, last ${consoleLines} lines`);
       out.push(p.consoleTail(consoleLines));
     }
-    if (this.syn) {
-      out.push("----- synapse homeserver.log tail");
-      out.push(this.syn.homeserverLogTail(30));
+    for (const syn of this.synapses) {
+      out.push(`----- synapse ${syn.serverName} (${syn.dir}) homeserver.log tail`);
+      out.push(syn.homeserverLogTail(30));
     }
     return out.join("\n");
   }
@@ -697,9 +794,8 @@ export class Harness {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Helpers over snapshots
+// A cascade: several organisations, each a federating Synapse with its own focus (docs/cascading.md)
 
-/** The remote feeds in snapshot `snap` owned by `userId`. */
 export function feedsOf(snap, userId) {
   return snap.feeds.filter((f) => f.owner === userId);
 }

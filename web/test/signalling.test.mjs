@@ -80,7 +80,7 @@ test("client publishes m.call.member and sends a well-formed m.call.invite to th
     const alice = h.participants[0];
     const { callId, sessionId } = await h.join(alice);
 
-    // m.call.member, as js-sdk 43 GroupCall writes it, plus m.foci
+    // m.call.member, as js-sdk 43 GroupCall writes it, plus m.foci and MSC3898 foci.active
     const member = await h.syn.api(
       focusToken,
       "GET",
@@ -96,6 +96,10 @@ test("client publishes m.call.member and sends a well-formed m.call.invite to th
     assert.equal(d.session_id, sessionId);
     assert.ok(d.expires_ts > Date.now() + 50 * 60 * 1000, "expires_ts about an hour ahead");
     assert.deepEqual(d.feeds, [{ purpose: "m.usermedia" }]);
+    // MSC3898: the focus this device calls (cascading foci discover each other from it)
+    assert.deepEqual(d["org.matrix.msc3898.foci.active"], [
+      { user_id: h.focusUser.userId, device_id: h.focusInfo.deviceId, session_id: h.focusInfo.sessionId },
+    ]);
 
     const events = await collectToDevice("m.call.invite and candidates ending in {candidate:''} at the focus", (all) =>
       all.some((e) => e.type === "m.call.invite") &&
