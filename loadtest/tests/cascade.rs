@@ -546,3 +546,53 @@ fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Organisation B's homeserver dies in the middle of a call. Signalling across the trunk stops,
+/// but media needs no homeserver: A's participants keep receiving each other, and B's keep
+/// receiving A's over the trunk, until the run ends.
+#[test]
+fn a_dead_homeserver_leaves_the_calls_media_flowing() {
+    let dir = scratch_dir();
+    let a = site(&dir, "hs-a", "FOCUSA");
+    let b = site(&dir, "hs-b", "FOCUSB");
+    let json = dir.join("dead-hs.json");
+    let child = spawn_load(
+        &[&a, &b],
+        &[
+            "--rooms",
+            "1",
+            "--publishers",
+            "4",
+            "--duration",
+            "20",
+            "--join-rate",
+            "8",
+        ],
+        &json,
+    );
+    let steady = Gauges {
+        trunks: 1.0,
+        tracks_out: 4.0,
+        tracks_in: 4.0,
+    };
+    settle(&[&a, &b], steady, "before B's homeserver stops");
+    b.syn.stop();
+    let forwarded = |s: &Site| counter(&s.focus, "weir_rtp_packets_forwarded_total");
+    let crossed = |s: &Site| counter(&s.focus, "weir_trunk_rtp_packets_in_total");
+    let (fa, ca, cb) = (forwarded(&a), crossed(&a), crossed(&b));
+    // Media keeps flowing on A, and both ways across the trunk, with B's homeserver gone.
+    wait_until("media stopped when B's homeserver died", &[&a, &b], || {
+        forwarded(&a) > fa + 500.0 && crossed(&a) > ca + 500.0 && crossed(&b) > cb + 500.0
+    });
+    assert_eq!(gauges(&a.focus), steady, "A's trunk survived");
+    let (out, _, _) = finish(child, &[&a, &b]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("--json")).expect("JSON");
+    assert_eq!(r["integrity_errors"], 0, "{out}");
+    for p in r["participants_detail"].as_array().expect("participants") {
+        assert!(p["missing"].as_array().unwrap().is_empty(), "{p}\n{out}");
+    }
+    drop(a);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}

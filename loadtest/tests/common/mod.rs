@@ -126,13 +126,20 @@ impl Synapse {
     }
 }
 
-impl Drop for Synapse {
-    fn drop(&mut self) {
+impl Synapse {
+    /// Stop the server (SIGTERM, waiting for it to exit). Idempotent.
+    pub fn stop(&self) {
         let _ = Command::new("bash")
             .arg(repo().join("scripts/synapse.sh"))
             .arg("stop")
             .arg(&self.dir)
             .output();
+    }
+}
+
+impl Drop for Synapse {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
