@@ -19,29 +19,25 @@ pub const MAX_SDP_BYTES: usize = 128 * 1024;
 /// codec set browsers send. Fewer codecs keep our offers small: to-device events are capped
 /// at 64 KiB by Synapse, and every forwarded track adds an m-line with all of them.
 pub fn new_rtc(now: Instant) -> Rtc {
-    RtcConfig::new()
-        .set_ice_lite(true)
-        .set_rtp_mode(true)
-        .clear_codecs()
-        .enable_opus(true, false)
-        .enable_vp8(true)
-        .enable_vp9(true)
-        .enable_h264(true)
-        .build(now)
+    config(true).build(now)
 }
 
 /// A new engine instance for a trunk weir dials to another focus: the same as
 /// [`new_rtc`] but full ICE, since the far focus is ICE-lite and two lite agents never check.
 pub fn new_trunk_rtc(now: Instant) -> Rtc {
+    config(false).build(now)
+}
+
+/// RTP mode and the codec set browsers send, with or without ICE-lite.
+fn config(ice_lite: bool) -> RtcConfig {
     RtcConfig::new()
-        .set_ice_lite(false)
+        .set_ice_lite(ice_lite)
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
         .enable_vp8(true)
         .enable_vp9(true)
         .enable_h264(true)
-        .build(now)
 }
 
 /// Map an engine codec to what keyframe detection understands.

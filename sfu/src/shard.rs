@@ -136,6 +136,33 @@ struct Peer {
     channel: Option<ChannelId>,
 }
 
+impl Peer {
+    fn new(conference: ConferenceId, role: PeerRole, polite: bool, rtc: Rtc, now: Instant) -> Self {
+        Peer {
+            conference,
+            role,
+            polite,
+            rtc,
+            created_at: now,
+            last_rx: now,
+            connected: false,
+            own_mids: HashSet::new(),
+            pending: None,
+            published: HashMap::new(),
+            ssrc_mid: HashMap::new(),
+            desired: BTreeMap::new(),
+            out: HashMap::new(),
+            out_by_mid: HashMap::new(),
+            addrs: Vec::new(),
+            timeout: None,
+            dirty: false,
+            // A trunk pulls only what its side subscribes to.
+            explicit: (role == PeerRole::Trunk).then(Vec::new),
+            channel: None,
+        }
+    }
+}
+
 pub(crate) struct Shard<S: EventSink> {
     index: usize,
     config: SfuConfig,
@@ -321,28 +348,7 @@ impl<S: EventSink> Shard<S> {
                 sdp_m_line_index: 0,
             })
             .collect();
-        let peer = Peer {
-            conference,
-            role,
-            polite: true,
-            rtc,
-            created_at: now,
-            last_rx: now,
-            connected: false,
-            own_mids: HashSet::new(),
-            pending: None,
-            published: HashMap::new(),
-            ssrc_mid: HashMap::new(),
-            desired: BTreeMap::new(),
-            out: HashMap::new(),
-            out_by_mid: HashMap::new(),
-            addrs: Vec::new(),
-            timeout: None,
-            dirty: false,
-            // A trunk pulls only what its side subscribes to.
-            explicit: (role == PeerRole::Trunk).then(Vec::new),
-            channel: None,
-        };
+        let peer = Peer::new(conference, role, true, rtc, now);
         self.peers.insert(id, peer);
         let members = self.conferences.entry(conference).or_default();
         let existing: Vec<PeerId> = members.clone();
@@ -403,30 +409,11 @@ impl<S: EventSink> Shard<S> {
             });
             return;
         };
-        let peer = Peer {
-            conference,
-            role: PeerRole::Trunk,
-            polite: false,
-            rtc,
-            created_at: now,
-            last_rx: now,
-            connected: false,
-            own_mids: HashSet::new(),
-            pending: Some(PendingNegotiation {
-                offer: pending,
-                added: Vec::new(),
-            }),
-            published: HashMap::new(),
-            ssrc_mid: HashMap::new(),
-            desired: BTreeMap::new(),
-            out: HashMap::new(),
-            out_by_mid: HashMap::new(),
-            addrs: Vec::new(),
-            timeout: None,
-            dirty: false,
-            explicit: Some(Vec::new()),
-            channel: None,
-        };
+        let mut peer = Peer::new(conference, PeerRole::Trunk, false, rtc, now);
+        peer.pending = Some(PendingNegotiation {
+            offer: pending,
+            added: Vec::new(),
+        });
         self.peers.insert(id, peer);
         self.conferences.entry(conference).or_default().push(id);
         info!(shard = self.index, %id, %conference, "trunk dialled");

@@ -225,39 +225,44 @@ impl RoomTracker {
         conf: &ConfId,
         now_ms: u64,
     ) -> Result<RoomId, RefuseReason> {
+        self.first_room_with(conf, |_, state| {
+            if !state.joined(user) {
+                return Err(RefuseReason::NotInRoom);
+            }
+            let mut r = Err(RefuseReason::NoMemberDevice);
+            for d in state.devices(user, conf).filter(|d| &d.device_id == device) {
+                let this = if d.expires_ts.is_none_or(|e| e <= now_ms) {
+                    Err(RefuseReason::MemberExpired)
+                } else if d.session_id.as_ref().is_some_and(|s| s != session) {
+                    Err(RefuseReason::SessionMismatch)
+                } else {
+                    Ok(())
+                };
+                r = match (r, this) {
+                    (Ok(()), _) | (_, Ok(())) => Ok(()),
+                    (Err(a), Err(b)) => Err(more_specific(a, b)),
+                };
+            }
+            r
+        })
+    }
+
+    /// The first room (by id) with an active call `conf` that `check` accepts; otherwise the
+    /// most specific refusal any such room gave (`no_call` when none has the call).
+    fn first_room_with(
+        &self,
+        conf: &ConfId,
+        mut check: impl FnMut(&RoomId, &RoomState) -> Result<(), RefuseReason>,
+    ) -> Result<RoomId, RefuseReason> {
         let mut best: Option<RefuseReason> = None;
-        let mut any_call = false;
         for (room_id, state) in &self.rooms {
             if !state.call_active(conf) {
                 continue;
             }
-            any_call = true;
-            let outcome = if !state.joined(user) {
-                Err(RefuseReason::NotInRoom)
-            } else {
-                let mut r = Err(RefuseReason::NoMemberDevice);
-                for d in state.devices(user, conf).filter(|d| &d.device_id == device) {
-                    let this = if d.expires_ts.is_none_or(|e| e <= now_ms) {
-                        Err(RefuseReason::MemberExpired)
-                    } else if d.session_id.as_ref().is_some_and(|s| s != session) {
-                        Err(RefuseReason::SessionMismatch)
-                    } else {
-                        Ok(())
-                    };
-                    r = match (r, this) {
-                        (Ok(()), _) | (_, Ok(())) => Ok(()),
-                        (Err(a), Err(b)) => Err(more_specific(a, b)),
-                    };
-                }
-                r
-            };
-            match outcome {
+            match check(room_id, state) {
                 Ok(()) => return Ok(room_id.clone()),
                 Err(reason) => best = Some(best.map_or(reason, |b| more_specific(b, reason))),
             }
-        }
-        if !any_call {
-            return Err(RefuseReason::NoCall);
         }
         Err(best.unwrap_or(RefuseReason::NoCall))
     }
@@ -341,14 +346,8 @@ impl RoomTracker {
         conf: &ConfId,
         now_ms: u64,
     ) -> Result<RoomId, RefuseReason> {
-        let mut best: Option<RefuseReason> = None;
-        let mut any_call = false;
-        for (room_id, state) in &self.rooms {
-            if !state.call_active(conf) {
-                continue;
-            }
-            any_call = true;
-            let outcome = if !state.joined(user) {
+        self.first_room_with(conf, |room_id, state| {
+            if !state.joined(user) {
                 Err(RefuseReason::NotInRoom)
             } else if self
                 .active_foci(room_id, conf, now_ms)
@@ -360,16 +359,8 @@ impl RoomTracker {
                 // Neither a member device nor a focus anyone names: refused as a participant
                 // without a member device would be.
                 Err(RefuseReason::NoMemberDevice)
-            };
-            match outcome {
-                Ok(()) => return Ok(room_id.clone()),
-                Err(reason) => best = Some(best.map_or(reason, |b| more_specific(b, reason))),
             }
-        }
-        if !any_call {
-            return Err(RefuseReason::NoCall);
-        }
-        Err(best.unwrap_or(RefuseReason::NoCall))
+        })
     }
 
     /// Whether (`user`, `device`) is a live member device of `conf` in `room` that names

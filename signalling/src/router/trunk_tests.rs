@@ -74,6 +74,20 @@ fn far_event(sender: &str, device: &str, ty: &str, call: &str, extra: Value) -> 
     json!({"sender": sender, "type": ty, "content": content})
 }
 
+/// A trunk leg weir dials to focus B.
+fn far_leg(call: &str) -> Leg {
+    Leg {
+        room_id: ROOM.into(),
+        conf_id: CONF.into(),
+        call_id: call.into(),
+        user_id: FAR.into(),
+        device_id: "FB".into(),
+        party_id: "FB".into(),
+        session_id: "sfu".into(),
+        trunk: true,
+    }
+}
+
 fn stream(owner: &str, device: &str) -> Value {
     json!({"purpose": "m.usermedia", "user_id": owner, "device_id": device})
 }
@@ -201,16 +215,7 @@ fn allowed_servers_do_not_stop_trunks() {
 fn weir_dials_a_focus_and_only_that_focus_can_answer() {
     let (mut r, t0) = setup();
     drain(&mut r);
-    let leg = Leg {
-        room_id: ROOM.into(),
-        conf_id: CONF.into(),
-        call_id: "dial-1".into(),
-        user_id: FAR.into(),
-        device_id: "FB".into(),
-        party_id: "FB".into(),
-        session_id: "sfu".into(),
-        trunk: true,
-    };
+    let leg = far_leg("dial-1");
     r.handle_command(
         LegCommand::Invite {
             leg: leg.clone(),
@@ -266,16 +271,7 @@ fn weir_dials_a_focus_and_only_that_focus_can_answer() {
 fn an_unanswered_dial_is_dropped_after_its_lifetime() {
     let (mut r, t0) = setup();
     drain(&mut r);
-    let leg = Leg {
-        room_id: ROOM.into(),
-        conf_id: CONF.into(),
-        call_id: "dial-2".into(),
-        user_id: FAR.into(),
-        device_id: "FB".into(),
-        party_id: "FB".into(),
-        session_id: "sfu".into(),
-        trunk: true,
-    };
+    let leg = far_leg("dial-2");
     r.handle_command(
         LegCommand::Invite {
             leg,
