@@ -33,6 +33,14 @@ use crate::signal::{self, FocusAddress, Incoming, Outgoing, SignalCounters, Tran
 use crate::source::{AudioSource, SpeakerSchedule, VideoSource};
 use crate::stats::{Roster, RxStats, SecondBucket};
 
+/// Wall-clock Unix milliseconds now.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Wait this long for the focus's answer before calling again with a new call id.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// Wait this long after the answer for ICE+DTLS before calling again.
@@ -108,6 +116,9 @@ pub struct Report {
     pub user_id: String,
     /// Calls placed (1 unless refused or timed out).
     pub attempts: u32,
+    /// Wall-clock Unix ms at which the last call was placed (so a test can tell a call placed
+    /// after some event from one placed before it).
+    pub last_call_unix_ms: Option<u64>,
     /// From the first invite to ICE+DTLS connected.
     pub join_ms: Option<f64>,
     /// From the first invite to the first complete video frame.
@@ -233,6 +244,7 @@ pub async fn run(
         room: plan.room,
         user_id: user_id.clone(),
         attempts: 0,
+        last_call_unix_ms: None,
         join_ms: None,
         first_frame_ms: None,
         rx: RxStats::default(),
@@ -312,11 +324,13 @@ pub async fn run(
     };
     let mut attempt = 0;
     let mut error = None;
+    let mut last_call_unix_ms = None;
     loop {
         if *cancel.borrow() {
             break;
         }
         attempt += 1;
+        last_call_unix_ms = Some(unix_ms());
         let call = match p.place_call() {
             Ok(c) => c,
             Err(e) => {
@@ -350,6 +364,7 @@ pub async fn run(
     p.rx.finish(now_us);
     p.flush_second(Instant::now(), true);
     report.attempts = attempt;
+    report.last_call_unix_ms = last_call_unix_ms;
     report.active_s = p
         .first_connect
         .map(|t| t.elapsed().as_secs_f64())

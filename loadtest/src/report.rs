@@ -391,6 +391,7 @@ impl RunReport {
                     "publisher": r.publisher.0,
                     "room": r.room.0,
                     "attempts": r.attempts,
+                    "last_call_unix_ms": r.last_call_unix_ms,
                     "join_ms": r.join_ms,
                     "first_frame_ms": r.first_frame_ms,
                     "active_s": r.active_s,

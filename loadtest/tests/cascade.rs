@@ -471,10 +471,11 @@ fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
     }
     let dir = scratch_dir();
     let (pa, pb) = (free_udp_port(), free_udp_port());
-    // One shard each, so each focus has one known media port; a short silence timeout, so a
-    // dead trunk is noticed within seconds. (The connect timeout stays at its default: a
-    // participant's first connection can take seconds over federation on a loaded machine.)
-    let media = |port: u16| format!("shards = 1\nport_base = {port}\nsilence_timeout_s = 3");
+    // One shard each, so each focus has one known media port; a shorter silence timeout, so a
+    // dead trunk is noticed within seconds. It stays above the ICE consent-check interval: an
+    // idle trunk (nothing subscribed yet) carries only those. (The connect timeout stays at its
+    // default: a participant's first connection can take seconds over federation under load.)
+    let media = |port: u16| format!("shards = 1\nport_base = {port}\nsilence_timeout_s = 8");
     let a = site_with_media(&dir, "hs-a", "FOCUSA", &media(pa));
     let b = site_with_media(&dir, "hs-b", "FOCUSB", &media(pb));
     let json = dir.join("cut.json");
@@ -503,6 +504,10 @@ fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
 
     let cut = Cut::between(pa, pb);
     let cut_at = Instant::now();
+    let cut_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
     wait_until("the dead trunk was never redialled", &[&a, &b], || {
         redials(&a) + redials(&b) > before
     });
@@ -532,7 +537,13 @@ fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
         serde_json::from_str(&std::fs::read_to_string(&json).expect("--json")).expect("JSON");
     assert_eq!(r["integrity_errors"], 0, "{out}");
     for p in r["participants_detail"].as_array().expect("participants") {
-        assert_eq!(p["attempts"], 1, "nobody called again: {p}");
+        // A first call may have needed a second try during setup (room state crossing
+        // federation); what matters is that nobody called again because of the cut.
+        let last_call = p["last_call_unix_ms"].as_u64().expect("last_call_unix_ms");
+        assert!(
+            last_call < cut_unix_ms,
+            "nobody called again after the cut: {p}"
+        );
         assert!(p["error"].is_null(), "{p}");
         let other = if p["publisher"] == 1 { 2 } else { 1 };
         assert!(
