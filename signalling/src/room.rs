@@ -288,6 +288,26 @@ impl RoomTracker {
                 .any(|d| &d.device_id == device && d.expires_ts.is_some_and(|e| e > now_ms))
     }
 
+    /// Whether a present-looking device entry of (`user`, `device`) exists but has expired:
+    /// an absence weir computes from its own clock, so nothing late from `/sync` can undo it.
+    pub fn member_expired(
+        &self,
+        room: &RoomId,
+        conf: &ConfId,
+        user: &UserId,
+        device: &DeviceId,
+        now_ms: u64,
+    ) -> bool {
+        let Some(state) = self.rooms.get(room) else {
+            return false;
+        };
+        state.joined(user)
+            && state.call_active(conf)
+            && state
+                .devices(user, conf)
+                .any(|d| &d.device_id == device && d.expires_ts.is_none_or(|e| e <= now_ms))
+    }
+
     /// The membership of `user` in `room`, if known.
     pub fn membership(&self, room: &RoomId, user: &UserId) -> Option<&str> {
         self.rooms.get(room)?.members.get(user).map(String::as_str)

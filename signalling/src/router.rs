@@ -221,7 +221,21 @@ pub struct Router {
     foci: HashMap<(RoomId, ConfId), Vec<FocusRef>>,
     /// When each room's state was last asked to be refreshed ([`Output::RefreshRoom`]).
     refreshed: HashMap<RoomId, Instant>,
+    /// A member device or focus that `/sync` shows gone, since when: the absence is acted on
+    /// only once the room's full state confirms it, or after [`ABSENCE_GRACE`].
+    suspects: HashMap<(RoomId, ConfId, UserId, DeviceId), Instant>,
+    /// When each room's full state was last applied from the homeserver itself (a first full
+    /// sync or a state re-read): what it shows is the room's resolved state.
+    authoritative: HashMap<RoomId, Instant>,
 }
+
+/// How long an absence seen only through `/sync` waits for the room's full state to confirm
+/// it. Federation can deliver an older event after a newer one (a member's `invite` after
+/// their `join`), and `/sync` then shows a member or a focus gone who is not: ending their
+/// call on that would be wrong. The confirming re-read normally comes within tens of ms; the
+/// grace bounds the wait when it fails. Longer tolerates slower homeservers; shorter ends a
+/// really departed member's leg sooner (they normally hang up first anyway).
+const ABSENCE_GRACE: Duration = Duration::from_secs(5);
 
 /// How long weir's own trunk invite waits for the far focus's answer before the leg is
 /// dropped (the focus redials). Federation delivers in seconds; a minute covers a homeserver
@@ -249,6 +263,8 @@ impl Router {
             next_housekeeping: now + cfg.housekeeping_interval,
             foci: HashMap::new(),
             refreshed: HashMap::new(),
+            suspects: HashMap::new(),
+            authoritative: HashMap::new(),
             anchor,
             metrics,
             cfg,
@@ -300,6 +316,7 @@ impl Router {
     fn has_timed_state(&self) -> bool {
         !self.legs.is_empty()
             || !self.foci.is_empty()
+            || !self.suspects.is_empty()
             || !self.early.is_empty()
             || !self.limiter.per_call.is_empty()
             || self.reorder.len() > 0
@@ -344,6 +361,7 @@ impl Router {
     ) {
         if full_state {
             self.rooms.reset_room(room);
+            self.authoritative.insert(room.clone(), now);
         } else {
             self.rooms.mark_joined(room);
         }
@@ -360,7 +378,9 @@ impl Router {
         }
     }
 
-    /// Re-derives the foci of every active conference and reports the sets that changed.
+    /// Re-derives the foci of every active conference and reports the sets that changed. A
+    /// focus that vanished from what `/sync` shows stays reported until the room's state
+    /// confirms it is gone ([`Self::absence_confirmed`]).
     fn update_foci(&mut self, now: Instant) {
         let wall = self.wall_ms(now);
         let mut current: HashMap<(RoomId, ConfId), Vec<FocusRef>> = HashMap::new();
@@ -370,13 +390,37 @@ impl Router {
                 current.insert((room, conf), foci);
             }
         }
+        let previous = std::mem::take(&mut self.foci);
+        let mut prev_keys: Vec<&(RoomId, ConfId)> = previous.keys().collect();
+        prev_keys.sort();
+        for key in prev_keys {
+            for f in &previous[key] {
+                let still = current.get(key).is_some_and(|c| {
+                    c.iter()
+                        .any(|x| x.user_id == f.user_id && x.device_id == f.device_id)
+                });
+                let skey = (
+                    key.0.clone(),
+                    key.1.clone(),
+                    f.user_id.clone(),
+                    f.device_id.clone(),
+                );
+                if still {
+                    self.suspects.remove(&skey);
+                } else if !self.absence_confirmed(&skey, now) {
+                    let list = current.entry(key.clone()).or_default();
+                    list.push(f.clone());
+                    list.sort();
+                }
+            }
+        }
         let mut changed: Vec<((RoomId, ConfId), Vec<FocusRef>)> = Vec::new();
         for (key, foci) in &current {
-            if self.foci.get(key) != Some(foci) {
+            if previous.get(key) != Some(foci) {
                 changed.push((key.clone(), foci.clone()));
             }
         }
-        for key in self.foci.keys() {
+        for key in previous.keys() {
             if !current.contains_key(key) {
                 changed.push((key.clone(), Vec::new()));
             }
@@ -391,6 +435,45 @@ impl Router {
                 foci,
             }));
         }
+    }
+
+    /// Applies a room's full state as the homeserver reports it now (`GET /rooms/{id}/state`,
+    /// asked for by [`Output::RefreshRoom`]). Unlike `/sync` events, this is the resolved
+    /// state, so absences it shows are acted on at once.
+    pub fn handle_room_state(&mut self, room: &RoomId, events: &[Value], now: Instant) {
+        if !self.rooms.joined_rooms().any(|r| r == room) {
+            return;
+        }
+        for ev in events {
+            self.rooms.apply_event(room, ev);
+        }
+        self.authoritative.insert(room.clone(), now);
+        self.check_members(Some(room), now);
+        self.update_foci(now);
+        if !self.held.is_empty() {
+            self.retry_held(now);
+        }
+    }
+
+    /// Whether an absence of `key` seen now is to be acted on: the room is gone, its full state
+    /// was read since the absence was first seen, or the grace ran out. Otherwise the room's
+    /// state is asked for and the absence waits.
+    fn absence_confirmed(
+        &mut self,
+        key: &(RoomId, ConfId, UserId, DeviceId),
+        now: Instant,
+    ) -> bool {
+        let first = *self.suspects.entry(key.clone()).or_insert(now);
+        let room = &key.0;
+        let confirmed = !self.rooms.joined_rooms().any(|r| r == room)
+            || self.authoritative.get(room).is_some_and(|t| *t >= first)
+            || now.saturating_duration_since(first) >= ABSENCE_GRACE;
+        if confirmed {
+            self.suspects.remove(key);
+        } else {
+            self.refresh(vec![room.clone()], ROOM_REFRESH_INTERVAL, now);
+        }
+        confirmed
     }
 
     /// Re-checks held invites: accepted, held on, or (past their grace) refused.
@@ -414,34 +497,65 @@ impl Router {
     fn check_members(&mut self, room: Option<&RoomId>, now: Instant) {
         let wall = self.wall_ms(now);
         let mut gone: HashSet<(RoomId, ConfId, UserId, DeviceId)> = HashSet::new();
+        let mut absent: HashSet<(RoomId, ConfId, UserId, DeviceId)> = HashSet::new();
+        let mut present_keys: Vec<(RoomId, ConfId, UserId, DeviceId)> = Vec::new();
         for e in self.legs.values() {
             let l = &e.leg;
             if room.is_some_and(|r| r != &l.room_id) {
                 continue;
             }
-            let present = if l.trunk {
+            let key = (
+                l.room_id.clone(),
+                l.conf_id.clone(),
+                l.user_id.clone(),
+                l.device_id.clone(),
+            );
+            if l.trunk {
                 // A trunk lives while the far focus still serves the conference (and, for one
-                // we dialled, until its answer is overdue).
+                // we dialled, until its answer is overdue: our own clock, acted on at once).
                 let overdue = !e.answered
                     && e.caller
                     && now.saturating_duration_since(e.invited_at) >= e.lifetime;
-                !overdue
-                    && self
-                        .rooms
-                        .active_foci(&l.room_id, &l.conf_id, wall)
-                        .iter()
-                        .any(|f| f.user_id == l.user_id && f.device_id == l.device_id)
+                let serving = self
+                    .rooms
+                    .active_foci(&l.room_id, &l.conf_id, wall)
+                    .iter()
+                    .any(|f| f.user_id == l.user_id && f.device_id == l.device_id);
+                if overdue {
+                    gone.insert(key);
+                } else if !serving {
+                    absent.insert(key);
+                } else {
+                    present_keys.push(key);
+                }
+            } else if self.rooms.member_present(
+                &l.room_id,
+                &l.conf_id,
+                &l.user_id,
+                &l.device_id,
+                wall,
+            ) {
+                present_keys.push(key);
+            } else if self.rooms.member_expired(
+                &l.room_id,
+                &l.conf_id,
+                &l.user_id,
+                &l.device_id,
+                wall,
+            ) {
+                gone.insert(key); // expiry is our own clock's verdict
             } else {
-                self.rooms
-                    .member_present(&l.room_id, &l.conf_id, &l.user_id, &l.device_id, wall)
-            };
-            if !present {
-                gone.insert((
-                    l.room_id.clone(),
-                    l.conf_id.clone(),
-                    l.user_id.clone(),
-                    l.device_id.clone(),
-                ));
+                absent.insert(key);
+            }
+        }
+        for key in present_keys {
+            self.suspects.remove(&key);
+        }
+        let mut absent: Vec<_> = absent.into_iter().collect();
+        absent.sort();
+        for key in absent {
+            if self.absence_confirmed(&key, now) {
+                gone.insert(key);
             }
         }
         if gone.is_empty() {

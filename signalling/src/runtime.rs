@@ -786,7 +786,7 @@ impl Core {
                         }
                     } else if self.router.rooms().joined_rooms().any(|j| j == &r.room) {
                         debug!(room = %r.room, n = r.events.len(), "room state refreshed");
-                        self.router.handle_joined_room(&r.room, &r.events, &[], false, Instant::now());
+                        self.router.handle_room_state(&r.room, &r.events, Instant::now());
                         self.drain_outputs();
                     }
                 }

@@ -1334,7 +1334,10 @@ fn member_gone_on_entry_removal_leave_and_expiry() {
     r.handle_joined_room(&room, &[join_event("@dave:localhost")], &[], false, t0);
     assert!(drain(&mut r).is_empty());
     let removal = json!({"type": "org.matrix.msc3401.call.member", "state_key": ALICE, "sender": ALICE, "content": {"m.calls": []}});
-    r.handle_joined_room(&room, &[], &[removal], false, t0);
+    r.handle_joined_room(&room, &[], std::slice::from_ref(&removal), false, t0);
+    // Seen through /sync only: the room's state is asked for before the leg is ended.
+    assert_eq!(drain(&mut r), vec![Output::RefreshRoom(room.clone())]);
+    r.handle_room_state(&room, &[removal], t0);
     assert_eq!(events(&drain(&mut r)), vec![&gone]);
     assert_eq!(r.legs().count(), 0);
     // Late events for that call are not answered.
@@ -1350,6 +1353,9 @@ fn member_gone_on_entry_removal_leave_and_expiry() {
     open_alice_leg(&mut r, t0);
     let leave = json!({"type": "m.room.member", "state_key": ALICE, "sender": ALICE, "content": {"membership": "leave"}});
     r.handle_joined_room(&room, &[], &[leave], false, t0);
+    assert!(events(&drain(&mut r)).is_empty());
+    // No state read comes back: the grace runs out.
+    r.handle_timeout(t0 + ABSENCE_GRACE);
     assert_eq!(events(&drain(&mut r)), vec![&gone]);
 
     // Expiry, noticed by the housekeeping timer.

@@ -128,15 +128,54 @@ fn the_foci_of_a_conference_are_read_from_member_devices_and_follow_them() {
     // Nothing changed: nothing reported.
     r.handle_joined_room(&ROOM.into(), &[], &[], false, t0);
     assert!(foci_event(&drain(&mut r)).is_none());
-    // Bob leaves: focus B no longer serves the conference.
-    r.handle_joined_room(&ROOM.into(), &[left(BOB)], &[], false, t0);
+    // Bob leaves, as /sync shows it a second later. /sync can deliver an older event late, so
+    // focus B stays reported until the room's own state confirms it: that state is asked for.
+    let t1 = t0 + Duration::from_secs(1);
+    r.handle_joined_room(&ROOM.into(), &[left(BOB)], &[], false, t1);
+    let outs = drain(&mut r);
+    assert!(foci_event(&outs).is_none(), "not on /sync alone: {outs:?}");
+    assert!(outs
+        .iter()
+        .any(|o| matches!(o, Output::RefreshRoom(room) if room.as_str() == ROOM)));
+    // The room's state, read from the homeserver, confirms it.
+    r.handle_room_state(&ROOM.into(), &[left(BOB)], t1);
     assert_eq!(
         foci_event(&drain(&mut r)).unwrap(),
         vec![(ME.into(), "FA".into())]
     );
-    // Alice's entry expires: the conference has no foci left.
-    r.handle_timeout(t0 + Duration::from_secs(3_601));
+    // Alice's entry expires and no state read comes: the grace runs out, and the conference
+    // has no foci left.
+    let expiry = t0 + Duration::from_secs(3_601);
+    r.handle_timeout(expiry);
+    assert!(foci_event(&drain(&mut r)).is_none());
+    r.handle_timeout(expiry + ABSENCE_GRACE);
     assert_eq!(foci_event(&drain(&mut r)).unwrap(), vec![]);
+}
+
+#[test]
+fn a_member_that_sync_shows_gone_but_the_room_state_keeps_is_not_dropped() {
+    // A late, older event in /sync (Bob's invite after his join) makes him look gone; the
+    // room's state says he is joined: his focus's trunk, and the foci, stay.
+    let (mut r, t0) = setup();
+    r.handle_to_device(trunk_invite(FAR, "FB", "trunk-1"), t0);
+    drain(&mut r);
+    let t1 = t0 + Duration::from_secs(1);
+    let invite = json!({"type": "m.room.member", "state_key": BOB, "sender": ALICE,
+        "content": {"membership": "invite"}});
+    r.handle_joined_room(&ROOM.into(), &[], &[invite], false, t1);
+    let outs = drain(&mut r);
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Event(_))),
+        "nothing acted on yet: {outs:?}"
+    );
+    r.handle_room_state(&ROOM.into(), &[join_event(BOB)], t1);
+    r.handle_timeout(t1 + ABSENCE_GRACE * 2);
+    let outs = drain(&mut r);
+    assert!(
+        !outs.iter().any(|o| matches!(o, Output::Event(_))),
+        "still nothing to act on: {outs:?}"
+    );
+    assert_eq!(r.legs().count(), 1);
 }
 
 #[test]
