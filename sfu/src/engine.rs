@@ -104,6 +104,27 @@ pub fn parse_answer(sdp: &str) -> Result<SdpAnswer, String> {
     SdpAnswer::from_sdp_string(sdp).map_err(|e| format!("unparseable answer: {e}"))
 }
 
+/// Each m-line's `a=mid:` value (if it has one), in order.
+pub fn mids(sdp: &str) -> Vec<Option<String>> {
+    split_sections(sdp)
+        .into_iter()
+        .skip(1)
+        .filter(|s| s.starts_with("m="))
+        .map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("a=mid:"))
+                .map(|m| m.trim().to_string())
+        })
+        .collect()
+}
+
+/// Whether `answer` answers `offer`: the same m-lines, and the same mid on every m-line the
+/// answer names one for (an answer may leave a rejected m-line without its mid). An answer to
+/// an earlier offer differs in its m-lines.
+pub fn answers(offer: &[Option<String>], answer: &[Option<String>]) -> bool {
+    offer.len() == answer.len() && offer.iter().zip(answer).all(|(o, a)| a.is_none() || a == o)
+}
+
 /// Split SDP text into the session part and one part per `m=` section, keeping line endings.
 fn split_sections(sdp: &str) -> Vec<&str> {
     let mut starts = vec![0];
@@ -149,6 +170,20 @@ m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=sendrecv\r\n";
     fn a_participant_section_it_only_receives_on_is_inactive_for_us() {
         let sdp = "v=0\r\nm=audio 9 RTP/SAVPF 111\r\na=mid:0\r\na=recvonly\r\n";
         assert!(offer_as_publisher(sdp, &HashSet::new()).contains("a=inactive"));
+    }
+
+    #[test]
+    fn an_answer_matches_only_the_offer_it_answers() {
+        let some = |v: &[&str]| v.iter().map(|m| Some(m.to_string())).collect::<Vec<_>>();
+        assert_eq!(mids(OFFER), some(&["0", "1", "2"]));
+        assert!(mids("v=0\r\n").is_empty());
+        let offer = some(&["0", "1", "2"]);
+        assert!(answers(&offer, &some(&["0", "1", "2"])));
+        // A rejected m-line without its mid still answers.
+        assert!(answers(&offer, &[Some("0".into()), None, Some("2".into())]));
+        // An answer to an earlier offer: fewer m-lines, or another track in a recycled slot.
+        assert!(!answers(&offer, &some(&["0", "1"])));
+        assert!(!answers(&offer, &some(&["0", "1", "7"])));
     }
 
     #[test]

@@ -102,6 +102,8 @@ struct OutTrack {
 struct PendingNegotiation {
     offer: SdpPendingOffer,
     added: Vec<(TrackKey, Mid)>,
+    /// The offer's m-line mids in order: an answer must list the same ones.
+    mids: Vec<Option<String>>,
 }
 
 struct Peer {
@@ -409,18 +411,17 @@ impl<S: EventSink> Shard<S> {
             });
             return;
         };
+        let sdp = offer.to_sdp_string();
         let mut peer = Peer::new(conference, PeerRole::Trunk, false, rtc, now);
         peer.pending = Some(PendingNegotiation {
             offer: pending,
             added: Vec::new(),
+            mids: engine::mids(&sdp),
         });
         self.peers.insert(id, peer);
         self.conferences.entry(conference).or_default().push(id);
         info!(shard = self.index, %id, %conference, "trunk dialled");
-        self.emit(SfuEvent::TrunkOffer {
-            peer: id,
-            sdp: offer.to_sdp_string(),
-        });
+        self.emit(SfuEvent::TrunkOffer { peer: id, sdp });
         self.mark_dirty(id);
     }
 
@@ -502,6 +503,15 @@ impl<S: EventSink> Shard<S> {
                 return;
             }
         };
+        if !engine::answers(&pending.mids, &engine::mids(sdp)) {
+            // An answer to an offer we rolled back (glare) or replaced, arriving late: applying
+            // it to the current offer would fail, and dropping the current offer for it would
+            // leave every later answer one offer behind. Keep waiting for the current one.
+            debug!(%id, "late answer to an earlier offer ignored");
+            self.counters.drop(DropReason::StaleAnswer);
+            peer.pending = Some(pending);
+            return;
+        }
         if let Err(e) = peer.rtc.sdp_api().accept_answer(pending.offer, answer) {
             self.counters.drop(DropReason::BadSdp);
             self.emit(SfuEvent::NegotiationFailed {
@@ -687,11 +697,12 @@ impl<S: EventSink> Shard<S> {
                 track_id,
             });
         }
+        let sdp = offer.to_sdp_string();
         peer.pending = Some(PendingNegotiation {
             offer: pending,
             added,
+            mids: engine::mids(&sdp),
         });
-        let sdp = offer.to_sdp_string();
         for track in withdrawn {
             if let Some(p) = self.tracks.get_mut(&track) {
                 p.subscribers.retain(|s| *s != id);

@@ -34,10 +34,12 @@ pub enum DropReason {
     DataChannel,
     /// An offer from a focus we dialled while ours was outstanding (we are the impolite side).
     Glare,
+    /// An answer to an offer that was rolled back or replaced, arriving after it.
+    StaleAnswer,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 14] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -52,6 +54,7 @@ impl DropReason {
         DropReason::EventQueueFull,
         DropReason::DataChannel,
         DropReason::Glare,
+        DropReason::StaleAnswer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -70,6 +73,7 @@ impl DropReason {
             DropReason::EventQueueFull => "event_queue_full",
             DropReason::DataChannel => "data_channel",
             DropReason::Glare => "glare",
+            DropReason::StaleAnswer => "stale_answer",
         }
     }
 
