@@ -182,6 +182,8 @@ struct World {
     events: crossbeam_channel::Receiver<SfuEvent>,
     clients: Vec<Client>,
     log: Vec<SfuEvent>,
+    /// Offers to these peers are logged but not answered (the test answers them itself).
+    hold_offers_to: Vec<PeerId>,
 }
 
 impl World {
@@ -201,6 +203,7 @@ impl World {
             events: rx,
             clients: names.iter().map(|n| Client::new(n)).collect(),
             log: vec![],
+            hold_offers_to: vec![],
         }
     }
 
@@ -251,6 +254,7 @@ impl World {
             } => {
                 self.clients[peer.0 as usize].accept_answer(answer, candidates);
             }
+            SfuEvent::Offer { peer, .. } if self.hold_offers_to.contains(peer) => {}
             SfuEvent::Offer { peer, sdp, .. } => {
                 let answer = self.clients[peer.0 as usize].answer(sdp);
                 self.sfu
@@ -665,4 +669,137 @@ fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
             |e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.is_empty()),
         )
     });
+}
+
+/// The offers the media plane made to `peer`, in order.
+fn offers_to(w: &World, peer: PeerId) -> Vec<String> {
+    w.log
+        .iter()
+        .filter_map(|e| match e {
+            SfuEvent::Offer { peer: p, sdp, .. } if *p == peer => Some(sdp.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_late_answer_to_a_rolled_back_offer_is_ignored_and_negotiation_stays_in_step() {
+    let mut world = World::new(&["alice", "bob"]);
+    let offer = world.clients[0].offer(&[("audio", MediaKind::Audio), ("video", MediaKind::Video)]);
+    world.call(0, offer);
+    world.run_until("alice's tracks published", |w| {
+        w.log
+            .iter()
+            .filter(|e| matches!(e, SfuEvent::TrackPublished { .. }))
+            .count()
+            == 2
+    });
+    // Bob joins; the focus offers him Alice's tracks (offer 1), which he holds on to.
+    world.hold_offers_to.push(PeerId(1));
+    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
+    world.call(1, offer);
+    world.run_until("offer 1 to bob", |w| {
+        w.clients[1].connected && offers_to(w, PeerId(1)).len() == 1
+    });
+    let offer1 = offers_to(&world, PeerId(1)).remove(0);
+
+    // Glare: Bob offers too (a second track of his). The focus, polite, rolls offer 1 back,
+    // answers Bob, and offers Alice's tracks again (offer 2).
+    let reoffer = world.clients[1].offer(&[("video", MediaKind::Video)]);
+    world
+        .sfu
+        .send(Command::RemoteOffer {
+            peer: PeerId(1),
+            sdp: reoffer,
+        })
+        .unwrap();
+    world.run_until("the focus answers bob and makes offer 2", |w| {
+        w.log.iter().any(|e| {
+            matches!(
+                e,
+                SfuEvent::Answer {
+                    peer: PeerId(1),
+                    ..
+                }
+            )
+        }) && offers_to(w, PeerId(1)).len() == 2
+    });
+    let answer = world
+        .log
+        .iter()
+        .find_map(|e| match e {
+            SfuEvent::Answer {
+                peer: PeerId(1),
+                sdp,
+            } => Some(sdp.clone()),
+            _ => None,
+        })
+        .unwrap();
+    world.clients[1].accept_answer(&answer, &[]);
+    let offer2 = offers_to(&world, PeerId(1)).remove(1);
+
+    // Bob's answer to offer 1 arrives late (it crossed his own offer): it must not be applied
+    // to offer 2, nor cost offer 2.
+    let late = {
+        let mut other = Rtc::builder().set_rtp_mode(true).build(Instant::now());
+        other
+            .sdp_api()
+            .accept_offer(SdpOffer::from_sdp_string(&offer1).unwrap())
+            .unwrap()
+            .to_sdp_string()
+    };
+    world
+        .sfu
+        .send(Command::RemoteAnswer {
+            peer: PeerId(1),
+            sdp: late,
+        })
+        .unwrap();
+    // Then his answer to offer 2: Alice's media reaches him, and no offer is left unanswered.
+    let answer2 = world.clients[1].answer(&offer2);
+    world
+        .sfu
+        .send(Command::RemoteAnswer {
+            peer: PeerId(1),
+            sdp: answer2,
+        })
+        .unwrap();
+    let mut seq = 100u64;
+    world.run_until("bob receives alice's video after offer 2", |w| {
+        let key = seq % 10 == 0; // a keyframe now and then: bob starts on one
+        w.clients[0].send("video", seq, seq as u32 * 3000, &vp8_frame(key, seq as u8));
+        seq += 1;
+        w.clients[1]
+            .received
+            .iter()
+            .filter(|r| r.2.len() > 100)
+            .count()
+            >= 5
+    });
+    assert!(
+        !world.log.iter().any(|e| matches!(
+            e,
+            SfuEvent::NegotiationFailed {
+                peer: PeerId(1),
+                ..
+            }
+        )),
+        "the late answer was not applied to offer 2: {:?}",
+        world.log
+    );
+    assert_eq!(
+        offers_to(&world, PeerId(1)).len(),
+        2,
+        "no offer 3 was needed"
+    );
+    // Counters reach the stats within a housekeeping round.
+    let stale = |w: &World| {
+        w.sfu
+            .stats()
+            .drops
+            .iter()
+            .find(|(r, _)| *r == weir_sfu::DropReason::StaleAnswer)
+            .map_or(0, |(_, n)| *n)
+    };
+    world.run_until("the late answer counted as stale", |w| stale(w) == 1);
 }
