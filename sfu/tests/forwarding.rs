@@ -766,7 +766,7 @@ fn a_late_answer_to_a_rolled_back_offer_is_ignored_and_negotiation_stays_in_step
         .unwrap();
     let mut seq = 100u64;
     world.run_until("bob receives alice's video after offer 2", |w| {
-        let key = seq % 10 == 0; // a keyframe now and then: bob starts on one
+        let key = seq.is_multiple_of(10); // a keyframe now and then: bob starts on one
         w.clients[0].send("video", seq, seq as u32 * 3000, &vp8_frame(key, seq as u8));
         seq += 1;
         w.clients[1]
