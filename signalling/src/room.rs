@@ -278,18 +278,11 @@ impl RoomTracker {
         device: &DeviceId,
         now_ms: u64,
     ) -> bool {
-        let Some(state) = self.rooms.get(room) else {
-            return false;
-        };
-        state.joined(user)
-            && state.call_active(conf)
-            && state
-                .devices(user, conf)
-                .any(|d| &d.device_id == device && d.expires_ts.is_some_and(|e| e > now_ms))
+        self.any_device(room, conf, user, device, |live| live(now_ms))
     }
 
-    /// Whether a present-looking device entry of (`user`, `device`) exists but has expired:
-    /// an absence weir computes from its own clock, so nothing late from `/sync` can undo it.
+    /// Whether a device entry of (`user`, `device`) exists but has expired: an absence weir
+    /// computes from its own clock, so nothing late from `/sync` can undo it.
     pub fn member_expired(
         &self,
         room: &RoomId,
@@ -298,14 +291,27 @@ impl RoomTracker {
         device: &DeviceId,
         now_ms: u64,
     ) -> bool {
+        self.any_device(room, conf, user, device, |live| !live(now_ms))
+    }
+
+    /// Whether `user` is joined, the call is active, and some entry of `device` passes `test`
+    /// (given a function telling whether that entry is unexpired at a wall-clock time).
+    fn any_device(
+        &self,
+        room: &RoomId,
+        conf: &ConfId,
+        user: &UserId,
+        device: &DeviceId,
+        test: impl Fn(&dyn Fn(u64) -> bool) -> bool,
+    ) -> bool {
         let Some(state) = self.rooms.get(room) else {
             return false;
         };
         state.joined(user)
             && state.call_active(conf)
-            && state
-                .devices(user, conf)
-                .any(|d| &d.device_id == device && d.expires_ts.is_none_or(|e| e <= now_ms))
+            && state.devices(user, conf).any(|d| {
+                &d.device_id == device && test(&|now: u64| d.expires_ts.is_some_and(|e| e > now))
+            })
     }
 
     /// The membership of `user` in `room`, if known.
