@@ -851,10 +851,10 @@ mod tests {
 
     pub(super) fn leg(user: &str, device: &str, call: &str) -> Leg {
         Leg {
-            room_id: "!room:hs".into(),
+            room_id: "!room:hs".try_into().unwrap(),
             conf_id: "conf1".into(),
             call_id: call.into(),
-            user_id: user.into(),
+            user_id: user.try_into().unwrap(),
             device_id: device.into(),
             party_id: device.into(),
             session_id: "sess".into(),
@@ -868,7 +868,7 @@ mod tests {
             rec.clone(),
             rec.clone(),
             Arc::new(Metrics::new()),
-            "@focus:hs".into(),
+            "@focus:hs".try_into().unwrap(),
             "FOCUSDEV".into(),
         );
         (c, rec)
@@ -878,7 +878,7 @@ mod tests {
         let mut md = SdpStreamMetadata::new();
         // A client may claim someone else owns its stream; the owner must end up as itself.
         let mut claimed = StreamMetadata::new("m.usermedia");
-        claimed.user_id = Some("@mallory:hs".into());
+        claimed.user_id = Some("@mallory:hs".try_into().unwrap());
         md.insert(stream.into(), claimed);
         c.on_leg_event(LegEvent::Invite {
             leg: l.clone(),

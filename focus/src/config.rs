@@ -180,6 +180,12 @@ impl Config {
         if m.user_id.is_empty() {
             return Err(ConfigError::Invalid("matrix.user_id is required".into()));
         }
+        if let Err(e) = weir_signalling::UserId::try_from(m.user_id.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "matrix.user_id {:?} is not a Matrix user id (@local:server): {e}",
+                m.user_id
+            )));
+        }
         if m.password.is_empty() && m.access_token.is_empty() {
             return Err(ConfigError::Invalid(
                 "one of matrix.password or matrix.access_token is required".into(),
@@ -315,5 +321,8 @@ mod tests {
         .unwrap();
         let err = Config::load(Some(&file), no_env).unwrap_err().to_string();
         assert!(err.contains("homeserver"), "{err}");
+        std::fs::write(&file, "[matrix]\nuser_id = \"focus\"\npassword = \"x\"\n").unwrap();
+        let err = Config::load(Some(&file), no_env).unwrap_err().to_string();
+        assert!(err.contains("not a Matrix user id"), "{err}");
     }
 }

@@ -27,6 +27,10 @@ use weir_signalling::{LegCommand, LegEvent, RoomId, UserId};
 /// always contain a server name after `:`); the conductor keys conferences by (room, conf_id),
 /// so direct-mode conferences never mix with Matrix ones.
 pub const DIRECT_ROOM: &str = "!direct-mode";
+
+fn direct_room() -> RoomId {
+    RoomId::try_from(DIRECT_ROOM).expect("DIRECT_ROOM is a valid room id (tested)")
+}
 /// Longest a `GET /direct/v1/events` long-poll waits.
 const MAX_POLL: Duration = Duration::from_secs(30);
 /// Most events kept for one device that is not polling. A client that stops polling loses the
@@ -77,7 +81,7 @@ impl DirectHub {
         let anchor = (Instant::now(), wall_ms());
         let metrics = weir_signalling::Metrics::unregistered()?;
         let mut router = Router::new(RouterConfig::new(me.clone()), metrics, anchor);
-        let room = RoomId::from(DIRECT_ROOM);
+        let room = direct_room();
         let join = json!({"type": "m.room.member", "state_key": me.user_id.as_str(),
             "sender": me.user_id.as_str(), "content": {"membership": "join"}});
         router.handle_joined_room(&room, &[join], &[], true, anchor.0);
@@ -148,7 +152,7 @@ impl DirectHub {
             ];
             inner
                 .router
-                .handle_joined_room(&RoomId::from(DIRECT_ROOM), &state, &[], false, now);
+                .handle_joined_room(&direct_room(), &state, &[], false, now);
         }
         let event = json!({"type": ty, "sender": user, "content": content});
         inner.router.handle_to_device(event, now);
@@ -271,7 +275,7 @@ async fn post_event(
             )
         }
     };
-    if UserId::from(ev.user_id.as_str()).server_name().is_none()
+    if UserId::try_from(ev.user_id.as_str()).is_err()
         || ev.device_id.is_empty()
         || ev.conf_id.is_empty()
     {
@@ -323,7 +327,7 @@ mod tests {
     fn hub() -> (DirectHub, mpsc::Receiver<LegEvent>) {
         let (tx, rx) = mpsc::channel(16);
         let me = Identity {
-            user_id: "@focus:hs".into(),
+            user_id: "@focus:hs".try_into().unwrap(),
             device_id: "FOCUS".into(),
             session_id: "sfu".into(),
         };

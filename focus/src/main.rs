@@ -225,7 +225,8 @@ fn signalling_config(config: &Config) -> weir_signalling::SignallingConfig {
     let non_empty = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let mut c = weir_signalling::SignallingConfig::new(
         m.homeserver_url.clone(),
-        m.user_id.as_str().into(),
+        weir_signalling::UserId::try_from(m.user_id.as_str())
+            .expect("matrix.user_id is checked when the configuration is loaded"),
         m.state_dir.clone(),
     );
     c.password = non_empty(&m.password);

@@ -15,12 +15,14 @@ use tracing::{info, warn};
 use crate::call::Layout;
 use crate::ids::{epoch, PublisherId, RoomIndex};
 use crate::impair::Impairment;
-use crate::matrix::{self, Homeserver, Session};
+use crate::matrix;
 use crate::participant::{self, Plan, Shared, Timeline};
 use crate::prom;
 use crate::report::{FocusCost, RunReport};
 use crate::signal::{FocusAddress, SignalCounters, Transport};
 use crate::source::SpeakerSchedule;
+use ruma::{OwnedRoomId, OwnedUserId};
+use weir_signalling::client::{MatrixClient, Session};
 
 /// Hard cap on participants in one run, whatever the flags say: each is a WebRTC stack and a
 /// socket in this process.
@@ -254,12 +256,12 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
     // ---------------------------------------------------------------- accounts and rooms
     // (homeserver, session, room) of every Matrix participant, to take their member entries
     // out of the room at the end, as a client leaving a call does.
-    let mut members_to_remove: Vec<(Homeserver, Session, String)> = Vec::new();
+    let mut members_to_remove: Vec<(MatrixClient, Session, OwnedRoomId)> = Vec::new();
     let transports = match &cfg.signalling {
         Signalling::Matrix { sites } => {
-            let hss: Vec<Homeserver> = sites
+            let hss: Vec<MatrixClient> = sites
                 .iter()
-                .map(|s| Homeserver::new(http.clone(), &s.homeserver))
+                .map(|s| MatrixClient::with_http(http.clone(), &s.homeserver))
                 .collect();
             let setup = setup_matrix(&cfg, sites, &hss, &rooms, &pb);
             let mut c = cancel_rx.clone();
@@ -279,9 +281,13 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
                         .into_iter()
                         .enumerate()
                         .map(|(i, session)| {
-                            let hs = hss[i % hss.len()].clone();
-                            members_to_remove.push((hs.clone(), session.clone(), room_id.clone()));
-                            Transport::Matrix { hs, session }
+                            let client = hss[i % hss.len()].with_token(&session.access_token);
+                            members_to_remove.push((
+                                client.clone(),
+                                session.clone(),
+                                room_id.clone(),
+                            ));
+                            Transport::Matrix { client, session }
                         })
                         .collect::<Vec<_>>()
                 })
@@ -581,25 +587,25 @@ fn site_focus(cfg: &RunConfig, index: usize) -> Option<FocusAddress> {
 /// client does when it leaves: the foci then see the call end and drop their trunks, instead
 /// of waiting an hour for the entries to expire. Bounded by [`HANGUP_GRACE`]; failures are
 /// only logged (the entries then expire).
-async fn leave_calls(members: Vec<(Homeserver, Session, String)>) {
+async fn leave_calls(members: Vec<(MatrixClient, Session, OwnedRoomId)>) {
     if members.is_empty() {
         return;
     }
     let sem = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
     let mut tasks = Vec::new();
-    for (hs, s, room) in members {
+    for (client, s, room) in members {
         let sem = sem.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await.ok()?;
-            hs.put_state(
-                &s,
-                &room,
-                matrix::CALL_MEMBER_STATE,
-                &s.user_id,
-                &serde_json::json!({"m.calls": []}),
-            )
-            .await
-            .err()
+            client
+                .put_state(
+                    &room,
+                    matrix::CALL_MEMBER_STATE,
+                    s.user_id.as_str(),
+                    matrix::state_content(&serde_json::json!({"m.calls": []})),
+                )
+                .await
+                .err()
         }));
     }
     let deadline = tokio::time::Instant::now() + HANGUP_GRACE;
@@ -618,10 +624,10 @@ async fn leave_calls(members: Vec<(Homeserver, Session, String)>) {
 async fn setup_matrix(
     cfg: &RunConfig,
     sites: &[Site],
-    hss: &[Homeserver],
+    hss: &[MatrixClient],
     rooms: &[RoomPlan],
     pb: &ProgressBar,
-) -> Result<(Vec<Vec<Session>>, Vec<String>), String> {
+) -> Result<(Vec<Vec<Session>>, Vec<OwnedRoomId>), String> {
     let hs = &hss[0];
     let sem = Arc::new(Semaphore::new(SETUP_CONCURRENCY));
     let password = format!("wl-{}", crate::call::gen_id(0, 16));
@@ -637,7 +643,7 @@ async fn setup_matrix(
             let localpart = format!("wl-{}-{}", cfg.run_id, m.publisher.0);
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
-                hs.register(&secret, &localpart, &password)
+                hs.register_with_shared_secret(&secret, &localpart, &password)
                     .await
                     .map_err(|e| e.to_string())
             }));
@@ -660,42 +666,49 @@ async fn setup_matrix(
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
         + matrix::MEMBER_TTL_MS;
+    let foci = sites
+        .iter()
+        .map(|s| {
+            OwnedUserId::try_from(s.focus_user.as_str())
+                .map_err(|e| format!("focus user {}: {e}", s.focus_user))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut room_ids = Vec::new();
     for (ri, (room, sess)) in rooms.iter().zip(&per_room).enumerate() {
         let creator = &sess[0];
-        let mut invite: Vec<String> = sess[1..].iter().map(|s| s.user_id.clone()).collect();
-        for site in sites {
-            if !invite.contains(&site.focus_user) {
-                invite.push(site.focus_user.clone());
+        let creator_client = hs.with_token(&creator.access_token);
+        let mut invite: Vec<OwnedUserId> = sess[1..].iter().map(|s| s.user_id.clone()).collect();
+        for focus in &foci {
+            if !invite.contains(focus) {
+                invite.push(focus.clone());
             }
         }
-        let room_id = hs
-            .create_call_room(
-                creator,
+        let room_id = creator_client
+            .create_room(matrix::call_room_request(
                 &format!("weir-loadtest {} room {ri}", cfg.run_id),
-                &invite,
+                invite,
+            ))
+            .await
+            .map_err(|e| e.to_string())?;
+        creator_client
+            .put_state(
+                &room_id,
+                matrix::CALL_STATE,
+                &room.conf_id,
+                matrix::state_content(&matrix::call_content()),
             )
             .await
             .map_err(|e| e.to_string())?;
-        hs.put_state(
-            creator,
-            &room_id,
-            matrix::CALL_STATE,
-            &room.conf_id,
-            &matrix::call_content(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
         let mut tasks = Vec::new();
         for (mi, (m, s)) in room.members.iter().zip(sess).enumerate() {
             let site = &sites[mi % sites.len()];
-            let hs = hss[mi % sites.len()].clone();
+            let client = hss[mi % sites.len()].with_token(&s.access_token);
             let sem = sem.clone();
             let s = s.clone();
             let room_id = room_id.clone();
             let content = matrix::member_content(
                 &room.conf_id,
-                &s.device_id,
+                s.device_id.as_str(),
                 &m.session_id,
                 expires,
                 &site.focus_user,
@@ -703,14 +716,14 @@ async fn setup_matrix(
                 &cfg.focus_session,
             );
             let is_creator = s.user_id == creator.user_id;
-            let foci: Vec<String> = sites.iter().map(|s| s.focus_user.clone()).collect();
+            let foci = foci.clone();
             tasks.push(tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await.map_err(|e| e.to_string())?;
                 if !is_creator {
                     // Over federation the invite may still be on its way: retry a while.
                     let mut tries = 0;
                     loop {
-                        match hs.join(&s, &room_id).await {
+                        match client.join(&room_id).await {
                             Ok(()) => break,
                             Err(e) if tries < JOIN_RETRIES => {
                                 tries += 1;
@@ -727,8 +740,8 @@ async fn setup_matrix(
                 // member entry (federation does not relay it) and would refuse its trunk.
                 if foci.len() > 1 {
                     loop {
-                        let members = hs
-                            .joined_members(&s, &room_id)
+                        let members = client
+                            .joined_members(&room_id)
                             .await
                             .map_err(|e| e.to_string())?;
                         if foci.iter().all(|f| members.contains(f)) {
@@ -737,15 +750,15 @@ async fn setup_matrix(
                         tokio::time::sleep(FOCI_JOIN_POLL).await;
                     }
                 }
-                hs.put_state(
-                    &s,
-                    &room_id,
-                    matrix::CALL_MEMBER_STATE,
-                    &s.user_id,
-                    &content,
-                )
-                .await
-                .map_err(|e| e.to_string())
+                client
+                    .put_state(
+                        &room_id,
+                        matrix::CALL_MEMBER_STATE,
+                        s.user_id.as_str(),
+                        matrix::state_content(&content),
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
             }));
         }
         for t in tasks {
@@ -758,10 +771,11 @@ async fn setup_matrix(
     for (room_id, sess) in room_ids.iter().zip(&per_room) {
         loop {
             let members = hs
-                .joined_members(&sess[0], room_id)
+                .with_token(&sess[0].access_token)
+                .joined_members(room_id)
                 .await
                 .map_err(|e| e.to_string())?;
-            if sites.iter().all(|s| members.contains(&s.focus_user)) {
+            if foci.iter().all(|f| members.contains(f)) {
                 break;
             }
             pb.set_message("waiting for the focus to join");
@@ -778,8 +792,8 @@ pub async fn register_one(
     localpart: &str,
     password: &str,
 ) -> Result<Session, String> {
-    let hs = Homeserver::new(reqwest::Client::new(), homeserver);
-    hs.register(secret, localpart, password)
+    let hs = MatrixClient::new(homeserver).map_err(|e| e.to_string())?;
+    hs.register_with_shared_secret(secret, localpart, password)
         .await
         .map_err(|e| e.to_string())
 }

@@ -11,7 +11,9 @@ use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
-use crate::matrix::{Homeserver, Session, SYNC_TIMEOUT_MS};
+use weir_signalling::client::{MatrixClient, Session};
+
+use crate::matrix::{self, SYNC_TIMEOUT_MS};
 
 /// Outgoing events queued per participant before the participant waits. Signalling is a handful
 /// of events per participant, so this only fills if the homeserver stalls.
@@ -26,8 +28,9 @@ const POLL_BACKOFF: Duration = Duration::from_millis(500);
 /// Where a participant's signalling goes.
 #[derive(Clone)]
 pub enum Transport {
+    /// Through the participant's homeserver, with weir's Matrix client signed in as it.
     Matrix {
-        hs: Homeserver,
+        client: MatrixClient,
         session: Session,
     },
     Direct {
@@ -42,14 +45,14 @@ pub enum Transport {
 impl Transport {
     pub fn user_id(&self) -> &str {
         match self {
-            Transport::Matrix { session, .. } => &session.user_id,
+            Transport::Matrix { session, .. } => session.user_id.as_str(),
             Transport::Direct { user_id, .. } => user_id,
         }
     }
 
     pub fn device_id(&self) -> &str {
         match self {
-            Transport::Matrix { session, .. } => &session.device_id,
+            Transport::Matrix { session, .. } => session.device_id.as_str(),
             Transport::Direct { device_id, .. } => device_id,
         }
     }
@@ -127,17 +130,15 @@ async fn send_loop(
         let mut ok = false;
         for attempt in 0..SEND_ATTEMPTS {
             let r = match &t {
-                Transport::Matrix { hs, session } => hs
-                    .send_to_device(
-                        session,
-                        ev.event_type,
-                        &txn,
-                        &focus.user_id,
-                        &focus.device_id,
-                        &ev.content,
-                    )
-                    .await
-                    .map_err(|e| e.to_string()),
+                Transport::Matrix { client, .. } => {
+                    match matrix::to_one_device(&focus.user_id, &focus.device_id, &ev.content) {
+                        Ok(messages) => client
+                            .send_to_device(ev.event_type, &txn, messages)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    }
+                }
                 Transport::Direct {
                     http,
                     base,
@@ -256,9 +257,8 @@ async fn poll_once(
     since: Option<&str>,
 ) -> Result<(Option<String>, Vec<Incoming>), String> {
     match t {
-        Transport::Matrix { hs, session } => {
-            let (next, events) = hs
-                .sync(session, since, SYNC_TIMEOUT_MS)
+        Transport::Matrix { client, .. } => {
+            let (next, events) = matrix::sync_to_device(client, since)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok((

@@ -1,97 +1,55 @@
-//! The few client-server API calls weir makes, over reqwest. Hand-written on purpose
-//! (docs/decisions.md): there is no `/keys/*` call here, so the focus device never has keys.
+//! weir's one Matrix client-server client. The focus's signalling and the load tester's
+//! simulated participants both use it, so both speak to homeservers the same way.
+//!
+//! - Requests and responses are ruma's (`ruma-client-api`), identifiers are ruma's, and the
+//!   events in a response stay [`Raw`]: one odd event never fails a whole `/sync` batch, it is
+//!   judged on its own by whoever reads it.
+//! - Only the requests listed in [`key_blind`] can be sent, and none of them touches keys: a
+//!   device signed in through this client is key-blind by construction (docs/decisions.md).
+//! - One `reqwest::Client` (one connection pool) can serve many sessions: see
+//!   [`MatrixClient::with_token`].
+
+mod error;
+mod key_blind;
+mod synapse_admin;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ruma::api::client::{
+    account::whoami,
+    filter::{create_filter, FilterDefinition},
+    membership::{join_room_by_id, joined_members, leave_room},
+    room::create_room,
+    session::login,
+    state::{get_state_events, send_state_event},
+    sync::sync_events,
+    to_device::send_event_to_device,
+    uiaa::{MatrixUserIdentifier, UserIdentifier},
+};
+use ruma::api::IncomingResponseExt;
+use ruma::events::{AnyStateEvent, AnyStateEventContent, StateEventType, ToDeviceEventType};
+use ruma::serde::Raw;
+use ruma::{DeviceId, OwnedDeviceId, OwnedRoomId, OwnedTransactionId, OwnedUserId, RoomId, UserId};
 use serde::Deserialize;
-use serde_json::{json, Value};
 
-use crate::ids::{DeviceId, RoomId, UserId};
+pub use error::ClientError;
+pub use key_blind::KeyBlind;
+pub use ruma::api::client::sync::sync_events::v3::{
+    Filter as SyncFilter, Response as SyncResponse,
+};
+pub use ruma::api::client::to_device::send_event_to_device::v3::Messages as ToDeviceMessages;
+pub use synapse_admin::registration_mac;
 
-/// A failed request.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    #[error("HTTP request failed: {0}")]
-    Http(#[from] reqwest::Error),
-    #[error("homeserver answered {status} {errcode}: {error}")]
-    Status {
-        status: u16,
-        errcode: String,
-        error: String,
-        retry_after_ms: Option<u64>,
-    },
-    #[error("unexpected response: {0}")]
-    Response(String),
-}
-
-impl ClientError {
-    /// Worth retrying: transport errors, timeouts, 5xx and 429.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            ClientError::Http(e) => !e.is_builder(),
-            ClientError::Status { status, .. } => *status == 429 || *status >= 500,
-            ClientError::Response(_) => false,
-        }
-    }
-
-    /// The homeserver refused the request as forbidden (403).
-    pub fn is_forbidden(&self) -> bool {
-        matches!(self, ClientError::Status { status: 403, .. })
-    }
-
-    /// The access token is not (or no longer) valid.
-    pub fn is_unknown_token(&self) -> bool {
-        matches!(self, ClientError::Status { status: 401, .. })
-    }
-
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            ClientError::Status {
-                retry_after_ms: Some(ms),
-                ..
-            } => Some(Duration::from_millis(*ms)),
-            _ => None,
-        }
-    }
-
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            ClientError::Status { status, .. } => Some(*status),
-            ClientError::Http(e) => e.status().map(|s| s.as_u16()),
-            ClientError::Response(_) => None,
-        }
-    }
-}
-
-/// Percent-encodes one path segment (everything but RFC 3986 unreserved characters).
-pub fn encode_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-#[derive(Debug, Deserialize)]
-pub struct LoginResponse {
-    pub user_id: UserId,
+/// An account signed in on a homeserver.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Session {
+    pub user_id: OwnedUserId,
+    pub device_id: OwnedDeviceId,
     pub access_token: String,
-    pub device_id: DeviceId,
 }
 
-#[derive(Debug, Deserialize)]
-pub struct Whoami {
-    pub user_id: UserId,
-    #[serde(default)]
-    pub device_id: Option<DeviceId>,
-}
-
-/// A homeserver client holding (a replaceable) access token.
+/// A homeserver client holding a (replaceable) access token.
 #[derive(Clone)]
 pub struct MatrixClient {
     http: reqwest::Client,
@@ -107,24 +65,54 @@ impl std::fmt::Debug for MatrixClient {
     }
 }
 
+/// Bound on an ordinary request. Generous: a homeserver busy with federation can be slow,
+/// and a request that times out is retried by the caller where that is safe.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on requests that make the homeserver talk to other servers (joining over federation,
+/// creating a room with invites, sending state into a federated room).
+const FEDERATING_TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on a room-state fetch: long enough for a partial-state join to finish resyncing over
 /// federation, short enough that a stuck homeserver does not hold up sync for long.
 const ROOM_STATE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on connecting to the homeserver.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl MatrixClient {
+    /// A client with its own connection pool.
     pub fn new(homeserver_url: &str) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .user_agent(concat!("weir-signalling/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("weir/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self {
+        Ok(Self::with_http(http, homeserver_url))
+    }
+
+    /// A client on an existing connection pool (the load tester shares one among all its
+    /// participants).
+    pub fn with_http(http: reqwest::Client, homeserver_url: &str) -> Self {
+        Self {
             http,
             base: homeserver_url.trim_end_matches('/').to_owned(),
             token: Arc::new(RwLock::new(None)),
-        })
+        }
     }
 
+    /// Another client on the same homeserver and connection pool, signed in with `token`.
+    /// Its token is its own: changing it does not change this one's.
+    pub fn with_token(&self, token: impl Into<String>) -> Self {
+        Self {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            token: Arc::new(RwLock::new(Some(token.into()))),
+        }
+    }
+
+    /// The homeserver's base URL, without a trailing slash.
+    pub fn homeserver_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Replaces the access token of this client and of its clones.
     pub fn set_token(&self, token: Option<String>) {
         if let Ok(mut t) = self.token.write() {
             *t = token;
@@ -135,251 +123,186 @@ impl MatrixClient {
         self.token.read().ok().and_then(|t| t.clone())
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}/_matrix/client/v3{}", self.base, path)
+    /// Sends one request of the allow-list and reads its answer with ruma.
+    async fn send<R: KeyBlind>(
+        &self,
+        request: R,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<R::IncomingResponse, ClientError> {
+        let token = self.token();
+        let request = request
+            .into_http(&self.base, token.as_deref())
+            .map_err(|e| ClientError::Request(format!("{what}: {e}")))?;
+        let mut request = reqwest::Request::try_from(request)?;
+        *request.timeout_mut() = Some(timeout);
+        let response = self.http.execute(request).await?;
+        let mut answer = http::Response::builder().status(response.status());
+        if let Some(headers) = answer.headers_mut() {
+            *headers = response.headers().clone();
+        }
+        let body = response.bytes().await?;
+        let answer = answer
+            .body(body.as_ref())
+            .map_err(|e| ClientError::Response(format!("{what}: {e}")))?;
+        R::IncomingResponse::try_from_http_response(answer)
+            .map_err(|e| ClientError::from_ruma(what, e))
     }
 
-    async fn request(
+    /// A request outside the Matrix specification (Synapse's admin API), answered with JSON.
+    async fn raw_json<T: serde::de::DeserializeOwned>(
         &self,
-        method: reqwest::Method,
-        path: &str,
-        query: &[(&str, String)],
-        body: Option<Vec<u8>>,
-        timeout: Duration,
-    ) -> Result<Value, ClientError> {
-        let mut req = self.http.request(method, self.url(path)).timeout(timeout);
-        if !query.is_empty() {
-            req = req.query(query);
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<T, ClientError> {
+        let response = request.send().await?;
+        let status = response.status();
+        let body = response.bytes().await?;
+        if !status.is_success() {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            let field = |k: &str| v.get(k).and_then(|s| s.as_str()).unwrap_or("").to_owned();
+            return Err(ClientError::Status {
+                status: status.as_u16(),
+                errcode: field("errcode"),
+                error: field("error").chars().take(200).collect(),
+                retry_after: None,
+            });
         }
-        if let Some(t) = self.token() {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .body(b);
-        }
-        let resp = req.send().await?;
-        let status = resp.status();
-        let bytes = resp.bytes().await?;
-        if status.is_success() {
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Response(format!("{path}: {e}")));
-        }
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        Err(ClientError::Status {
-            status: status.as_u16(),
-            errcode: v
-                .get("errcode")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_owned(),
-            error: v
-                .get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .chars()
-                .take(200)
-                .collect(),
-            retry_after_ms: v.get("retry_after_ms").and_then(Value::as_u64),
+        serde_json::from_slice(&body).map_err(|e| ClientError::Response(format!("{what}: {e}")))
+    }
+
+    /// `POST /login` with a password. `user` is a user id or a localpart. Passing `device_id`
+    /// keeps (or creates) that device. The client's token is not changed.
+    pub async fn login_password(
+        &self,
+        user: &str,
+        password: &str,
+        device_id: Option<&DeviceId>,
+        device_display_name: &str,
+    ) -> Result<Session, ClientError> {
+        let mut req =
+            login::v3::Request::new(login::v3::LoginInfo::Password(login::v3::Password::new(
+                UserIdentifier::Matrix(MatrixUserIdentifier::new(user.to_owned())),
+                password.to_owned(),
+            )));
+        req.device_id = device_id.map(ToOwned::to_owned);
+        req.initial_device_display_name = Some(device_display_name.to_owned());
+        let r = self.send(req, "login", REQUEST_TIMEOUT).await?;
+        Ok(Session {
+            user_id: r.user_id,
+            device_id: r.device_id,
+            access_token: r.access_token,
         })
     }
 
-    fn parse<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> Result<T, ClientError> {
-        serde_json::from_value(v).map_err(|e| ClientError::Response(format!("{what}: {e}")))
-    }
-
-    /// `POST /login` with `m.login.password`. Passing `device_id` keeps the same device.
-    pub async fn login_password(
-        &self,
-        user: &UserId,
-        password: &str,
-        device_id: Option<&DeviceId>,
-    ) -> Result<LoginResponse, ClientError> {
-        let mut body = json!({
-            "type": "m.login.password",
-            "identifier": {"type": "m.id.user", "user": user},
-            "password": password,
-            "initial_device_display_name": "weir focus",
-        });
-        if let Some(d) = device_id {
-            body["device_id"] = json!(d);
-        }
-        let v = self
-            .request(
-                reqwest::Method::POST,
-                "/login",
-                &[],
-                Some(body.to_string().into_bytes()),
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        Self::parse(v, "login")
-    }
-
     /// `GET /account/whoami`.
-    pub async fn whoami(&self) -> Result<Whoami, ClientError> {
-        let v = self
-            .request(
-                reqwest::Method::GET,
-                "/account/whoami",
-                &[],
-                None,
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        Self::parse(v, "whoami")
+    pub async fn whoami(&self) -> Result<whoami::v3::Response, ClientError> {
+        self.send(whoami::v3::Request::new(), "whoami", REQUEST_TIMEOUT)
+            .await
     }
 
     /// `POST /user/{id}/filter`; returns the filter id.
     pub async fn create_filter(
         &self,
         user: &UserId,
-        filter: &Value,
+        filter: FilterDefinition,
     ) -> Result<String, ClientError> {
-        let path = format!("/user/{}/filter", encode_segment(user.as_str()));
-        let v = self
-            .request(
-                reqwest::Method::POST,
-                &path,
-                &[],
-                Some(filter.to_string().into_bytes()),
-                REQUEST_TIMEOUT,
-            )
-            .await?;
-        v.get("filter_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .ok_or_else(|| ClientError::Response("filter: no filter_id".into()))
+        let req = create_filter::v3::Request::new(user.to_owned(), filter);
+        Ok(self.send(req, "filter", REQUEST_TIMEOUT).await?.filter_id)
     }
 
-    /// `GET /sync`. The response is returned raw: the runtime picks it apart leniently.
+    /// `GET /sync`, long-polling for up to `timeout`. Offline presence: weir never shows up
+    /// as online.
     pub async fn sync(
         &self,
         since: Option<&str>,
-        filter: Option<&str>,
+        filter: Option<SyncFilter>,
         timeout: Duration,
         full_state: bool,
-    ) -> Result<Value, ClientError> {
-        let mut q = vec![
-            ("timeout", timeout.as_millis().to_string()),
-            ("set_presence", "offline".to_owned()),
-        ];
-        if let Some(s) = since {
-            q.push(("since", s.to_owned()));
-        }
-        if let Some(f) = filter {
-            q.push(("filter", f.to_owned()));
-        }
-        if full_state {
-            q.push(("full_state", "true".to_owned()));
-        }
-        self.request(
-            reqwest::Method::GET,
-            "/sync",
-            &q,
-            None,
-            timeout + REQUEST_TIMEOUT,
-        )
-        .await
+    ) -> Result<SyncResponse, ClientError> {
+        let mut req = sync_events::v3::Request::new();
+        req.since = since.map(str::to_owned);
+        req.filter = filter;
+        req.timeout = Some(timeout);
+        req.full_state = full_state;
+        req.set_presence = ruma::presence::PresenceState::Offline;
+        self.send(req, "sync", timeout + REQUEST_TIMEOUT).await
     }
 
     /// `GET /rooms/{room}/state`: the room's full current state. For a room joined over
     /// federation with partial state (Synapse's faster joins), Synapse answers only once the
     /// state is complete, which `/sync` may never show as events (members that were omitted
     /// from the join arrive by state resolution, not in a timeline).
-    pub async fn room_state(&self, room: &RoomId) -> Result<Vec<Value>, ClientError> {
-        let v = self
-            .request(
-                reqwest::Method::GET,
-                &format!("/rooms/{}/state", encode_segment(room.as_str())),
-                &[],
-                None,
-                ROOM_STATE_TIMEOUT,
-            )
-            .await?;
-        match v {
-            Value::Array(events) => Ok(events),
-            _ => Err(ClientError::Response("room state: not an array".into())),
-        }
+    pub async fn room_state(&self, room: &RoomId) -> Result<Vec<Raw<AnyStateEvent>>, ClientError> {
+        let req = get_state_events::v3::Request::new(room.to_owned());
+        Ok(self
+            .send(req, "room state", ROOM_STATE_TIMEOUT)
+            .await?
+            .room_state)
     }
 
-    /// `POST /join/{room}`.
+    /// `POST /rooms/{room}/join` (accepts an invite, over federation if need be).
     pub async fn join(&self, room: &RoomId) -> Result<(), ClientError> {
-        self.post_empty(&format!("/join/{}", encode_segment(room.as_str())))
-            .await
+        let req = join_room_by_id::v3::Request::new(room.to_owned());
+        self.send(req, "join", FEDERATING_TIMEOUT).await.map(drop)
     }
 
     /// `POST /rooms/{room}/leave` (also declines an invite).
     pub async fn leave(&self, room: &RoomId) -> Result<(), ClientError> {
-        self.post_empty(&format!("/rooms/{}/leave", encode_segment(room.as_str())))
+        let req = leave_room::v3::Request::new(room.to_owned());
+        self.send(req, "leave", REQUEST_TIMEOUT).await.map(drop)
+    }
+
+    /// `GET /rooms/{room}/joined_members`: the users joined, as this homeserver knows them.
+    pub async fn joined_members(&self, room: &RoomId) -> Result<Vec<OwnedUserId>, ClientError> {
+        let req = joined_members::v3::Request::new(room.to_owned());
+        let r = self.send(req, "joined members", REQUEST_TIMEOUT).await?;
+        Ok(r.joined.into_keys().collect())
+    }
+
+    /// `POST /createRoom`; returns the new room's id.
+    pub async fn create_room(
+        &self,
+        request: create_room::v3::Request,
+    ) -> Result<OwnedRoomId, ClientError> {
+        Ok(self
+            .send(request, "create room", FEDERATING_TIMEOUT)
+            .await?
+            .room_id)
+    }
+
+    /// `PUT /rooms/{room}/state/{type}/{state_key}` with content as the caller wrote it.
+    pub async fn put_state(
+        &self,
+        room: &RoomId,
+        event_type: &str,
+        state_key: &str,
+        content: Raw<AnyStateEventContent>,
+    ) -> Result<(), ClientError> {
+        let req = send_state_event::v3::Request::new_raw(
+            room.to_owned(),
+            StateEventType::from(event_type),
+            state_key.to_owned(),
+            content,
+        );
+        self.send(req, event_type, FEDERATING_TIMEOUT)
             .await
+            .map(drop)
     }
 
-    /// `POST {path}` with an empty JSON object, ignoring the response body.
-    async fn post_empty(&self, path: &str) -> Result<(), ClientError> {
-        self.request(
-            reqwest::Method::POST,
-            path,
-            &[],
-            Some(b"{}".to_vec()),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// `PUT /sendToDevice/{type}/{txn}` with a pre-serialised body. Re-sending with the same
-    /// `txn` is idempotent on the homeserver.
+    /// `PUT /sendToDevice/{type}/{txn}`. Re-sending with the same `txn` is idempotent on the
+    /// homeserver, so a timed-out send can be retried safely.
     pub async fn send_to_device(
         &self,
         event_type: &str,
         txn: &str,
-        body: Vec<u8>,
+        messages: ToDeviceMessages,
     ) -> Result<(), ClientError> {
-        let path = format!(
-            "/sendToDevice/{}/{}",
-            encode_segment(event_type),
-            encode_segment(txn)
+        let req = send_event_to_device::v3::Request::new_raw(
+            ToDeviceEventType::from(event_type),
+            OwnedTransactionId::from(txn),
+            messages,
         );
-        self.request(
-            reqwest::Method::PUT,
-            &path,
-            &[],
-            Some(body),
-            REQUEST_TIMEOUT,
-        )
-        .await?;
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn path_segments_are_encoded() {
-        assert_eq!(encode_segment("!abc:example.org"), "%21abc%3Aexample.org");
-        assert_eq!(encode_segment("@sfu:hs"), "%40sfu%3Ahs");
-        assert_eq!(encode_segment("m.call.invite"), "m.call.invite");
-        assert_eq!(encode_segment("a/b c"), "a%2Fb%20c");
-        assert_eq!(encode_segment("é"), "%C3%A9");
-    }
-
-    #[test]
-    fn error_classification() {
-        let e = |status| ClientError::Status {
-            status,
-            errcode: String::new(),
-            error: String::new(),
-            retry_after_ms: None,
-        };
-        assert!(e(500).is_transient());
-        assert!(e(429).is_transient());
-        assert!(!e(400).is_transient());
-        assert!(!e(413).is_transient());
-        assert!(e(401).is_unknown_token());
-        assert!(!ClientError::Response("x".into()).is_transient());
+        self.send(req, event_type, REQUEST_TIMEOUT).await.map(drop)
     }
 }

@@ -1,7 +1,13 @@
-//! String newtypes for the identifiers that travel in Matrix events.
+//! The identifiers that travel in Matrix events.
 //!
-//! They are deliberately thin: no syntax validation beyond what the parsers enforce
-//! (non-empty, bounded length), because the values are opaque to us and only ever compared.
+//! User, device and room ids are ruma's (re-exported under the names the rest of weir uses):
+//! a user or room id is checked against the Matrix grammar where it enters, in the event
+//! parsers and the client, so an event naming a malformed user is rejected there with a
+//! clear reason, and everything past the parsers holds only valid ids. Device ids are opaque
+//! in Matrix and ruma accepts any string.
+//!
+//! The call protocol's own ids (call, party, session, stream, track, conference) are thin
+//! string newtypes: opaque values, only ever compared, bounded by the parsers.
 
 use std::fmt;
 
@@ -61,18 +67,12 @@ macro_rules! string_id {
     };
 }
 
-string_id!(
-    /// A Matrix user id, `@local:server`.
-    UserId
-);
-string_id!(
-    /// A Matrix device id (opaque).
-    DeviceId
-);
-string_id!(
-    /// A Matrix room id, `!opaque:server`.
-    RoomId
-);
+/// A Matrix device id, opaque (ruma's `OwnedDeviceId`).
+pub use ruma::OwnedDeviceId as DeviceId;
+/// A Matrix room id, `!opaque:server` or, from room version 12, `!opaque` (ruma's `OwnedRoomId`).
+pub use ruma::OwnedRoomId as RoomId;
+/// A Matrix user id, `@local:server` (ruma's `OwnedUserId`).
+pub use ruma::OwnedUserId as UserId;
 string_id!(
     /// A group call (conference) id: the state key of the room's `m.call` event.
     ConfId
@@ -98,40 +98,19 @@ string_id!(
     TrackId
 );
 
-impl UserId {
-    /// The server name part of `@local:server` (everything after the first `:`), if any.
-    pub fn server_name(&self) -> Option<&str> {
-        let rest = self.0.strip_prefix('@')?;
-        let (_, server) = rest.split_once(':')?;
-        (!server.is_empty()).then_some(server)
-    }
-}
-
-impl RoomId {
-    /// The server name part of `!opaque:server`, if any.
-    pub fn server_name(&self) -> Option<&str> {
-        let (_, server) = self.0.split_once(':')?;
-        (!server.is_empty()).then_some(server)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn user_id_server_name() {
-        assert_eq!(
-            UserId::from("@alice:example.org").server_name(),
-            Some("example.org")
-        );
-        assert_eq!(
-            UserId::from("@alice:localhost:8448").server_name(),
-            Some("localhost:8448")
-        );
-        assert_eq!(UserId::from("alice:example.org").server_name(), None);
-        assert_eq!(UserId::from("@alice").server_name(), None);
-        assert_eq!(UserId::from("@alice:").server_name(), None);
+    fn user_ids_are_checked_where_they_enter() {
+        let u = UserId::try_from("@alice:localhost:8448").unwrap();
+        assert_eq!(u.server_name().as_str(), "localhost:8448");
+        for bad in ["alice:example.org", "@alice", "@alice:", ""] {
+            assert!(UserId::try_from(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<UserId>("\"@a:hs\"").is_ok());
+        assert!(serde_json::from_str::<UserId>("\"a\"").is_err());
     }
 
     #[test]

@@ -24,8 +24,14 @@ pub struct StreamMetadata {
     pub audio_muted: bool,
     #[serde(default)]
     pub video_muted: bool,
-    /// The stream's owner. On incoming events weir overwrites it with the leg's authenticated user.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The stream's owner. On incoming events weir overwrites it with the leg's authenticated
+    /// user. A value that is not a user id reads as absent: for a participant it is replaced
+    /// anyway, and a trunk's stream without an owner is dropped and counted (`foreign_owner`).
+    #[serde(
+        default,
+        deserialize_with = "lenient_user_id",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub user_id: Option<UserId>,
     /// The stream's owner device. On incoming events weir overwrites it with the leg's device.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -46,6 +52,11 @@ impl StreamMetadata {
             tracks: BTreeMap::new(),
         }
     }
+}
+
+fn lenient_user_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<UserId>, D::Error> {
+    let v = Option::<serde_json::Value>::deserialize(d)?;
+    Ok(v.and_then(|v| v.as_str().and_then(|s| UserId::try_from(s).ok())))
 }
 
 /// One track of a stream (`tracks` map value).
@@ -90,6 +101,21 @@ mod tests {
         let s2 = &m[&StreamId::from("s2")];
         assert_eq!(s2.user_id.as_ref().unwrap().as_str(), "@a:x");
         assert_eq!(s2.tracks[&TrackId::from("t1")].width, Some(1280));
+    }
+
+    #[test]
+    fn an_owner_that_is_not_a_user_id_reads_as_absent_not_as_a_malformed_event() {
+        let m = parse_metadata(json!({
+            "s": {"purpose": "m.usermedia", "user_id": "bob", "device_id": "D"},
+            "t": {"purpose": "m.usermedia", "user_id": 7},
+            "u": {"purpose": "m.usermedia", "user_id": null},
+        }))
+        .unwrap();
+        assert!(m.values().all(|s| s.user_id.is_none()), "{m:?}");
+        assert_eq!(
+            m[&StreamId::from("s")].device_id.as_ref().unwrap().as_str(),
+            "D"
+        );
     }
 
     #[test]

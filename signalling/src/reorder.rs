@@ -235,7 +235,7 @@ mod tests {
 
     fn key(call: &str) -> ReorderKey {
         ReorderKey {
-            user: "@u:hs".into(),
+            user: "@u:hs".try_into().unwrap(),
             device: "D".into(),
             call: call.into(),
         }
@@ -370,7 +370,7 @@ mod tests {
         let t0 = Instant::now();
         let mut r = Reorder::new(Duration::from_secs(1));
         let other = ReorderKey {
-            user: "@v:hs".into(),
+            user: "@v:hs".try_into().unwrap(),
             device: "D".into(),
             call: "v".into(),
         };

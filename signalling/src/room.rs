@@ -173,10 +173,11 @@ impl RoomTracker {
             if state_key == self.me.as_str() && matches!(membership, "leave" | "ban") {
                 return self.remove_room(room);
             }
+            let Ok(user) = UserId::try_from(state_key) else {
+                return false;
+            };
             let state = self.rooms.entry(room.clone()).or_default();
-            state
-                .members
-                .insert(UserId::from(state_key), membership.to_owned());
+            state.members.insert(user, membership.to_owned());
             return true;
         }
         if let Some(variant) = CALL_TYPES.iter().position(|t| *t == ty) {
@@ -193,14 +194,17 @@ impl RoomTracker {
         }
         if let Some(variant) = MEMBER_TYPES.iter().position(|t| *t == ty) {
             // MSC3401: the state key is the user; only that user may speak for their devices.
-            if !state_key.starts_with('@') || sender.is_some_and(|s| s != state_key) {
+            let Ok(user) = UserId::try_from(state_key) else {
+                return false;
+            };
+            if sender.is_some_and(|s| s != state_key) {
                 return false;
             }
             let Some(state) = self.rooms.get_mut(room) else {
                 return false;
             };
             let parsed = parse_member_content(content);
-            let key = (variant, UserId::from(state_key));
+            let key = (variant, user);
             if parsed.is_empty() {
                 state.call_members.remove(&key);
             } else {
@@ -497,8 +501,10 @@ fn parse_foci(device: &Value) -> Vec<FocusRef> {
             ) else {
                 continue;
             };
-            let user = UserId::from(user);
-            if user.server_name().is_none() || dev.is_empty() || dev.len() > 255 {
+            let Ok(user) = UserId::try_from(user) else {
+                continue;
+            };
+            if dev.is_empty() || dev.len() > 255 {
                 continue;
             }
             let session = f
@@ -544,7 +550,7 @@ pub(crate) mod tests {
         let room = events
             .iter()
             .find_map(|e| e.get("room_id").and_then(Value::as_str))
-            .map(RoomId::from)
+            .map(|r| RoomId::try_from(r).unwrap())
             .unwrap();
         (room, events)
     }
@@ -582,9 +588,9 @@ pub(crate) mod tests {
 
     #[test]
     fn fixture_member_is_authorised_until_expiry() {
-        let (t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let (t, room) = tracker_from_fixture("focus-emulated-basic", &ME.try_into().unwrap());
         let ok = t.authorise(
-            &ALICE.into(),
+            &ALICE.try_into().unwrap(),
             &"ALICEDEV".into(),
             &"yfKqxvEvCA".into(),
             &CONF.into(),
@@ -592,7 +598,7 @@ pub(crate) mod tests {
         );
         assert_eq!(ok, Ok(room.clone()));
         let expired = t.authorise(
-            &ALICE.into(),
+            &ALICE.try_into().unwrap(),
             &"ALICEDEV".into(),
             &"yfKqxvEvCA".into(),
             &CONF.into(),
@@ -602,14 +608,14 @@ pub(crate) mod tests {
         assert!(t.member_present(
             &room,
             &CONF.into(),
-            &ALICE.into(),
+            &ALICE.try_into().unwrap(),
             &"ALICEDEV".into(),
             ALICE_EXPIRES - 1
         ));
         assert!(!t.member_present(
             &room,
             &CONF.into(),
-            &ALICE.into(),
+            &ALICE.try_into().unwrap(),
             &"ALICEDEV".into(),
             ALICE_EXPIRES
         ));
@@ -620,7 +626,7 @@ pub(crate) mod tests {
     #[test]
     fn our_own_invite_in_a_replayed_timeline_keeps_the_room() {
         let (room, state) = load_state("focus-emulated-basic");
-        let mut t = RoomTracker::new(ME.into());
+        let mut t = RoomTracker::new(ME.try_into().unwrap());
         let mut timeline = vec![join_event(ALICE)];
         timeline.extend(
             state
@@ -640,7 +646,7 @@ pub(crate) mod tests {
             t.apply_event(&room, ev);
         }
         let ok = t.authorise(
-            &ALICE.into(),
+            &ALICE.try_into().unwrap(),
             &"ALICEDEV".into(),
             &"yfKqxvEvCA".into(),
             &CONF.into(),
@@ -651,7 +657,7 @@ pub(crate) mod tests {
         t.apply_event(&room, &json!({"type": "m.room.member", "state_key": ME, "sender": ME, "content": {"membership": "leave"}}));
         assert!(t
             .authorise(
-                &ALICE.into(),
+                &ALICE.try_into().unwrap(),
                 &"ALICEDEV".into(),
                 &"yfKqxvEvCA".into(),
                 &CONF.into(),
@@ -662,10 +668,16 @@ pub(crate) mod tests {
 
     #[test]
     fn refusal_reasons() {
-        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.try_into().unwrap());
         let now = ALICE_EXPIRES - 10_000;
         let auth = |t: &RoomTracker, user: &str, dev: &str, sess: &str, conf: &str| {
-            t.authorise(&user.into(), &dev.into(), &sess.into(), &conf.into(), now)
+            t.authorise(
+                &user.try_into().unwrap(),
+                &dev.into(),
+                &sess.into(),
+                &conf.into(),
+                now,
+            )
         };
         assert_eq!(
             auth(&t, ALICE, "ALICEDEV", "other-session", CONF),
@@ -689,17 +701,23 @@ pub(crate) mod tests {
             auth(&t, ALICE, "ALICEDEV", "yfKqxvEvCA", CONF),
             Err(RefuseReason::NotInRoom)
         );
-        assert!(!t.member_present(&room, &CONF.into(), &ALICE.into(), &"ALICEDEV".into(), now));
+        assert!(!t.member_present(
+            &room,
+            &CONF.into(),
+            &ALICE.try_into().unwrap(),
+            &"ALICEDEV".into(),
+            now
+        ));
     }
 
     #[test]
     fn terminated_call_and_removed_member_entry() {
-        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.try_into().unwrap());
         let now = ALICE_EXPIRES - 10_000;
         t.apply_event(&room, &json!({"type": "org.matrix.msc3401.call.member", "state_key": ALICE, "sender": ALICE, "content": {"m.calls": []}}));
         assert_eq!(
             t.authorise(
-                &ALICE.into(),
+                &ALICE.try_into().unwrap(),
                 &"ALICEDEV".into(),
                 &"yfKqxvEvCA".into(),
                 &CONF.into(),
@@ -711,7 +729,7 @@ pub(crate) mod tests {
         assert!(!t.call_active(&room, &CONF.into()));
         assert_eq!(
             t.authorise(
-                &ALICE.into(),
+                &ALICE.try_into().unwrap(),
                 &"ALICEDEV".into(),
                 &"yfKqxvEvCA".into(),
                 &CONF.into(),
@@ -723,14 +741,14 @@ pub(crate) mod tests {
 
     #[test]
     fn member_event_for_someone_else_is_ignored() {
-        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.into());
+        let (mut t, room) = tracker_from_fixture("focus-emulated-basic", &ME.try_into().unwrap());
         let forged = json!({"type": "org.matrix.msc3401.call.member", "state_key": "@bob-mwyct2zzfae9:localhost",
             "sender": ALICE, "content": {"m.calls": []}});
         assert!(!t.apply_event(&room, &forged));
         let now = ALICE_EXPIRES - 10_000;
         assert!(t
             .authorise(
-                &"@bob-mwyct2zzfae9:localhost".into(),
+                &"@bob-mwyct2zzfae9:localhost".try_into().unwrap(),
                 &"BOBDEV".into(),
                 &"G0aDtgpxYJ".into(),
                 &CONF.into(),
@@ -741,9 +759,9 @@ pub(crate) mod tests {
 
     #[test]
     fn stable_names_and_garbage_state_events() {
-        let me = UserId::from("@sfu:hs");
+        let me = UserId::try_from("@sfu:hs").unwrap();
         let mut t = RoomTracker::new(me.clone());
-        let room = RoomId::from("!r:hs");
+        let room = RoomId::try_from("!r:hs").unwrap();
         t.mark_joined(&room);
         for garbage in [
             json!(null),
@@ -762,7 +780,7 @@ pub(crate) mod tests {
         // No session id in the entry: any session is accepted.
         assert_eq!(
             t.authorise(
-                &"@u:hs".into(),
+                &"@u:hs".try_into().unwrap(),
                 &"D".into(),
                 &"any".into(),
                 &"c".into(),
@@ -774,7 +792,7 @@ pub(crate) mod tests {
         t.apply_event(&room, &json!({"type": "m.room.member", "state_key": "@sfu:hs", "sender": "@u:hs", "content": {"membership": "leave"}}));
         assert_eq!(
             t.authorise(
-                &"@u:hs".into(),
+                &"@u:hs".try_into().unwrap(),
                 &"D".into(),
                 &"any".into(),
                 &"c".into(),
@@ -786,10 +804,10 @@ pub(crate) mod tests {
 
     #[test]
     fn the_same_conf_id_in_two_rooms_binds_to_the_authorising_room() {
-        let me = UserId::from("@sfu:hs");
+        let me = UserId::try_from("@sfu:hs").unwrap();
         let mut t = RoomTracker::new(me.clone());
         for (room, user) in [("!a:hs", "@attacker:hs"), ("!b:hs", "@u:hs")] {
-            let room = RoomId::from(room);
+            let room = RoomId::try_from(room).unwrap();
             t.mark_joined(&room);
             t.apply_event(&room, &join_event(user));
             t.apply_event(&room, &json!({"type": "m.call", "state_key": "c", "sender": user, "content": {"m.intent": "m.room", "m.type": "m.voice"}}));
@@ -797,21 +815,33 @@ pub(crate) mod tests {
                 "content": {"m.calls": [{"m.call_id": "c", "m.devices": [{"device_id": "D", "session_id": "s", "expires_ts": 5000}]}]}}));
         }
         assert_eq!(
-            t.authorise(&"@u:hs".into(), &"D".into(), &"s".into(), &"c".into(), 1000),
-            Ok(RoomId::from("!b:hs"))
-        );
-        assert_eq!(
             t.authorise(
-                &"@attacker:hs".into(),
+                &"@u:hs".try_into().unwrap(),
                 &"D".into(),
                 &"s".into(),
                 &"c".into(),
                 1000
             ),
-            Ok(RoomId::from("!a:hs"))
+            Ok(RoomId::try_from("!b:hs").unwrap())
         );
         assert_eq!(
-            t.authorise(&"@x:hs".into(), &"D".into(), &"s".into(), &"c".into(), 1000),
+            t.authorise(
+                &"@attacker:hs".try_into().unwrap(),
+                &"D".into(),
+                &"s".into(),
+                &"c".into(),
+                1000
+            ),
+            Ok(RoomId::try_from("!a:hs").unwrap())
+        );
+        assert_eq!(
+            t.authorise(
+                &"@x:hs".try_into().unwrap(),
+                &"D".into(),
+                &"s".into(),
+                &"c".into(),
+                1000
+            ),
             Err(RefuseReason::NotInRoom)
         );
     }

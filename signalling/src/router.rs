@@ -624,11 +624,10 @@ impl Router {
             TypeClass::Unknown => return self.drop_in(DropReason::UnknownType, "unhandled type"),
         };
         let sender = match obj.remove("sender") {
-            Some(Value::String(s))
-                if s.len() <= MAX_ID_LEN && UserId::from(s.as_str()).server_name().is_some() =>
-            {
-                UserId::from(s)
-            }
+            Some(Value::String(s)) if s.len() <= MAX_ID_LEN => match UserId::try_from(s) {
+                Ok(u) => u,
+                Err(_) => return self.drop_in(DropReason::Malformed, "sender is not a user id"),
+            },
             _ => return self.drop_in(DropReason::Malformed, "sender missing or invalid"),
         };
         let Some(Value::Object(content)) = obj.remove("content") else {
@@ -862,7 +861,7 @@ impl Router {
             .filter(|(_, s)| {
                 let ok = match (&s.user_id, &s.device_id) {
                     (Some(u), Some(d)) => {
-                        (focus_server.is_some() && u.server_name() == focus_server)
+                        u.server_name() == focus_server
                             || self.rooms.device_uses_focus(
                                 &leg.room_id,
                                 &leg.conf_id,
@@ -891,7 +890,7 @@ impl Router {
         now: Instant,
     ) -> Result<RoomId, RefuseReason> {
         if !self.cfg.allowed_servers.is_empty() {
-            let server = sender.server_name().unwrap_or_default();
+            let server = sender.server_name().as_str();
             if !self.cfg.allowed_servers.iter().any(|s| s == server) {
                 return Err(RefuseReason::ServerNotAllowed);
             }

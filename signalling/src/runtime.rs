@@ -8,18 +8,20 @@
 //! - **sender**: `PUT /sendToDevice`, one request at a time per leg (a negotiate never overtakes
 //!   the answer of the same leg), several legs in parallel, bounded retries with backoff.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ruma::api::client::sync::sync_events::v3::{InvitedRoom, State};
+use ruma::serde::Raw;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
-use crate::client::{ClientError, MatrixClient};
+use crate::client::{ClientError, MatrixClient, SyncFilter, SyncResponse};
 use crate::ids::{CallId, DeviceId, RoomId, SessionId, UserId};
 use crate::leg::{LegCommand, LegEvent};
 use crate::metrics::Metrics;
@@ -245,6 +247,9 @@ where
     }
 }
 
+/// The display name of a device the focus creates by logging in.
+const DEVICE_NAME: &str = "weir focus";
+
 /// Logs in (or reuses a token) and returns (user, device, token).
 async fn authenticate(
     cfg: &SignallingConfig,
@@ -311,7 +316,12 @@ async fn authenticate(
     };
     client.set_token(None);
     let r = retry_until(deadline, "login", || {
-        client.login_password(&cfg.user_id, password, want_device.as_ref())
+        client.login_password(
+            cfg.user_id.as_str(),
+            password,
+            want_device.as_deref(),
+            DEVICE_NAME,
+        )
     })
     .await?;
     info!(user = %r.user_id, device = %r.device_id, "logged in with password");
@@ -325,12 +335,6 @@ pub async fn start(
     config: SignallingConfig,
     registry: &prometheus::Registry,
 ) -> Result<(SignallingHandle, mpsc::Receiver<LegEvent>), SignallingError> {
-    if config.user_id.server_name().is_none() {
-        return Err(SignallingError::Config(format!(
-            "user_id {} is not @local:server",
-            config.user_id
-        )));
-    }
     if config.event_queue == 0
         || config.command_queue == 0
         || config.send_queue == 0
@@ -370,7 +374,11 @@ pub async fn start(
         || persisted.filter_json.as_deref() != Some(filter_json.as_str())
     {
         let id = retry_until(deadline, "filter", || {
-            client.create_filter(&user_id, &filter)
+            let filter = serde_json::from_value(filter.clone())
+                .map_err(|e| ClientError::Request(format!("sync filter: {e}")));
+            let client = &client;
+            let user_id = &user_id;
+            async move { client.create_filter(user_id, filter?).await }
         })
         .await?;
         persisted.filter_id = Some(id);
@@ -393,7 +401,7 @@ pub async fn start(
 
     let (event_tx, event_rx) = mpsc::channel(config.event_queue);
     let (cmd_tx, cmd_rx) = mpsc::channel(config.command_queue);
-    let (batch_tx, batch_rx) = mpsc::channel::<SyncBatch>(1);
+    let (batch_tx, batch_rx) = mpsc::channel::<(SyncBatch, oneshot::Sender<()>)>(1);
     let (send_tx, send_rx) = mpsc::channel::<OutgoingToDevice>(config.send_queue);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
@@ -456,11 +464,64 @@ pub async fn start(
     ))
 }
 
-/// One `/sync` response, handed from the sync task to the core.
+/// One `/sync` response as the core reads it: each event as JSON, judged on its own by the
+/// router's parsers (a malformed event is dropped and counted there, never the batch).
+#[derive(Default)]
 struct SyncBatch {
-    response: Value,
+    joined: Vec<JoinedBatch>,
+    left: Vec<RoomId>,
+    to_device: Vec<Value>,
     full_state: bool,
-    done: oneshot::Sender<()>,
+}
+
+/// A joined room's part of a batch: its state section, then its timeline.
+struct JoinedBatch {
+    room: RoomId,
+    state: Vec<Value>,
+    timeline: Vec<Value>,
+}
+
+/// The events of a response as JSON values. ruma already holds each as valid JSON, so the
+/// conversion cannot fail short of a bug; an event that somehow does is skipped.
+fn to_values<T>(events: Vec<Raw<T>>) -> Vec<Value> {
+    events
+        .into_iter()
+        .filter_map(|e| serde_json::from_str(e.json().get()).ok())
+        .collect()
+}
+
+impl SyncBatch {
+    fn from_response(r: SyncResponse, full_state: bool) -> Self {
+        let joined = r
+            .rooms
+            .join
+            .into_iter()
+            .map(|(room, data)| {
+                let mut timeline = to_values(data.timeline.events);
+                let state = match data.state {
+                    State::Before(s) => to_values(s.events),
+                    // Not asked for (`use_state_after` stays false); should a server send it
+                    // anyway, it is the state at the end of the timeline, so it goes last.
+                    State::After(s) => {
+                        timeline.extend(to_values(s.events));
+                        Vec::new()
+                    }
+                    _ => Vec::new(),
+                };
+                JoinedBatch {
+                    room,
+                    state,
+                    timeline,
+                }
+            })
+            .collect();
+        SyncBatch {
+            joined,
+            left: r.rooms.leave.into_keys().collect(),
+            to_device: to_values(r.to_device.events),
+            full_state,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -473,7 +534,7 @@ struct SyncTask {
     cfg: SignallingConfig,
     user_id: UserId,
     metrics: Metrics,
-    batch_tx: mpsc::Sender<SyncBatch>,
+    batch_tx: mpsc::Sender<(SyncBatch, oneshot::Sender<()>)>,
     stop: watch::Receiver<bool>,
     /// Rooms we were invited to and failed to join yet → attempts.
     joins: HashMap<RoomId, u32>,
@@ -502,7 +563,7 @@ impl SyncTask {
             let since = self.persisted.next_batch.clone();
             let req = self.client.sync(
                 since.as_deref(),
-                self.persisted.filter_id.as_deref(),
+                self.persisted.filter_id.clone().map(SyncFilter::FilterId),
                 timeout,
                 first,
             );
@@ -510,54 +571,37 @@ impl SyncTask {
                 r = req => r,
                 _ = self.stop.changed() => break,
             };
-            let response =
-                match res.and_then(|v| match v.get("next_batch").and_then(Value::as_str) {
-                    Some(_) => Ok(v),
-                    None => Err(ClientError::Response("sync: no next_batch".into())),
-                }) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        self.metrics.sync_errors.inc();
-                        warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "sync failed");
-                        if e.is_unknown_token() {
-                            self.relogin().await;
-                        }
-                        let wait = e.retry_after().unwrap_or(backoff).min(self.cfg.max_backoff);
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = self.stop.changed() => break,
-                        }
-                        backoff = (backoff * 2).min(self.cfg.max_backoff);
-                        continue;
+            let response = match res {
+                Ok(v) => v,
+                Err(e) => {
+                    self.metrics.sync_errors.inc();
+                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "sync failed");
+                    if e.is_unknown_token() {
+                        self.relogin().await;
                     }
-                };
+                    let wait = e.retry_after().unwrap_or(backoff).min(self.cfg.max_backoff);
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stop.changed() => break,
+                    }
+                    backoff = (backoff * 2).min(self.cfg.max_backoff);
+                    continue;
+                }
+            };
             backoff = Duration::from_millis(500);
-            let next_batch = response["next_batch"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
             if self.cfg.auto_join {
-                self.handle_invites(&response).await;
+                self.handle_invites(&response.rooms.invite).await;
             }
-            let mut response = response;
+            let next_batch = response.next_batch.clone();
+            let mut batch = SyncBatch::from_response(response, first);
             if !first {
-                self.complete_new_rooms(&mut response).await;
-            } else if let Some(joined) = response.pointer("/rooms/join").and_then(Value::as_object)
-            {
+                self.complete_new_rooms(&mut batch.joined).await;
+            } else {
                 self.known_rooms
-                    .extend(joined.keys().map(|r| RoomId::from(r.as_str())));
+                    .extend(batch.joined.iter().map(|j| j.room.clone()));
             }
             let (done_tx, done_rx) = oneshot::channel();
-            if self
-                .batch_tx
-                .send(SyncBatch {
-                    response,
-                    full_state: first,
-                    done: done_tx,
-                })
-                .await
-                .is_err()
-            {
+            if self.batch_tx.send((batch, done_tx)).await.is_err() {
                 break;
             }
             tokio::select! {
@@ -582,32 +626,21 @@ impl SyncTask {
     /// Synapse joins with partial state and completes it by state resolution, so members that
     /// joined before us (another focus, for instance) may never reach us through `/sync`.
     /// The fetched events go before the sync's own, so anything newer in the batch still wins.
-    async fn complete_new_rooms(&mut self, response: &mut Value) {
-        let Some(joined) = response
-            .pointer_mut("/rooms/join")
-            .and_then(Value::as_object_mut)
-        else {
-            return;
-        };
-        for (room, data) in joined.iter_mut() {
-            let id = RoomId::from(room.as_str());
-            if self.known_rooms.contains(&id) {
+    async fn complete_new_rooms(&mut self, joined: &mut [JoinedBatch]) {
+        for j in joined.iter_mut() {
+            if self.known_rooms.contains(&j.room) {
                 continue;
             }
-            match self.client.room_state(&id).await {
-                Ok(mut events) => {
-                    info!(%id, n = events.len(), "fetched the state of a newly joined room");
-                    if let Some(existing) = data
-                        .pointer_mut("/state/events")
-                        .and_then(Value::as_array_mut)
-                    {
-                        events.append(existing);
-                    }
-                    data["state"] = json!({ "events": events });
-                    self.known_rooms.insert(id);
+            match self.client.room_state(&j.room).await {
+                Ok(events) => {
+                    info!(id = %j.room, n = events.len(), "fetched the state of a newly joined room");
+                    let mut state = to_values(events);
+                    state.append(&mut j.state);
+                    j.state = state;
+                    self.known_rooms.insert(j.room.clone());
                 }
                 Err(e) => {
-                    warn!(%id, error = %e, "could not fetch a new room's state; relying on sync")
+                    warn!(id = %j.room, error = %e, "could not fetch a new room's state; relying on sync")
                 }
             }
         }
@@ -620,7 +653,12 @@ impl SyncTask {
         };
         match self
             .client
-            .login_password(&self.user_id, password, self.persisted.device_id.as_ref())
+            .login_password(
+                self.user_id.as_str(),
+                password,
+                self.persisted.device_id.as_deref(),
+                DEVICE_NAME,
+            )
             .await
         {
             Ok(r) => {
@@ -639,34 +677,29 @@ impl SyncTask {
 
     /// Joins rooms from `rooms.invite` (only from allowed servers, if restricted) and retries
     /// earlier failed joins a bounded number of times.
-    async fn handle_invites(&mut self, response: &Value) {
-        if let Some(invites) = response.pointer("/rooms/invite").and_then(Value::as_object) {
-            for (room, inv) in invites {
-                let room = RoomId::from(room.as_str());
-                let inviter = inv
-                    .pointer("/invite_state/events")
-                    .and_then(Value::as_array)
-                    .and_then(|evs| {
-                        evs.iter().find(|e| {
-                            e.get("type").and_then(Value::as_str) == Some(ROOM_MEMBER)
-                                && e.get("state_key").and_then(Value::as_str)
-                                    == Some(self.user_id.as_str())
-                        })
-                    })
-                    .and_then(|e| e.get("sender").and_then(Value::as_str))
-                    .map(UserId::from);
-                let allowed = self.cfg.allowed_servers.is_empty()
-                    || inviter
-                        .as_ref()
-                        .and_then(|u| u.server_name())
-                        .is_some_and(|s| self.cfg.allowed_servers.iter().any(|a| a == s));
-                if allowed {
-                    self.joins.entry(room).or_insert(0);
-                } else {
-                    info!(%room, inviter = ?inviter.as_ref().map(|u| u.as_str()), "declining invite from a server not allowed");
-                    if let Err(e) = self.client.leave(&room).await {
-                        warn!(%room, error = %e, "could not decline invite");
-                    }
+    async fn handle_invites(&mut self, invites: &BTreeMap<RoomId, InvitedRoom>) {
+        for (room, inv) in invites {
+            let room = room.clone();
+            // Who invited us: the sender of our own member event in the stripped state.
+            let inviter = inv.invite_state.events.iter().find_map(|e| {
+                let ty = e.get_field::<String>("type").ok().flatten();
+                let key = e.get_field::<String>("state_key").ok().flatten();
+                (ty.as_deref() == Some(ROOM_MEMBER)
+                    && key.as_deref() == Some(self.user_id.as_str()))
+                .then(|| e.get_field::<UserId>("sender").ok().flatten())
+                .flatten()
+            });
+            let allowed = self.cfg.allowed_servers.is_empty()
+                || inviter.as_ref().is_some_and(|u| {
+                    let server = u.server_name().as_str();
+                    self.cfg.allowed_servers.iter().any(|a| a == server)
+                });
+            if allowed {
+                self.joins.entry(room).or_insert(0);
+            } else {
+                info!(%room, inviter = ?inviter.as_ref().map(|u| u.as_str()), "declining invite from a server not allowed");
+                if let Err(e) = self.client.leave(&room).await {
+                    warn!(%room, error = %e, "could not decline invite");
                 }
             }
         }
@@ -739,7 +772,7 @@ impl Core {
     async fn run(
         mut self,
         mut cmd_rx: mpsc::Receiver<LegCommand>,
-        mut batch_rx: mpsc::Receiver<SyncBatch>,
+        mut batch_rx: mpsc::Receiver<(SyncBatch, oneshot::Sender<()>)>,
         mut shutdown_rx: oneshot::Receiver<()>,
         stop_tx: watch::Sender<bool>,
         sync_handle: tokio::task::JoinHandle<()>,
@@ -824,47 +857,20 @@ impl Core {
         info!("signalling stopped");
     }
 
-    fn apply_batch(&mut self, b: SyncBatch) {
+    fn apply_batch(&mut self, (batch, done): (SyncBatch, oneshot::Sender<()>)) {
         let now = Instant::now();
-        let SyncBatch {
-            mut response,
-            full_state,
-            done,
-        } = b;
-        if let Some(joined) = response
-            .pointer_mut("/rooms/join")
-            .and_then(Value::as_object_mut)
-        {
-            for (room, data) in std::mem::take(joined) {
-                let room = RoomId::from(room);
-                *self.generations.entry(room.clone()).or_default() += 1;
-                let state = data
-                    .pointer("/state/events")
-                    .and_then(Value::as_array)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]);
-                let timeline = data
-                    .pointer("/timeline/events")
-                    .and_then(Value::as_array)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]);
-                self.router
-                    .handle_joined_room(&room, state, timeline, full_state, now);
-            }
+        let full_state = batch.full_state;
+        for j in batch.joined {
+            *self.generations.entry(j.room.clone()).or_default() += 1;
+            self.router
+                .handle_joined_room(&j.room, &j.state, &j.timeline, full_state, now);
         }
-        if let Some(left) = response.pointer("/rooms/leave").and_then(Value::as_object) {
-            for room in left.keys() {
-                self.generations.remove(&RoomId::from(room.as_str()));
-                self.router
-                    .handle_room_left(&RoomId::from(room.as_str()), now);
-            }
+        for room in batch.left {
+            self.generations.remove(&room);
+            self.router.handle_room_left(&room, now);
         }
-        if let Some(Value::Array(events)) =
-            response.pointer_mut("/to_device/events").map(Value::take)
-        {
-            for ev in events {
-                self.router.handle_to_device(ev, now);
-            }
+        for ev in batch.to_device {
+            self.router.handle_to_device(ev, now);
         }
         self.drain_outputs();
         if full_state {
@@ -891,7 +897,7 @@ impl Core {
                 Ok(events) => {
                     let _ = tx.try_send(Refreshed {
                         room,
-                        events,
+                        events: to_values(events),
                         generation,
                         tries,
                     });
@@ -1043,11 +1049,17 @@ async fn send_with_retries(
     out: &OutgoingToDevice,
     txn: &str,
 ) {
-    let body = out.body_bytes();
+    let messages = match out.messages() {
+        Ok(m) => m,
+        Err(e) => {
+            error!(event_type = out.event_type, call = %out.call_id, error = %e, "could not serialise; not sent");
+            return metrics.drop(DropReason::SendFailed);
+        }
+    };
     let mut backoff = Duration::from_millis(250);
     for attempt in 1..=SEND_ATTEMPTS {
         match client
-            .send_to_device(out.event_type, txn, body.clone())
+            .send_to_device(out.event_type, txn, messages.clone())
             .await
         {
             Ok(()) => {
@@ -1109,7 +1121,7 @@ mod tests {
 
     #[test]
     fn config_debug_redacts_secrets() {
-        let mut c = SignallingConfig::new("http://hs", "@sfu:hs".into(), "/tmp/x");
+        let mut c = SignallingConfig::new("http://hs", "@sfu:hs".try_into().unwrap(), "/tmp/x");
         c.password = Some("hunter2".into());
         c.access_token = Some("syt_secret".into());
         let s = format!("{c:?}");
@@ -1124,7 +1136,7 @@ mod tests {
         let mut s = SenderTask::new(client, Metrics::unregistered().unwrap(), 2, 3);
         let out = |call: &str, ty: &'static str| OutgoingToDevice {
             event_type: ty,
-            to_user: "@u:hs".into(),
+            to_user: "@u:hs".try_into().unwrap(),
             to_device: "D".into(),
             call_id: call.into(),
             content: json!({}),

@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(s.load().unwrap(), None);
         let mut p = Persisted {
             homeserver_url: "http://hs".into(),
-            user_id: Some("@sfu:hs".into()),
+            user_id: Some("@sfu:hs".try_into().unwrap()),
             device_id: Some("DEV".into()),
             access_token: Some("tok".into()),
             ..Default::default()

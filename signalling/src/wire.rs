@@ -4,6 +4,9 @@
 //! [`DropReason`]; the builders produce exactly the fields listed in `reference/protocol.md` §c
 //! (and never `seq`, which would make a stock js-sdk wait forever after a focus restart).
 
+use ruma::api::client::to_device::send_event_to_device::v3::Messages as ToDeviceMessages;
+use ruma::serde::Raw;
+use ruma::to_device::DeviceIdOrAllDevices;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -583,6 +586,16 @@ impl OutgoingToDevice {
     pub fn body_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(&self.body()).unwrap_or_default()
     }
+
+    /// The request's `messages` as ruma's client sends them: this one device, this content.
+    pub fn messages(&self) -> Result<ToDeviceMessages, serde_json::Error> {
+        let content = Raw::new(&self.content)?.cast_unchecked();
+        let devices = [(
+            DeviceIdOrAllDevices::DeviceId(self.to_device.clone()),
+            content,
+        )];
+        Ok([(self.to_user.clone(), devices.into())].into())
+    }
 }
 
 /// The envelope weir puts on every event: `version`, `call_id`, `party_id`, `conf_id`,
@@ -706,7 +719,7 @@ mod tests {
     }
 
     fn parse(kind: CallEventType, m: Map<String, Value>) -> Result<InboundCall, Rejected> {
-        parse_call("@a:x".into(), kind, m)
+        parse_call("@a:x".try_into().unwrap(), kind, m)
     }
 
     #[test]

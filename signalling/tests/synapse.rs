@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use hmac::{Hmac, Mac};
+use ruma::api::client::room::create_room;
+use ruma::serde::Raw;
+use ruma::to_device::DeviceIdOrAllDevices;
+use ruma::RoomId;
 use serde_json::{json, Value};
 use tokio::sync::mpsc::Receiver;
-use weir_signalling::client::encode_segment;
+use weir_signalling::client::MatrixClient;
 use weir_signalling::{
     start, LegCommand, LegEvent, SdpStreamMetadata, SignallingConfig, SignallingHandle,
     StreamMetadata, UserId,
@@ -90,8 +93,10 @@ impl Drop for Synapse {
     }
 }
 
-/// A plain test user talking to Synapse directly.
+/// A plain test user: weir's client for what a client does, raw requests for the checks
+/// weir's client deliberately cannot make (`/keys/*`) and for reading `/sync` as JSON.
 struct User {
+    client: MatrixClient,
     http: reqwest::Client,
     url: String,
     token: String,
@@ -101,45 +106,28 @@ struct User {
 }
 
 async fn register(hs: &Synapse, name: &str, password: &str) -> User {
-    let http = reqwest::Client::new();
-    let url = format!("{}/_synapse/admin/v1/register", hs.url);
-    let nonce: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
-    let nonce = nonce["nonce"].as_str().unwrap().to_owned();
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(hs.secret.as_bytes()).unwrap();
-    mac.update(format!("{nonce}\0{name}\0{password}\0notadmin").as_bytes());
-    let mac: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let resp = http
-        .post(&url)
-        .json(&json!({"nonce": nonce, "username": name, "password": password, "admin": false, "mac": mac}))
-        .send()
+    let client = MatrixClient::new(&hs.url).unwrap();
+    let s = client
+        .register_with_shared_secret(&hs.secret, name, password)
         .await
-        .unwrap();
-    assert!(
-        resp.status().is_success(),
-        "register {name}: {}",
-        resp.text().await.unwrap()
-    );
-    let v: Value = resp.json().await.unwrap();
+        .unwrap_or_else(|e| panic!("register {name}: {e}"));
     User {
-        http,
+        client: client.with_token(s.access_token.clone()),
+        http: reqwest::Client::new(),
         url: hs.url.clone(),
-        token: v["access_token"].as_str().unwrap().to_owned(),
-        user_id: v["user_id"].as_str().unwrap().to_owned(),
-        device_id: v["device_id"].as_str().unwrap().to_owned(),
+        token: s.access_token,
+        user_id: s.user_id.to_string(),
+        device_id: s.device_id.to_string(),
         since: None,
     }
 }
 
 impl User {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Value) -> Value {
+    /// A raw `POST` (the key endpoints).
+    async fn post(&self, path: &str, body: Value) -> Value {
         let resp = self
             .http
-            .request(method, format!("{}/_matrix/client/v3{path}", self.url))
+            .post(format!("{}/_matrix/client/v3{path}", self.url))
             .bearer_auth(&self.token)
             .json(&body)
             .send()
@@ -151,14 +139,11 @@ impl User {
         v
     }
 
-    async fn state(&self, room: &str, ty: &str, key: &str, content: Value) {
-        let path = format!(
-            "/rooms/{}/state/{}/{}",
-            encode_segment(room),
-            encode_segment(ty),
-            encode_segment(key)
-        );
-        self.call(reqwest::Method::PUT, &path, content).await;
+    async fn state(&self, room: &RoomId, ty: &str, key: &str, content: Value) {
+        self.client
+            .put_state(room, ty, key, Raw::new(&content).unwrap().cast_unchecked())
+            .await
+            .unwrap_or_else(|e| panic!("{ty}: {e}"));
     }
 
     async fn to_device(&self, ty: &str, to_user: &str, to_device: &str, content: Value) {
@@ -169,13 +154,17 @@ impl User {
                 .unwrap()
                 .as_nanos()
         );
-        let path = format!("/sendToDevice/{}/{}", encode_segment(ty), txn);
-        self.call(
-            reqwest::Method::PUT,
-            &path,
-            json!({"messages": {to_user: {to_device: content}}}),
-        )
-        .await;
+        let content = Raw::new(&content).unwrap().cast_unchecked();
+        let device = DeviceIdOrAllDevices::DeviceId(to_device.into());
+        let messages = [(
+            UserId::try_from(to_user).unwrap(),
+            [(device, content)].into(),
+        )]
+        .into();
+        self.client
+            .send_to_device(ty, &txn, messages)
+            .await
+            .unwrap_or_else(|e| panic!("{ty}: {e}"));
     }
 
     /// Long-polls `/sync` until `pick` finds something in a response.
@@ -265,7 +254,11 @@ async fn start_focus(
     state_dir: &Path,
     focus_id: &str,
 ) -> (SignallingHandle, Receiver<LegEvent>, prometheus::Registry) {
-    let mut cfg = SignallingConfig::new(hs.url.clone(), UserId::from(focus_id), state_dir);
+    let mut cfg = SignallingConfig::new(
+        hs.url.clone(),
+        UserId::try_from(focus_id).unwrap(),
+        state_dir,
+    );
     cfg.password = Some("focus-password".into());
     cfg.sync_timeout = Duration::from_secs(5);
     let registry = prometheus::Registry::new();
@@ -283,14 +276,10 @@ async fn focus_against_real_synapse() {
     let alice_session = "alice-sess";
 
     // Alice's room with a group call, her member entry, and the focus invited.
-    let room = alice
-        .call(
-            reqwest::Method::POST,
-            "/createRoom",
-            json!({"preset": "private_chat"}),
-        )
-        .await;
-    let room = room["room_id"].as_str().unwrap().to_owned();
+    let mut create = create_room::v3::Request::new();
+    create.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+    create.invite = vec![UserId::try_from(focus_id.as_str()).unwrap()];
+    let room = alice.client.create_room(create).await.unwrap();
     alice
         .state(
             &room,
@@ -309,10 +298,6 @@ async fn focus_against_real_synapse() {
                 "expires_ts": now_ms() + 3_600_000, "feeds": [{"purpose": "m.usermedia"}]}]}]}),
         )
         .await;
-    let path = format!("/rooms/{}/invite", encode_segment(&room));
-    alice
-        .call(reqwest::Method::POST, &path, json!({"user_id": focus_id}))
-        .await;
     alice
         .sync_until(|v| v["next_batch"].as_str().map(|_| ()))
         .await; // establish `since`
@@ -327,7 +312,7 @@ async fn focus_against_real_synapse() {
     // Auto-join: Alice sees the focus join her room.
     alice
         .sync_until(|v| {
-            v["rooms"]["join"][&room]["timeline"]["events"]
+            v["rooms"]["join"][room.as_str()]["timeline"]["events"]
                 .as_array()
                 .and_then(|evs| {
                     evs.iter()
@@ -344,8 +329,7 @@ async fn focus_against_real_synapse() {
     // Key-blind: the focus's device exists but has no device keys and no one-time keys, so no
     // client will ever share a room key (and with it media keys) with it.
     let keys = alice
-        .call(
-            reqwest::Method::POST,
+        .post(
             "/keys/query",
             json!({"device_keys": {focus_id.as_str(): []}}),
         )
@@ -356,8 +340,7 @@ async fn focus_against_real_synapse() {
         "the focus device must not have uploaded keys: {focus_devices}"
     );
     let claim = alice
-        .call(
-            reqwest::Method::POST,
+        .post(
             "/keys/claim",
             json!({"one_time_keys": {focus_id.as_str(): {device.as_str(): "signed_curve25519"}}}),
         )

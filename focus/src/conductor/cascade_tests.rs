@@ -16,7 +16,7 @@ const FAR: &str = "@focus:remote";
 
 fn focus(user: &str, device: &str) -> FocusRef {
     FocusRef {
-        user_id: user.into(),
+        user_id: user.try_into().unwrap(),
         device_id: device.into(),
         session_id: "far-session".into(),
     }
@@ -24,7 +24,7 @@ fn focus(user: &str, device: &str) -> FocusRef {
 
 fn foci(c: &mut Conductor<Rec, Rec>, list: Vec<FocusRef>) {
     c.on_leg_event(LegEvent::Foci {
-        room_id: "!room:hs".into(),
+        room_id: "!room:hs".try_into().unwrap(),
         conf_id: "conf1".into(),
         foci: list,
     });
@@ -37,7 +37,7 @@ fn me() -> FocusRef {
 /// Bob on the far side publishes audio and 720p video.
 fn far_catalogue() -> SdpStreamMetadata {
     let mut bob = StreamMetadata::new("m.usermedia");
-    bob.user_id = Some("@bob:remote".into());
+    bob.user_id = Some("@bob:remote".try_into().unwrap());
     bob.device_id = Some("BOBDEV".into());
     for (t, kind, h) in [
         ("bob-audio", "audio", None),

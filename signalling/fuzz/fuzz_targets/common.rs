@@ -22,14 +22,14 @@ pub fn alice_event(ty: &str, extra: Value) -> Value {
 
 pub fn setup(now: Instant) -> Router {
     let me = Identity {
-        user_id: "@sfu:hs".into(),
+        user_id: "@sfu:hs".try_into().expect("valid user id"),
         device_id: "SFUDEV".into(),
         session_id: "sfu".into(),
     };
     let mut cfg = RouterConfig::new(me);
     cfg.auth_grace = std::time::Duration::ZERO;
     let mut r = Router::new(cfg, Metrics::unregistered().unwrap(), (now, 1_000_000));
-    let room = RoomId::from("!r:hs");
+    let room = RoomId::try_from("!r:hs").expect("valid room id");
     let state = [
         json!({"type": "m.room.member", "state_key": "@sfu:hs", "sender": "@sfu:hs", "content": {"membership": "join"}}),
         json!({"type": "m.room.member", "state_key": ALICE, "sender": ALICE, "content": {"membership": "join"}}),

@@ -13,14 +13,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let me = Identity {
-        user_id: "@focus:hs".into(),
+        user_id: "@focus:hs".try_into().expect("valid user id"),
         device_id: "FOCUS".into(),
         session_id: "sfu".into(),
     };
     let metrics = weir_signalling::Metrics::unregistered().unwrap();
     let t0 = Instant::now();
     let mut r = Router::new(RouterConfig::new(me), metrics, (t0, 1_700_000_000_000));
-    let room = RoomId::from("!r:hs");
+    let room = RoomId::try_from("!r:hs").expect("valid room id");
     r.handle_joined_room(&room, &events, &events, false, t0);
     r.handle_joined_room(&room, &events, &[], true, t0);
     while r.poll_output().is_some() {}

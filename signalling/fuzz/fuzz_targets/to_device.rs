@@ -9,7 +9,7 @@ use weir_signalling::wire::Identity;
 
 fuzz_target!(|data: &[u8]| {
     let me = Identity {
-        user_id: "@focus:hs".into(),
+        user_id: "@focus:hs".try_into().expect("valid user id"),
         device_id: "FOCUS".into(),
         session_id: "sfu".into(),
     };

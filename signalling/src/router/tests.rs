@@ -21,7 +21,7 @@ const FIXTURE_NOW: u64 = 1795746015466;
 
 fn identity() -> Identity {
     Identity {
-        user_id: FOCUS.into(),
+        user_id: FOCUS.try_into().unwrap(),
         device_id: "FOCUSDEV".into(),
         session_id: FOCUS_SESSION.into(),
     }
@@ -31,7 +31,7 @@ fn identity() -> Identity {
 /// Refusals are immediate (no grace for late room state) unless a test turns it on.
 fn router_at(wall: u64) -> (Router, Instant, RoomId) {
     let t0 = Instant::now();
-    let (tracker, room) = tracker_from_fixture("focus-emulated-basic", &FOCUS.into());
+    let (tracker, room) = tracker_from_fixture("focus-emulated-basic", &FOCUS.try_into().unwrap());
     let mut cfg = RouterConfig::new(identity());
     cfg.auth_grace = Duration::ZERO;
     let mut r = Router::new(cfg, Metrics::unregistered().unwrap(), (t0, wall));
@@ -168,7 +168,7 @@ fn every_fixture_event_parses() {
         for e in all {
             let ty = e["type"].as_str().unwrap().to_owned();
             let content = e["content"].as_object().unwrap().clone();
-            let sender = UserId::from(e["sender"].as_str().unwrap());
+            let sender = UserId::try_from(e["sender"].as_str().unwrap()).unwrap();
             match classify(&ty) {
                 TypeClass::Call(kind) => {
                     let parsed =
@@ -242,7 +242,7 @@ fn fixture_session_is_delivered_in_order_without_drops() {
             room_id: room,
             conf_id: CONF.into(),
             call_id: ALICE_CALL.into(),
-            user_id: ALICE.into(),
+            user_id: ALICE.try_into().unwrap(),
             device_id: "ALICEDEV".into(),
             party_id: "ALICEDEV".into(),
             session_id: ALICE_SESSION.into(),
@@ -290,9 +290,9 @@ fn every_fixture_with_a_focus_authorises_its_invites() {
             .unwrap()
             .to_owned();
         let t0 = Instant::now();
-        let (tracker, _) = tracker_from_fixture(name, &room_focus.as_str().into());
+        let (tracker, _) = tracker_from_fixture(name, &room_focus.as_str().try_into().unwrap());
         let me = Identity {
-            user_id: room_focus.as_str().into(),
+            user_id: room_focus.as_str().try_into().unwrap(),
             device_id: "FOCUSDEV".into(),
             session_id: session.into(),
         };
@@ -1327,7 +1327,7 @@ fn member_gone_on_entry_removal_leave_and_expiry() {
     let gone = LegEvent::MemberGone {
         room_id: room.clone(),
         conf_id: CONF.into(),
-        user_id: ALICE.into(),
+        user_id: ALICE.try_into().unwrap(),
         device_id: "ALICEDEV".into(),
     };
     // An unrelated state change keeps the leg.

@@ -39,7 +39,7 @@ fn call_state() -> Value {
 fn setup() -> (Router, Instant) {
     let t0 = Instant::now();
     let me = Identity {
-        user_id: ME.into(),
+        user_id: ME.try_into().unwrap(),
         device_id: "FA".into(),
         session_id: "sfu".into(),
     };
@@ -55,7 +55,7 @@ fn setup() -> (Router, Instant) {
         member(ALICE, "AD", ME, "FA"),
         member(BOB, "BD", FAR, "FB"),
     ];
-    r.handle_joined_room(&ROOM.into(), &state, &[], true, t0);
+    r.handle_joined_room(&ROOM.try_into().unwrap(), &state, &[], true, t0);
     (r, t0)
 }
 
@@ -77,10 +77,10 @@ fn far_event(sender: &str, device: &str, ty: &str, call: &str, extra: Value) -> 
 /// A trunk leg weir dials to focus B.
 fn far_leg(call: &str) -> Leg {
     Leg {
-        room_id: ROOM.into(),
+        room_id: ROOM.try_into().unwrap(),
         conf_id: CONF.into(),
         call_id: call.into(),
-        user_id: FAR.into(),
+        user_id: FAR.try_into().unwrap(),
         device_id: "FB".into(),
         party_id: "FB".into(),
         session_id: "sfu".into(),
@@ -126,19 +126,19 @@ fn the_foci_of_a_conference_are_read_from_member_devices_and_follow_them() {
         vec![(ME.into(), "FA".into()), (FAR.into(), "FB".into())]
     );
     // Nothing changed: nothing reported.
-    r.handle_joined_room(&ROOM.into(), &[], &[], false, t0);
+    r.handle_joined_room(&ROOM.try_into().unwrap(), &[], &[], false, t0);
     assert!(foci_event(&drain(&mut r)).is_none());
     // Bob leaves, as /sync shows it a second later. /sync can deliver an older event late, so
     // focus B stays reported until the room's own state confirms it: that state is asked for.
     let t1 = t0 + Duration::from_secs(1);
-    r.handle_joined_room(&ROOM.into(), &[left(BOB)], &[], false, t1);
+    r.handle_joined_room(&ROOM.try_into().unwrap(), &[left(BOB)], &[], false, t1);
     let outs = drain(&mut r);
     assert!(foci_event(&outs).is_none(), "not on /sync alone: {outs:?}");
     assert!(outs
         .iter()
         .any(|o| matches!(o, Output::RefreshRoom(room) if room.as_str() == ROOM)));
     // The room's state, read from the homeserver, confirms it.
-    r.handle_room_state(&ROOM.into(), &[left(BOB)], t1);
+    r.handle_room_state(&ROOM.try_into().unwrap(), &[left(BOB)], t1);
     assert_eq!(
         foci_event(&drain(&mut r)).unwrap(),
         vec![(ME.into(), "FA".into())]
@@ -162,13 +162,13 @@ fn a_member_that_sync_shows_gone_but_the_room_state_keeps_is_not_dropped() {
     let t1 = t0 + Duration::from_secs(1);
     let invite = json!({"type": "m.room.member", "state_key": BOB, "sender": ALICE,
         "content": {"membership": "invite"}});
-    r.handle_joined_room(&ROOM.into(), &[], &[invite], false, t1);
+    r.handle_joined_room(&ROOM.try_into().unwrap(), &[], &[invite], false, t1);
     let outs = drain(&mut r);
     assert!(
         !outs.iter().any(|o| matches!(o, Output::Event(_))),
         "nothing acted on yet: {outs:?}"
     );
-    r.handle_room_state(&ROOM.into(), &[join_event(BOB)], t1);
+    r.handle_room_state(&ROOM.try_into().unwrap(), &[join_event(BOB)], t1);
     r.handle_timeout(t1 + ABSENCE_GRACE * 2);
     let outs = drain(&mut r);
     assert!(
@@ -203,7 +203,7 @@ fn a_named_focus_opens_a_trunk_whose_metadata_keeps_only_owners_it_serves() {
     assert_eq!(r.metrics().dropped_count(DropReason::ForeignOwner), 1);
 
     // Bob leaves the call: the trunk's reason to exist is gone, the leg with it.
-    r.handle_joined_room(&ROOM.into(), &[left(BOB)], &[], false, t0);
+    r.handle_joined_room(&ROOM.try_into().unwrap(), &[left(BOB)], &[], false, t0);
     let outs = drain(&mut r);
     assert!(outs.iter().any(|o| matches!(o,
         Output::Event(LegEvent::MemberGone { user_id, .. }) if user_id.as_str() == FAR)));
@@ -353,7 +353,7 @@ fn rooms_with_a_call_have_their_state_reread_periodically() {
     // What a re-read brings is applied like any state: a focus that joined unseen appears.
     let late = focus_joining_late();
     r.handle_joined_room(
-        &ROOM.into(),
+        &ROOM.try_into().unwrap(),
         &late,
         &[],
         false,
