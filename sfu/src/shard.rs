@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use str0m::change::SdpPendingOffer;
 use str0m::channel::ChannelId;
-use str0m::media::{Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid};
+use str0m::media::{
+    Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid, Rids, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, Ssrc};
 use str0m::{Candidate, Event, Input, Output, Rtc};
@@ -28,7 +30,7 @@ use crate::api::{
 use crate::engine::{self, parse_answer, parse_offer};
 use crate::forward::{
     rid_rank, starts_keyframe, Decision, KeyframeRequests, LayerActivity, LayerSelector, Rewritten,
-    SeqTsRewriter, VideoCodec,
+    SeqTsRewriter, TrunkLayers, VideoCodec,
 };
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 use crate::net::{self, RecvBatch, SendQueue, Waker};
@@ -97,11 +99,15 @@ struct OutTrack {
     layers: LayerSelector<Option<Rid>>,
     /// Publisher payload type → subscriber payload type, learned per packet type.
     pt_map: Vec<(Pt, Option<Pt>)>,
+    /// On a trunk, a simulcast track crosses as simulcast: every layer someone far needs, each
+    /// under its rid (`layers` and `rewriter` are then unused).
+    trunk: Option<TrunkLayers<Rid>>,
 }
 
 struct PendingNegotiation {
     offer: SdpPendingOffer,
-    added: Vec<(TrackKey, Mid)>,
+    /// Tracks added by the offer, with the simulcast layers their m-line sends (trunks only).
+    added: Vec<(TrackKey, Mid, Vec<Rid>)>,
     /// The offer's m-line mids in order: an answer must list the same ones.
     mids: Vec<Option<String>>,
 }
@@ -522,8 +528,8 @@ impl<S: EventSink> Shard<S> {
             self.maybe_offer(id);
             return;
         }
-        for (track, mid) in pending.added {
-            self.start_forwarding(id, track, mid, now);
+        for (track, mid, rids) in pending.added {
+            self.start_forwarding(id, track, mid, rids, now);
         }
         self.mark_dirty(id);
         self.maybe_offer(id);
@@ -562,13 +568,7 @@ impl<S: EventSink> Shard<S> {
         let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
             return u8::MAX;
         };
-        match &peer.explicit {
-            None => u8::MAX,
-            Some(subs) => subs
-                .iter()
-                .find(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
-                .map_or(u8::MAX, Subscription::max_rank),
-        }
+        size_cap(&peer.explicit, p)
     }
 
     /// Replace what `id` receives with `subscriptions` (an explicit set from now on).
@@ -599,6 +599,10 @@ impl<S: EventSink> Shard<S> {
             .map(|p| p.out.keys().copied().collect())
             .unwrap_or_default();
         for t in forwarded {
+            if self.carries_layers(id, &t) {
+                self.sync_trunk_layers(id, &t, now);
+                continue;
+            }
             let cap = self.layer_cap(id, &t);
             let best = self
                 .tracks
@@ -628,12 +632,25 @@ impl<S: EventSink> Shard<S> {
     /// Make an offer to `id` if what it should receive differs from what is negotiated and no
     /// offer is outstanding (one negotiation at a time per peer).
     fn maybe_offer(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get_mut(&id) else {
+        let Some(peer) = self.peers.get(&id) else {
             return;
         };
         if peer.pending.is_some() {
             return;
         }
+        // A trunk receives a simulcast track as simulcast, under the publisher's rids.
+        let simulcast: HashMap<TrackKey, Vec<Rid>> = if peer.role == PeerRole::Trunk {
+            peer.desired
+                .iter()
+                .filter(|(t, (kind, _, _))| *kind == TrackKind::Video && !peer.out.contains_key(t))
+                .filter_map(|(t, _)| Some((*t, self.source_rids(t)?)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         let mut api = peer.rtc.sdp_api();
         let mut added = Vec::new();
         for (track, (kind, stream_id, track_id)) in &peer.desired {
@@ -644,14 +661,22 @@ impl<S: EventSink> Shard<S> {
                 TrackKind::Audio => MediaKind::Audio,
                 TrackKind::Video => MediaKind::Video,
             };
+            let rids = simulcast.get(track).cloned().unwrap_or_default();
+            let layers = (!rids.is_empty()).then(|| {
+                let mut s = Simulcast::new();
+                for r in &rids {
+                    s.add_send_layer(SimulcastLayer::new(r));
+                }
+                s
+            });
             let mid = api.add_media(
                 media_kind,
                 Direction::SendOnly,
                 Some(stream_id.clone()),
                 Some(track_id.clone()),
-                None,
+                layers,
             );
-            added.push((*track, mid));
+            added.push((*track, mid, rids));
         }
         // A withdrawn track's m-line is stopped, not set inactive: its slot can then be
         // recycled for a later track, so the SDP (and the to-device event carrying it, which
@@ -669,7 +694,7 @@ impl<S: EventSink> Shard<S> {
         let Some((offer, pending)) = api.apply() else {
             return;
         };
-        for (_, mid) in &added {
+        for (_, mid, _) in &added {
             peer.own_mids.insert(mid.to_string());
         }
         for track in &withdrawn {
@@ -688,7 +713,7 @@ impl<S: EventSink> Shard<S> {
                 track_id: o.track_id.clone(),
             })
             .collect();
-        for (t, _) in &added {
+        for (t, _, _) in &added {
             let (kind, stream_id, track_id) = peer.desired[t].clone();
             tracks.push(ForwardedTrack {
                 publisher: t.publisher,
@@ -716,7 +741,23 @@ impl<S: EventSink> Shard<S> {
         });
     }
 
-    fn start_forwarding(&mut self, id: PeerId, track: TrackKey, mid: Mid, now: Instant) {
+    /// The simulcast rids a published track arrives with, if it is simulcast.
+    fn source_rids(&self, track: &TrackKey) -> Option<Vec<Rid>> {
+        let media = self.peers.get(&track.publisher)?.rtc.media(track.mid)?;
+        match media.rids_rx() {
+            Rids::Specific(v) if !v.is_empty() => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    fn start_forwarding(
+        &mut self,
+        id: PeerId,
+        track: TrackKey,
+        mid: Mid,
+        rids: Vec<Rid>,
+        now: Instant,
+    ) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -740,6 +781,11 @@ impl<S: EventSink> Shard<S> {
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
                 layers: LayerSelector::default(),
                 pt_map: Vec::new(),
+                trunk: (!rids.is_empty()).then(|| {
+                    TrunkLayers::new(&rids, clock_rate, || {
+                        (rand::random::<u16>() % 16_384, rand::random())
+                    })
+                }),
             },
         );
         peer.out_by_mid.insert(mid, track);
@@ -747,6 +793,10 @@ impl<S: EventSink> Shard<S> {
             if !p.subscribers.contains(&id) {
                 p.subscribers.push(id);
             }
+        }
+        if !rids.is_empty() {
+            self.sync_trunk_layers(id, &track, now);
+            return;
         }
         // Start on the best layer flowing now; if none flows yet, the first packet decides.
         let cap = self.layer_cap(id, &track);
@@ -768,6 +818,43 @@ impl<S: EventSink> Shard<S> {
             .is_some_and(|o| o.kind == TrackKind::Video && o.layers.set_target(layer, now));
         if needs_keyframe {
             self.request_keyframe(track, layer, now);
+        }
+    }
+
+    /// Whether `sub` receives `track` as simulcast (a trunk), rather than one layer at a time.
+    fn carries_layers(&self, sub: PeerId, track: &TrackKey) -> bool {
+        self.peers
+            .get(&sub)
+            .and_then(|p| p.out.get(track))
+            .is_some_and(|o| o.trunk.is_some())
+    }
+
+    /// The layers of `track` a trunk carries: for each size its far side subscribed at, the
+    /// best layer flowing now within that size. Newly carried layers get a keyframe request.
+    fn sync_trunk_layers(&mut self, sub: PeerId, track: &TrackKey, now: Instant) {
+        let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
+            return;
+        };
+        let mut wanted: Vec<Rid> = Vec::new();
+        for s in peer.explicit.iter().flatten() {
+            if s.stream_id != p.stream_id || s.track_id != p.track_id {
+                continue;
+            }
+            if let Some(Some(rid)) = p.activity.best_active_capped(now, s.max_rank()) {
+                if !wanted.contains(&rid) {
+                    wanted.push(rid);
+                }
+            }
+        }
+        let added = self
+            .peers
+            .get_mut(&sub)
+            .and_then(|p| p.out.get_mut(track))
+            .and_then(|o| o.trunk.as_mut())
+            .map(|t| t.set_wanted(&wanted))
+            .unwrap_or_default();
+        for rid in added {
+            self.request_keyframe(track, Some(rid), now);
         }
     }
 
@@ -922,6 +1009,13 @@ impl<S: EventSink> Shard<S> {
                     .and_then(|p| p.out_by_mid.get(&req.mid))
                     .cloned();
                 if let Some(track) = track {
+                    if self.carries_layers(id, &track) {
+                        // A far focus asks for the layer it names.
+                        if req.rid.is_some() {
+                            self.request_keyframe(&track, req.rid, now);
+                        }
+                        return;
+                    }
                     // Forward to the layer this subscriber receives (or is about to).
                     let layer = self
                         .peers
@@ -1119,7 +1213,12 @@ impl<S: EventSink> Shard<S> {
             let Some(out) = speer.out.get_mut(&track) else {
                 continue;
             };
-            if out.layers.target().is_none() {
+            // A trunk carrying this track as simulcast: the layer decides in `trunk` below.
+            if out.trunk.is_some() {
+                if rid.is_none() {
+                    continue;
+                }
+            } else if out.layers.target().is_none() {
                 if is_video {
                     // Layers became known only now: choose after this packet.
                     untargeted.push(*sub);
@@ -1127,16 +1226,18 @@ impl<S: EventSink> Shard<S> {
                 }
                 out.layers.set_target(rid, now);
             }
-            match out.layers.on_packet(rid, keyframe || !is_video) {
-                Decision::Forward | Decision::Switch => {}
-                Decision::Skip => {
-                    if out.layers.current().is_none() && out.layers.target() == Some(rid) {
-                        self.counters.drop(DropReason::AwaitingKeyframe);
+            if out.trunk.is_none() {
+                match out.layers.on_packet(rid, keyframe || !is_video) {
+                    Decision::Forward | Decision::Switch => {}
+                    Decision::Skip => {
+                        if out.layers.current().is_none() && out.layers.target() == Some(rid) {
+                            self.counters.drop(DropReason::AwaitingKeyframe);
+                        }
+                        if let Some(layer) = out.layers.keyframe_overdue(now, KEYFRAME_WAIT_RETRY) {
+                            need_keyframe.push(layer);
+                        }
+                        continue;
                     }
-                    if let Some(layer) = out.layers.keyframe_overdue(now, KEYFRAME_WAIT_RETRY) {
-                        need_keyframe.push(layer);
-                    }
-                    continue;
                 }
             }
             let out_pt = match out.pt_map.iter().find(|(i, _)| *i == pt) {
@@ -1155,21 +1256,29 @@ impl<S: EventSink> Shard<S> {
                 self.counters.drop(DropReason::NoCommonCodec);
                 continue;
             };
-            let (seq, ts) =
+            let (seq, ts, tx_rid) = if let Some(tl) = out.trunk.as_mut() {
+                let Some(r) = rid else { continue };
+                let (seq_in, ts_in) = (*pkt.seq_no, pkt.header.timestamp);
+                match tl.on_packet(r, keyframe, *ssrc, seq_in, ts_in, now) {
+                    Some((seq, ts)) => (seq, ts, rid),
+                    None => continue,
+                }
+            } else {
                 match out
                     .rewriter
                     .rewrite(*ssrc, *pkt.seq_no, pkt.header.timestamp, now)
                 {
-                    Rewritten::Send { seq, ts } => (seq, ts),
+                    Rewritten::Send { seq, ts } => (seq, ts, None),
                     Rewritten::DropStale => {
                         self.counters.drop(DropReason::Stale);
                         continue;
                     }
-                };
+                }
+            };
             let mid = out.mid;
             let mut api = speer.rtc.direct_api();
-            debug_assert!(out.layers.current() == Some(rid));
-            let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            debug_assert!(out.trunk.is_some() || out.layers.current() == Some(rid));
+            let Some(tx) = api.stream_tx_by_mid(mid, tx_rid) else {
                 self.counters.drop(DropReason::NoSendStream);
                 continue;
             };
@@ -1289,6 +1398,8 @@ impl<S: EventSink> Shard<S> {
         }
         let mut owed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
         let mut moves: Vec<(PeerId, TrackKey, Option<Rid>)> = Vec::new();
+        let mut trunk_layers: Vec<(PeerId, TrackKey)> = Vec::new();
+        let mut awaiting: Vec<(TrackKey, Rid)> = Vec::new();
         for (t, p) in &mut self.tracks {
             for (layer, k) in &mut p.keyframes {
                 if k.poll(now) {
@@ -1304,13 +1415,18 @@ impl<S: EventSink> Shard<S> {
                 let Some(speer) = self.peers.get(sub) else {
                     continue;
                 };
-                let cap = match &speer.explicit {
-                    None => u8::MAX,
-                    Some(subs) => subs
-                        .iter()
-                        .find(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
-                        .map_or(u8::MAX, Subscription::max_rank),
-                };
+                if let Some(tl) = speer.out.get(t).and_then(|o| o.trunk.as_ref()) {
+                    trunk_layers.push((*sub, *t));
+                    // A layer whose keyframe request went unanswered is asked for again
+                    // (coalesced per layer like every request).
+                    awaiting.extend(
+                        tl.wanted()
+                            .filter(|l| tl.awaiting_keyframe(*l))
+                            .map(|l| (*t, l)),
+                    );
+                    continue;
+                }
+                let cap = size_cap(&speer.explicit, p);
                 let Some(best) = p.activity.best_active_capped(now, cap) else {
                     continue;
                 };
@@ -1326,7 +1442,20 @@ impl<S: EventSink> Shard<S> {
         for (sub, t, layer) in moves {
             self.retarget(sub, &t, layer, now);
         }
+        for (sub, t) in trunk_layers {
+            self.sync_trunk_layers(sub, &t, now);
+        }
+        for (t, layer) in awaiting {
+            self.request_keyframe(&t, Some(layer), now);
+        }
         self.drain_dirty();
+        self.counters.trunk.streams_out = self
+            .peers
+            .values()
+            .filter(|p| p.role == PeerRole::Trunk)
+            .flat_map(|p| p.out.values())
+            .map(|o| o.trunk.as_ref().map_or(1, |t| t.wanted().count() as u64))
+            .sum();
         let tracks = self.tracks.len() as u64;
         self.counters.publish(
             &self.stats,
@@ -1401,6 +1530,20 @@ impl<S: EventSink> Shard<S> {
         }
         info!(shard = self.index, %id, ?reason, "peer closed");
         self.emit(SfuEvent::PeerClosed { peer: id, reason });
+    }
+}
+
+/// The best layer rank worth sending a participant: everything without a subscription, else
+/// the largest of the sizes it asked for the track at.
+fn size_cap(explicit: &Option<Vec<Subscription>>, p: &Published) -> u8 {
+    match explicit {
+        None => u8::MAX,
+        Some(subs) => subs
+            .iter()
+            .filter(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
+            .map(Subscription::max_rank)
+            .max()
+            .unwrap_or(u8::MAX),
     }
 }
 

@@ -109,6 +109,8 @@ pub struct TrunkCounts {
     pub payload_bytes_in: u64,
     pub packets_out: u64,
     pub payload_bytes_out: u64,
+    /// Gauge: RTP streams sent onto trunks now, one per (track, simulcast layer) carried.
+    pub streams_out: u64,
 }
 
 impl ShardCounters {
@@ -128,6 +130,7 @@ impl ShardCounters {
         to.trunk_bytes_in.store(self.trunk.payload_bytes_in, r);
         to.trunk_packets_out.store(self.trunk.packets_out, r);
         to.trunk_bytes_out.store(self.trunk.payload_bytes_out, r);
+        to.trunk_streams_out.store(self.trunk.streams_out, r);
         to.keyframe_requests.store(self.keyframe_requests, r);
         to.send_messages.store(self.send_calls, r);
         to.engine_timeouts.store(self.engine_timeouts, r);
@@ -153,6 +156,7 @@ pub struct ShardStats {
     pub trunk_bytes_in: AtomicU64,
     pub trunk_packets_out: AtomicU64,
     pub trunk_bytes_out: AtomicU64,
+    pub trunk_streams_out: AtomicU64,
     pub keyframe_requests: AtomicU64,
     pub send_messages: AtomicU64,
     pub engine_timeouts: AtomicU64,
@@ -201,6 +205,7 @@ impl StatsSnapshot {
             s.trunk.payload_bytes_in += sh.trunk_bytes_in.load(r);
             s.trunk.packets_out += sh.trunk_packets_out.load(r);
             s.trunk.payload_bytes_out += sh.trunk_bytes_out.load(r);
+            s.trunk.streams_out += sh.trunk_streams_out.load(r);
             s.keyframe_requests += sh.keyframe_requests.load(r);
             s.send_messages += sh.send_messages.load(r);
             s.engine_timeouts += sh.engine_timeouts.load(r);

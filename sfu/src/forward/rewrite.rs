@@ -58,6 +58,13 @@ impl SeqTsRewriter {
         self.epoch.is_some()
     }
 
+    /// Forget the current source after a pause: the next packet starts a new epoch that
+    /// continues the output where it stopped, even if it comes from the same source, so the
+    /// packets skipped during the pause do not look lost to the receiver.
+    pub fn resume(&mut self) {
+        self.epoch = None;
+    }
+
     /// Map one packet. `in_seq` is the publisher's extended (rollover-free) sequence number.
     pub fn rewrite(&mut self, source: u32, in_seq: u64, in_ts: u32, now: Instant) -> Rewritten {
         let epoch = match self.epoch {
@@ -135,6 +142,17 @@ mod tests {
         // 100 ms at 90 kHz after the last output timestamp (3000).
         assert_eq!(ts, 3_000 + 9_000);
         assert_eq!(send(r.rewrite(2, 9_001, 77 + 3_000, t1)), (13, 15_000));
+    }
+
+    #[test]
+    fn a_resumed_source_continues_without_a_gap() {
+        let t0 = Instant::now();
+        let mut r = SeqTsRewriter::new(90_000, 10, 0);
+        send(r.rewrite(1, 500, 1_000, t0));
+        r.resume();
+        // 400 packets later, same source: output continues at 11, not 410.
+        let (seq, _) = send(r.rewrite(1, 900, 91_000, t0 + Duration::from_secs(1)));
+        assert_eq!(seq, 11);
     }
 
     #[test]
