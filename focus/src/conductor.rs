@@ -8,7 +8,7 @@ mod cascade;
 #[cfg(test)]
 mod cascade_tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,10 +59,11 @@ struct Participant {
     metadata: SdpStreamMetadata,
     invite_at: Instant,
     answered: bool,
-    /// MSC3898 subscriptions from the data channel: (stream id, track id) → requested size.
-    /// Empty until the first `m.call.track_subscription`; the media plane then forwards
-    /// exactly these instead of everything.
-    subscriptions: BTreeMap<(String, String), (Option<u32>, Option<u32>)>,
+    /// MSC3898 subscriptions from the data channel: (stream id, track id) → the heights asked
+    /// (`None`: no size given). Empty until the first `m.call.track_subscription`; the media
+    /// plane then forwards exactly these instead of everything. A participant asks one size
+    /// per track; a far focus asks each size its own subscribers display (docs/cascading.md).
+    subscriptions: BTreeMap<(String, String), BTreeSet<Option<u32>>>,
 }
 
 struct Conference {
@@ -634,6 +635,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
     fn track_subscription(&mut self, peer: PeerId, content: &serde_json::Value) {
         /// More entries than any layout needs; a longer list is cut, not trusted.
         const MAX_SUBSCRIPTIONS: usize = 256;
+        /// Sizes of one track a far focus may ask for: one per simulcast layer is all that
+        /// can differ, and publishers send at most three.
+        const MAX_SIZES_PER_TRACK: usize = 4;
         let Some(p) = self.participants.get_mut(&peer) else {
             return;
         };
@@ -662,17 +666,23 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
         for (s, t, _, _) in entries("unsubscribe") {
             p.subscriptions.remove(&(s, t));
         }
-        for (s, t, w, h) in entries("subscribe") {
-            if p.subscriptions.len() < MAX_SUBSCRIPTIONS
-                || p.subscriptions.contains_key(&(s.clone(), t.clone()))
-            {
-                p.subscriptions.insert((s, t), (w, h));
+        // The entries of one message for one track are that track's sizes from now on.
+        let mut asked: BTreeMap<(String, String), BTreeSet<Option<u32>>> = BTreeMap::new();
+        for (s, t, _, h) in entries("subscribe") {
+            let sizes = asked.entry((s, t)).or_default();
+            if sizes.len() < MAX_SIZES_PER_TRACK {
+                sizes.insert(h);
+            }
+        }
+        for (k, sizes) in asked {
+            if p.subscriptions.len() < MAX_SUBSCRIPTIONS || p.subscriptions.contains_key(&k) {
+                p.subscriptions.insert(k, sizes);
             }
         }
         let wanted: Vec<((String, String), Option<u32>)> = p
             .subscriptions
             .iter()
-            .map(|(k, (_, h))| (k.clone(), *h))
+            .flat_map(|(k, sizes)| sizes.iter().map(move |h| (k.clone(), *h)))
             .collect();
         let subscriptions = wanted
             .into_iter()
@@ -1183,6 +1193,21 @@ mod tests {
         };
         assert_eq!(subscriptions.len(), 1);
         assert_eq!(subscriptions[0].track_id, "a-video");
+        // Several sizes of one track in one message (what a far focus sends) are all kept,
+        // and replace the earlier size.
+        c.on_sfu_event(SfuEvent::DataMessage {
+            peer: pb,
+            text: msg(
+                r#"{"stream_id":"alice-stream","track_id":"a-video","height":180},{"stream_id":"alice-stream","track_id":"a-video","height":720},{"stream_id":"alice-stream","track_id":"a-video","height":720}"#,
+                "",
+            ),
+        });
+        let Some(Command::Subscribe { subscriptions, .. }) = rec.take_media().pop() else {
+            panic!("no subscribe")
+        };
+        let mut heights: Vec<_> = subscriptions.iter().map(|s| s.max_height).collect();
+        heights.sort();
+        assert_eq!(heights, vec![Some(180), Some(720)]);
     }
 
     #[test]

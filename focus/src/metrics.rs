@@ -253,6 +253,11 @@ impl SfuCollector {
                 "RTP payload bytes sent onto trunks (no headers or SRTP overhead)",
                 s.trunk.payload_bytes_out,
             ),
+            gauge(
+                "weir_trunk_streams_out",
+                "RTP streams sent onto trunks now: one per (track, simulcast layer) a far focus pulls",
+                s.trunk.streams_out,
+            ),
             counter(
                 "weir_send_messages_total",
                 "Send messages handed to the kernel; a GSO run of datagrams to one destination counts once",

@@ -15,7 +15,7 @@
 //! The media plane's origin rule (a track that arrived on a trunk is never sent onto another)
 //! keeps a full mesh of foci loop-free, so every stream crosses exactly one trunk.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -42,8 +42,9 @@ pub(super) struct Trunk {
     dialled: bool,
     /// The data channel is open: subscriptions can be sent.
     channel_open: bool,
-    /// Far tracks we asked for over this trunk, with the height cap we asked at.
-    pulled: BTreeMap<(String, String), Option<u32>>,
+    /// Far tracks we asked for over this trunk, with each height our subscribers display them
+    /// at (`None`: no size given, the best layer).
+    pulled: BTreeMap<(String, String), BTreeSet<Option<u32>>>,
     /// The catalogue last sent to the far focus (a full map; only re-sent when it changes).
     sent_catalogue: Option<SdpStreamMetadata>,
     /// Tracks that arrived on this trunk and are live.
@@ -408,7 +409,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             let Some(tp) = self.participants.get(&trunk) else {
                 continue;
             };
-            let mut want: BTreeMap<(String, String), Option<u32>> = BTreeMap::new();
+            // Per far track, every size a local subscriber displays it at: the far focus sends
+            // one layer per size, so each local subscriber can get the layer that fits.
+            let mut want: BTreeMap<(String, String), BTreeSet<Option<u32>>> = BTreeMap::new();
             for (sid, stream) in &tp.metadata {
                 for tid in stream.tracks.keys() {
                     let k = (sid.as_str().to_string(), tid.as_str().to_string());
@@ -416,24 +419,14 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                         let Some(lp) = self.participants.get(l) else {
                             continue;
                         };
-                        let asked = if lp.subscriptions.is_empty() {
-                            Some(None)
-                        } else {
-                            lp.subscriptions.get(&k).map(|(_, h)| *h)
-                        };
-                        if let Some(h) = asked {
-                            let e = want.entry(k.clone()).or_insert(Some(0));
-                            *e = match (*e, h) {
-                                (None, _) | (_, None) => None,
-                                (Some(a), Some(b)) => Some(a.max(b)),
-                            };
+                        if lp.subscriptions.is_empty() {
+                            want.entry(k.clone()).or_default().insert(None);
+                        } else if let Some(sizes) = lp.subscriptions.get(&k) {
+                            // A participant's largest size is the one it receives.
+                            let h = sizes.iter().max_by_key(|h| h.unwrap_or(u32::MAX));
+                            want.entry(k.clone()).or_default().extend(h.copied());
                         }
                     }
-                }
-            }
-            for h in want.values_mut() {
-                if *h == Some(0) {
-                    *h = None;
                 }
             }
             let Some(t) = self.cascade.trunks.get_mut(&trunk) else {
@@ -450,9 +443,11 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 .collect();
             let subscribe: Vec<_> = want
                 .iter()
-                .map(|((s, tr), h)| match h {
-                    Some(h) => json!({"stream_id": s, "track_id": tr, "height": h}),
-                    None => json!({"stream_id": s, "track_id": tr}),
+                .flat_map(|((s, tr), sizes)| {
+                    sizes.iter().map(move |h| match h {
+                        Some(h) => json!({"stream_id": s, "track_id": tr, "height": h}),
+                        None => json!({"stream_id": s, "track_id": tr}),
+                    })
                 })
                 .collect();
             debug!(%trunk, pulled = want.len(), "trunk subscription");

@@ -156,7 +156,7 @@ fn the_lower_focus_dials_with_the_far_session_and_the_higher_waits() {
 }
 
 #[test]
-fn a_trunk_pulls_what_local_participants_watch_once_at_the_largest_size() {
+fn a_trunk_pulls_what_local_participants_watch_once_per_size_they_display() {
     let (mut c, rec) = setup();
     let alice = join(&mut c, &rec, &leg("@alice:hs", "A", "c1"), "alice-stream");
     let carol = join(&mut c, &rec, &leg("@carol:hs", "C", "c3"), "carol-stream");
@@ -180,15 +180,25 @@ fn a_trunk_pulls_what_local_participants_watch_once_at_the_largest_size() {
         });
     };
     subscribe(&mut c, alice, 180);
-    assert!(
-        last_subscription(&rec.take_media(), trunk).is_none(),
-        "carol still watches everything, uncapped: nothing to change on the trunk"
+    let sub = last_subscription(&rec.take_media(), trunk).expect("re-sent on change");
+    assert_eq!(
+        ids(&sub["subscribe"]),
+        vec![
+            ("bob-audio".into(), None),
+            ("bob-video".into(), None),
+            ("bob-video".into(), Some(180))
+        ],
+        "carol still watches everything at full size, alice small: both sizes are pulled"
     );
+    assert_eq!(ids(&sub["unsubscribe"]), vec![]);
     subscribe(&mut c, carol, 360);
     let sub = last_subscription(&rec.take_media(), trunk).expect("re-sent on change");
     assert_eq!(
         ids(&sub["subscribe"]),
-        vec![("bob-video".into(), Some(360))]
+        vec![
+            ("bob-video".into(), Some(180)),
+            ("bob-video".into(), Some(360))
+        ]
     );
     assert_eq!(ids(&sub["unsubscribe"]), vec![("bob-audio".into(), None)]);
     // The same set again sends nothing.
