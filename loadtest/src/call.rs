@@ -298,6 +298,11 @@ pub enum Layout {
     Grid3x3,
     /// Sixteen small tiles.
     Grid4x4,
+    /// Every publisher, at full size for participants 0 and 1, a quarter for 2 and 3, full for
+    /// 4 and 5, and so on: two sizes of each stream are watched at once, on every site of a
+    /// cascade (participants are spread over sites round-robin), so each trunk carries two
+    /// layers of each video.
+    Mixed,
 }
 
 /// One video subscription: whose, and at what size.
@@ -308,9 +313,14 @@ pub struct Tile {
 }
 
 impl Layout {
-    /// The tiles shown from `others` (the room's video publishers except oneself, in roster
-    /// order), given the current active speaker (if any).
-    pub fn tiles(self, others: &[PublisherId], speaker: Option<PublisherId>) -> Vec<Tile> {
+    /// The tiles `me` shows from `others` (the room's video publishers except oneself, in
+    /// roster order), given the current active speaker (if any).
+    pub fn tiles(
+        self,
+        me: PublisherId,
+        others: &[PublisherId],
+        speaker: Option<PublisherId>,
+    ) -> Vec<Tile> {
         let ordered: Vec<PublisherId> = match speaker.filter(|s| others.contains(s)) {
             Some(s) => std::iter::once(s)
                 .chain(others.iter().copied().filter(|p| *p != s))
@@ -320,6 +330,14 @@ impl Layout {
         let tile = |publisher, layer| Tile { publisher, layer };
         match self {
             Layout::All => ordered.into_iter().map(|p| tile(p, Layer::F)).collect(),
+            Layout::Mixed => {
+                let layer = if (me.0 / 2).is_multiple_of(2) {
+                    Layer::F
+                } else {
+                    Layer::Q
+                };
+                ordered.into_iter().map(|p| tile(p, layer)).collect()
+            }
             Layout::Speaker => ordered
                 .into_iter()
                 .take(6)
@@ -459,10 +477,12 @@ mod tests {
         assert!(parse(&l, "m.call.negotiate", &json!({"call_id": "c1"})).is_err());
     }
 
+    const ME: PublisherId = PublisherId(0);
+
     #[test]
     fn layouts_pick_tiles_and_sizes() {
         let others: Vec<PublisherId> = (1..=20).map(PublisherId).collect();
-        let sp = Layout::Speaker.tiles(&others, Some(PublisherId(7)));
+        let sp = Layout::Speaker.tiles(ME, &others, Some(PublisherId(7)));
         assert_eq!(sp.len(), 6);
         assert_eq!(
             sp[0],
@@ -472,13 +492,25 @@ mod tests {
             }
         );
         assert!(sp[1..].iter().all(|t| t.layer == Layer::Q));
-        assert_eq!(Layout::Grid3x3.tiles(&others, None).len(), 9);
-        assert_eq!(Layout::Grid4x4.tiles(&others, None).len(), 16);
-        assert_eq!(Layout::All.tiles(&others, None).len(), 20);
+        assert_eq!(Layout::Grid3x3.tiles(ME, &others, None).len(), 9);
+        assert_eq!(Layout::Grid4x4.tiles(ME, &others, None).len(), 16);
+        assert_eq!(Layout::All.tiles(ME, &others, None).len(), 20);
+        // Mixed: participants watch everyone full size or small, in pairs.
+        for (me, layer) in [
+            (0, Layer::F),
+            (1, Layer::F),
+            (2, Layer::Q),
+            (3, Layer::Q),
+            (4, Layer::F),
+        ] {
+            let t = Layout::Mixed.tiles(PublisherId(me), &others, None);
+            assert_eq!(t.len(), 20);
+            assert!(t.iter().all(|t| t.layer == layer), "{me}");
+        }
         // A speaker who is not among the others (oneself) changes nothing.
         assert_eq!(
             Layout::Grid3x3
-                .tiles(&others[..3], Some(PublisherId(99)))
+                .tiles(ME, &others[..3], Some(PublisherId(99)))
                 .len(),
             3
         );

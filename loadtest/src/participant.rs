@@ -1007,7 +1007,10 @@ impl Participant {
             .copied()
             .filter(|p| *p != me)
             .collect();
-        let tiles = self.plan.layout.tiles(&others_video, self.speaker(now_us));
+        let tiles = self
+            .plan
+            .layout
+            .tiles(me, &others_video, self.speaker(now_us));
         if self.last_tiles.as_ref() == Some(&tiles) {
             self.last_turn = Some(turn);
             return;

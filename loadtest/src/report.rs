@@ -399,6 +399,7 @@ impl RunReport {
                     "rx_video": r.rx.video.iter().map(|(p, v)| json!({
                         "publisher": p.0,
                         "bytes_q_h_f": v.bytes_per_layer,
+                        "last_layer": v.last_layer.map(|l| l.rid()),
                         "complete_frames": v.complete_frames,
                         "keyframes": v.keyframes,
                         "lost": v.lost,

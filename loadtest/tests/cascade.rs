@@ -109,6 +109,8 @@ struct Gauges {
     trunks: f64,
     tracks_out: f64,
     tracks_in: f64,
+    /// RTP streams sent onto trunks: one per (track, simulcast layer).
+    streams_out: f64,
 }
 
 fn gauges(f: &Focus) -> Gauges {
@@ -117,6 +119,7 @@ fn gauges(f: &Focus) -> Gauges {
         trunks: m(r#"weir_trunks{side="dialled"}"#) + m(r#"weir_trunks{side="answered"}"#),
         tracks_out: m(r#"weir_trunk_tracks{direction="out"}"#),
         tracks_in: m(r#"weir_trunk_tracks{direction="in"}"#),
+        streams_out: m("weir_trunk_streams_out"),
     }
 }
 
@@ -134,6 +137,7 @@ fn finish(mut child: Child, sites: &[&Site]) -> (String, bool, Vec<Gauges>) {
             max[i].trunks = max[i].trunks.max(g.trunks);
             max[i].tracks_out = max[i].tracks_out.max(g.tracks_out);
             max[i].tracks_in = max[i].tracks_in.max(g.tracks_in);
+            max[i].streams_out = max[i].streams_out.max(g.streams_out);
         }
         if start.elapsed() > RUN_DEADLINE {
             let _ = child.kill();
@@ -228,8 +232,8 @@ fn two_organisations_share_one_conference_through_a_trunk() {
     // and receives the other's once.
     for g in &max {
         assert_eq!(
-            (g.trunks, g.tracks_out, g.tracks_in),
-            (1.0, 4.0, 4.0),
+            (g.trunks, g.tracks_out, g.tracks_in, g.streams_out),
+            (1.0, 4.0, 4.0, 4.0),
             "{max:?}\n{out}"
         );
     }
@@ -260,9 +264,74 @@ fn two_organisations_share_one_conference_through_a_trunk() {
     println!("{out}");
     check(&json, 22, None, &out);
     for g in &max {
-        assert_eq!((g.tracks_out, g.tracks_in), (2.0, 2.0), "{max:?}\n{out}");
+        assert_eq!(
+            (g.tracks_out, g.tracks_in, g.streams_out),
+            (2.0, 2.0, 2.0),
+            "{max:?}\n{out}"
+        );
     }
 
+    drop(a);
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Half the participants on each side watch everyone full size, half small. Each focus pulls
+/// both layers of the far video over the trunk, once each, and every participant ends up on
+/// the layer it asked for, whichever side its publisher is on.
+#[test]
+fn a_trunk_carries_each_layer_its_far_side_watches_once() {
+    let dir = scratch_dir();
+    let a = site(&dir, "hs-a", "FOCUSA");
+    let b = site(&dir, "hs-b", "FOCUSB");
+    let json = dir.join("mixed.json");
+    let (out, max) = run(
+        &[&a, &b],
+        &[
+            "--rooms",
+            "1",
+            "--publishers",
+            "2",
+            "--subscribers",
+            "6",
+            "--layout",
+            "mixed",
+            "--duration",
+            "8",
+            "--join-rate",
+            "10",
+        ],
+        &json,
+    );
+    println!("{out}");
+    check(&json, 8, None, &out);
+    // Each focus has one publisher: its audio crosses once, its video as the two layers the
+    // far side watches (full and a quarter), never the third.
+    for g in &max {
+        assert_eq!(
+            (g.trunks, g.tracks_out, g.streams_out),
+            (1.0, 2.0, 3.0),
+            "{max:?}\n{out}"
+        );
+    }
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("--json")).expect("valid JSON");
+    let parts = r["participants_detail"].as_array().expect("participants");
+    let mut checked = 0;
+    for p in parts {
+        let me = p["publisher"].as_u64().expect("publisher");
+        let asked = if (me / 2).is_multiple_of(2) { "f" } else { "q" };
+        for v in p["rx_video"].as_array().expect("rx_video") {
+            assert_eq!(
+                v["last_layer"], asked,
+                "participant {me} watches at {asked}: {p}\n{out}"
+            );
+            checked += 1;
+        }
+    }
+    // Two publishers: seven receivers of one and seven of the other.
+    assert_eq!(checked, 14, "{r}");
+    settle(&[&a, &b], Gauges::default(), "after everyone left");
     drop(a);
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);
@@ -329,6 +398,7 @@ fn three_foci_form_a_loop_free_mesh_and_a_stopped_focus_is_withdrawn() {
         trunks: 2.0,
         tracks_out: 4.0,
         tracks_in: 4.0,
+        streams_out: 4.0,
     };
     let deadline = Instant::now() + SETTLE_DEADLINE;
     let mut seen;
@@ -360,6 +430,7 @@ fn three_foci_form_a_loop_free_mesh_and_a_stopped_focus_is_withdrawn() {
         trunks: 1.0,
         tracks_out: 2.0,
         tracks_in: 2.0,
+        streams_out: 2.0,
     };
     let deadline = Instant::now() + SETTLE_DEADLINE;
     loop {
@@ -497,6 +568,7 @@ fn a_cut_trunk_media_path_recovers_without_anyone_rejoining() {
         trunks: 1.0,
         tracks_out: 2.0,
         tracks_in: 2.0,
+        streams_out: 2.0,
     };
     settle(&[&a, &b], steady, "before the cut");
     let redials = |s: &Site| counter(&s.focus, r#"weir_trunk_dials_total{kind="redial"}"#);
@@ -586,6 +658,7 @@ fn a_dead_homeserver_leaves_the_calls_media_flowing() {
         trunks: 1.0,
         tracks_out: 4.0,
         tracks_in: 4.0,
+        streams_out: 4.0,
     };
     settle(&[&a, &b], steady, "before B's homeserver stops");
     b.syn.stop();
