@@ -76,6 +76,10 @@ const FEDERATING_TIMEOUT: Duration = Duration::from_secs(60);
 const ROOM_STATE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Bound on connecting to the homeserver.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest response body read from a homeserver. A first `/sync` of an account in many large
+/// rooms is the biggest answer weir asks for (a few MiB with the call-only filter); more than
+/// this is refused rather than buffered, so a broken or hostile server cannot exhaust memory.
+const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
 impl MatrixClient {
     /// A client with its own connection pool.
@@ -141,7 +145,7 @@ impl MatrixClient {
         if let Some(headers) = answer.headers_mut() {
             *headers = response.headers().clone();
         }
-        let body = response.bytes().await?;
+        let body = read_limited(response, MAX_RESPONSE_BYTES, what).await?;
         let answer = answer
             .body(body.as_ref())
             .map_err(|e| ClientError::Response(format!("{what}: {e}")))?;
@@ -157,7 +161,7 @@ impl MatrixClient {
     ) -> Result<T, ClientError> {
         let response = request.send().await?;
         let status = response.status();
-        let body = response.bytes().await?;
+        let body = read_limited(response, MAX_RESPONSE_BYTES, what).await?;
         if !status.is_success() {
             let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
             let field = |k: &str| v.get(k).and_then(|s| s.as_str()).unwrap_or("").to_owned();
@@ -304,5 +308,65 @@ impl MatrixClient {
             messages,
         );
         self.send(req, event_type, REQUEST_TIMEOUT).await.map(drop)
+    }
+}
+
+/// Reads a response body of at most `limit` bytes; a longer one is an error, found from its
+/// `Content-Length` before reading or while reading when it has none.
+async fn read_limited(
+    mut response: reqwest::Response,
+    limit: usize,
+    what: &str,
+) -> Result<Vec<u8>, ClientError> {
+    let too_long = || ClientError::Response(format!("{what}: body over {limit} bytes refused"));
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Serves one HTTP answer of `len` bytes, with or without a `Content-Length`.
+    async fn serve_once(len: usize, declare: bool) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req).await;
+            let head = if declare {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+            } else {
+                "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_string()
+            };
+            let _ = s.write_all(head.as_bytes()).await;
+            let _ = s.write_all(&vec![b'x'; len]).await;
+        });
+        format!("http://{addr}/")
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_is_refused_with_or_without_a_length() {
+        let http = reqwest::Client::new();
+        for declare in [true, false] {
+            let url = serve_once(2000, declare).await;
+            let r = http.get(&url).send().await.unwrap();
+            let e = read_limited(r, 1000, "test").await.unwrap_err();
+            assert!(e.to_string().contains("over 1000 bytes"), "{e}");
+            let url = serve_once(2000, declare).await;
+            let r = http.get(&url).send().await.unwrap();
+            assert_eq!(read_limited(r, 5000, "test").await.unwrap().len(), 2000);
+        }
     }
 }
