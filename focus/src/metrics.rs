@@ -269,6 +269,11 @@ impl SfuCollector {
                 s.engine_timeouts,
             ),
             counter(
+                "weir_udp_receive_drops_total",
+                "Datagrams the kernel dropped because a shard's UDP receive buffer was full (media.socket_buffer_bytes)",
+                s.kernel_drops,
+            ),
+            counter(
                 "weir_keyframe_requests_total",
                 "Keyframe requests (PLI) sent to publishers after coalescing",
                 s.keyframe_requests,
@@ -361,7 +366,20 @@ mod tests {
     #[test]
     fn process_usage_reads_this_process() {
         let (cpu, rss) = process_usage().expect("/proc/self/stat is readable on Linux");
-        assert!(cpu >= 0.0);
+        // Burn CPU until the kernel's 10 ms ticks show it (bounded: a reading that never
+        // moves fails the test).
+        let mut x: u64 = 1;
+        let mut later = cpu;
+        for _ in 0..2_000 {
+            for i in 0..1_000_000u64 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+            }
+            later = process_usage().expect("readable").0;
+            if later > cpu {
+                break;
+            }
+        }
+        assert!(later > cpu, "CPU time never advanced from {cpu} s");
         assert!(
             rss > 1024 * 1024,
             "a test process has more than 1 MiB resident, got {rss}"

@@ -20,9 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use tracing::warn;
+
 pub use api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack, SfuConfig,
-    SfuError, SfuEvent, Subscription,
+    SfuError, SfuEvent, Subscription, DEFAULT_SOCKET_BUFFER_BYTES,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
 pub use shard::EventSink;
@@ -48,10 +50,59 @@ pub struct Sfu {
     stop: Arc<AtomicBool>,
 }
 
-#[derive(Default)]
+/// Which shard each conference and peer lives on. New conferences go to the shard with the
+/// fewest peers, counted here as they are placed: the shards' own published counts lag by
+/// up to a housekeeping round, and a burst of new conferences would all land on one shard.
 struct Placement {
+    /// Conference → (shard, peers in it).
     conferences: HashMap<ConferenceId, (usize, usize)>,
     peers: HashMap<PeerId, (usize, ConferenceId)>,
+    /// Peers placed on each shard.
+    per_shard: Vec<usize>,
+}
+
+impl Placement {
+    fn new(shards: usize) -> Self {
+        Placement {
+            conferences: HashMap::new(),
+            peers: HashMap::new(),
+            per_shard: vec![0; shards.max(1)],
+        }
+    }
+
+    /// The shard of `conference` (placing it if new) for a new `peer`.
+    fn place(&mut self, peer: PeerId, conference: ConferenceId) -> usize {
+        if let Some(old) = self.peers.get(&peer).copied() {
+            return old.0; // the same peer again: already counted
+        }
+        let idx = match self.conferences.get(&conference) {
+            Some((idx, _)) => *idx,
+            None => (0..self.per_shard.len())
+                .min_by_key(|i| self.per_shard[*i])
+                .unwrap_or(0),
+        };
+        self.conferences.entry(conference).or_insert((idx, 0)).1 += 1;
+        self.peers.insert(peer, (idx, conference));
+        self.per_shard[idx] += 1;
+        idx
+    }
+
+    /// Forget `peer`; returns the shard it was on.
+    fn remove(&mut self, peer: PeerId) -> Option<usize> {
+        let (idx, conf) = self.peers.remove(&peer)?;
+        self.per_shard[idx] = self.per_shard[idx].saturating_sub(1);
+        if let Some(e) = self.conferences.get_mut(&conf) {
+            e.1 -= 1;
+            if e.1 == 0 {
+                self.conferences.remove(&conf);
+            }
+        }
+        Some(idx)
+    }
+
+    fn shard_of(&self, peer: PeerId) -> Option<usize> {
+        self.peers.get(&peer).map(|(idx, _)| *idx)
+    }
 }
 
 impl Sfu {
@@ -72,6 +123,19 @@ impl Sfu {
                 source,
             })?;
             let local = socket.local_addr().map_err(SfuError::Thread)?;
+            match net::size_buffers(&socket, config.socket_buffer_bytes) {
+                Ok((rcv, _)) if rcv / 2 < config.socket_buffer_bytes => warn!(
+                    shard = i,
+                    asked = config.socket_buffer_bytes,
+                    granted = rcv / 2,
+                    "UDP receive buffer smaller than asked: raise net.core.rmem_max or grant CAP_NET_ADMIN"
+                ),
+                Ok(_) => {}
+                Err(e) => warn!(shard = i, error = %e, "could not size the UDP buffers"),
+            }
+            if let Err(e) = net::count_drops(&socket) {
+                warn!(shard = i, error = %e, "kernel receive drops will not be counted");
+            }
             let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
             let waker = Arc::new(net::Waker::new().map_err(SfuError::Thread)?);
             let stats = Arc::new(ShardStats::default());
@@ -100,7 +164,7 @@ impl Sfu {
         }
         Ok(Sfu {
             shards,
-            placement: Mutex::new(Placement::default()),
+            placement: Mutex::new(Placement::new(config.shards)),
             stop,
         })
     }
@@ -119,34 +183,17 @@ impl Sfu {
                 Command::CreatePeer {
                     peer, conference, ..
                 }
-                | Command::DialTrunk { peer, conference } => {
-                    let idx = match pl.conferences.get(conference) {
-                        Some((idx, _)) => *idx,
-                        None => self.least_loaded(),
-                    };
-                    let entry = pl.conferences.entry(*conference).or_insert((idx, 0));
-                    entry.1 += 1;
-                    pl.peers.insert(*peer, (idx, *conference));
-                    idx
-                }
-                Command::ClosePeer { peer } => match pl.peers.remove(peer) {
-                    Some((idx, conf)) => {
-                        if let Some(e) = pl.conferences.get_mut(&conf) {
-                            e.1 -= 1;
-                            if e.1 == 0 {
-                                pl.conferences.remove(&conf);
-                            }
-                        }
-                        idx
-                    }
+                | Command::DialTrunk { peer, conference } => pl.place(*peer, *conference),
+                Command::ClosePeer { peer } => match pl.remove(*peer) {
+                    Some(idx) => idx,
                     None => return Ok(()),
                 },
                 Command::RemoteOffer { peer, .. }
                 | Command::RemoteAnswer { peer, .. }
                 | Command::RemoteCandidates { peer, .. }
                 | Command::Subscribe { peer, .. }
-                | Command::SendData { peer, .. } => match pl.peers.get(peer) {
-                    Some((idx, _)) => *idx,
+                | Command::SendData { peer, .. } => match pl.shard_of(*peer) {
+                    Some(idx) => idx,
                     None => return Ok(()),
                 },
             }
@@ -163,20 +210,7 @@ impl Sfu {
     /// Forget a peer the media plane closed by itself (keeps placement counts right).
     pub fn forget_peer(&self, peer: PeerId) {
         let mut pl = self.placement.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((_, conf)) = pl.peers.remove(&peer) {
-            if let Some(e) = pl.conferences.get_mut(&conf) {
-                e.1 -= 1;
-                if e.1 == 0 {
-                    pl.conferences.remove(&conf);
-                }
-            }
-        }
-    }
-
-    fn least_loaded(&self) -> usize {
-        (0..self.shards.len())
-            .min_by_key(|i| self.shards[*i].stats.peers.load(Ordering::Relaxed))
-            .unwrap_or(0)
+        pl.remove(peer);
     }
 
     /// Counters summed over all shards.
@@ -200,5 +234,33 @@ impl Sfu {
 impl Drop for Sfu {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_of_new_conferences_is_spread_over_the_shards() {
+        let mut pl = Placement::new(2);
+        let shards: Vec<usize> = (0..4)
+            .map(|i| pl.place(PeerId(i), ConferenceId(i)))
+            .collect();
+        assert_eq!(shards, vec![0, 1, 0, 1]);
+        // A conference's later peers join it where it is, whatever the load.
+        assert_eq!(pl.place(PeerId(10), ConferenceId(0)), 0);
+        assert_eq!(pl.place(PeerId(11), ConferenceId(0)), 0);
+        assert_eq!(pl.per_shard, vec![4, 2]);
+        // Leaving frees room: the next new conference goes where fewest peers are.
+        for p in [0, 10, 11] {
+            assert_eq!(pl.remove(PeerId(p)), Some(0));
+        }
+        assert_eq!(pl.remove(PeerId(0)), None, "removed once only");
+        assert_eq!(pl.place(PeerId(20), ConferenceId(9)), 0);
+        assert!(
+            !pl.conferences.contains_key(&ConferenceId(0)),
+            "an empty conference is forgotten"
+        );
     }
 }

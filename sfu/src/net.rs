@@ -14,12 +14,17 @@ pub const RECV_BATCH: usize = 32;
 /// anything larger is truncated by the kernel and then rejected by the engine as malformed.
 pub const MAX_DATAGRAM: usize = 2048;
 
+/// Room for one `SO_RXQ_OVFL` control message (a u32 after the cmsg header), 8-aligned.
+type Control = [u64; 4];
+
 /// Receive buffers for one batch, allocated once per shard.
 pub struct RecvBatch {
     bufs: Vec<[u8; MAX_DATAGRAM]>,
     addrs: Vec<libc::sockaddr_storage>,
     lens: Vec<usize>,
+    controls: Vec<Control>,
     count: usize,
+    kernel_drops: Option<u32>,
 }
 
 impl Default for RecvBatch {
@@ -29,7 +34,9 @@ impl Default for RecvBatch {
             // SAFETY: sockaddr_storage is plain old data; all-zero is a valid (empty) value.
             addrs: vec![unsafe { MaybeUninit::zeroed().assume_init() }; RECV_BATCH],
             lens: vec![0; RECV_BATCH],
+            controls: vec![[0; 4]; RECV_BATCH],
             count: 0,
+            kernel_drops: None,
         }
     }
 }
@@ -41,6 +48,81 @@ impl RecvBatch {
             let addr = sockaddr_to_std(&self.addrs[i])?;
             Some((addr, &self.bufs[i][..self.lens[i]]))
         })
+    }
+
+    /// Datagrams the kernel has dropped on this socket since it was created because its
+    /// receive buffer was full, as of the last datagram read (needs [`count_drops`]). The
+    /// kernel's counter is 32 bits and wraps.
+    pub fn kernel_drops(&self) -> Option<u32> {
+        self.kernel_drops
+    }
+}
+
+/// Ask the kernel to report, with each datagram, how many it dropped on this socket for want
+/// of receive buffer (`SO_RXQ_OVFL`).
+pub fn count_drops(socket: &UdpSocket) -> io::Result<()> {
+    set_int(socket, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)
+}
+
+/// Size the socket's receive and send buffers to `bytes`, beyond `net.core.rmem_max` /
+/// `wmem_max` where the process may (`SO_RCVBUFFORCE` needs `CAP_NET_ADMIN`). Returns the
+/// sizes the kernel granted (it reports twice what it accounts as payload room).
+pub fn size_buffers(socket: &UdpSocket, bytes: usize) -> io::Result<(usize, usize)> {
+    let want = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    for (opt, force) in [
+        (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE),
+        (libc::SO_SNDBUF, libc::SO_SNDBUFFORCE),
+    ] {
+        if set_int(socket, libc::SOL_SOCKET, force, want).is_err() {
+            set_int(socket, libc::SOL_SOCKET, opt, want)?;
+        }
+    }
+    Ok((
+        get_int(socket, libc::SOL_SOCKET, libc::SO_RCVBUF)? as usize,
+        get_int(socket, libc::SOL_SOCKET, libc::SO_SNDBUF)? as usize,
+    ))
+}
+
+fn set_int(
+    socket: &UdpSocket,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
+    // SAFETY: passes a live c_int and its size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn get_int(socket: &UdpSocket, level: libc::c_int, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: passes a live c_int and its size for the kernel to fill.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            opt,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 {
+        Ok(v)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -56,6 +138,8 @@ pub fn recv_batch(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize
         hdrs[i].msg_hdr.msg_iovlen = 1;
         hdrs[i].msg_hdr.msg_name = (&mut batch.addrs[i] as *mut libc::sockaddr_storage).cast();
         hdrs[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+        hdrs[i].msg_hdr.msg_control = batch.controls[i].as_mut_ptr().cast();
+        hdrs[i].msg_hdr.msg_controllen = std::mem::size_of::<Control>();
     }
     // SAFETY: every header points at a live buffer of the stated length owned by `batch`.
     let n = unsafe {
@@ -78,9 +162,28 @@ pub fn recv_batch(socket: &UdpSocket, batch: &mut RecvBatch) -> io::Result<usize
     let n = n as usize;
     for (i, hdr) in hdrs.iter().enumerate().take(n) {
         batch.lens[i] = (hdr.msg_len as usize).min(MAX_DATAGRAM);
+        if let Some(d) = rxq_ovfl(&hdr.msg_hdr) {
+            batch.kernel_drops = Some(d);
+        }
     }
     batch.count = n;
     Ok(n)
+}
+
+/// The `SO_RXQ_OVFL` drop counter in a received message's control data, if present.
+fn rxq_ovfl(msg: &libc::msghdr) -> Option<u32> {
+    // SAFETY: `msg` was filled by recvmmsg with msg_control pointing at a live, aligned
+    // buffer of msg_controllen bytes; the CMSG_* helpers stay inside it.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SO_RXQ_OVFL {
+                return Some(std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<u32>()));
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    None
 }
 
 /// Linux `UDP_SEGMENT` (uapi/linux/udp.h): the socket-level option and cmsg type for GSO.
@@ -310,11 +413,12 @@ impl Waker {
         unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
     }
 
-    /// Reset after waking up.
-    pub fn drain(&self) {
+    /// Reset after waking up; returns whether a wake-up was pending.
+    pub fn drain(&self) -> bool {
         let mut v: u64 = 0;
         // SAFETY: reads 8 bytes into a live u64; EAGAIN when nothing is pending is fine.
-        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        n == 8 && v > 0
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -495,14 +599,63 @@ mod tests {
     }
 
     #[test]
+    fn datagrams_the_kernel_drops_for_a_full_buffer_are_counted() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        count_drops(&rx).unwrap();
+        // The smallest buffer the kernel allows: a few datagrams fill it.
+        set_int(&rx, libc::SOL_SOCKET, libc::SO_RCVBUF, 1).unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..200 {
+            tx.send_to(&[7u8; 1000], rx.local_addr().unwrap()).unwrap();
+        }
+        let mut batch = RecvBatch::default();
+        let mut queued = 0;
+        loop {
+            let n = recv_batch(&rx, &mut batch).unwrap();
+            if n == 0 {
+                break;
+            }
+            queued += n;
+        }
+        assert!(
+            queued > 0 && queued < 200,
+            "some were queued, not all: {queued}"
+        );
+        // The kernel stamps each datagram with the count when it queues it: the next one
+        // carries every drop of the flood.
+        tx.send_to(&[7u8; 10], rx.local_addr().unwrap()).unwrap();
+        assert_eq!(recv_batch(&rx, &mut batch).unwrap(), 1);
+        let drops = batch.kernel_drops().expect("SO_RXQ_OVFL reported");
+        assert_eq!(
+            drops as usize,
+            200 - queued,
+            "every datagram not queued was counted"
+        );
+    }
+
+    #[test]
+    fn buffers_are_sized_as_asked_where_allowed() {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (rcv, snd) = size_buffers(&s, 4 * 1024 * 1024).unwrap();
+        // The kernel reports twice the size; without CAP_NET_ADMIN it caps at rmem_max.
+        let cap = std::fs::read_to_string("/proc/sys/net/core/rmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        assert!(rcv >= (4 * 1024 * 1024).min(cap), "{rcv} (rmem_max {cap})");
+        assert!(snd > 0);
+    }
+
+    #[test]
     fn waker_interrupts_a_wait() {
         let s = UdpSocket::bind("127.0.0.1:0").unwrap();
         let waker = std::sync::Arc::new(Waker::new().unwrap());
         let w2 = waker.clone();
+        assert!(!waker.drain(), "nothing pending before the wake");
         let t = std::thread::spawn(move || w2.wake());
-        // Without the wake this would block for an hour.
-        wait_readable(&s, &waker, Some(Duration::from_secs(3600)));
-        waker.drain();
+        // Bounded: a broken waker fails the test after the timeout instead of hanging it.
+        wait_readable(&s, &waker, Some(Duration::from_secs(20)));
+        assert!(waker.drain(), "the wait ended by the wake, not the timeout");
         t.join().unwrap();
     }
 

@@ -47,6 +47,13 @@ const TRUNK_CHANNEL_LABEL: &str = "weir-trunk";
 /// Most remote candidates taken from one message: a trunk peer has a handful of host
 /// candidates; more is refused rather than fed to ICE.
 const MAX_REMOTE_CANDIDATES: usize = 32;
+/// Source addresses remembered per peer. A participant changes address on a network switch and
+/// may check a few candidate pairs; more than this are forgotten oldest first, so the address
+/// map stays bounded whatever a peer sends.
+const MAX_ADDRS_PER_PEER: usize = 8;
+/// Most engine outputs drained from a closing peer (RTCP BYE per stream, DTLS close_notify,
+/// SCTP shutdown): a bound, not a target.
+const CLOSE_DRAIN_OUTPUTS: usize = 256;
 /// How long a new subscriber waits for a keyframe before asking again.
 const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
 
@@ -244,6 +251,9 @@ impl<S: EventSink> Shard<S> {
                 }
             };
             let now = Instant::now();
+            if let Some(d) = batch.kernel_drops() {
+                self.counters.kernel_drops = u64::from(d);
+            }
             if received > 0 {
                 for (from, data) in batch.iter() {
                     self.handle_datagram(from, data, now);
@@ -891,6 +901,12 @@ impl<S: EventSink> Shard<S> {
                         self.by_addr.insert(from, id);
                         if let Some(p) = self.peers.get_mut(&id) {
                             p.addrs.push(from);
+                            // A peer that keeps moving (or forges checks from many ports
+                            // with its own credentials) keeps only its latest addresses.
+                            if p.addrs.len() > MAX_ADDRS_PER_PEER {
+                                let old = p.addrs.remove(0);
+                                self.by_addr.remove(&old);
+                            }
                         }
                         id
                     }
@@ -1381,6 +1397,15 @@ impl<S: EventSink> Shard<S> {
     }
 
     fn housekeeping(&mut self, now: Instant) {
+        // Superseded deadlines stay in the heap until they fall due; a peer whose deadline
+        // keeps moving out would grow it. Rebuild from the live deadlines when it bloats.
+        if self.timers.len() > 4 * self.peers.len() + 64 {
+            self.timers = self
+                .peers
+                .iter()
+                .filter_map(|(id, p)| p.timeout.map(|t| Reverse((t, *id))))
+                .collect();
+        }
         let mut dead = Vec::new();
         for (id, p) in &self.peers {
             if !p.connected
@@ -1484,15 +1509,20 @@ impl<S: EventSink> Shard<S> {
         let Some(mut peer) = self.peers.remove(&id) else {
             return;
         };
-        peer.rtc.disconnect();
-        // Let DTLS close_notify and RTCP BYE out.
-        while let Ok(out) = peer.rtc.poll_output() {
-            match out {
-                Output::Transmit(t) => self.sendq.push(t.destination, &t.contents),
-                Output::Timeout(_) => break,
-                Output::Event(_) => {}
+        // A graceful close queues RTCP BYE and DTLS close_notify, so the other side learns at
+        // once that the call ended instead of timing out. Drained right away (bounded: a
+        // closing engine yields a handful of datagrams), then the engine is dropped.
+        if peer.connected && peer.rtc.close().is_ok() {
+            let _ = peer.rtc.handle_input(Input::Timeout(Instant::now()));
+            for _ in 0..CLOSE_DRAIN_OUTPUTS {
+                match peer.rtc.poll_output() {
+                    Ok(Output::Transmit(t)) => self.sendq.push(t.destination, &t.contents),
+                    Ok(Output::Event(_)) => {}
+                    Ok(Output::Timeout(_)) | Err(_) => break,
+                }
             }
         }
+        peer.rtc.disconnect();
         for a in &peer.addrs {
             self.by_addr.remove(a);
         }

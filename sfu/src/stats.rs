@@ -99,6 +99,9 @@ pub(crate) struct ShardCounters {
     pub send_calls: u64,
     /// Engine timers fired (per-peer housekeeping inside the engine: RTCP, ICE, DTLS, SCTP).
     pub engine_timeouts: u64,
+    /// Datagrams the kernel dropped on the shard's socket for want of receive buffer (its
+    /// 32-bit counter, as last reported with a received datagram).
+    pub kernel_drops: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -134,6 +137,7 @@ impl ShardCounters {
         to.keyframe_requests.store(self.keyframe_requests, r);
         to.send_messages.store(self.send_calls, r);
         to.engine_timeouts.store(self.engine_timeouts, r);
+        to.kernel_drops.store(self.kernel_drops, r);
         for (i, d) in self.drops.iter().enumerate() {
             to.drops[i].store(*d, r);
         }
@@ -160,6 +164,7 @@ pub struct ShardStats {
     pub keyframe_requests: AtomicU64,
     pub send_messages: AtomicU64,
     pub engine_timeouts: AtomicU64,
+    pub kernel_drops: AtomicU64,
     pub drops: [AtomicU64; DropReason::ALL.len()],
     pub peers: AtomicU64,
     pub conferences: AtomicU64,
@@ -181,6 +186,8 @@ pub struct StatsSnapshot {
     /// is the average GSO batch.
     pub send_messages: u64,
     pub engine_timeouts: u64,
+    /// Datagrams the kernel dropped before any shard read them (full receive buffers).
+    pub kernel_drops: u64,
     pub drops: Vec<(DropReason, u64)>,
     pub peers: u64,
     pub conferences: u64,
@@ -209,6 +216,7 @@ impl StatsSnapshot {
             s.keyframe_requests += sh.keyframe_requests.load(r);
             s.send_messages += sh.send_messages.load(r);
             s.engine_timeouts += sh.engine_timeouts.load(r);
+            s.kernel_drops += sh.kernel_drops.load(r);
             for (i, d) in sh.drops.iter().enumerate() {
                 s.drops[i].1 += d.load(r);
             }

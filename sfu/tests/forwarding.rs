@@ -32,6 +32,8 @@ struct Client {
     received: Vec<(Mid, u64, Vec<u8>)>,
     keyframe_requests: usize,
     inactive_mids: usize,
+    /// The engine reported the connection closed by the other side.
+    closed: bool,
 }
 
 impl Client {
@@ -52,6 +54,7 @@ impl Client {
             received: Vec::new(),
             keyframe_requests: 0,
             inactive_mids: 0,
+            closed: false,
         }
     }
 
@@ -144,6 +147,7 @@ impl Client {
                     self.received.push((mid, *p.seq_no, p.payload.to_vec()));
                 }
                 Output::Event(Event::KeyframeRequest(_)) => self.keyframe_requests += 1,
+                Output::Event(Event::Closed) => self.closed = true,
                 Output::Event(Event::MediaChanged(m)) if m.direction == Direction::Inactive => {
                     self.inactive_mids += 1
                 }
@@ -802,4 +806,84 @@ fn a_late_answer_to_a_rolled_back_offer_is_ignored_and_negotiation_stays_in_step
             .map_or(0, |(_, n)| *n)
     };
     world.run_until("the late answer counted as stale", |w| stale(w) == 1);
+}
+
+/// Story: Bob's subscription to Alice's video flips on and off 1000 times, faster than
+/// renegotiation can follow: offers and answers cross the flips at every stage. Whatever was
+/// asked in between, Bob ends up receiving the track he asked for last, and no offer is left
+/// without its answer.
+#[test]
+fn a_subscription_toggled_a_thousand_times_ends_with_the_track_asked_for_last() {
+    let mut world = simulcast_call();
+    let video = Subscription {
+        stream_id: "alice-stream".into(),
+        track_id: "alice-video".into(),
+        max_height: None,
+        source_height: Some(720),
+    };
+    for i in 0..1000 {
+        let subscriptions = if i % 2 == 0 {
+            vec![]
+        } else {
+            vec![video.clone()]
+        };
+        world
+            .sfu
+            .send(Command::Subscribe {
+                peer: PeerId(1),
+                subscriptions,
+            })
+            .unwrap();
+        // Let whatever is in flight move a little: answers land between flips.
+        for c in &mut world.clients {
+            c.pump();
+        }
+        while let Ok(ev) = world.events.try_recv() {
+            world.handle(ev);
+        }
+    }
+    // The last flip (i = 999) asked for the video.
+    let mut alice = SimulcastSender::default();
+    let before = world.clients[1].received.len();
+    world.run_until("bob receives alice's video after the last flip", |w| {
+        alice.round(w, &["q", "h", "f"]);
+        w.clients[1].received[before..]
+            .iter()
+            .filter(|r| r.2.len() > 100)
+            .count()
+            >= 10
+    });
+    let offers = offers_to(&world, PeerId(1)).len();
+    assert!(offers > 2, "the flips did renegotiate: {offers} offers");
+    assert!(
+        !world.log.iter().any(|e| matches!(
+            e,
+            SfuEvent::NegotiationFailed {
+                peer: PeerId(1),
+                ..
+            }
+        )),
+        "every answer matched its offer"
+    );
+}
+
+/// Story: the focus hangs up on Bob. His engine learns it at once from the DTLS close_notify
+/// the focus sends on closing, instead of waiting for ICE consent to time out, and Alice's
+/// call goes on.
+#[test]
+fn a_closed_peer_is_told_with_close_notify() {
+    let mut world = World::new(&["alice", "bob"]);
+    let offer = world.clients[0].offer(&[("audio", MediaKind::Audio)]);
+    world.call(0, offer);
+    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
+    world.call(1, offer);
+    world.run_until("both connected", |w| {
+        w.clients[0].connected && w.clients[1].connected
+    });
+    world
+        .sfu
+        .send(Command::ClosePeer { peer: PeerId(1) })
+        .unwrap();
+    world.run_until("bob's engine sees the close", |w| w.clients[1].closed);
+    assert!(!world.clients[0].closed, "alice's connection stays up");
 }
