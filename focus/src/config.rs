@@ -41,6 +41,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct MatrixConfig {
+    /// Sign in to a homeserver (the normal case). `false` runs the focus in direct mode only
+    /// (`http.direct_token` required): the media plane load-tested alone, no homeserver.
+    pub enabled: bool,
     pub homeserver_url: String,
     pub user_id: String,
     pub password: String,
@@ -55,6 +58,7 @@ pub struct MatrixConfig {
 impl Default for MatrixConfig {
     fn default() -> Self {
         MatrixConfig {
+            enabled: true,
             homeserver_url: "http://127.0.0.1:8008".into(),
             user_id: String::new(),
             password: String::new(),
@@ -77,6 +81,7 @@ pub struct MediaConfig {
     pub advertise_ips: Vec<IpAddr>,
     pub connect_timeout_s: u64,
     pub silence_timeout_s: u64,
+    pub socket_buffer_bytes: usize,
 }
 
 impl Default for MediaConfig {
@@ -88,6 +93,7 @@ impl Default for MediaConfig {
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
             connect_timeout_s: 30,
             silence_timeout_s: 15,
+            socket_buffer_bytes: weir_sfu::DEFAULT_SOCKET_BUFFER_BYTES,
         }
     }
 }
@@ -177,19 +183,29 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.matrix;
-        if m.user_id.is_empty() {
-            return Err(ConfigError::Invalid("matrix.user_id is required".into()));
-        }
-        if let Err(e) = weir_signalling::UserId::try_from(m.user_id.as_str()) {
-            return Err(ConfigError::Invalid(format!(
-                "matrix.user_id {:?} is not a Matrix user id (@local:server): {e}",
-                m.user_id
-            )));
-        }
-        if m.password.is_empty() && m.access_token.is_empty() {
+        if m.enabled {
+            if m.user_id.is_empty() {
+                return Err(ConfigError::Invalid("matrix.user_id is required".into()));
+            }
+            if m.password.is_empty() && m.access_token.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "one of matrix.password or matrix.access_token is required".into(),
+                ));
+            }
+        } else if self.http.direct_token.is_empty() {
             return Err(ConfigError::Invalid(
-                "one of matrix.password or matrix.access_token is required".into(),
+                "matrix.enabled = false needs http.direct_token: without a homeserver, direct \
+                 mode is the only way to call the focus"
+                    .into(),
             ));
+        }
+        if !m.user_id.is_empty() {
+            if let Err(e) = weir_signalling::UserId::try_from(m.user_id.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "matrix.user_id {:?} is not a Matrix user id (@local:server): {e}",
+                    m.user_id
+                )));
+            }
         }
         if m.session_id.is_empty() {
             return Err(ConfigError::Invalid(
@@ -324,5 +340,16 @@ mod tests {
         std::fs::write(&file, "[matrix]\nuser_id = \"focus\"\npassword = \"x\"\n").unwrap();
         let err = Config::load(Some(&file), no_env).unwrap_err().to_string();
         assert!(err.contains("not a Matrix user id"), "{err}");
+        // Without Matrix, no credentials are needed, but direct mode is.
+        std::fs::write(&file, "[matrix]\nenabled = false\n").unwrap();
+        let err = Config::load(Some(&file), no_env).unwrap_err().to_string();
+        assert!(err.contains("direct_token"), "{err}");
+        std::fs::write(
+            &file,
+            "[matrix]\nenabled = false\n[http]\ndirect_token = \"t\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), no_env).unwrap();
+        assert!(!c.matrix.enabled);
     }
 }

@@ -111,17 +111,34 @@ async fn run(config: Config) -> Result<(), String> {
         advertise_ips: config.media.advertise_ips.clone(),
         connect_timeout: config.connect_timeout(),
         silence_timeout: config.silence_timeout(),
+        socket_buffer_bytes: config.media.socket_buffer_bytes,
     };
     let sfu = Arc::new(weir_sfu::Sfu::start(sfu_config, sfu_tx).map_err(|e| e.to_string())?);
     info!(addrs = ?sfu.local_addrs(), "media plane started");
     metrics.register_sfu(sfu.clone());
 
-    let sig_config = signalling_config(&config);
-    let (signalling, mut legs) = weir_signalling::start(sig_config, &metrics.registry)
-        .await
-        .map_err(|e| format!("matrix login/sync failed: {e}"))?;
-    info!(user = %signalling.user_id(), device = %signalling.device_id(), "signed in to matrix");
-    let signalling = Arc::new(signalling);
+    // Matrix signalling, unless the focus runs in direct mode only (then `legs` never
+    // delivers: its sender is kept, unused, until the focus stops).
+    let (_no_matrix, no_legs) = tokio::sync::mpsc::channel(1);
+    let (signalling, mut legs) = if config.matrix.enabled {
+        let sig_config = signalling_config(&config);
+        let (signalling, legs) = weir_signalling::start(sig_config, &metrics.registry)
+            .await
+            .map_err(|e| format!("matrix login/sync failed: {e}"))?;
+        info!(user = %signalling.user_id(), device = %signalling.device_id(), "signed in to matrix");
+        (Some(Arc::new(signalling)), legs)
+    } else {
+        info!("matrix disabled: direct mode only");
+        (None, no_legs)
+    };
+    // Who the focus is on the wire: its Matrix identity, or the configured one without Matrix.
+    let (own_user, own_device) = match &signalling {
+        Some(s) => (s.user_id().clone(), s.device_id().clone()),
+        None => (
+            direct_only_user(&config.matrix.user_id),
+            config.matrix.device_id.as_str().into(),
+        ),
+    };
 
     // Direct mode (load testing without a homeserver): off unless a token is configured.
     let (direct_tx, mut direct_rx) = tokio::sync::mpsc::channel(1024);
@@ -129,8 +146,8 @@ async fn run(config: Config) -> Result<(), String> {
         None
     } else {
         let me = weir_signalling::wire::Identity {
-            user_id: signalling.user_id().clone(),
-            device_id: signalling.device_id().clone(),
+            user_id: own_user.clone(),
+            device_id: own_device.clone(),
             session_id: config.matrix.session_id.as_str().into(),
         };
         let hub = direct::DirectHub::new(&config.http.direct_token, me, direct_tx)
@@ -152,7 +169,7 @@ async fn run(config: Config) -> Result<(), String> {
         config.http.listen,
         http::HttpState {
             metrics: metrics.clone(),
-            ready: Arc::new(move || ready_handle.is_ready()),
+            ready: Arc::new(move || ready_handle.as_ref().is_none_or(|s| s.is_ready())),
         },
         direct.clone().map(direct::routes),
     )
@@ -166,8 +183,8 @@ async fn run(config: Config) -> Result<(), String> {
         },
         sfu.clone(),
         metrics.clone(),
-        signalling.user_id().clone(),
-        signalling.device_id().to_string(),
+        own_user,
+        own_device.to_string(),
     );
     let mut ticker = tokio::time::interval(CONDUCTOR_TICK);
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
@@ -190,32 +207,42 @@ async fn run(config: Config) -> Result<(), String> {
     let sfu_stop = sfu.clone();
     let _ = tokio::task::spawn_blocking(move || sfu_stop.shutdown()).await;
     drop(conductor);
-    match Arc::try_unwrap(signalling) {
-        Ok(s) => {
-            if tokio::time::timeout(SHUTDOWN_FLUSH, s.shutdown())
-                .await
-                .is_err()
-            {
+    match signalling.map(Arc::try_unwrap) {
+        None => {}
+        Some(Ok(s)) => {
+            let flushed = tokio::time::timeout(SHUTDOWN_FLUSH, s.shutdown()).await;
+            if flushed.is_err() {
                 warn!("hangups were not all delivered within {:?}", SHUTDOWN_FLUSH);
             }
         }
-        Err(_) => warn!("signalling still shared at shutdown; hangups may not be flushed"),
+        Some(Err(_)) => warn!("signalling still shared at shutdown; hangups may not be flushed"),
     }
     info!("stopped");
     Ok(())
 }
 
+/// The focus's user id without Matrix: the configured one, else a fixed placeholder (it only
+/// appears in the events direct-mode clients receive).
+fn direct_only_user(configured: &str) -> weir_signalling::UserId {
+    weir_signalling::UserId::try_from(configured)
+        .or_else(|_| weir_signalling::UserId::try_from("@weir-focus:direct.invalid"))
+        .expect("the placeholder is a valid user id")
+}
+
 /// Where the conductor's call signalling goes: the Matrix side, or direct mode for its legs.
 struct SharedLegs {
-    matrix: Arc<weir_signalling::SignallingHandle>,
+    matrix: Option<Arc<weir_signalling::SignallingHandle>>,
     direct: Option<direct::DirectHub>,
 }
 
 impl conductor::LegSender for SharedLegs {
     fn send(&self, cmd: weir_signalling::LegCommand) {
-        match &self.direct {
-            Some(d) if direct::is_direct(&cmd.leg().room_id) => d.command(cmd),
-            _ => self.matrix.send(cmd),
+        match (&self.direct, &self.matrix) {
+            (Some(d), _) if direct::is_direct(&cmd.leg().room_id) => d.command(cmd),
+            (_, Some(m)) => m.send(cmd),
+            (_, None) => {
+                warn!(leg = %cmd.leg().call_id, "no Matrix signalling for this leg; dropped")
+            }
         }
     }
 }

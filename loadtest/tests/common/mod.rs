@@ -192,6 +192,30 @@ impl Focus {
         password: &str,
         media: &str,
     ) -> Focus {
+        let state = dir.join(format!("{localpart}-{device}-state"));
+        std::fs::create_dir_all(&state).expect("focus state dir");
+        let matrix = format!(
+            "[matrix]\nhomeserver_url = {:?}\nuser_id = \"@{localpart}:{}\"\npassword = {:?}\n\
+             device_id = {device:?}\nsession_id = \"sfu\"\nstate_dir = {:?}\n",
+            syn.url(),
+            syn.server_name(),
+            password,
+            state.display().to_string(),
+        );
+        Self::spawn(dir, &format!("{localpart}-{device}"), &matrix, media)
+    }
+
+    /// A focus with Matrix switched off: direct mode only, no homeserver anywhere.
+    pub fn start_direct_only(dir: &Path) -> Focus {
+        // A homeserver URL nothing listens on: the focus must not need it.
+        let matrix = "[matrix]\nenabled = false\nhomeserver_url = \"http://127.0.0.1:9\"\n\
+                      device_id = \"WEIRFOCUS\"\n";
+        Self::spawn(dir, "direct-only", matrix, "")
+    }
+
+    /// Start the focus binary with `matrix` (its `[matrix]` section) and extra `[media]`
+    /// lines, direct mode on; returns once `/healthz` answers 200.
+    fn spawn(dir: &Path, name: &str, matrix: &str, media: &str) -> Focus {
         let bin = std::env::var_os("WEIR_FOCUS_BIN")
             .map(PathBuf::from)
             .unwrap_or_else(|| repo().join("target/debug/weir-focus"));
@@ -201,24 +225,16 @@ impl Focus {
             bin.display()
         );
         let http_port = free_port();
-        let state = dir.join(format!("{localpart}-{device}-state"));
-        std::fs::create_dir_all(&state).expect("focus state dir");
-        let config = dir.join(format!("{localpart}-{device}.toml"));
+        let config = dir.join(format!("{name}.toml"));
         std::fs::write(
             &config,
             format!(
-                "[matrix]\nhomeserver_url = {:?}\nuser_id = \"@{localpart}:{}\"\npassword = {:?}\n\
-                 device_id = {device:?}\nsession_id = \"sfu\"\nstate_dir = {:?}\n\n\
-                 [media]\nbind_ip = \"127.0.0.1\"\nadvertise_ips = [\"127.0.0.1\"]\n{media}\n\n\
+                "{matrix}\n[media]\nbind_ip = \"127.0.0.1\"\nadvertise_ips = [\"127.0.0.1\"]\n{media}\n\n\
                  [http]\nlisten = \"127.0.0.1:{http_port}\"\ndirect_token = {DIRECT_TOKEN:?}\n",
-                syn.url(),
-                syn.server_name(),
-                password,
-                state.display().to_string(),
             ),
         )
         .expect("focus config");
-        let log = dir.join(format!("{localpart}-{device}.log"));
+        let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("focus log");
         let child = Command::new(&bin)
             .arg("--config")
