@@ -12,7 +12,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{check, scratch_dir, tail, Focus, Synapse, DIRECT_TOKEN};
+use common::{check, run_direct, scratch_dir, tail, Focus, Synapse};
 
 #[test]
 fn two_rooms_of_four_through_synapse_arrive_unmodified_and_complete() {
@@ -92,43 +92,8 @@ fn two_rooms_of_four_through_synapse_arrive_unmodified_and_complete() {
 
     // The same focus in direct mode: no homeserver between participants and focus.
     let json = dir.join("direct.json");
-    let out = Command::new(lt)
-        .args(["run", "--direct"])
-        .arg(format!("http://127.0.0.1:{}", focus.http_port))
-        .args([
-            "--direct-token",
-            DIRECT_TOKEN,
-            "--focus-user",
-            "@focus:localhost",
-            "--focus-device",
-            "WEIRFOCUS",
-            "--rooms",
-            "1",
-            "--publishers",
-            "3",
-            "--duration",
-            "5",
-            "--setup-timeout",
-            "60",
-            "--quiet",
-            "--focus-metrics",
-        ])
-        .arg(format!("http://127.0.0.1:{}/metrics", focus.http_port))
-        .arg("--json")
-        .arg(&json)
-        .output()
-        .expect("weir-loadtest run --direct");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let context = format!(
-        "stdout:\n{stdout}\nstderr:\n{}\nfocus log:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        tail(&focus.log, 30)
-    );
-    assert!(
-        out.status.success(),
-        "direct-mode load test failed\n{context}"
-    );
-    println!("{stdout}");
+    let context = run_direct(&focus, "@focus:localhost", 3, &json);
+    println!("{context}");
     check(&json, 3, Some(2), &context);
 
     drop(focus);

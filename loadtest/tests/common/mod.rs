@@ -344,3 +344,39 @@ pub fn check(json: &Path, participants: usize, others: Option<usize>, context: &
         assert!(p["error"].is_null(), "{p}");
     }
 }
+
+/// Run the load tester against `focus` in direct mode (one room of `publishers`, calling
+/// `focus_user`) until it ends; it must succeed. Returns its output with the focus's log, for
+/// the checks' messages.
+pub fn run_direct(focus: &Focus, focus_user: &str, publishers: usize, json: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_weir-loadtest"))
+        .args(["run", "--direct"])
+        .arg(format!("http://127.0.0.1:{}", focus.http_port))
+        .args(["--direct-token", DIRECT_TOKEN, "--focus-user", focus_user])
+        .args([
+            "--focus-device",
+            "WEIRFOCUS",
+            "--rooms",
+            "1",
+            "--publishers",
+        ])
+        .arg(publishers.to_string())
+        .args(["--duration", "5", "--setup-timeout", "60", "--quiet"])
+        .arg("--focus-metrics")
+        .arg(format!("http://127.0.0.1:{}/metrics", focus.http_port))
+        .arg("--json")
+        .arg(json)
+        .output()
+        .expect("weir-loadtest run --direct");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let context = format!(
+        "stdout:\n{stdout}\nstderr:\n{}\nfocus log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        tail(&focus.log, 30)
+    );
+    assert!(
+        out.status.success(),
+        "direct-mode load test failed\n{context}"
+    );
+    context
+}
