@@ -11,11 +11,12 @@ use axum::Router;
 
 use crate::metrics::Metrics;
 
-/// What the HTTP handlers need: metrics, and whether the focus is ready to take calls.
+/// What the HTTP handlers need: metrics, and whether the focus can take calls (`Err` says
+/// why not).
 #[derive(Clone)]
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
-    pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    pub health: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
 pub fn router(state: HttpState, extra: Option<Router>) -> Router {
@@ -30,13 +31,9 @@ pub fn router(state: HttpState, extra: Option<Router>) -> Router {
 }
 
 async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
-    if (s.ready)() {
-        (StatusCode::OK, "ok\n")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "starting: not logged in or first sync not done\n",
-        )
+    match (s.health)() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
     }
 }
 

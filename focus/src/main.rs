@@ -165,11 +165,12 @@ async fn run(config: Config) -> Result<(), String> {
     };
 
     let ready_handle = signalling.clone();
+    let media = sfu.clone();
     let http = http::serve(
         config.http.listen,
         http::HttpState {
             metrics: metrics.clone(),
-            ready: Arc::new(move || ready_handle.as_ref().is_none_or(|s| s.is_ready())),
+            health: Arc::new(move || health(ready_handle.as_deref(), &media)),
         },
         direct.clone().map(direct::routes),
     )
@@ -219,6 +220,28 @@ async fn run(config: Config) -> Result<(), String> {
     }
     info!("stopped");
     Ok(())
+}
+
+/// `/healthz`: signed in and synced (when Matrix is on), and every media shard running.
+fn health(
+    signalling: Option<&weir_signalling::SignallingHandle>,
+    media: &weir_sfu::Sfu,
+) -> Result<(), String> {
+    if signalling.is_some_and(|s| !s.is_ready()) {
+        return Err("starting: not logged in or first sync not done".into());
+    }
+    let dead: Vec<usize> = media
+        .shards_alive()
+        .iter()
+        .enumerate()
+        .filter(|(_, alive)| !**alive)
+        .map(|(i, _)| i)
+        .collect();
+    if dead.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("media shards stopped: {dead:?}"))
+    }
 }
 
 /// The focus's user id without Matrix: the configured one, else a fixed placeholder (it only

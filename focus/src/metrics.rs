@@ -269,6 +269,11 @@ impl SfuCollector {
                 s.engine_timeouts,
             ),
             counter(
+                "weir_peer_panics_total",
+                "Panics caught while a media shard handled one peer; each closed that peer only",
+                s.peer_panics,
+            ),
+            counter(
                 "weir_udp_receive_drops_total",
                 "Datagrams the kernel dropped because a shard's UDP receive buffer was full (media.socket_buffer_bytes)",
                 s.kernel_drops,

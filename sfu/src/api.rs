@@ -90,6 +90,22 @@ pub enum Command {
     SendData { peer: PeerId, text: String },
 }
 
+impl Command {
+    /// The peer the command concerns.
+    pub fn peer(&self) -> PeerId {
+        match self {
+            Command::CreatePeer { peer, .. }
+            | Command::DialTrunk { peer, .. }
+            | Command::RemoteCandidates { peer, .. }
+            | Command::RemoteOffer { peer, .. }
+            | Command::RemoteAnswer { peer, .. }
+            | Command::ClosePeer { peer }
+            | Command::Subscribe { peer, .. }
+            | Command::SendData { peer, .. } => *peer,
+        }
+    }
+}
+
 /// What the far end of a connection is. Forwarding treats both alike except for the origin
 /// rule: a track that arrived on a trunk is never sent onto another trunk (in a full mesh of
 /// foci every track then crosses exactly one trunk, so no loop can form), and a trunk

@@ -7,6 +7,7 @@
 //! [`stats::DropReason`] reason; one peer's bad input never affects another peer.
 
 pub mod api;
+pub mod budget;
 pub mod engine;
 pub mod forward;
 pub mod ids;
@@ -211,6 +212,21 @@ impl Sfu {
     pub fn forget_peer(&self, peer: PeerId) {
         let mut pl = self.placement.lock().unwrap_or_else(|e| e.into_inner());
         pl.remove(peer);
+    }
+
+    /// Whether each shard's thread is still running. A shard stops only at shutdown or on a
+    /// bug outside any one peer's handling (a panic while handling a peer closes that peer).
+    pub fn shards_alive(&self) -> Vec<bool> {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.thread
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .is_some_and(|t| !t.is_finished())
+            })
+            .collect()
     }
 
     /// Counters summed over all shards.

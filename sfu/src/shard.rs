@@ -8,6 +8,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::{SocketAddr, UdpSocket};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,7 @@ use crate::api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack, SfuConfig,
     SfuEvent, Subscription,
 };
+use crate::budget::RateBudget;
 use crate::engine::{self, parse_answer, parse_offer};
 use crate::forward::{
     rid_rank, starts_keyframe, Decision, KeyframeRequests, LayerActivity, LayerSelector, Rewritten,
@@ -42,6 +44,14 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
 /// Largest data-channel message passed to the control plane. MSC3898 messages are small JSON
 /// (a subscription list, a renegotiation SDP of tens of KiB); more is refused and counted.
 const MAX_DATA_MESSAGE: usize = 128 * 1024;
+/// Data-channel messages a peer may send per second, after a burst of [`DATA_MESSAGE_BURST`].
+/// MSC3898 traffic is a subscription change now and then and a ping every few seconds; a
+/// layout change resubscribes once. More is a flood: dropped and counted
+/// (`data_channel_flood`), so it never reaches the control plane's shared queues. Higher lets
+/// chattier clients through; lower cuts a flood sooner.
+const DATA_MESSAGES_PER_SECOND: u32 = 20;
+/// Data-channel messages a peer may send at once (joining: subscription, metadata, ping).
+const DATA_MESSAGE_BURST: u32 = 50;
 /// Label of the data channel weir opens on a trunk it dials.
 const TRUNK_CHANNEL_LABEL: &str = "weir-trunk";
 /// Most remote candidates taken from one message: a trunk peer has a handful of host
@@ -145,10 +155,14 @@ struct Peer {
     timeout: Option<Instant>,
     /// Queued in the shard's dirty list.
     dirty: bool,
+    /// A panic was caught while handling this peer: its engine is not touched again.
+    poisoned: bool,
     /// What the peer asked to receive; `None` until its first subscription: everything.
     explicit: Option<Vec<Subscription>>,
     /// The peer's data channel, once open.
     channel: Option<ChannelId>,
+    /// What it may send on its data channel.
+    data_budget: RateBudget,
 }
 
 impl Peer {
@@ -171,9 +185,11 @@ impl Peer {
             addrs: Vec::new(),
             timeout: None,
             dirty: false,
+            poisoned: false,
             // A trunk pulls only what its side subscribes to.
             explicit: (role == PeerRole::Trunk).then(Vec::new),
             channel: None,
+            data_budget: RateBudget::new(DATA_MESSAGE_BURST, DATA_MESSAGES_PER_SECOND, now),
         }
     }
 }
@@ -197,6 +213,9 @@ pub(crate) struct Shard<S: EventSink> {
     counters: ShardCounters,
     stats: Arc<ShardStats>,
     next_housekeeping: Instant,
+    /// The peer being handled right now (innermost), to blame a panic on: set around every
+    /// touch of one peer's engine and restored after, so a panic leaves it naming the peer.
+    current: Option<PeerId>,
 }
 
 impl<S: EventSink> Shard<S> {
@@ -232,6 +251,7 @@ impl<S: EventSink> Shard<S> {
             counters: ShardCounters::default(),
             stats,
             next_housekeeping: Instant::now(),
+            current: None,
         })
     }
 
@@ -239,33 +259,14 @@ impl<S: EventSink> Shard<S> {
         info!(shard = self.index, addr = %self.local_addr, "media shard started");
         let mut batch = RecvBatch::default();
         while !self.stop.load(Ordering::Relaxed) {
-            self.waker.drain();
-            while let Ok(cmd) = self.commands.try_recv() {
-                self.handle_command(cmd, Instant::now());
-            }
-            let received = match net::recv_batch(&self.socket, &mut batch) {
+            let turn = std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&mut batch)));
+            let received = match turn {
                 Ok(n) => n,
-                Err(e) => {
-                    warn!(shard = self.index, error = %e, "udp receive failed");
-                    0
+                Err(panic) => {
+                    self.recover(panic);
+                    continue;
                 }
             };
-            let now = Instant::now();
-            if let Some(d) = batch.kernel_drops() {
-                self.counters.kernel_drops = u64::from(d);
-            }
-            if received > 0 {
-                for (from, data) in batch.iter() {
-                    self.handle_datagram(from, data, now);
-                }
-            }
-            self.drain_dirty();
-            self.fire_timers(Instant::now());
-            if now >= self.next_housekeeping {
-                self.housekeeping(now);
-                self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
-            }
-            self.flush();
             if received == net::RECV_BATCH {
                 continue; // more may be waiting: don't sleep.
             }
@@ -287,6 +288,81 @@ impl<S: EventSink> Shard<S> {
         self.flush();
         self.counters.publish(&self.stats, 0, 0, 0);
         info!(shard = self.index, "media shard stopped");
+    }
+
+    /// One turn of the loop: commands, a batch of datagrams, engine output, due timers,
+    /// housekeeping, the batched send. Returns how many datagrams were read.
+    fn turn(&mut self, batch: &mut RecvBatch) -> usize {
+        self.current = None;
+        self.waker.drain();
+        while let Ok(cmd) = self.commands.try_recv() {
+            let prev = self.current.replace(cmd.peer());
+            self.handle_command(cmd, Instant::now());
+            self.current = prev;
+        }
+        let received = match net::recv_batch(&self.socket, batch) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(shard = self.index, error = %e, "udp receive failed");
+                0
+            }
+        };
+        let now = Instant::now();
+        if let Some(d) = batch.kernel_drops() {
+            self.counters.kernel_drops = u64::from(d);
+        }
+        if received > 0 {
+            for (from, data) in batch.iter() {
+                self.handle_datagram(from, data, now);
+            }
+        }
+        self.drain_dirty();
+        self.fire_timers(Instant::now());
+        if now >= self.next_housekeeping {
+            self.housekeeping(now);
+            self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
+        }
+        self.flush();
+        received
+    }
+
+    /// After a panic inside a turn: close the peer that was being handled (its engine or its
+    /// state may be half-updated), rebuild what the interrupted work may have left
+    /// inconsistent, and carry on with everyone else. A panic outside any peer's handling is
+    /// a bug of the shard itself: it is not hidden, the shard stops (and `/healthz` says so).
+    fn recover(&mut self, panic: Box<dyn std::any::Any + Send>) {
+        let Some(id) = self.current.take() else {
+            std::panic::resume_unwind(panic);
+        };
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        self.counters.peer_panics += 1;
+        warn!(shard = self.index, %id, panic = %what, "panic while handling a peer; closing that peer only");
+        if let Some(p) = self.peers.get_mut(&id) {
+            p.poisoned = true;
+        }
+        // Fan-out takes a track's subscriber list while it writes: derive every list again.
+        for p in self.tracks.values_mut() {
+            p.subscribers.clear();
+        }
+        for (sid, peer) in &self.peers {
+            for t in peer.out.keys() {
+                if let Some(p) = self.tracks.get_mut(t) {
+                    p.subscribers.push(*sid);
+                }
+            }
+        }
+        self.dirty.clear();
+        for (pid, p) in &mut self.peers {
+            p.dirty = *pid != id;
+            if p.dirty {
+                self.dirty.push(*pid);
+            }
+        }
+        self.close_peer(id, CloseReason::EngineError(format!("panic: {what}")));
     }
 
     fn emit(&mut self, event: SfuEvent) {
@@ -642,6 +718,12 @@ impl<S: EventSink> Shard<S> {
     /// Make an offer to `id` if what it should receive differs from what is negotiated and no
     /// offer is outstanding (one negotiation at a time per peer).
     fn maybe_offer(&mut self, id: PeerId) {
+        let prev = self.current.replace(id);
+        self.maybe_offer_inner(id);
+        self.current = prev;
+    }
+
+    fn maybe_offer_inner(&mut self, id: PeerId) {
         let Some(peer) = self.peers.get(&id) else {
             return;
         };
@@ -921,6 +1003,7 @@ impl<S: EventSink> Shard<S> {
             return;
         };
         peer.last_rx = now;
+        let prev = self.current.replace(id);
         if let Err(e) = peer.rtc.handle_input(input) {
             debug!(%id, error = %e, "engine rejected input");
             self.counters.drop(DropReason::Malformed);
@@ -929,6 +1012,7 @@ impl<S: EventSink> Shard<S> {
         // this peer before feeding it the next datagram. Subscribers written to meanwhile are
         // marked dirty and drained once per batch.
         self.drain_peer(id);
+        self.current = prev;
     }
 
     /// Queue a peer for draining (once: a flag on the peer, not a search of the list, since
@@ -954,6 +1038,12 @@ impl<S: EventSink> Shard<S> {
     }
 
     fn drain_peer(&mut self, id: PeerId) {
+        let prev = self.current.replace(id);
+        self.drain_peer_inner(id);
+        self.current = prev;
+    }
+
+    fn drain_peer_inner(&mut self, id: PeerId) {
         loop {
             let Some(peer) = self.peers.get_mut(&id) else {
                 return;
@@ -1055,7 +1145,13 @@ impl<S: EventSink> Shard<S> {
                 }
             }
             Event::ChannelData(d) => {
-                if d.binary || d.data.len() > MAX_DATA_MESSAGE {
+                let within_budget = self
+                    .peers
+                    .get_mut(&id)
+                    .is_some_and(|p| p.data_budget.allow(now));
+                if !within_budget {
+                    self.counters.drop(DropReason::DataChannelFlood);
+                } else if d.binary || d.data.len() > MAX_DATA_MESSAGE {
                     self.counters.drop(DropReason::DataChannel);
                 } else {
                     match String::from_utf8(d.data) {
@@ -1292,9 +1388,12 @@ impl<S: EventSink> Shard<S> {
                 }
             };
             let mid = out.mid;
+            // A panic in the subscriber's engine is the subscriber's.
+            let publisher = self.current.replace(*sub);
             let mut api = speer.rtc.direct_api();
             debug_assert!(out.trunk.is_some() || out.layers.current() == Some(rid));
             let Some(tx) = api.stream_tx_by_mid(mid, tx_rid) else {
+                self.current = publisher;
                 self.counters.drop(DropReason::NoSendStream);
                 continue;
             };
@@ -1304,6 +1403,7 @@ impl<S: EventSink> Shard<S> {
                     .ext_vals(ext.clone())
                     .nackable(nackable),
             );
+            self.current = publisher;
             self.counters.rtp_forwarded += 1;
             if speer.role == PeerRole::Trunk {
                 self.counters.trunk.packets_out += 1;
@@ -1387,11 +1487,14 @@ impl<S: EventSink> Shard<S> {
             }
             peer.timeout = None;
             self.counters.engine_timeouts += 1;
+            self.current = Some(id);
             if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
                 self.close_peer(id, CloseReason::EngineError(e.to_string()));
+                self.current = None;
                 continue;
             }
             self.drain_peer(id);
+            self.current = None;
         }
         self.drain_dirty();
     }
@@ -1512,7 +1615,7 @@ impl<S: EventSink> Shard<S> {
         // A graceful close queues RTCP BYE and DTLS close_notify, so the other side learns at
         // once that the call ended instead of timing out. Drained right away (bounded: a
         // closing engine yields a handful of datagrams), then the engine is dropped.
-        if peer.connected && peer.rtc.close().is_ok() {
+        if peer.connected && !peer.poisoned && peer.rtc.close().is_ok() {
             let _ = peer.rtc.handle_input(Input::Timeout(Instant::now()));
             for _ in 0..CLOSE_DRAIN_OUTPUTS {
                 match peer.rtc.poll_output() {

@@ -36,10 +36,12 @@ pub enum DropReason {
     Glare,
     /// An answer to an offer that was rolled back or replaced, arriving after it.
     StaleAnswer,
+    /// A data-channel message over its peer's budget (a flood).
+    DataChannelFlood,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -55,6 +57,7 @@ impl DropReason {
         DropReason::DataChannel,
         DropReason::Glare,
         DropReason::StaleAnswer,
+        DropReason::DataChannelFlood,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -74,6 +77,7 @@ impl DropReason {
             DropReason::DataChannel => "data_channel",
             DropReason::Glare => "glare",
             DropReason::StaleAnswer => "stale_answer",
+            DropReason::DataChannelFlood => "data_channel_flood",
         }
     }
 
@@ -102,6 +106,8 @@ pub(crate) struct ShardCounters {
     /// Datagrams the kernel dropped on the shard's socket for want of receive buffer (its
     /// 32-bit counter, as last reported with a received datagram).
     pub kernel_drops: u64,
+    /// Panics caught while handling one peer; each closed that peer only.
+    pub peer_panics: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -138,6 +144,7 @@ impl ShardCounters {
         to.send_messages.store(self.send_calls, r);
         to.engine_timeouts.store(self.engine_timeouts, r);
         to.kernel_drops.store(self.kernel_drops, r);
+        to.peer_panics.store(self.peer_panics, r);
         for (i, d) in self.drops.iter().enumerate() {
             to.drops[i].store(*d, r);
         }
@@ -165,6 +172,7 @@ pub struct ShardStats {
     pub send_messages: AtomicU64,
     pub engine_timeouts: AtomicU64,
     pub kernel_drops: AtomicU64,
+    pub peer_panics: AtomicU64,
     pub drops: [AtomicU64; DropReason::ALL.len()],
     pub peers: AtomicU64,
     pub conferences: AtomicU64,
@@ -188,6 +196,8 @@ pub struct StatsSnapshot {
     pub engine_timeouts: u64,
     /// Datagrams the kernel dropped before any shard read them (full receive buffers).
     pub kernel_drops: u64,
+    /// Panics caught while handling one peer (each closed that peer, not the shard).
+    pub peer_panics: u64,
     pub drops: Vec<(DropReason, u64)>,
     pub peers: u64,
     pub conferences: u64,
@@ -217,6 +227,7 @@ impl StatsSnapshot {
             s.send_messages += sh.send_messages.load(r);
             s.engine_timeouts += sh.engine_timeouts.load(r);
             s.kernel_drops += sh.kernel_drops.load(r);
+            s.peer_panics += sh.peer_panics.load(r);
             for (i, d) in sh.drops.iter().enumerate() {
                 s.drops[i].1 += d.load(r);
             }

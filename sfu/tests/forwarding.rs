@@ -9,6 +9,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{
     Direction, KeyframeRequestKind, MediaKind, Mid, Rid, Simulcast, SimulcastLayer,
@@ -16,7 +17,10 @@ use str0m::media::{
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use weir_sfu::{Command, ConferenceId, PeerId, PeerRole, Sfu, SfuConfig, SfuEvent, Subscription};
+use weir_sfu::{
+    CloseReason, Command, ConferenceId, EventSink, PeerId, PeerRole, Sfu, SfuConfig, SfuEvent,
+    Subscription,
+};
 
 /// Bound on every wait in this test: generous, because it only matters when something is broken.
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -34,6 +38,10 @@ struct Client {
     inactive_mids: usize,
     /// The engine reported the connection closed by the other side.
     closed: bool,
+    /// Our data channel, once open (only when the offer asked for one).
+    channel: Option<ChannelId>,
+    /// Whether the next offer adds a data channel.
+    wants_channel: bool,
 }
 
 impl Client {
@@ -55,6 +63,8 @@ impl Client {
             keyframe_requests: 0,
             inactive_mids: 0,
             closed: false,
+            channel: None,
+            wants_channel: false,
         }
     }
 
@@ -68,6 +78,9 @@ impl Client {
         rids: Option<&[&str]>,
     ) -> String {
         let mut api = self.rtc.sdp_api();
+        if std::mem::take(&mut self.wants_channel) {
+            api.add_channel("weir".into());
+        }
         for (label, kind) in tracks {
             let simulcast = rids.filter(|_| *kind == MediaKind::Video).map(|rids| {
                 let mut s = Simulcast::new();
@@ -137,6 +150,7 @@ impl Client {
                     let _ = self.socket.send_to(&t.contents, t.destination);
                 }
                 Output::Event(Event::Connected) => self.connected = true,
+                Output::Event(Event::ChannelOpen(id, _)) => self.channel = Some(id),
                 Output::Event(Event::RtpPacket(p)) => {
                     let mid = self
                         .rtc
@@ -193,13 +207,22 @@ struct World {
 impl World {
     /// A one-shard media plane and one client per name (client i is peer i).
     fn new(names: &[&'static str]) -> World {
+        Self::with_sink(names, |tx| tx)
+    }
+
+    /// [`World::new`] with the media plane's events going through `sink` (made from the
+    /// test's own event channel).
+    fn with_sink<S: EventSink + Clone>(
+        names: &[&'static str],
+        sink: impl FnOnce(crossbeam_channel::Sender<SfuEvent>) -> S,
+    ) -> World {
         let (tx, rx) = crossbeam_channel::unbounded();
         let sfu = Sfu::start(
             SfuConfig {
                 shards: 1,
                 ..SfuConfig::default()
             },
-            tx,
+            sink(tx),
         )
         .unwrap();
         World {
@@ -886,4 +909,150 @@ fn a_closed_peer_is_told_with_close_notify() {
         .unwrap();
     world.run_until("bob's engine sees the close", |w| w.clients[1].closed);
     assert!(!world.clients[0].closed, "alice's connection stays up");
+}
+
+/// Passes events on to the test, but panics when the shard reports `peer`'s first track: a
+/// stand-in for a bug that one peer's traffic could trigger in the engine or in weir.
+#[derive(Clone)]
+struct PanicsOnTrackOf {
+    tx: crossbeam_channel::Sender<SfuEvent>,
+    peer: PeerId,
+}
+
+impl EventSink for PanicsOnTrackOf {
+    fn send(&self, event: SfuEvent) -> bool {
+        if matches!(&event, SfuEvent::TrackPublished { peer, .. } if *peer == self.peer) {
+            panic!("injected panic while handling {:?}", self.peer);
+        }
+        self.tx.send(event).is_ok()
+    }
+}
+
+/// Story: Alice and Bob are in a call when Mallory joins, and handling Mallory's track panics.
+/// Only Mallory is closed (and the panic counted); the shard, and Alice's audio to Bob, go on.
+#[test]
+fn a_panic_while_handling_one_peer_closes_that_peer_only() {
+    let mut world = World::with_sink(&["alice", "bob", "mallory"], |tx| PanicsOnTrackOf {
+        tx,
+        peer: PeerId(2),
+    });
+    let offer = world.clients[0].offer(&[("audio", MediaKind::Audio)]);
+    world.call(0, offer);
+    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
+    world.call(1, offer);
+    world.run_until("alice and bob connected, bob offered alice's audio", |w| {
+        w.clients[0].connected
+            && w.clients[1].connected
+            && w.log.iter().any(|e| {
+                matches!(
+                    e,
+                    SfuEvent::Offer {
+                        peer: PeerId(1),
+                        ..
+                    }
+                )
+            })
+    });
+    let offer = world.clients[2].offer(&[("audio", MediaKind::Audio)]);
+    world.call(2, offer);
+    world.run_until("mallory closed after the panic", |w| {
+        w.log.iter().any(|e| {
+            matches!(e, SfuEvent::PeerClosed { peer: PeerId(2), reason: CloseReason::EngineError(r) } if r.contains("injected panic"))
+        })
+    });
+    let mut seq = 1u64;
+    let before = world.clients[1].received.len();
+    world.run_until("bob still receives alice's audio", |w| {
+        w.clients[0].send("audio", seq, seq as u32 * 960, &[0xf8, 1, 2, 3]);
+        seq += 1;
+        w.clients[1].received.len() >= before + 10
+    });
+    assert!(
+        !world.log.iter().any(|e| matches!(
+            e,
+            SfuEvent::PeerClosed {
+                peer: PeerId(0) | PeerId(1),
+                ..
+            }
+        )),
+        "nobody else was closed"
+    );
+    assert_eq!(world.sfu.shards_alive(), vec![true], "the shard survived");
+    world.run_until("the panic counted", |w| w.sfu.stats().peer_panics == 1);
+    world.sfu.shutdown();
+    assert_eq!(
+        world.sfu.shards_alive(),
+        vec![false],
+        "a stopped shard is reported"
+    );
+}
+
+/// The media plane's data-channel messages from `peer` handed to the control plane so far.
+fn data_messages_from(w: &World, peer: PeerId) -> usize {
+    w.log
+        .iter()
+        .filter(|e| matches!(e, SfuEvent::DataMessage { peer: p, .. } if *p == peer))
+        .count()
+}
+
+/// Story: Alice floods her data channel with 1000 messages at once. The media plane hands the
+/// control plane only her budget's worth and counts the rest as dropped; Bob's one message
+/// still goes through, on his own budget.
+#[test]
+fn a_data_channel_flood_is_cut_at_the_peers_budget_and_costs_others_nothing() {
+    let mut world = World::new(&["alice", "bob"]);
+    for i in 0..2 {
+        world.clients[i].wants_channel = true;
+        let offer = world.clients[i].offer(&[("audio", MediaKind::Audio)]);
+        world.call(i as u64, offer);
+    }
+    world.run_until("both channels open", |w| {
+        w.clients.iter().all(|c| c.channel.is_some())
+            && w.log
+                .iter()
+                .filter(|e| matches!(e, SfuEvent::ChannelOpen { .. }))
+                .count()
+                == 2
+    });
+    let ping = br#"{"type":"m.call.ping","content":{}}"#;
+    let mut written = 0;
+    for i in 0..1000 {
+        let alice = &mut world.clients[0];
+        let ch = alice.channel.unwrap();
+        if alice
+            .rtc
+            .channel(ch)
+            .unwrap()
+            .write(false, ping)
+            .unwrap_or(false)
+        {
+            written += 1;
+        }
+        if i % 50 == 0 {
+            alice.pump();
+        }
+    }
+    assert!(written > 900, "the flood was written: {written}");
+    let flood = |w: &World| {
+        w.sfu
+            .stats()
+            .drops
+            .iter()
+            .find(|(r, _)| *r == weir_sfu::DropReason::DataChannelFlood)
+            .map_or(0, |(_, n)| *n as usize)
+    };
+    world.run_until("every flooded message handed over or counted", |w| {
+        data_messages_from(w, PeerId(0)) + flood(w) == written
+    });
+    let passed = data_messages_from(&world, PeerId(0));
+    assert!(
+        (50..200).contains(&passed),
+        "a burst of 50 and 20 per second passed, not the flood: {passed}"
+    );
+    let bob = &mut world.clients[1];
+    let ch = bob.channel.unwrap();
+    assert!(bob.rtc.channel(ch).unwrap().write(false, ping).unwrap());
+    world.run_until("bob's message still goes through", |w| {
+        data_messages_from(w, PeerId(1)) == 1
+    });
 }
