@@ -157,6 +157,8 @@ struct Peer {
     dirty: bool,
     /// A panic was caught while handling this peer: its engine is not touched again.
     poisoned: bool,
+    /// Queued in the shard's list of offers to make at the end of the turn.
+    offer_due: bool,
     /// What the peer asked to receive; `None` until its first subscription: everything.
     explicit: Option<Vec<Subscription>>,
     /// The peer's data channel, once open.
@@ -186,6 +188,7 @@ impl Peer {
             timeout: None,
             dirty: false,
             poisoned: false,
+            offer_due: false,
             // A trunk pulls only what its side subscribes to.
             explicit: (role == PeerRole::Trunk).then(Vec::new),
             channel: None,
@@ -213,6 +216,8 @@ pub(crate) struct Shard<S: EventSink> {
     counters: ShardCounters,
     stats: Arc<ShardStats>,
     next_housekeeping: Instant,
+    /// Peers to renegotiate with at the end of the turn ([`Shard::offer_soon`]).
+    offers_due: Vec<PeerId>,
     /// The peer being handled right now (innermost), to blame a panic on: set around every
     /// touch of one peer's engine and restored after, so a panic leaves it naming the peer.
     current: Option<PeerId>,
@@ -251,6 +256,7 @@ impl<S: EventSink> Shard<S> {
             counters: ShardCounters::default(),
             stats,
             next_housekeeping: Instant::now(),
+            offers_due: Vec::new(),
             current: None,
         })
     }
@@ -322,8 +328,35 @@ impl<S: EventSink> Shard<S> {
             self.housekeeping(now);
             self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
         }
+        self.make_due_offers();
         self.flush();
         received
+    }
+
+    /// Renegotiate with `id` at the end of this turn rather than now: a participant who joins
+    /// publishes its audio and video in the same turn, and each other participant then gets
+    /// one offer with both instead of one per track (each offer is a to-device message
+    /// through the homeservers, and the second would wait for the first's answer anyway).
+    fn offer_soon(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            if !p.offer_due {
+                p.offer_due = true;
+                self.offers_due.push(id);
+            }
+        }
+    }
+
+    fn make_due_offers(&mut self) {
+        if self.offers_due.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut self.offers_due) {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.offer_due = false;
+                self.maybe_offer(id);
+            }
+        }
+        self.drain_dirty();
     }
 
     /// After a panic inside a turn: close the peer that was being handled (its engine or its
@@ -355,11 +388,16 @@ impl<S: EventSink> Shard<S> {
                 }
             }
         }
+        // Drain everyone, and let everyone's negotiation catch up (an offer made when nothing
+        // changed is no offer), since the lists of both may have been taken mid-way.
         self.dirty.clear();
+        self.offers_due.clear();
         for (pid, p) in &mut self.peers {
             p.dirty = *pid != id;
+            p.offer_due = p.dirty;
             if p.dirty {
                 self.dirty.push(*pid);
+                self.offers_due.push(*pid);
             }
         }
         self.close_peer(id, CloseReason::EngineError(format!("panic: {what}")));
@@ -1209,7 +1247,7 @@ impl<S: EventSink> Shard<S> {
             .collect();
         for other in others {
             self.want(other, tref);
-            self.maybe_offer(other);
+            self.offer_soon(other);
         }
     }
 
@@ -1235,7 +1273,7 @@ impl<S: EventSink> Shard<S> {
         for other in others {
             if let Some(p) = self.peers.get_mut(&other) {
                 if p.desired.remove(&tref).is_some() {
-                    self.maybe_offer(other);
+                    self.offer_soon(other);
                 }
             }
         }
@@ -1658,7 +1696,7 @@ impl<S: EventSink> Shard<S> {
                 }
             }
             if changed {
-                self.maybe_offer(other);
+                self.offer_soon(other);
             }
         }
         info!(shard = self.index, %id, ?reason, "peer closed");

@@ -1056,3 +1056,36 @@ fn a_data_channel_flood_is_cut_at_the_peers_budget_and_costs_others_nothing() {
         data_messages_from(w, PeerId(1)) == 1
     });
 }
+
+/// Story: Bob is in the call when Alice joins with her microphone and camera. Bob gets one
+/// renegotiation offer carrying both her tracks, not one per track (each offer is a to-device
+/// message through the homeservers).
+#[test]
+fn a_join_renegotiates_each_other_participant_once() {
+    let mut world = World::new(&["alice", "bob"]);
+    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
+    world.call(1, offer);
+    world.run_until("bob connected", |w| w.clients[1].connected);
+    let offer = world.clients[0].offer(&[("audio", MediaKind::Audio), ("video", MediaKind::Video)]);
+    world.call(0, offer);
+    world.run_until("alice's two tracks published and bob offered them", |w| {
+        w.log
+            .iter()
+            .filter(|e| matches!(e, SfuEvent::TrackPublished { peer: PeerId(0), .. }))
+            .count()
+            == 2
+            && w.log.iter().any(|e| matches!(e, SfuEvent::Offer { peer: PeerId(1), tracks, .. } if tracks.len() == 2))
+    });
+    // Let any further offer show up: Alice's media flowing to Bob needs his answer applied.
+    let mut seq = 1u64;
+    world.run_until("bob receives alice's audio", |w| {
+        w.clients[0].send("audio", seq, seq as u32 * 960, &[0xf8, 9, 9, 9]);
+        seq += 1;
+        !w.clients[1].received.is_empty()
+    });
+    assert_eq!(
+        offers_to(&world, PeerId(1)).len(),
+        1,
+        "one offer to bob for alice's join"
+    );
+}
