@@ -32,7 +32,7 @@ use crate::budget::RateBudget;
 use crate::engine::{self, parse_answer, parse_offer};
 use crate::forward::{
     rid_rank, starts_keyframe, Decision, KeyframeRequests, LayerActivity, LayerSelector, Rewritten,
-    SeqTsRewriter, TrunkLayers, VideoCodec,
+    SeqTsRewriter, TrunkLayers,
 };
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 use crate::net::{self, RecvBatch, SendQueue, Waker};
@@ -97,8 +97,6 @@ struct Published {
     kind: TrackKind,
     stream_id: String,
     track_id: String,
-    /// Keyframe detection, learned from the payload type of the first packets.
-    codec: Option<VideoCodec>,
     /// Simulcast layers (by rid; a single `None` layer without simulcast) and their activity.
     activity: LayerActivity<Option<Rid>>,
     /// Keyframe-request coalescing per layer.
@@ -1232,7 +1230,6 @@ impl<S: EventSink> Shard<S> {
                 kind,
                 stream_id: track.stream_id.clone(),
                 track_id: track.track_id.clone(),
-                codec: None,
                 activity: LayerActivity::default(),
                 keyframes: Vec::new(),
                 subscribers: Vec::new(),
@@ -1330,12 +1327,9 @@ impl<S: EventSink> Shard<S> {
         let Some(published) = self.tracks.get_mut(&track) else {
             return;
         };
-        let keyframe = published.kind == TrackKind::Video && {
-            let codec = *published
-                .codec
-                .get_or_insert(engine::video_codec(params.spec().codec));
-            starts_keyframe(codec, &pkt.payload)
-        };
+        // By this packet's own codec: a publisher may switch codecs on one m-line.
+        let keyframe = published.kind == TrackKind::Video
+            && starts_keyframe(engine::video_codec(params.spec().codec), &pkt.payload);
         let is_video = published.kind == TrackKind::Video;
         published.activity.saw(rid, rid_rank(rid.as_deref()), now);
         if keyframe {

@@ -175,12 +175,25 @@ impl Client {
     }
 
     fn send_layer(&mut self, label: &str, rid: Option<&str>, seq: u64, ts: u32, payload: &[u8]) {
-        let mid = self.mids[label];
         let codec = if label == "video" {
             Codec::Vp8
         } else {
             Codec::Opus
         };
+        self.send_codec(label, codec, rid, seq, ts, payload)
+    }
+
+    /// One RTP packet on `label`'s m-line with `codec`'s payload type.
+    fn send_codec(
+        &mut self,
+        label: &str,
+        codec: Codec,
+        rid: Option<&str>,
+        seq: u64,
+        ts: u32,
+        payload: &[u8],
+    ) {
+        let mid = self.mids[label];
         let pt = self
             .rtc
             .codec_config()
@@ -1088,4 +1101,45 @@ fn a_join_renegotiates_each_other_participant_once() {
         1,
         "one offer to bob for alice's join"
     );
+}
+
+/// Story: Alice's camera starts on VP8, then her browser switches the same m-line to H264 (a
+/// payload type of the same negotiation). Bob joins after the switch: he starts on Alice's
+/// first H264 keyframe, so weir must read keyframes by each packet's own codec, not the codec
+/// the track began with.
+#[test]
+fn keyframes_are_read_by_each_packets_codec() {
+    let mut world = World::new(&["alice", "bob"]);
+    let offer = world.clients[0].offer(&[("video", MediaKind::Video)]);
+    world.call(0, offer);
+    world.run_until("alice connected", |w| w.clients[0].connected);
+    let mut seq = 1u64;
+    world.run_until("alice's VP8 reaches the media plane", |w| {
+        w.clients[0].send(
+            "video",
+            seq,
+            seq as u32 * 3000,
+            &vp8_frame(seq.is_multiple_of(5), seq as u8),
+        );
+        seq += 1;
+        w.sfu.stats().rtp_in >= 10
+    });
+    let offer = world.clients[1].offer(&[("audio", MediaKind::Audio)]);
+    world.call(1, offer);
+    world.run_until("bob connected", |w| w.clients[1].connected);
+    // From now on H264: an IDR (NAL type 5) every tenth frame, other slices (type 1) between.
+    world.run_until("bob receives alice's H264", |w| {
+        let nal = if seq.is_multiple_of(10) { 0x65 } else { 0x41 };
+        let mut p = vec![nal];
+        p.extend(std::iter::repeat_n(0x33, 200));
+        w.clients[0].send_codec("video", Codec::H264, None, seq, seq as u32 * 3000, &p);
+        seq += 1;
+        w.clients[1].received.iter().any(|r| r.2.len() > 100)
+    });
+    let first = world.clients[1]
+        .received
+        .iter()
+        .find(|r| r.2.len() > 100)
+        .unwrap();
+    assert_eq!(first.2[0], 0x65, "bob starts on an H264 IDR");
 }
