@@ -14,6 +14,7 @@ pub mod ids;
 pub mod net;
 mod shard;
 pub mod stats;
+pub mod stun;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};

@@ -37,6 +37,7 @@ use crate::forward::{
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 use crate::net::{self, RecvBatch, SendQueue, Waker};
 use crate::stats::{DropReason, ShardCounters, ShardStats};
+use crate::stun;
 
 /// How often the shard checks timeouts, owed keyframe requests and publishes its counters.
 /// Shorter reacts faster to dead peers and owed requests; longer costs less idle CPU.
@@ -208,6 +209,9 @@ pub(crate) struct Shard<S: EventSink> {
     conferences: HashMap<ConferenceId, Vec<PeerId>>,
     tracks: HashMap<TrackKey, Published>,
     by_addr: HashMap<SocketAddr, PeerId>,
+    /// Each peer by its local ICE ufrag: a check from a new address names the one peer it is
+    /// for (`stun::local_ufrag`), instead of every peer being asked about it.
+    by_ufrag: HashMap<String, PeerId>,
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
     dirty: Vec<PeerId>,
     sendq: SendQueue,
@@ -248,6 +252,7 @@ impl<S: EventSink> Shard<S> {
             conferences: HashMap::new(),
             tracks: HashMap::new(),
             by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             sendq: SendQueue::default(),
@@ -478,7 +483,9 @@ impl<S: EventSink> Shard<S> {
                 sdp_m_line_index: 0,
             })
             .collect();
-        let peer = Peer::new(conference, role, true, rtc, now);
+        let mut peer = Peer::new(conference, role, true, rtc, now);
+        let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
+        self.by_ufrag.insert(ufrag, id);
         self.peers.insert(id, peer);
         let members = self.conferences.entry(conference).or_default();
         let existing: Vec<PeerId> = members.clone();
@@ -1002,18 +1009,28 @@ impl<S: EventSink> Shard<S> {
         let id = match self.by_addr.get(&from) {
             Some(id) => *id,
             None => {
-                // A new 5-tuple: only a STUN check with a peer's credentials is accepted. Only
-                // STUN (first byte 0..=3, RFC 7983) is worth asking every peer about, so a
-                // flood of other garbage costs one comparison per datagram.
+                // A new 5-tuple: only a STUN message a peer's engine accepts (a check with its
+                // credentials, or an answer to one of its own checks) introduces it. A check
+                // names its peer by our ufrag, so only that peer is asked. A message without
+                // one (a response) can only be for a peer that sends checks itself: a trunk
+                // we dialled. Anything else costs one comparison or one lookup.
                 if data.first().is_none_or(|b| *b > 3) {
                     self.counters.drop(DropReason::UnknownSource);
                     return;
                 }
-                let found = self
-                    .peers
-                    .iter()
-                    .find(|(_, p)| p.rtc.accepts(&input))
-                    .map(|(id, _)| *id);
+                let found = match stun::local_ufrag(data) {
+                    Some(ufrag) => self
+                        .by_ufrag
+                        .get(ufrag)
+                        .copied()
+                        .filter(|id| self.peers.get(id).is_some_and(|p| p.rtc.accepts(&input))),
+                    None => self
+                        .peers
+                        .iter()
+                        .filter(|(_, p)| p.role == PeerRole::Trunk && !p.polite)
+                        .find(|(_, p)| p.rtc.accepts(&input))
+                        .map(|(id, _)| *id),
+                };
                 match found {
                     Some(id) => {
                         self.by_addr.insert(from, id);
@@ -1661,6 +1678,7 @@ impl<S: EventSink> Shard<S> {
         for a in &peer.addrs {
             self.by_addr.remove(a);
         }
+        self.by_ufrag.retain(|_, p| *p != id);
         self.dirty.retain(|d| *d != id);
         for track in peer.out.keys() {
             if let Some(p) = self.tracks.get_mut(track) {
