@@ -8,7 +8,8 @@
 #
 #   scripts/loadtest.sh --sites 2 --publishers 2 --subscribers 20 --duration 30
 #
-# `--direct` (first argument) signals through the focus's direct endpoint instead of Synapse.
+# `--direct` (first argument) signals through the focus's direct endpoint instead of Synapse; no
+# Synapse is started then, and the focus runs with Matrix off (the media plane alone).
 # `--sites N` (first argument) is a cascade: N Synapses that federate over loopback, each with
 # its own focus; each room's participants are spread over them and call their own site's focus.
 # Everything runs in a loopback-only network namespace (scripts/in-netns.sh). Environment:
@@ -53,6 +54,26 @@ trap cleanup EXIT
 start_site() { # index
   local i="$1" hs_port fed_port password
   hs_port="$(free_port)"; HTTP_PORT="$(free_port)"
+  TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
+  DEVICE="WEIRFOCUS$i"
+  if [[ "$DIRECT" == 1 ]]; then
+    # The media plane alone: no homeserver at all (matrix.enabled = false).
+    FOCUS_USER="@weir-focus:direct.invalid"
+    cat > "$TMP/focus$i.toml" <<TOML
+[matrix]
+enabled = false
+device_id = "$DEVICE"
+[media]
+shards = ${WEIR_SHARDS:-0}
+[http]
+listen = "127.0.0.1:$HTTP_PORT"
+direct_token = "$TOKEN"
+[log]
+level = "warn"
+TOML
+    start_focus "$i"
+    return
+  fi
   if [[ "$SITES" == 1 ]]; then
     echo "==> Synapse on 127.0.0.1:$hs_port"
     scripts/synapse.sh start "$TMP/synapse$i" "$hs_port" >/dev/null
@@ -63,9 +84,7 @@ start_site() { # index
   fi
   HS="http://127.0.0.1:$hs_port"
   SECRET="$TMP/synapse$i/shared_secret"
-  DEVICE="WEIRFOCUS$i"
   password="$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
-  TOKEN="$(python3 -c 'import secrets; print(secrets.token_hex(16))')"
   FOCUS_USER="$("$BIN/weir-loadtest" register --homeserver "$HS" \
     --registration-secret-file "$SECRET" --user focus --password "$password")"
   cat > "$TMP/focus$i.toml" <<TOML
@@ -83,6 +102,12 @@ direct_token = "$TOKEN"
 [log]
 level = "warn"
 TOML
+  start_focus "$i"
+}
+
+# Start site i's focus from $TMP/focus$i.toml and wait until it is healthy.
+start_focus() { # index
+  local i="$1"
   echo "==> weir-focus ($PROFILE) as $FOCUS_USER"
   "$BIN/weir-focus" --config "$TMP/focus$i.toml" 2> "$TMP/focus$i.log" &
   local pid=$!
