@@ -156,6 +156,34 @@ fn counter(name: &str, help: &str, v: u64) -> MetricFamily {
     c.collect().remove(0)
 }
 
+/// A Prometheus histogram from counts the media plane keeps itself.
+fn histogram(name: &str, help: &str, h: &weir_sfu::DelayHistogram) -> MetricFamily {
+    let mut hist = prometheus::proto::Histogram::default();
+    hist.set_sample_count(h.count);
+    hist.set_sample_sum(h.sum_us as f64 / 1e6);
+    hist.set_bucket(
+        h.cumulative()
+            .into_iter()
+            // The encoder writes the `+Inf` bucket itself, from the sample count.
+            .filter(|(bound, _)| bound.is_finite())
+            .map(|(bound, n)| {
+                let mut b = prometheus::proto::Bucket::default();
+                b.set_upper_bound(bound);
+                b.set_cumulative_count(n);
+                b
+            })
+            .collect(),
+    );
+    let mut m = prometheus::proto::Metric::default();
+    m.set_histogram(hist);
+    let mut f = MetricFamily::default();
+    f.set_name(name.to_string());
+    f.set_help(help.to_string());
+    f.set_field_type(prometheus::proto::MetricType::HISTOGRAM);
+    f.set_metric(vec![m]);
+    f
+}
+
 fn gauge(name: &str, help: &str, v: u64) -> MetricFamily {
     let g = IntGauge::new(name, help).unwrap();
     g.set(v as i64);
@@ -285,6 +313,11 @@ impl SfuCollector {
             ),
         ];
         f.extend(drops.collect());
+        f.push(histogram(
+            "weir_forwarding_delay_seconds",
+            "Per loop turn of a media shard that forwarded something: from reading the batch of datagrams to handing the copies to the kernel",
+            &s.forward_delay,
+        ));
         f
     }
 }
@@ -398,5 +431,28 @@ mod tests {
         let text = m.render();
         assert!(text.contains("weir_participants 3"), "{text}");
         assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    }
+
+    #[test]
+    fn the_forwarding_delay_is_a_prometheus_histogram() {
+        let mut s = weir_sfu::StatsSnapshot::default();
+        s.forward_delay.record(40);
+        s.forward_delay.record(3_000);
+        let families = SfuCollector::families(&s);
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&families, &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        for line in [
+            "# TYPE weir_forwarding_delay_seconds histogram",
+            "weir_forwarding_delay_seconds_bucket{le=\"0.00005\"} 1",
+            "weir_forwarding_delay_seconds_bucket{le=\"0.0025\"} 1",
+            "weir_forwarding_delay_seconds_bucket{le=\"0.005\"} 2",
+            "weir_forwarding_delay_seconds_bucket{le=\"+Inf\"} 2",
+            "weir_forwarding_delay_seconds_count 2",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 }

@@ -30,7 +30,7 @@ pub use api::{
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
 pub use shard::EventSink;
-pub use stats::{DropReason, ShardStats, StatsSnapshot, TrunkCounts};
+pub use stats::{DelayHistogram, DropReason, ShardStats, StatsSnapshot, TrunkCounts};
 
 /// Capacity of each shard's command queue. Commands are rare (per signalling event), so a full
 /// queue means a shard is stuck; the caller gets [`SfuError::QueueFull`] rather than blocking.

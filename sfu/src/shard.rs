@@ -317,6 +317,7 @@ impl<S: EventSink> Shard<S> {
             }
         };
         let now = Instant::now();
+        let sent_before = self.counters.datagrams_out;
         if let Some(d) = batch.kernel_drops() {
             self.counters.kernel_drops = u64::from(d);
         }
@@ -333,6 +334,10 @@ impl<S: EventSink> Shard<S> {
         }
         self.make_due_offers();
         self.flush();
+        if received > 0 && self.counters.datagrams_out > sent_before {
+            let took = Instant::now().saturating_duration_since(now);
+            self.counters.forward_delay.record(took.as_micros() as u64);
+        }
         received
     }
 

@@ -86,6 +86,59 @@ impl DropReason {
     }
 }
 
+/// Upper bounds, in µs, of the forwarding-delay histogram's buckets (a last one is unbounded).
+/// Fine below a millisecond, where a healthy focus is, coarse above, where it is in trouble.
+pub const DELAY_BUCKETS_US: [u64; 10] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000,
+];
+
+/// How long a shard took from reading a batch of datagrams to handing the copies it forwarded
+/// to the kernel: the focus's own forwarding delay, without the network or the clients.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DelayHistogram {
+    /// Counts per bucket of [`DELAY_BUCKETS_US`], and a last one for anything longer.
+    pub buckets: [u64; DELAY_BUCKETS_US.len() + 1],
+    pub sum_us: u64,
+    pub count: u64,
+}
+
+impl DelayHistogram {
+    pub fn record(&mut self, us: u64) {
+        let i = DELAY_BUCKETS_US
+            .iter()
+            .position(|b| us <= *b)
+            .unwrap_or(DELAY_BUCKETS_US.len());
+        self.buckets[i] += 1;
+        self.sum_us += us;
+        self.count += 1;
+    }
+
+    /// (upper bound in seconds, count at or below it), as Prometheus buckets are; the last
+    /// bound is infinite.
+    pub fn cumulative(&self) -> Vec<(f64, u64)> {
+        let mut total = 0;
+        self.buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                total += n;
+                let bound = DELAY_BUCKETS_US
+                    .get(i)
+                    .map_or(f64::INFINITY, |us| *us as f64 / 1e6);
+                (bound, total)
+            })
+            .collect()
+    }
+
+    fn add(&mut self, other: &DelayHistogram) {
+        for (a, b) in self.buckets.iter_mut().zip(other.buckets) {
+            *a += b;
+        }
+        self.sum_us += other.sum_us;
+        self.count += other.count;
+    }
+}
+
 /// Shard-local counters (not shared; no atomics on the hot path).
 #[derive(Debug, Default)]
 pub(crate) struct ShardCounters {
@@ -108,6 +161,8 @@ pub(crate) struct ShardCounters {
     pub kernel_drops: u64,
     /// Panics caught while handling one peer; each closed that peer only.
     pub peer_panics: u64,
+    /// Batch read → copies handed to the kernel, per loop turn that forwarded something.
+    pub forward_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -145,6 +200,11 @@ impl ShardCounters {
         to.engine_timeouts.store(self.engine_timeouts, r);
         to.kernel_drops.store(self.kernel_drops, r);
         to.peer_panics.store(self.peer_panics, r);
+        for (i, n) in self.forward_delay.buckets.iter().enumerate() {
+            to.forward_delay_buckets[i].store(*n, r);
+        }
+        to.forward_delay_sum_us.store(self.forward_delay.sum_us, r);
+        to.forward_delay_count.store(self.forward_delay.count, r);
         for (i, d) in self.drops.iter().enumerate() {
             to.drops[i].store(*d, r);
         }
@@ -173,6 +233,9 @@ pub struct ShardStats {
     pub engine_timeouts: AtomicU64,
     pub kernel_drops: AtomicU64,
     pub peer_panics: AtomicU64,
+    pub forward_delay_buckets: [AtomicU64; DELAY_BUCKETS_US.len() + 1],
+    pub forward_delay_sum_us: AtomicU64,
+    pub forward_delay_count: AtomicU64,
     pub drops: [AtomicU64; DropReason::ALL.len()],
     pub peers: AtomicU64,
     pub conferences: AtomicU64,
@@ -198,6 +261,8 @@ pub struct StatsSnapshot {
     pub kernel_drops: u64,
     /// Panics caught while handling one peer (each closed that peer, not the shard).
     pub peer_panics: u64,
+    /// The shards' forwarding delay (batch read → copies handed to the kernel).
+    pub forward_delay: DelayHistogram,
     pub drops: Vec<(DropReason, u64)>,
     pub peers: u64,
     pub conferences: u64,
@@ -228,6 +293,15 @@ impl StatsSnapshot {
             s.engine_timeouts += sh.engine_timeouts.load(r);
             s.kernel_drops += sh.kernel_drops.load(r);
             s.peer_panics += sh.peer_panics.load(r);
+            let mut d = DelayHistogram {
+                sum_us: sh.forward_delay_sum_us.load(r),
+                count: sh.forward_delay_count.load(r),
+                ..Default::default()
+            };
+            for (i, b) in sh.forward_delay_buckets.iter().enumerate() {
+                d.buckets[i] = b.load(r);
+            }
+            s.forward_delay.add(&d);
             for (i, d) in sh.drops.iter().enumerate() {
                 s.drops[i].1 += d.load(r);
             }
@@ -236,5 +310,30 @@ impl StatsSnapshot {
             s.tracks += sh.tracks.load(r);
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_land_in_their_buckets_and_add_up() {
+        let mut h = DelayHistogram::default();
+        for us in [10, 50, 51, 700, 1_000_000] {
+            h.record(us);
+        }
+        let c = h.cumulative();
+        assert_eq!(c[0], (50e-6, 2), "10 and 50 µs are at or below 50 µs");
+        assert_eq!(c[1], (100e-6, 3));
+        assert_eq!(c[4], (1e-3, 4), "700 µs is below 1 ms");
+        assert_eq!(c.last().unwrap().1, 5, "the last bucket holds everything");
+        assert!(c.last().unwrap().0.is_infinite());
+        assert_eq!((h.count, h.sum_us), (5, 1_000_811));
+        let mut total = DelayHistogram::default();
+        total.add(&h);
+        total.add(&h);
+        assert_eq!(total.count, 10);
+        assert_eq!(total.buckets[0], 4);
     }
 }

@@ -1101,6 +1101,10 @@ fn a_join_renegotiates_each_other_participant_once() {
         1,
         "one offer to bob for alice's join"
     );
+    // The media plane timed its own forwarding of those packets.
+    world.run_until("forwarding delays recorded", |w| {
+        w.sfu.stats().forward_delay.count > 0
+    });
 }
 
 /// Story: Alice's camera starts on VP8, then her browser switches the same m-line to H264 (a
