@@ -59,18 +59,7 @@ start_site() { # index
   if [[ "$DIRECT" == 1 ]]; then
     # The media plane alone: no homeserver at all (matrix.enabled = false).
     FOCUS_USER="@weir-focus:direct.invalid"
-    cat > "$TMP/focus$i.toml" <<TOML
-[matrix]
-enabled = false
-device_id = "$DEVICE"
-[media]
-shards = ${WEIR_SHARDS:-0}
-[http]
-listen = "127.0.0.1:$HTTP_PORT"
-direct_token = "$TOKEN"
-[log]
-level = "warn"
-TOML
+    printf '[matrix]\nenabled = false\ndevice_id = "%s"\n' "$DEVICE" > "$TMP/focus$i.toml"
     start_focus "$i"
     return
   fi
@@ -94,6 +83,15 @@ user_id = "$FOCUS_USER"
 password = "$password"
 device_id = "$DEVICE"
 state_dir = "$TMP/focus-state$i"
+TOML
+  start_focus "$i"
+}
+
+# Start site i's focus from $TMP/focus$i.toml (its [matrix] section; the rest is the same for
+# every site) and wait until it is healthy.
+start_focus() { # index
+  local i="$1"
+  cat >> "$TMP/focus$i.toml" <<TOML
 [media]
 shards = ${WEIR_SHARDS:-0}
 [http]
@@ -102,12 +100,6 @@ direct_token = "$TOKEN"
 [log]
 level = "warn"
 TOML
-  start_focus "$i"
-}
-
-# Start site i's focus from $TMP/focus$i.toml and wait until it is healthy.
-start_focus() { # index
-  local i="$1"
   echo "==> weir-focus ($PROFILE) as $FOCUS_USER"
   "$BIN/weir-focus" --config "$TMP/focus$i.toml" 2> "$TMP/focus$i.log" &
   local pid=$!
