@@ -1,0 +1,142 @@
+//! The core's interface to its thread: commands, datagrams and time in; datagrams, events and
+//! the next deadline out. No socket and no clock here: every input carries its `now`.
+
+use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::api::{CloseReason, Command, SfuConfig, SfuEvent};
+use crate::net::{SendQueue, SendStats};
+use crate::stats::{DropReason, ShardCounters, ShardStats};
+
+use super::timers::HOUSEKEEPING_INTERVAL;
+use super::{EventSink, ShardCore};
+
+impl<S: EventSink> ShardCore<S> {
+    /// A core for shard `index`, whose socket is bound to `local_addr`.
+    pub(crate) fn new(
+        index: usize,
+        config: SfuConfig,
+        local_addr: SocketAddr,
+        events: S,
+        stats: Arc<ShardStats>,
+        now: Instant,
+    ) -> Self {
+        ShardCore {
+            index,
+            config,
+            local_addr,
+            events,
+            peers: HashMap::new(),
+            conferences: HashMap::new(),
+            tracks: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_ufrag: HashMap::new(),
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            transmits: SendQueue::default(),
+            counters: ShardCounters::default(),
+            stats,
+            next_housekeeping: now,
+            offers_due: Vec::new(),
+            current: None,
+        }
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Apply one command from the control plane.
+    pub(crate) fn handle_command(&mut self, cmd: Command, now: Instant) {
+        let prev = self.current.replace(cmd.peer());
+        match cmd {
+            Command::CreatePeer {
+                peer,
+                conference,
+                offer,
+                role,
+            } => self.create_peer(peer, conference, &offer, role, now),
+            Command::DialTrunk { peer, conference } => self.dial_trunk(peer, conference, now),
+            Command::RemoteCandidates { peer, candidates } => {
+                self.remote_candidates(peer, &candidates)
+            }
+            Command::RemoteOffer { peer, sdp } => self.remote_offer(peer, &sdp, now),
+            Command::RemoteAnswer { peer, sdp } => self.remote_answer(peer, &sdp, now),
+            Command::ClosePeer { peer } => self.close_peer(peer, CloseReason::Requested, now),
+            Command::Subscribe {
+                peer,
+                subscriptions,
+            } => self.subscribe(peer, subscriptions, now),
+            Command::SendData { peer, text } => self.send_data(peer, &text),
+        }
+        self.current = prev;
+    }
+
+    /// The end of a turn, after its datagrams: drain what they touched, fire due engine
+    /// timers, housekeeping when due, and the offers the turn made necessary.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        self.current = None;
+        self.drain_dirty(now);
+        self.fire_timers(now);
+        if now >= self.next_housekeeping {
+            self.housekeeping(now);
+            self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
+        }
+        self.make_due_offers(now);
+    }
+
+    /// When [`ShardCore::handle_timeout`] is next due (an engine deadline or housekeeping).
+    pub(crate) fn next_deadline(&self) -> Instant {
+        self.timers
+            .peek()
+            .map(|std::cmp::Reverse((t, _))| *t)
+            .unwrap_or(self.next_housekeeping)
+            .min(self.next_housekeeping)
+    }
+
+    /// Hand the queued datagrams to `send` (the thread's socket), counting what it did.
+    pub(crate) fn flush(&mut self, send: impl FnOnce(&mut SendQueue) -> SendStats) {
+        if self.transmits.is_empty() {
+            return;
+        }
+        let st = send(&mut self.transmits);
+        self.counters.datagrams_out += st.datagrams;
+        self.counters.bytes_out += st.bytes;
+        self.counters.send_calls += st.messages;
+        for _ in 0..st.dropped {
+            self.counters.drop(DropReason::SendFailed);
+        }
+    }
+
+    /// Datagrams sent so far (to tell whether a turn forwarded anything).
+    pub(crate) fn datagrams_out(&self) -> u64 {
+        self.counters.datagrams_out
+    }
+
+    /// Record how long a turn that forwarded took, datagram in to copies out.
+    pub(crate) fn record_forward_delay(&mut self, micros: u64) {
+        self.counters.forward_delay.record(micros);
+    }
+
+    /// Datagrams the kernel dropped on the socket's receive queue, as it last reported.
+    pub(crate) fn set_kernel_drops(&mut self, drops: u32) {
+        self.counters.kernel_drops = u64::from(drops);
+    }
+
+    /// Close every peer (shutdown) and publish the final counters.
+    pub(crate) fn close_all(&mut self, now: Instant) {
+        let ids: Vec<_> = self.peers.keys().copied().collect();
+        for id in ids {
+            self.close_peer(id, CloseReason::Requested, now);
+        }
+        self.counters.publish(&self.stats, 0, 0, 0);
+    }
+
+    pub(super) fn emit(&mut self, event: SfuEvent) {
+        if !self.events.send(event) {
+            self.counters.drop(DropReason::EventQueueFull);
+        }
+    }
+}

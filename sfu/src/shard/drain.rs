@@ -1,0 +1,115 @@
+//! Engine output: draining the peers touched in a turn, and what their engines report.
+
+use std::cmp::Reverse;
+use std::time::Instant;
+
+use str0m::{Event, Output};
+use tracing::{debug, info};
+
+use crate::api::{CloseReason, SfuEvent};
+use crate::ids::PeerId;
+
+use super::{EventSink, ShardCore};
+
+impl<S: EventSink> ShardCore<S> {
+    /// Queue a peer for draining (once: a flag on the peer, not a search of the list, since
+    /// fan-out marks every subscriber for every packet).
+    pub(super) fn mark_dirty(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            if !p.dirty {
+                p.dirty = true;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// Drain engine output of every touched peer. Forwarding touches subscribers, which are
+    /// drained in the same pass.
+    pub(super) fn drain_dirty(&mut self, now: Instant) {
+        while let Some(id) = self.dirty.pop() {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.dirty = false;
+            }
+            self.drain_peer(id, now);
+        }
+    }
+
+    pub(super) fn drain_peer(&mut self, id: PeerId, now: Instant) {
+        let prev = self.current.replace(id);
+        self.drain_peer_inner(id, now);
+        self.current = prev;
+    }
+
+    fn drain_peer_inner(&mut self, id: PeerId, now: Instant) {
+        loop {
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            let out = match peer.rtc.poll_output() {
+                Ok(o) => o,
+                Err(e) => {
+                    self.close_peer(id, CloseReason::EngineError(e.to_string()), now);
+                    return;
+                }
+            };
+            match out {
+                Output::Timeout(t) => {
+                    // One heap entry per distinct deadline: draining after every packet
+                    // returns the same deadline again and again.
+                    if peer.timeout != Some(t) {
+                        peer.timeout = Some(t);
+                        self.timers.push(Reverse((t, id)));
+                    }
+                    if !peer.rtc.is_alive() {
+                        self.close_peer(id, CloseReason::Disconnected, now);
+                    }
+                    return;
+                }
+                Output::Transmit(t) => {
+                    self.transmits.push(t.destination, &t.contents);
+                }
+                Output::Event(e) => self.handle_event(id, e, now),
+            }
+        }
+    }
+
+    fn handle_event(&mut self, id: PeerId, event: Event, now: Instant) {
+        match event {
+            Event::Connected => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.connected = true;
+                }
+                info!(shard = self.index, %id, "peer connected");
+                self.emit(SfuEvent::Connected { peer: id });
+            }
+            Event::MediaAdded(m) if m.direction.is_receiving() => {
+                self.publish(id, m.mid, m.kind);
+            }
+            Event::MediaChanged(m) => {
+                let published = self
+                    .peers
+                    .get(&id)
+                    .is_some_and(|p| p.published.contains_key(&m.mid));
+                if m.direction.is_receiving() && !published {
+                    let kind = self
+                        .peers
+                        .get(&id)
+                        .and_then(|p| p.rtc.media(m.mid))
+                        .map(|m| m.kind());
+                    if let Some(kind) = kind {
+                        self.publish(id, m.mid, kind);
+                    }
+                } else if !m.direction.is_receiving() && published {
+                    self.unpublish(id, m.mid);
+                }
+            }
+            Event::RtpPacket(pkt) => self.forward(id, pkt, now),
+            Event::KeyframeRequest(req) => self.on_keyframe_request(id, req, now),
+            Event::Closed => self.close_peer(id, CloseReason::Disconnected, now),
+            Event::ChannelOpen(cid, _label) => self.on_channel_open(id, cid),
+            Event::ChannelData(d) => self.on_channel_data(id, d, now),
+            Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
+            _ => {}
+        }
+    }
+}

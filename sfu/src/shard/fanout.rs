@@ -1,0 +1,206 @@
+//! Fan-out: one received RTP packet written to every subscriber of its track.
+
+use std::time::{Duration, Instant};
+
+use str0m::media::Rid;
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+
+use crate::api::PeerRole;
+use crate::engine;
+use crate::forward::{rid_rank, starts_keyframe, Decision, Rewritten};
+use crate::ids::{PeerId, TrackKind};
+use crate::stats::DropReason;
+
+use super::{EventSink, ShardCore};
+
+/// How long a new subscriber waits for a keyframe before asking again.
+const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
+
+impl<S: EventSink> ShardCore<S> {
+    /// Forward one RTP packet from publisher `id` to every subscriber of its track: the layer
+    /// each gets, its own sequence and timestamp space, its own payload type.
+    pub(super) fn forward(&mut self, id: PeerId, pkt: RtpPacket, now: Instant) {
+        self.counters.rtp_in += 1;
+        let ssrc = pkt.header.ssrc;
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let (mid, rid) = match peer.ssrc_mid.get(&ssrc) {
+            Some(m) => *m,
+            None => {
+                let found = peer
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&ssrc)
+                    .map(|s| (s.mid(), s.rid()));
+                let Some(found) = found else {
+                    self.counters.drop(DropReason::UnknownStream);
+                    return;
+                };
+                peer.ssrc_mid.insert(ssrc, found);
+                found
+            }
+        };
+        let Some(track) = peer.published.get(&mid).cloned() else {
+            self.counters.drop(DropReason::UnknownStream);
+            return;
+        };
+        if pkt.payload.is_empty() {
+            self.counters.drop(DropReason::Padding);
+            return;
+        }
+        if peer.role == PeerRole::Trunk {
+            self.counters.trunk.packets_in += 1;
+            self.counters.trunk.payload_bytes_in += pkt.payload.len() as u64;
+        }
+        let pt = pkt.header.payload_type;
+        let spec = peer
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.pt() == pt)
+            .copied();
+        let Some(params) = spec else {
+            self.counters.drop(DropReason::UnknownPayloadType);
+            return;
+        };
+        let Some(published) = self.tracks.get_mut(&track) else {
+            return;
+        };
+        // By this packet's own codec: a publisher may switch codecs on one m-line.
+        let keyframe = published.kind == TrackKind::Video
+            && starts_keyframe(engine::video_codec(params.spec().codec), &pkt.payload);
+        let is_video = published.kind == TrackKind::Video;
+        published.activity.saw(rid, rid_rank(rid.as_deref()), now);
+        if keyframe {
+            if let Some((_, k)) = published.keyframes.iter_mut().find(|(l, _)| *l == rid) {
+                k.keyframe_received();
+            }
+        }
+        // Header extensions a subscriber can use; mid/rid, transport-cc and abs-send-time are
+        // per hop and the engine writes its own.
+        let ext = ExtensionValues {
+            audio_level: pkt.header.ext_vals.audio_level,
+            voice_activity: pkt.header.ext_vals.voice_activity,
+            video_orientation: pkt.header.ext_vals.video_orientation,
+            video_content_type: pkt.header.ext_vals.video_content_type,
+            ..Default::default()
+        };
+        let nackable = is_video;
+        let mut need_keyframe: Vec<Option<Rid>> = Vec::new();
+        let mut untargeted: Vec<PeerId> = Vec::new();
+        let subscribers = std::mem::take(&mut published.subscribers);
+        for sub in &subscribers {
+            let Some(speer) = self.peers.get_mut(sub) else {
+                continue;
+            };
+            let Some(out) = speer.out.get_mut(&track) else {
+                continue;
+            };
+            // A trunk carrying this track as simulcast: the layer decides in `trunk` below.
+            if out.trunk.is_some() {
+                if rid.is_none() {
+                    continue;
+                }
+            } else if out.layers.target().is_none() {
+                if is_video {
+                    // Layers became known only now: choose after this packet.
+                    untargeted.push(*sub);
+                    continue;
+                }
+                out.layers.set_target(rid, now);
+            }
+            if out.trunk.is_none() {
+                match out.layers.on_packet(rid, keyframe || !is_video) {
+                    Decision::Forward | Decision::Switch => {}
+                    Decision::Skip => {
+                        if out.layers.current().is_none() && out.layers.target() == Some(rid) {
+                            self.counters.drop(DropReason::AwaitingKeyframe);
+                        }
+                        if let Some(layer) = out.layers.keyframe_overdue(now, KEYFRAME_WAIT_RETRY) {
+                            need_keyframe.push(layer);
+                        }
+                        continue;
+                    }
+                }
+            }
+            let out_pt = match out.pt_map.iter().find(|(i, _)| *i == pt) {
+                Some((_, o)) => *o,
+                None => {
+                    let o = speer
+                        .rtc
+                        .codec_config()
+                        .match_params(params)
+                        .map(|p| p.pt());
+                    out.pt_map.push((pt, o));
+                    o
+                }
+            };
+            let Some(out_pt) = out_pt else {
+                self.counters.drop(DropReason::NoCommonCodec);
+                continue;
+            };
+            let (seq, ts, tx_rid) = if let Some(tl) = out.trunk.as_mut() {
+                let Some(r) = rid else { continue };
+                let (seq_in, ts_in) = (*pkt.seq_no, pkt.header.timestamp);
+                match tl.on_packet(r, keyframe, *ssrc, seq_in, ts_in, now) {
+                    Some((seq, ts)) => (seq, ts, rid),
+                    None => continue,
+                }
+            } else {
+                match out
+                    .rewriter
+                    .rewrite(*ssrc, *pkt.seq_no, pkt.header.timestamp, now)
+                {
+                    Rewritten::Send { seq, ts } => (seq, ts, None),
+                    Rewritten::DropStale => {
+                        self.counters.drop(DropReason::Stale);
+                        continue;
+                    }
+                }
+            };
+            let mid = out.mid;
+            // A panic in the subscriber's engine is the subscriber's.
+            let publisher = self.current.replace(*sub);
+            let mut api = speer.rtc.direct_api();
+            debug_assert!(out.trunk.is_some() || out.layers.current() == Some(rid));
+            let Some(tx) = api.stream_tx_by_mid(mid, tx_rid) else {
+                self.current = publisher;
+                self.counters.drop(DropReason::NoSendStream);
+                continue;
+            };
+            tx.write_rtp(
+                RtpWrite::new(out_pt, seq.into(), ts, pkt.timestamp, pkt.payload.clone())
+                    .marker(pkt.header.marker)
+                    .ext_vals(ext.clone())
+                    .nackable(nackable),
+            );
+            self.current = publisher;
+            self.counters.rtp_forwarded += 1;
+            if speer.role == PeerRole::Trunk {
+                self.counters.trunk.packets_out += 1;
+                self.counters.trunk.payload_bytes_out += pkt.payload.len() as u64;
+            }
+            if !speer.dirty {
+                speer.dirty = true;
+                self.dirty.push(*sub);
+            }
+        }
+        if let Some(published) = self.tracks.get_mut(&track) {
+            published.subscribers = subscribers;
+        }
+        for layer in need_keyframe {
+            self.request_keyframe(&track, layer, now);
+        }
+        for sub in untargeted {
+            let cap = self.layer_cap(sub, &track);
+            let best = self
+                .tracks
+                .get(&track)
+                .and_then(|p| p.activity.best_active_capped(now, cap))
+                .unwrap_or(rid);
+            self.retarget(sub, &track, best, now);
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! Keyframes and layers: which simulcast layer each subscriber gets, which layers a trunk
+//! carries, and the keyframe requests that switching needs.
+
+use std::time::Instant;
+
+use str0m::media::{KeyframeRequest, KeyframeRequestKind, Rid};
+
+use crate::forward::KeyframeRequests;
+use crate::ids::{PeerId, TrackKind};
+
+use super::tracks::size_cap;
+use super::{EventSink, ShardCore, TrackKey};
+
+impl<S: EventSink> ShardCore<S> {
+    /// Point a subscriber's copy of a track at `layer`, asking for the keyframe it needs.
+    pub(super) fn retarget(
+        &mut self,
+        sub: PeerId,
+        track: &TrackKey,
+        layer: Option<Rid>,
+        now: Instant,
+    ) {
+        let needs_keyframe = self
+            .peers
+            .get_mut(&sub)
+            .and_then(|p| p.out.get_mut(track))
+            .is_some_and(|o| o.kind == TrackKind::Video && o.layers.set_target(layer, now));
+        if needs_keyframe {
+            self.request_keyframe(track, layer, now);
+        }
+    }
+
+    /// Whether `sub` receives `track` as simulcast (a trunk), rather than one layer at a time.
+    pub(super) fn carries_layers(&self, sub: PeerId, track: &TrackKey) -> bool {
+        self.peers
+            .get(&sub)
+            .and_then(|p| p.out.get(track))
+            .is_some_and(|o| o.trunk.is_some())
+    }
+
+    /// The layers of `track` a trunk carries: for each size its far side subscribed at, the
+    /// best layer flowing now within that size. Newly carried layers get a keyframe request.
+    pub(super) fn sync_trunk_layers(&mut self, sub: PeerId, track: &TrackKey, now: Instant) {
+        let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
+            return;
+        };
+        let mut wanted: Vec<Rid> = Vec::new();
+        for s in peer.explicit.iter().flatten() {
+            if s.stream_id != p.stream_id || s.track_id != p.track_id {
+                continue;
+            }
+            if let Some(Some(rid)) = p.activity.best_active_capped(now, s.max_rank()) {
+                if !wanted.contains(&rid) {
+                    wanted.push(rid);
+                }
+            }
+        }
+        let added = self
+            .peers
+            .get_mut(&sub)
+            .and_then(|p| p.out.get_mut(track))
+            .and_then(|o| o.trunk.as_mut())
+            .map(|t| t.set_wanted(&wanted))
+            .unwrap_or_default();
+        for rid in added {
+            self.request_keyframe(track, Some(rid), now);
+        }
+    }
+    /// Ask the publisher for a keyframe of one layer, coalesced with other requests for it.
+    pub(super) fn request_keyframe(&mut self, track: &TrackKey, layer: Option<Rid>, now: Instant) {
+        let Some(p) = self.tracks.get_mut(track) else {
+            return;
+        };
+        if p.kind != TrackKind::Video {
+            return;
+        }
+        let k = match p.keyframes.iter().position(|(l, _)| *l == layer) {
+            Some(i) => &mut p.keyframes[i].1,
+            None => {
+                p.keyframes.push((layer, KeyframeRequests::default()));
+                &mut p.keyframes.last_mut().expect("just pushed").1
+            }
+        };
+        if k.request(now) {
+            self.send_pli(track, layer);
+        }
+    }
+
+    pub(super) fn send_pli(&mut self, track: &TrackKey, layer: Option<Rid>) {
+        let Some(peer) = self.peers.get_mut(&track.publisher) else {
+            return;
+        };
+        let Some(mid) = peer
+            .published
+            .iter()
+            .find(|(_, t)| *t == track)
+            .map(|(m, _)| *m)
+        else {
+            return;
+        };
+        if let Some(rx) = peer.rtc.direct_api().stream_rx_by_mid(mid, layer) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            self.counters.keyframe_requests += 1;
+        }
+        let publisher = track.publisher;
+        self.mark_dirty(publisher);
+    }
+
+    /// A subscriber asked for a keyframe: pass it on for the layer it receives.
+    pub(super) fn on_keyframe_request(&mut self, id: PeerId, req: KeyframeRequest, now: Instant) {
+        let track = self
+            .peers
+            .get(&id)
+            .and_then(|p| p.out_by_mid.get(&req.mid))
+            .cloned();
+        let Some(track) = track else {
+            return;
+        };
+        if self.carries_layers(id, &track) {
+            // A far focus asks for the layer it names.
+            if req.rid.is_some() {
+                self.request_keyframe(&track, req.rid, now);
+            }
+            return;
+        }
+        // Forward to the layer this subscriber receives (or is about to).
+        let layer = self
+            .peers
+            .get(&id)
+            .and_then(|p| p.out.get(&track))
+            .and_then(|o| o.layers.current().or(o.layers.target()));
+        if let Some(layer) = layer {
+            self.request_keyframe(&track, layer, now);
+        }
+    }
+
+    /// Housekeeping for layers: send keyframe requests that coalescing held back, follow the
+    /// best layer that flows (down when the current one stalls, back up when a better one
+    /// returns), keep trunks carrying what their far side watches, and ask again for
+    /// keyframes a trunk layer still waits for.
+    pub(super) fn follow_layers(&mut self, now: Instant) {
+        let mut owed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
+        let mut moves: Vec<(PeerId, TrackKey, Option<Rid>)> = Vec::new();
+        let mut trunk_layers: Vec<(PeerId, TrackKey)> = Vec::new();
+        let mut awaiting: Vec<(TrackKey, Rid)> = Vec::new();
+        for (t, p) in &mut self.tracks {
+            for (layer, k) in &mut p.keyframes {
+                if k.poll(now) {
+                    owed.push((*t, *layer));
+                }
+            }
+            // Follow the best layer that flows: down when the current one stalls, back up when
+            // a better one returns. (Size- and bandwidth-aware choice comes with allocation.)
+            if p.kind != TrackKind::Video {
+                continue;
+            }
+            for sub in &p.subscribers {
+                let Some(speer) = self.peers.get(sub) else {
+                    continue;
+                };
+                if let Some(tl) = speer.out.get(t).and_then(|o| o.trunk.as_ref()) {
+                    trunk_layers.push((*sub, *t));
+                    // A layer whose keyframe request went unanswered is asked for again
+                    // (coalesced per layer like every request).
+                    awaiting.extend(
+                        tl.wanted()
+                            .filter(|l| tl.awaiting_keyframe(*l))
+                            .map(|l| (*t, l)),
+                    );
+                    continue;
+                }
+                let cap = size_cap(&speer.explicit, p);
+                let Some(best) = p.activity.best_active_capped(now, cap) else {
+                    continue;
+                };
+                let target = speer.out.get(t).and_then(|o| o.layers.target());
+                if target.is_some() && target != Some(best) {
+                    moves.push((*sub, *t, best));
+                }
+            }
+        }
+        for (t, layer) in owed {
+            self.send_pli(&t, layer);
+        }
+        for (sub, t, layer) in moves {
+            self.retarget(sub, &t, layer, now);
+        }
+        for (sub, t) in trunk_layers {
+            self.sync_trunk_layers(sub, &t, now);
+        }
+        for (t, layer) in awaiting {
+            self.request_keyframe(&t, Some(layer), now);
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! One media shard: the engines of the peers placed on one thread, and everything they share.
+//!
+//! The shard is split in two. [`ShardCore`] is socket-free and clock-free: commands, datagrams
+//! and `now` go in; datagrams to send (a [`SendQueue`]), events for the control plane and the
+//! next deadline come out. [`run::Shard`] is the thread around it, which owns the UDP socket,
+//! reads the clock, batches receives and sends and sleeps until the next deadline.
+//!
+//! A turn: commands → a batch of datagrams, each demultiplexed to its peer ([`demux`]) and fed
+//! to its engine → the output of only the peers touched is drained ([`drain`]) → RTP is written
+//! to the subscribers of its track ([`fanout`]), choosing layers and asking for keyframes
+//! ([`layers`]) → due engine timers and housekeeping ([`timers`]) → offers for what changed
+//! ([`negotiation`], [`tracks`]) → the batched send. The core never waits on the control plane:
+//! events go out through a non-blocking [`EventSink`].
+
+mod core;
+mod data_channel;
+mod demux;
+mod drain;
+mod fanout;
+mod layers;
+mod negotiation;
+mod run;
+mod teardown;
+mod timers;
+mod tracks;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::change::SdpPendingOffer;
+use str0m::channel::ChannelId;
+use str0m::media::{Mid, Pt, Rid};
+use str0m::rtp::Ssrc;
+use str0m::Rtc;
+
+use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
+use crate::budget::RateBudget;
+use crate::forward::{KeyframeRequests, LayerActivity, LayerSelector, SeqTsRewriter, TrunkLayers};
+use crate::ids::{ConferenceId, PeerId, TrackKind};
+use crate::net::SendQueue;
+use crate::stats::{ShardCounters, ShardStats};
+
+pub(crate) use run::Shard;
+
+/// Sends events to the control plane without ever blocking the shard.
+pub trait EventSink: Send + 'static {
+    /// Returns false if the event could not be queued (it is then counted as dropped).
+    fn send(&self, event: SfuEvent) -> bool;
+}
+
+impl EventSink for tokio::sync::mpsc::Sender<SfuEvent> {
+    fn send(&self, event: SfuEvent) -> bool {
+        self.try_send(event).is_ok()
+    }
+}
+
+impl EventSink for crossbeam_channel::Sender<SfuEvent> {
+    fn send(&self, event: SfuEvent) -> bool {
+        self.try_send(event).is_ok()
+    }
+}
+
+/// Data-channel messages a peer may send per second, after a burst of [`DATA_MESSAGE_BURST`].
+/// MSC3898 traffic is a subscription change now and then and a ping every few seconds; a
+/// layout change resubscribes once. More is a flood: dropped and counted
+/// (`data_channel_flood`), so it never reaches the control plane's shared queues. Higher lets
+/// chattier clients through; lower cuts a flood sooner.
+const DATA_MESSAGES_PER_SECOND: u32 = 20;
+/// Data-channel messages a peer may send at once (joining: subscription, metadata, ping).
+const DATA_MESSAGE_BURST: u32 = 50;
+
+/// A published track inside the shard: the publisher and the engine's mid. Copy, so the
+/// per-packet path looks tracks up without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct TrackKey {
+    publisher: PeerId,
+    mid: Mid,
+}
+
+struct Published {
+    kind: TrackKind,
+    stream_id: String,
+    track_id: String,
+    /// Simulcast layers (by rid; a single `None` layer without simulcast) and their activity.
+    activity: LayerActivity<Option<Rid>>,
+    /// Keyframe-request coalescing per layer.
+    keyframes: Vec<(Option<Rid>, KeyframeRequests)>,
+    subscribers: Vec<PeerId>,
+}
+
+struct OutTrack {
+    mid: Mid,
+    kind: TrackKind,
+    stream_id: String,
+    track_id: String,
+    rewriter: SeqTsRewriter,
+    /// Which layer this subscriber gets; starts and switches only on keyframes.
+    layers: LayerSelector<Option<Rid>>,
+    /// Publisher payload type → subscriber payload type, learned per packet type.
+    pt_map: Vec<(Pt, Option<Pt>)>,
+    /// On a trunk, a simulcast track crosses as simulcast: every layer someone far needs, each
+    /// under its rid (`layers` and `rewriter` are then unused).
+    trunk: Option<TrunkLayers<Rid>>,
+}
+
+struct PendingNegotiation {
+    offer: SdpPendingOffer,
+    /// Tracks added by the offer, with the simulcast layers their m-line sends (trunks only).
+    added: Vec<(TrackKey, Mid, Vec<Rid>)>,
+    /// The offer's m-line mids in order: an answer must list the same ones.
+    mids: Vec<Option<String>>,
+}
+
+struct Peer {
+    conference: ConferenceId,
+    role: PeerRole,
+    /// Polite peers roll back their own offer on glare; the impolite one (a trunk we dialled)
+    /// ignores the other's offer instead, so two foci never both roll back.
+    polite: bool,
+    rtc: Rtc,
+    created_at: Instant,
+    last_rx: Instant,
+    connected: bool,
+    /// Mids weir created on this connection (for forwarded tracks).
+    own_mids: HashSet<String>,
+    pending: Option<PendingNegotiation>,
+    /// Tracks published by this peer, by its mid.
+    published: HashMap<Mid, TrackKey>,
+    ssrc_mid: HashMap<Ssrc, (Mid, Option<Rid>)>,
+    /// What should be forwarded to this peer (policy: everything else in the conference).
+    desired: BTreeMap<TrackKey, (TrackKind, String, String)>,
+    /// What is negotiated and forwarded, by track.
+    out: HashMap<TrackKey, OutTrack>,
+    out_by_mid: HashMap<Mid, TrackKey>,
+    addrs: Vec<SocketAddr>,
+    /// The engine's next deadline, as queued in the shard's timer heap.
+    timeout: Option<Instant>,
+    /// Queued in the shard's dirty list.
+    dirty: bool,
+    /// A panic was caught while handling this peer: its engine is not touched again.
+    poisoned: bool,
+    /// Queued in the shard's list of offers to make at the end of the turn.
+    offer_due: bool,
+    /// What the peer asked to receive; `None` until its first subscription: everything.
+    explicit: Option<Vec<Subscription>>,
+    /// The peer's data channel, once open.
+    channel: Option<ChannelId>,
+    /// What it may send on its data channel.
+    data_budget: RateBudget,
+}
+
+impl Peer {
+    fn new(conference: ConferenceId, role: PeerRole, polite: bool, rtc: Rtc, now: Instant) -> Self {
+        Peer {
+            conference,
+            role,
+            polite,
+            rtc,
+            created_at: now,
+            last_rx: now,
+            connected: false,
+            own_mids: HashSet::new(),
+            pending: None,
+            published: HashMap::new(),
+            ssrc_mid: HashMap::new(),
+            desired: BTreeMap::new(),
+            out: HashMap::new(),
+            out_by_mid: HashMap::new(),
+            addrs: Vec::new(),
+            timeout: None,
+            dirty: false,
+            poisoned: false,
+            offer_due: false,
+            // A trunk pulls only what its side subscribes to.
+            explicit: (role == PeerRole::Trunk).then(Vec::new),
+            channel: None,
+            data_budget: RateBudget::new(DATA_MESSAGE_BURST, DATA_MESSAGES_PER_SECOND, now),
+        }
+    }
+}
+
+/// The state of one shard, and the only place it lives. Behaviour is spread over this
+/// module's files by concept; each adds an `impl` block.
+pub(crate) struct ShardCore<S: EventSink> {
+    index: usize,
+    config: SfuConfig,
+    /// The address the shard's socket is bound to (the local side of every 5-tuple).
+    local_addr: SocketAddr,
+    events: S,
+    peers: HashMap<PeerId, Peer>,
+    conferences: HashMap<ConferenceId, Vec<PeerId>>,
+    tracks: HashMap<TrackKey, Published>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    /// Each peer by its local ICE ufrag: a check from a new address names the one peer it is
+    /// for (`stun::local_ufrag`), instead of every peer being asked about it.
+    by_ufrag: HashMap<String, PeerId>,
+    timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
+    dirty: Vec<PeerId>,
+    /// Datagrams to send, batched until the thread flushes them to the socket.
+    transmits: SendQueue,
+    counters: ShardCounters,
+    stats: std::sync::Arc<ShardStats>,
+    next_housekeeping: Instant,
+    /// Peers to renegotiate with at the end of the turn ([`ShardCore::offer_soon`]).
+    offers_due: Vec<PeerId>,
+    /// The peer being handled right now (innermost), to blame a panic on: set around every
+    /// touch of one peer's engine and restored after, so a panic leaves it naming the peer.
+    current: Option<PeerId>,
+}

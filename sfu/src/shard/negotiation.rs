@@ -1,0 +1,410 @@
+//! Negotiation: creating a peer from its offer, dialling a trunk, remote offers, answers and
+//! candidates, and the offers weir makes when what a peer should receive changes.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use str0m::media::{Direction, MediaKind, Rid, Rids, Simulcast, SimulcastLayer};
+use str0m::{Candidate, Rtc};
+use tracing::{debug, info, warn};
+
+use crate::api::{ForwardedTrack, LocalCandidate, PeerRole, SfuEvent};
+use crate::engine::{self, parse_answer, parse_offer};
+use crate::ids::{ConferenceId, PeerId, TrackKind};
+use crate::stats::DropReason;
+
+use super::{EventSink, Peer, PendingNegotiation, ShardCore, TrackKey};
+
+/// Label of the data channel weir opens on a trunk it dials.
+const TRUNK_CHANNEL_LABEL: &str = "weir-trunk";
+/// Most remote candidates taken from one message: a trunk peer has a handful of host
+/// candidates; more is refused rather than fed to ICE.
+const MAX_REMOTE_CANDIDATES: usize = 32;
+
+impl<S: EventSink> ShardCore<S> {
+    /// Renegotiate with `id` at the end of this turn rather than now: a participant who joins
+    /// publishes its audio and video in the same turn, and each other participant then gets
+    /// one offer with both instead of one per track (each offer is a to-device message
+    /// through the homeservers, and the second would wait for the first's answer anyway).
+    pub(super) fn offer_soon(&mut self, id: PeerId) {
+        if let Some(p) = self.peers.get_mut(&id) {
+            if !p.offer_due {
+                p.offer_due = true;
+                self.offers_due.push(id);
+            }
+        }
+    }
+
+    pub(super) fn make_due_offers(&mut self, now: Instant) {
+        if self.offers_due.is_empty() {
+            return;
+        }
+        for id in std::mem::take(&mut self.offers_due) {
+            if let Some(p) = self.peers.get_mut(&id) {
+                p.offer_due = false;
+                self.maybe_offer(id);
+            }
+        }
+        self.drain_dirty(now);
+    }
+
+    pub(super) fn create_peer(
+        &mut self,
+        id: PeerId,
+        conference: ConferenceId,
+        offer: &str,
+        role: PeerRole,
+        now: Instant,
+    ) {
+        if self.peers.contains_key(&id) {
+            self.emit(SfuEvent::PeerFailed {
+                peer: id,
+                error: "peer id already in use".into(),
+            });
+            return;
+        }
+        let offer = match parse_offer(offer, &HashSet::new()) {
+            Ok(o) => o,
+            Err(error) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::PeerFailed { peer: id, error });
+                return;
+            }
+        };
+        let mut rtc = engine::new_rtc(now);
+        let candidates = self.add_host_candidates(&mut rtc);
+        let answer = match rtc.sdp_api().accept_offer(offer) {
+            Ok(a) => a,
+            Err(e) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::PeerFailed {
+                    peer: id,
+                    error: e.to_string(),
+                });
+                return;
+            }
+        };
+        let answer_sdp = answer.to_sdp_string();
+        let first_mid = first_mid(&answer_sdp).unwrap_or_else(|| "0".into());
+        let candidates = candidates
+            .into_iter()
+            .map(|c| LocalCandidate {
+                candidate: c.strip_prefix("a=").unwrap_or(&c).to_string(),
+                sdp_mid: first_mid.clone(),
+                sdp_m_line_index: 0,
+            })
+            .collect();
+        let mut peer = Peer::new(conference, role, true, rtc, now);
+        let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
+        self.by_ufrag.insert(ufrag, id);
+        self.peers.insert(id, peer);
+        let members = self.conferences.entry(conference).or_default();
+        let existing: Vec<PeerId> = members.clone();
+        members.push(id);
+        info!(shard = self.index, %id, %conference, "peer created");
+        self.emit(SfuEvent::PeerCreated {
+            peer: id,
+            answer: answer_sdp,
+            candidates,
+        });
+        // A new peer receives every track of the conference until its first subscription
+        // (`want` applies the subscription once there is one).
+        for other in existing {
+            let tracks: Vec<TrackKey> = self.peers[&other].published.values().cloned().collect();
+            for t in tracks {
+                self.want(id, t);
+            }
+        }
+        self.mark_dirty(id);
+        self.maybe_offer(id);
+    }
+
+    /// Our host candidates (one per advertised address, on this shard's port) added to `rtc`.
+    pub(super) fn add_host_candidates(&self, rtc: &mut Rtc) -> Vec<String> {
+        let mut candidates = Vec::new();
+        for ip in &self.config.advertise_ips {
+            let addr = SocketAddr::new(*ip, self.local_addr.port());
+            match Candidate::host(addr, "udp") {
+                Ok(c) => {
+                    if let Some(c) = rtc.add_local_candidate(c) {
+                        candidates.push(c.to_sdp_string());
+                    }
+                }
+                Err(e) => warn!(%addr, error = %e, "unusable advertise address"),
+            }
+        }
+        candidates
+    }
+
+    /// Dial a trunk: a full-ICE engine whose first offer carries only the data channel (media
+    /// is added by later offers from either side, as subscriptions ask for it).
+    pub(super) fn dial_trunk(&mut self, id: PeerId, conference: ConferenceId, now: Instant) {
+        if self.peers.contains_key(&id) {
+            self.emit(SfuEvent::PeerFailed {
+                peer: id,
+                error: "peer id already in use".into(),
+            });
+            return;
+        }
+        let mut rtc = engine::new_trunk_rtc(now);
+        self.add_host_candidates(&mut rtc);
+        let mut api = rtc.sdp_api();
+        api.add_channel(TRUNK_CHANNEL_LABEL.to_string());
+        let Some((offer, pending)) = api.apply() else {
+            self.emit(SfuEvent::PeerFailed {
+                peer: id,
+                error: "the engine made no offer".into(),
+            });
+            return;
+        };
+        let sdp = offer.to_sdp_string();
+        let mut peer = Peer::new(conference, PeerRole::Trunk, false, rtc, now);
+        peer.pending = Some(PendingNegotiation {
+            offer: pending,
+            added: Vec::new(),
+            mids: engine::mids(&sdp),
+        });
+        self.peers.insert(id, peer);
+        self.conferences.entry(conference).or_default().push(id);
+        info!(shard = self.index, %id, %conference, "trunk dialled");
+        self.emit(SfuEvent::TrunkOffer { peer: id, sdp });
+        self.mark_dirty(id);
+    }
+
+    pub(super) fn remote_candidates(&mut self, id: PeerId, candidates: &[String]) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        for line in candidates.iter().take(MAX_REMOTE_CANDIDATES) {
+            let line = line.strip_prefix("a=").unwrap_or(line);
+            match Candidate::from_sdp_string(line) {
+                Ok(c) => peer.rtc.add_remote_candidate(c),
+                Err(e) => debug!(%id, error = %e, "unusable remote candidate"),
+            }
+        }
+        self.mark_dirty(id);
+    }
+
+    pub(super) fn remote_offer(&mut self, id: PeerId, sdp: &str, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if !peer.polite && peer.pending.is_some() {
+            // Glare with a focus we dialled: it is the polite one and will answer our offer
+            // after rolling back its own, which it then makes again.
+            debug!(%id, "glare: kept our offer, ignored the far focus's");
+            self.counters.drop(DropReason::Glare);
+            return;
+        }
+        let offer = match parse_offer(sdp, &peer.own_mids) {
+            Ok(o) => o,
+            Err(error) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::NegotiationFailed { peer: id, error });
+                return;
+            }
+        };
+        // Polite peer: our outstanding offer, if any, is rolled back by accepting theirs. The
+        // tracks it would have added are still desired and go into our next offer.
+        if peer.pending.take().is_some() {
+            debug!(%id, "glare: rolled back our offer to accept the participant's");
+        }
+        match peer.rtc.sdp_api().accept_offer(offer) {
+            Ok(answer) => {
+                let sdp = answer.to_sdp_string();
+                self.mark_dirty(id);
+                self.emit(SfuEvent::Answer { peer: id, sdp });
+                // New or changed media arrive as engine events while draining.
+                self.drain_dirty(now);
+                self.maybe_offer(id);
+            }
+            Err(e) => {
+                self.counters.drop(DropReason::BadSdp);
+                self.emit(SfuEvent::NegotiationFailed {
+                    peer: id,
+                    error: e.to_string(),
+                });
+            }
+        }
+    }
+
+    pub(super) fn remote_answer(&mut self, id: PeerId, sdp: &str, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(pending) = peer.pending.take() else {
+            self.emit(SfuEvent::NegotiationFailed {
+                peer: id,
+                error: "answer without an outstanding offer".into(),
+            });
+            return;
+        };
+        let answer = match parse_answer(sdp) {
+            Ok(a) => a,
+            Err(error) => {
+                self.counters.drop(DropReason::BadSdp);
+                // Keep waiting for a usable answer to the same offer.
+                peer.pending = Some(pending);
+                self.emit(SfuEvent::NegotiationFailed { peer: id, error });
+                return;
+            }
+        };
+        if !engine::answers(&pending.mids, &engine::mids(sdp)) {
+            // An answer to an offer we rolled back (glare) or replaced, arriving late: applying
+            // it to the current offer would fail, and dropping the current offer for it would
+            // leave every later answer one offer behind. Keep waiting for the current one.
+            debug!(%id, "late answer to an earlier offer ignored");
+            self.counters.drop(DropReason::StaleAnswer);
+            peer.pending = Some(pending);
+            return;
+        }
+        if let Err(e) = peer.rtc.sdp_api().accept_answer(pending.offer, answer) {
+            self.counters.drop(DropReason::BadSdp);
+            self.emit(SfuEvent::NegotiationFailed {
+                peer: id,
+                error: e.to_string(),
+            });
+            self.mark_dirty(id);
+            self.maybe_offer(id);
+            return;
+        }
+        for (track, mid, rids) in pending.added {
+            self.start_forwarding(id, track, mid, rids, now);
+        }
+        self.mark_dirty(id);
+        self.maybe_offer(id);
+    }
+
+    /// offer is outstanding (one negotiation at a time per peer).
+    pub(super) fn maybe_offer(&mut self, id: PeerId) {
+        let prev = self.current.replace(id);
+        self.maybe_offer_inner(id);
+        self.current = prev;
+    }
+
+    pub(super) fn maybe_offer_inner(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        if peer.pending.is_some() {
+            return;
+        }
+        // A trunk receives a simulcast track as simulcast, under the publisher's rids.
+        let simulcast: HashMap<TrackKey, Vec<Rid>> = if peer.role == PeerRole::Trunk {
+            peer.desired
+                .iter()
+                .filter(|(t, (kind, _, _))| *kind == TrackKind::Video && !peer.out.contains_key(t))
+                .filter_map(|(t, _)| Some((*t, self.source_rids(t)?)))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let mut api = peer.rtc.sdp_api();
+        let mut added = Vec::new();
+        for (track, (kind, stream_id, track_id)) in &peer.desired {
+            if peer.out.contains_key(track) {
+                continue;
+            }
+            let media_kind = match kind {
+                TrackKind::Audio => MediaKind::Audio,
+                TrackKind::Video => MediaKind::Video,
+            };
+            let rids = simulcast.get(track).cloned().unwrap_or_default();
+            let layers = (!rids.is_empty()).then(|| {
+                let mut s = Simulcast::new();
+                for r in &rids {
+                    s.add_send_layer(SimulcastLayer::new(r));
+                }
+                s
+            });
+            let mid = api.add_media(
+                media_kind,
+                Direction::SendOnly,
+                Some(stream_id.clone()),
+                Some(track_id.clone()),
+                layers,
+            );
+            added.push((*track, mid, rids));
+        }
+        // A withdrawn track's m-line is stopped, not set inactive: its slot can then be
+        // recycled for a later track, so the SDP (and the to-device event carrying it, which
+        // Synapse caps at 64 KiB) stays bounded however many participants come and go.
+        let mut withdrawn = Vec::new();
+        for (track, out) in &peer.out {
+            if !peer.desired.contains_key(track) {
+                api.stop_media(out.mid);
+                withdrawn.push(*track);
+            }
+        }
+        if !api.has_changes() {
+            return;
+        }
+        let Some((offer, pending)) = api.apply() else {
+            return;
+        };
+        for (_, mid, _) in &added {
+            peer.own_mids.insert(mid.to_string());
+        }
+        for track in &withdrawn {
+            if let Some(out) = peer.out.remove(track) {
+                peer.out_by_mid.remove(&out.mid);
+                peer.own_mids.remove(&out.mid.to_string());
+            }
+        }
+        let mut tracks: Vec<ForwardedTrack> = peer
+            .out
+            .iter()
+            .map(|(t, o)| ForwardedTrack {
+                publisher: t.publisher,
+                kind: o.kind,
+                stream_id: o.stream_id.clone(),
+                track_id: o.track_id.clone(),
+            })
+            .collect();
+        for (t, _, _) in &added {
+            let (kind, stream_id, track_id) = peer.desired[t].clone();
+            tracks.push(ForwardedTrack {
+                publisher: t.publisher,
+                kind,
+                stream_id,
+                track_id,
+            });
+        }
+        let sdp = offer.to_sdp_string();
+        peer.pending = Some(PendingNegotiation {
+            offer: pending,
+            added,
+            mids: engine::mids(&sdp),
+        });
+        for track in withdrawn {
+            if let Some(p) = self.tracks.get_mut(&track) {
+                p.subscribers.retain(|s| *s != id);
+            }
+        }
+        self.mark_dirty(id);
+        self.emit(SfuEvent::Offer {
+            peer: id,
+            sdp,
+            tracks,
+        });
+    }
+
+    /// The simulcast rids a published track arrives with, if it is simulcast.
+    pub(super) fn source_rids(&self, track: &TrackKey) -> Option<Vec<Rid>> {
+        let media = self.peers.get(&track.publisher)?.rtc.media(track.mid)?;
+        match media.rids_rx() {
+            Rids::Specific(v) if !v.is_empty() => Some(v.clone()),
+            _ => None,
+        }
+    }
+}
+
+fn first_mid(sdp: &str) -> Option<String> {
+    sdp.lines()
+        .find_map(|l| l.strip_prefix("a=mid:"))
+        .map(|m| m.trim().to_string())
+}

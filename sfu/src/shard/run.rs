@@ -1,0 +1,117 @@
+//! The shard's thread: the UDP socket, the clock and batching around a [`ShardCore`].
+
+use std::net::UdpSocket;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+use tracing::{info, warn};
+
+use crate::api::{Command, SfuConfig};
+use crate::net::{self, RecvBatch, Waker};
+use crate::stats::ShardStats;
+
+use super::{EventSink, ShardCore};
+
+pub(crate) struct Shard<S: EventSink> {
+    index: usize,
+    socket: UdpSocket,
+    commands: Receiver<Command>,
+    waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+    core: ShardCore<S>,
+}
+
+impl<S: EventSink> Shard<S> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        index: usize,
+        config: SfuConfig,
+        socket: UdpSocket,
+        commands: Receiver<Command>,
+        waker: Arc<Waker>,
+        events: S,
+        stop: Arc<AtomicBool>,
+        stats: Arc<ShardStats>,
+    ) -> std::io::Result<Self> {
+        let local_addr = socket.local_addr()?;
+        socket.set_nonblocking(true)?;
+        let core = ShardCore::new(index, config, local_addr, events, stats, Instant::now());
+        Ok(Shard {
+            index,
+            socket,
+            commands,
+            waker,
+            stop,
+            core,
+        })
+    }
+
+    pub(crate) fn run(mut self) {
+        info!(shard = self.index, addr = %self.core.local_addr(), "media shard started");
+        let mut batch = RecvBatch::default();
+        while !self.stop.load(Ordering::Relaxed) {
+            let turn = std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&mut batch)));
+            let received = match turn {
+                Ok(n) => n,
+                Err(panic) => {
+                    self.core.recover(panic, Instant::now());
+                    continue;
+                }
+            };
+            if received == net::RECV_BATCH {
+                continue; // more may be waiting: don't sleep.
+            }
+            let wait = self
+                .core
+                .next_deadline()
+                .saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                net::wait_readable(&self.socket, &self.waker, Some(wait));
+            }
+        }
+        self.core.close_all(Instant::now());
+        self.flush();
+        info!(shard = self.index, "media shard stopped");
+    }
+
+    /// One turn of the loop: commands, a batch of datagrams, the core's timeout round, the
+    /// batched send. Returns how many datagrams were read.
+    fn turn(&mut self, batch: &mut RecvBatch) -> usize {
+        self.waker.drain();
+        while let Ok(cmd) = self.commands.try_recv() {
+            self.core.handle_command(cmd, Instant::now());
+        }
+        let received = match net::recv_batch(&self.socket, batch) {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(shard = self.index, error = %e, "udp receive failed");
+                0
+            }
+        };
+        let now = Instant::now();
+        let sent_before = self.core.datagrams_out();
+        if let Some(d) = batch.kernel_drops() {
+            self.core.set_kernel_drops(d);
+        }
+        if received > 0 {
+            for (from, data) in batch.iter() {
+                self.core.handle_datagram(from, data, now);
+            }
+        }
+        self.core.handle_timeout(Instant::now());
+        self.flush();
+        if received > 0 && self.core.datagrams_out() > sent_before {
+            let took = Instant::now().saturating_duration_since(now);
+            self.core.record_forward_delay(took.as_micros() as u64);
+        }
+        received
+    }
+
+    fn flush(&mut self) {
+        let socket = &self.socket;
+        self.core.flush(|q| q.flush(socket));
+    }
+}

@@ -1,0 +1,85 @@
+//! Time: engine deadlines from a min-heap, and housekeeping every [`HOUSEKEEPING_INTERVAL`].
+
+use std::cmp::Reverse;
+use std::time::{Duration, Instant};
+
+use str0m::Input;
+
+use crate::api::{CloseReason, PeerRole};
+
+use super::{EventSink, ShardCore};
+
+/// How often the shard checks timeouts, owed keyframe requests and publishes its counters.
+/// Shorter reacts faster to dead peers and owed requests; longer costs less idle CPU.
+pub(super) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+
+impl<S: EventSink> ShardCore<S> {
+    pub(super) fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, id))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(peer) = self.peers.get_mut(&id) else {
+                continue;
+            };
+            if peer.timeout != Some(t) {
+                continue; // superseded by a later poll
+            }
+            peer.timeout = None;
+            self.counters.engine_timeouts += 1;
+            self.current = Some(id);
+            if let Err(e) = peer.rtc.handle_input(Input::Timeout(now)) {
+                self.close_peer(id, CloseReason::EngineError(e.to_string()), now);
+                self.current = None;
+                continue;
+            }
+            self.drain_peer(id, now);
+            self.current = None;
+        }
+        self.drain_dirty(now);
+    }
+
+    pub(super) fn housekeeping(&mut self, now: Instant) {
+        // Superseded deadlines stay in the heap until they fall due; a peer whose deadline
+        // keeps moving out would grow it. Rebuild from the live deadlines when it bloats.
+        if self.timers.len() > 4 * self.peers.len() + 64 {
+            self.timers = self
+                .peers
+                .iter()
+                .filter_map(|(id, p)| p.timeout.map(|t| Reverse((t, *id))))
+                .collect();
+        }
+        let mut dead = Vec::new();
+        for (id, p) in &self.peers {
+            if !p.connected
+                && now.saturating_duration_since(p.created_at) > self.config.connect_timeout
+            {
+                dead.push((*id, CloseReason::ConnectTimeout));
+            } else if p.connected
+                && now.saturating_duration_since(p.last_rx) > self.config.silence_timeout
+            {
+                dead.push((*id, CloseReason::Silent));
+            }
+        }
+        for (id, reason) in dead {
+            self.close_peer(id, reason, now);
+        }
+        self.follow_layers(now);
+        self.drain_dirty(now);
+        self.counters.trunk.streams_out = self
+            .peers
+            .values()
+            .filter(|p| p.role == PeerRole::Trunk)
+            .flat_map(|p| p.out.values())
+            .map(|o| o.trunk.as_ref().map_or(1, |t| t.wanted().count() as u64))
+            .sum();
+        let tracks = self.tracks.len() as u64;
+        self.counters.publish(
+            &self.stats,
+            self.peers.len() as u64,
+            self.conferences.len() as u64,
+            tracks,
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! Publications and subscriptions: which tracks exist in a conference, and which of them each
+//! peer should receive.
+
+use std::time::Instant;
+
+use str0m::media::{MediaKind, Mid, Rid};
+use tracing::info;
+
+use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription};
+use crate::forward::{LayerActivity, LayerSelector, SeqTsRewriter, TrunkLayers};
+use crate::ids::{MediaId, PeerId, TrackKind};
+
+use super::{EventSink, OutTrack, Published, ShardCore, TrackKey};
+
+impl<S: EventSink> ShardCore<S> {
+    /// Record that `track` should be forwarded to `subscriber`.
+    pub(super) fn want(&mut self, subscriber: PeerId, track: TrackKey) {
+        let Some(p) = self.tracks.get(&track) else {
+            return;
+        };
+        if self.is_trunk(subscriber) && self.is_trunk(track.publisher) {
+            return; // the origin rule: what came over a trunk never leaves over another
+        }
+        let info = (p.kind, p.stream_id.clone(), p.track_id.clone());
+        if let Some(peer) = self.peers.get_mut(&subscriber) {
+            let wanted = match &peer.explicit {
+                None => true,
+                Some(subs) => subs
+                    .iter()
+                    .any(|s| s.stream_id == info.1 && s.track_id == info.2),
+            };
+            if wanted {
+                peer.desired.insert(track, info);
+            }
+        }
+    }
+
+    pub(super) fn is_trunk(&self, id: PeerId) -> bool {
+        self.peers
+            .get(&id)
+            .is_some_and(|p| p.role == PeerRole::Trunk)
+    }
+
+    /// The simulcast layer cap for `track` as received by `sub` (from its subscription).
+    pub(super) fn layer_cap(&self, sub: PeerId, track: &TrackKey) -> u8 {
+        let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
+            return u8::MAX;
+        };
+        size_cap(&peer.explicit, p)
+    }
+
+    /// Replace what `id` receives with `subscriptions` (an explicit set from now on).
+    pub(super) fn subscribe(&mut self, id: PeerId, subscriptions: Vec<Subscription>, now: Instant) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        peer.explicit = Some(subscriptions);
+        peer.desired.clear();
+        let conference = peer.conference;
+        let candidates: Vec<TrackKey> = self
+            .conferences
+            .get(&conference)
+            .into_iter()
+            .flatten()
+            .filter(|p| **p != id)
+            .filter_map(|p| self.peers.get(p))
+            .flat_map(|p| p.published.values().copied())
+            .collect();
+        for t in candidates {
+            self.want(id, t);
+        }
+        self.maybe_offer(id);
+        // Caps may have changed for tracks already forwarded.
+        let forwarded: Vec<TrackKey> = self
+            .peers
+            .get(&id)
+            .map(|p| p.out.keys().copied().collect())
+            .unwrap_or_default();
+        for t in forwarded {
+            if self.carries_layers(id, &t) {
+                self.sync_trunk_layers(id, &t, now);
+                continue;
+            }
+            let cap = self.layer_cap(id, &t);
+            let best = self
+                .tracks
+                .get(&t)
+                .and_then(|p| p.activity.best_active_capped(now, cap));
+            if let Some(layer) = best {
+                self.retarget(id, &t, layer, now);
+            }
+        }
+    }
+
+    /// Make an offer to `id` if what it should receive differs from what is negotiated and no
+    pub(super) fn start_forwarding(
+        &mut self,
+        id: PeerId,
+        track: TrackKey,
+        mid: Mid,
+        rids: Vec<Rid>,
+        now: Instant,
+    ) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some((kind, stream_id, track_id)) = peer.desired.get(&track).cloned() else {
+            return; // withdrawn while the offer was out; the next offer deactivates it
+        };
+        let clock_rate = if kind == TrackKind::Audio {
+            48_000
+        } else {
+            90_000
+        };
+        let first_seq: u16 = rand::random::<u16>() % 16_384;
+        let first_ts: u32 = rand::random();
+        peer.out.insert(
+            track,
+            OutTrack {
+                mid,
+                kind,
+                stream_id,
+                track_id,
+                rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
+                layers: LayerSelector::default(),
+                pt_map: Vec::new(),
+                trunk: (!rids.is_empty()).then(|| {
+                    TrunkLayers::new(&rids, clock_rate, || {
+                        (rand::random::<u16>() % 16_384, rand::random())
+                    })
+                }),
+            },
+        );
+        peer.out_by_mid.insert(mid, track);
+        if let Some(p) = self.tracks.get_mut(&track) {
+            if !p.subscribers.contains(&id) {
+                p.subscribers.push(id);
+            }
+        }
+        if !rids.is_empty() {
+            self.sync_trunk_layers(id, &track, now);
+            return;
+        }
+        // Start on the best layer flowing now; if none flows yet, the first packet decides.
+        let cap = self.layer_cap(id, &track);
+        let best = self
+            .tracks
+            .get(&track)
+            .and_then(|p| p.activity.best_active_capped(now, cap));
+        if let Some(layer) = best {
+            self.retarget(id, &track, layer, now);
+        }
+    }
+
+    pub(super) fn publish(&mut self, id: PeerId, mid: Mid, kind: MediaKind) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.own_mids.contains(&mid.to_string()) {
+            return; // a participant sending on an m-line weir created: not supported yet
+        }
+        let Some(media) = peer.rtc.media(mid) else {
+            return;
+        };
+        let kind = match kind {
+            MediaKind::Audio => TrackKind::Audio,
+            MediaKind::Video => TrackKind::Video,
+        };
+        let track = PublishedTrack {
+            mid: MediaId(mid.to_string()),
+            kind,
+            stream_id: media.stream_id().to_string(),
+            track_id: media.track_id().to_string(),
+        };
+        let tref = TrackKey { publisher: id, mid };
+        peer.published.insert(mid, tref);
+        let conference = peer.conference;
+        self.tracks.insert(
+            tref,
+            Published {
+                kind,
+                stream_id: track.stream_id.clone(),
+                track_id: track.track_id.clone(),
+                activity: LayerActivity::default(),
+                keyframes: Vec::new(),
+                subscribers: Vec::new(),
+            },
+        );
+        info!(shard = self.index, %id, mid = %mid, %kind, stream = %track.stream_id, "track published");
+        self.emit(SfuEvent::TrackPublished { peer: id, track });
+        let others: Vec<PeerId> = self.conferences[&conference]
+            .iter()
+            .copied()
+            .filter(|p| *p != id)
+            .collect();
+        for other in others {
+            self.want(other, tref);
+            self.offer_soon(other);
+        }
+    }
+
+    pub(super) fn unpublish(&mut self, id: PeerId, mid: Mid) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let Some(tref) = peer.published.remove(&mid) else {
+            return;
+        };
+        peer.ssrc_mid.retain(|_, (m, _)| *m != mid);
+        let conference = peer.conference;
+        self.tracks.remove(&tref);
+        self.emit(SfuEvent::TrackUnpublished {
+            peer: id,
+            mid: MediaId(tref.mid.to_string()),
+        });
+        let others: Vec<PeerId> = self
+            .conferences
+            .get(&conference)
+            .cloned()
+            .unwrap_or_default();
+        for other in others {
+            if let Some(p) = self.peers.get_mut(&other) {
+                if p.desired.remove(&tref).is_some() {
+                    self.offer_soon(other);
+                }
+            }
+        }
+    }
+}
+
+/// The best layer rank worth sending a participant: everything without a subscription, else
+/// the largest of the sizes it asked for the track at.
+pub(super) fn size_cap(explicit: &Option<Vec<Subscription>>, p: &Published) -> u8 {
+    match explicit {
+        None => u8::MAX,
+        Some(subs) => subs
+            .iter()
+            .filter(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
+            .map(Subscription::max_rank)
+            .max()
+            .unwrap_or(u8::MAX),
+    }
+}
