@@ -82,6 +82,7 @@ pub struct MediaConfig {
     pub connect_timeout_s: u64,
     pub silence_timeout_s: u64,
     pub socket_buffer_bytes: usize,
+    pub rtx_history_packets: usize,
 }
 
 impl Default for MediaConfig {
@@ -94,6 +95,7 @@ impl Default for MediaConfig {
             connect_timeout_s: 30,
             silence_timeout_s: 15,
             socket_buffer_bytes: weir_sfu::DEFAULT_SOCKET_BUFFER_BYTES,
+            rtx_history_packets: weir_sfu::DEFAULT_RTX_HISTORY_PACKETS,
         }
     }
 }

@@ -112,6 +112,7 @@ async fn run(config: Config) -> Result<(), String> {
         connect_timeout: config.connect_timeout(),
         silence_timeout: config.silence_timeout(),
         socket_buffer_bytes: config.media.socket_buffer_bytes,
+        rtx_history_packets: config.media.rtx_history_packets,
     };
     let sfu = Arc::new(weir_sfu::Sfu::start(sfu_config, sfu_tx).map_err(|e| e.to_string())?);
     info!(addrs = ?sfu.local_addrs(), "media plane started");

@@ -13,6 +13,7 @@ pub mod forward;
 pub mod ids;
 pub mod net;
 mod shard;
+pub mod sim;
 pub mod stats;
 pub mod stun;
 
@@ -26,10 +27,10 @@ use tracing::warn;
 
 pub use api::{
     CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack, SfuConfig,
-    SfuError, SfuEvent, Subscription, DEFAULT_SOCKET_BUFFER_BYTES,
+    SfuError, SfuEvent, Subscription, DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
-pub use shard::EventSink;
+pub use shard::{EventSink, ShardCore};
 pub use stats::{DelayHistogram, DropReason, ShardStats, StatsSnapshot, TrunkCounts};
 
 /// Capacity of each shard's command queue. Commands are rare (per signalling event), so a full

@@ -129,16 +129,25 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
     /// The best active layer whose rank is at most `max_rank`; if every active layer is above
     /// the cap, the lowest active one (something is better than nothing).
     pub fn best_active_capped(&self, now: Instant, max_rank: u8) -> Option<L> {
-        let active = || {
-            self.layers
-                .iter()
-                .filter(move |(_, _, at)| now.saturating_duration_since(*at) < LAYER_STALL)
-        };
-        active()
+        self.best_active_within(now, max_rank).or_else(|| {
+            self.active(now)
+                .min_by_key(|(_, rank, _)| *rank)
+                .map(|(l, _, _)| *l)
+        })
+    }
+
+    /// The best active layer whose rank is at most `max_rank`, if there is one.
+    pub fn best_active_within(&self, now: Instant, max_rank: u8) -> Option<L> {
+        self.active(now)
             .filter(|(_, rank, _)| *rank <= max_rank)
             .max_by_key(|(_, rank, _)| *rank)
-            .or_else(|| active().min_by_key(|(_, rank, _)| *rank))
             .map(|(l, _, _)| *l)
+    }
+
+    fn active(&self, now: Instant) -> impl Iterator<Item = &(L, u8, Instant)> + '_ {
+        self.layers
+            .iter()
+            .filter(move |(_, _, at)| now.saturating_duration_since(*at) < LAYER_STALL)
     }
 
     pub fn is_active(&self, layer: L, now: Instant) -> bool {

@@ -11,11 +11,11 @@ use crate::net::{SendQueue, SendStats};
 use crate::stats::{DropReason, ShardCounters, ShardStats};
 
 use super::timers::HOUSEKEEPING_INTERVAL;
-use super::{EventSink, ShardCore};
+use super::{EventSink, FastMap, ShardCore};
 
 impl<S: EventSink> ShardCore<S> {
     /// A core for shard `index`, whose socket is bound to `local_addr`.
-    pub(crate) fn new(
+    pub fn new(
         index: usize,
         config: SfuConfig,
         local_addr: SocketAddr,
@@ -28,11 +28,11 @@ impl<S: EventSink> ShardCore<S> {
             config,
             local_addr,
             events,
-            peers: HashMap::new(),
-            conferences: HashMap::new(),
-            tracks: HashMap::new(),
+            peers: FastMap::default(),
+            conferences: FastMap::default(),
+            tracks: FastMap::default(),
             by_addr: HashMap::new(),
-            by_ufrag: HashMap::new(),
+            by_ufrag: FastMap::default(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             transmits: SendQueue::default(),
@@ -44,12 +44,12 @@ impl<S: EventSink> ShardCore<S> {
         }
     }
 
-    pub(crate) fn local_addr(&self) -> SocketAddr {
+    pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
     /// Apply one command from the control plane.
-    pub(crate) fn handle_command(&mut self, cmd: Command, now: Instant) {
+    pub fn handle_command(&mut self, cmd: Command, now: Instant) {
         let prev = self.current.replace(cmd.peer());
         match cmd {
             Command::CreatePeer {
@@ -76,7 +76,7 @@ impl<S: EventSink> ShardCore<S> {
 
     /// The end of a turn, after its datagrams: drain what they touched, fire due engine
     /// timers, housekeeping when due, and the offers the turn made necessary.
-    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+    pub fn handle_timeout(&mut self, now: Instant) {
         self.current = None;
         self.drain_dirty(now);
         self.fire_timers(now);
@@ -88,7 +88,7 @@ impl<S: EventSink> ShardCore<S> {
     }
 
     /// When [`ShardCore::handle_timeout`] is next due (an engine deadline or housekeeping).
-    pub(crate) fn next_deadline(&self) -> Instant {
+    pub fn next_deadline(&self) -> Instant {
         self.timers
             .peek()
             .map(|std::cmp::Reverse((t, _))| *t)
@@ -97,7 +97,7 @@ impl<S: EventSink> ShardCore<S> {
     }
 
     /// Hand the queued datagrams to `send` (the thread's socket), counting what it did.
-    pub(crate) fn flush(&mut self, send: impl FnOnce(&mut SendQueue) -> SendStats) {
+    pub fn flush(&mut self, send: impl FnOnce(&mut SendQueue) -> SendStats) {
         if self.transmits.is_empty() {
             return;
         }
@@ -126,7 +126,7 @@ impl<S: EventSink> ShardCore<S> {
     }
 
     /// Close every peer (shutdown) and publish the final counters.
-    pub(crate) fn close_all(&mut self, now: Instant) {
+    pub fn close_all(&mut self, now: Instant) {
         let ids: Vec<_> = self.peers.keys().copied().collect();
         for id in ids {
             self.close_peer(id, CloseReason::Requested, now);

@@ -20,7 +20,9 @@ use super::{EventSink, ShardCore};
 const MAX_ADDRS_PER_PEER: usize = 8;
 
 impl<S: EventSink> ShardCore<S> {
-    pub(super) fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+    /// One datagram from `from`, received at `now`: demultiplexed to its peer and fed to its
+    /// engine; what that produces is drained at once (RTP is fanned out).
+    pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
         let receive = match Receive::new(Protocol::Udp, from, self.local_addr, data) {

@@ -11,6 +11,7 @@ use crate::forward::{rid_rank, starts_keyframe, Decision, Rewritten};
 use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
 
+use super::tracks::size_cap;
 use super::{EventSink, ShardCore};
 
 /// How long a new subscriber waits for a keyframe before asking again.
@@ -89,7 +90,6 @@ impl<S: EventSink> ShardCore<S> {
         };
         let nackable = is_video;
         let mut need_keyframe: Vec<Option<Rid>> = Vec::new();
-        let mut untargeted: Vec<PeerId> = Vec::new();
         let subscribers = std::mem::take(&mut published.subscribers);
         for sub in &subscribers {
             let Some(speer) = self.peers.get_mut(sub) else {
@@ -99,22 +99,40 @@ impl<S: EventSink> ShardCore<S> {
                 continue;
             };
             // A trunk carrying this track as simulcast: the layer decides in `trunk` below.
-            if out.trunk.is_some() {
-                if rid.is_none() {
-                    continue;
+            if out.trunk.is_some() && rid.is_none() {
+                continue;
+            }
+            // The track's first packet for this subscriber: its layer is chosen now, among
+            // the layers flowing (this one included), so a keyframe in flight starts it. If
+            // only layers above its size flow yet, the smallest of them is the target but
+            // this packet does not start it: the smaller layer usually follows within a
+            // frame, and housekeeping moves the target there.
+            let mut fresh_target = None;
+            if out.trunk.is_none() && out.layers.target().is_none() {
+                if !is_video {
+                    out.layers.set_target(rid, now);
+                } else {
+                    let cap = size_cap(&speer.explicit, published);
+                    let within = published.activity.best_active_within(now, cap);
+                    let layer = within
+                        .or_else(|| published.activity.best_active_capped(now, cap))
+                        .unwrap_or(rid);
+                    let needs_keyframe = out.layers.set_target(layer, now);
+                    if within.is_none() {
+                        if needs_keyframe {
+                            need_keyframe.push(layer);
+                        }
+                        continue;
+                    }
+                    fresh_target = needs_keyframe.then_some(layer);
                 }
-            } else if out.layers.target().is_none() {
-                if is_video {
-                    // Layers became known only now: choose after this packet.
-                    untargeted.push(*sub);
-                    continue;
-                }
-                out.layers.set_target(rid, now);
             }
             if out.trunk.is_none() {
                 match out.layers.on_packet(rid, keyframe || !is_video) {
                     Decision::Forward | Decision::Switch => {}
                     Decision::Skip => {
+                        // Ask at once for the keyframe a new subscriber waits for.
+                        need_keyframe.extend(fresh_target);
                         if out.layers.current().is_none() && out.layers.target() == Some(rid) {
                             self.counters.drop(DropReason::AwaitingKeyframe);
                         }
@@ -165,7 +183,18 @@ impl<S: EventSink> ShardCore<S> {
             let publisher = self.current.replace(*sub);
             let mut api = speer.rtc.direct_api();
             debug_assert!(out.trunk.is_some() || out.layers.current() == Some(rid));
-            let Some(tx) = api.stream_tx_by_mid(mid, tx_rid) else {
+            // The send stream by SSRC (a hash lookup), learned by mid once.
+            let ssrc = match out.tx_ssrc(tx_rid) {
+                Some(s) => Some(s),
+                None => {
+                    let found = api.stream_tx_by_mid(mid, tx_rid).map(|tx| tx.ssrc());
+                    out.tx_ssrcs.extend(found.map(|s| (tx_rid, s)));
+                    found
+                }
+            };
+            let Some(tx) = ssrc.and_then(|s| api.stream_tx(&s)) else {
+                // Gone from the engine (renegotiated): learned again on the next packet.
+                out.tx_ssrcs.retain(|(r, _)| *r != tx_rid);
                 self.current = publisher;
                 self.counters.drop(DropReason::NoSendStream);
                 continue;
@@ -192,15 +221,6 @@ impl<S: EventSink> ShardCore<S> {
         }
         for layer in need_keyframe {
             self.request_keyframe(&track, layer, now);
-        }
-        for sub in untargeted {
-            let cap = self.layer_cap(sub, &track);
-            let best = self
-                .tracks
-                .get(&track)
-                .and_then(|p| p.activity.best_active_capped(now, cap))
-                .unwrap_or(rid);
-            self.retarget(sub, &track, best, now);
         }
     }
 }

@@ -42,6 +42,11 @@ use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::net::SendQueue;
 use crate::stats::{ShardCounters, ShardStats};
 
+/// Maps keyed by weir's own ids (peers, conferences, tracks): a fast hash, since no peer
+/// chooses these keys. Maps keyed by what peers send (source addresses, SSRCs) keep the
+/// default keyed hash, which resists collision flooding.
+type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
+
 pub(crate) use run::Shard;
 
 /// Sends events to the control plane without ever blocking the shard.
@@ -103,6 +108,18 @@ struct OutTrack {
     /// On a trunk, a simulcast track crosses as simulcast: every layer someone far needs, each
     /// under its rid (`layers` and `rewriter` are then unused).
     trunk: Option<TrunkLayers<Rid>>,
+    /// The engine's send stream for each layer sent, by SSRC: a hash lookup per copy, where
+    /// finding it by mid walks every send stream of the connection.
+    tx_ssrcs: Vec<(Option<Rid>, Ssrc)>,
+}
+
+impl OutTrack {
+    fn tx_ssrc(&self, rid: Option<Rid>) -> Option<Ssrc> {
+        self.tx_ssrcs
+            .iter()
+            .find(|(r, _)| *r == rid)
+            .map(|(_, s)| *s)
+    }
 }
 
 struct PendingNegotiation {
@@ -127,13 +144,13 @@ struct Peer {
     own_mids: HashSet<String>,
     pending: Option<PendingNegotiation>,
     /// Tracks published by this peer, by its mid.
-    published: HashMap<Mid, TrackKey>,
+    published: FastMap<Mid, TrackKey>,
     ssrc_mid: HashMap<Ssrc, (Mid, Option<Rid>)>,
     /// What should be forwarded to this peer (policy: everything else in the conference).
     desired: BTreeMap<TrackKey, (TrackKind, String, String)>,
     /// What is negotiated and forwarded, by track.
-    out: HashMap<TrackKey, OutTrack>,
-    out_by_mid: HashMap<Mid, TrackKey>,
+    out: FastMap<TrackKey, OutTrack>,
+    out_by_mid: FastMap<Mid, TrackKey>,
     addrs: Vec<SocketAddr>,
     /// The engine's next deadline, as queued in the shard's timer heap.
     timeout: Option<Instant>,
@@ -163,11 +180,11 @@ impl Peer {
             connected: false,
             own_mids: HashSet::new(),
             pending: None,
-            published: HashMap::new(),
+            published: FastMap::default(),
             ssrc_mid: HashMap::new(),
             desired: BTreeMap::new(),
-            out: HashMap::new(),
-            out_by_mid: HashMap::new(),
+            out: FastMap::default(),
+            out_by_mid: FastMap::default(),
             addrs: Vec::new(),
             timeout: None,
             dirty: false,
@@ -183,19 +200,19 @@ impl Peer {
 
 /// The state of one shard, and the only place it lives. Behaviour is spread over this
 /// module's files by concept; each adds an `impl` block.
-pub(crate) struct ShardCore<S: EventSink> {
+pub struct ShardCore<S: EventSink> {
     index: usize,
     config: SfuConfig,
     /// The address the shard's socket is bound to (the local side of every 5-tuple).
     local_addr: SocketAddr,
     events: S,
-    peers: HashMap<PeerId, Peer>,
-    conferences: HashMap<ConferenceId, Vec<PeerId>>,
-    tracks: HashMap<TrackKey, Published>,
+    peers: FastMap<PeerId, Peer>,
+    conferences: FastMap<ConferenceId, Vec<PeerId>>,
+    tracks: FastMap<TrackKey, Published>,
     by_addr: HashMap<SocketAddr, PeerId>,
     /// Each peer by its local ICE ufrag: a check from a new address names the one peer it is
     /// for (`stun::local_ufrag`), instead of every peer being asked about it.
-    by_ufrag: HashMap<String, PeerId>,
+    by_ufrag: FastMap<String, PeerId>,
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
     dirty: Vec<PeerId>,
     /// Datagrams to send, batched until the thread flushes them to the socket.

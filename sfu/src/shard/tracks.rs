@@ -6,11 +6,15 @@ use std::time::Instant;
 use str0m::media::{MediaKind, Mid, Rid};
 use tracing::info;
 
-use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription};
+use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_AGE};
 use crate::forward::{LayerActivity, LayerSelector, SeqTsRewriter, TrunkLayers};
 use crate::ids::{MediaId, PeerId, TrackKind};
 
 use super::{EventSink, OutTrack, Published, ShardCore, TrackKey};
+
+/// Queued retransmissions are dropped when they exceed this share of what a stream sends (the
+/// engine's default): past it, resending competes with fresh media on a link already losing.
+const RTX_RATIO_CAP: f32 = 0.15;
 
 impl<S: EventSink> ShardCore<S> {
     /// Record that `track` should be forwarded to `subscriber`.
@@ -124,6 +128,7 @@ impl<S: EventSink> ShardCore<S> {
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
                 layers: LayerSelector::default(),
                 pt_map: Vec::new(),
+                tx_ssrcs: Vec::new(),
                 trunk: (!rids.is_empty()).then(|| {
                     TrunkLayers::new(&rids, clock_rate, || {
                         (rand::random::<u16>() % 16_384, rand::random())
@@ -132,6 +137,20 @@ impl<S: EventSink> ShardCore<S> {
             },
         );
         peer.out_by_mid.insert(mid, track);
+        if kind == TrackKind::Video {
+            let history = self.config.rtx_history_packets;
+            let mut api = peer.rtc.direct_api();
+            let layers: Vec<Option<Rid>> = if rids.is_empty() {
+                vec![None]
+            } else {
+                rids.iter().map(|r| Some(*r)).collect()
+            };
+            for rid in layers {
+                if let Some(tx) = api.stream_tx_by_mid(mid, rid) {
+                    tx.set_rtx_cache(history, RTX_HISTORY_AGE, Some(RTX_RATIO_CAP));
+                }
+            }
+        }
         if let Some(p) = self.tracks.get_mut(&track) {
             if !p.subscribers.contains(&id) {
                 p.subscribers.push(id);

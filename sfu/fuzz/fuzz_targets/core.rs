@@ -1,0 +1,79 @@
+//! The shard core with participants that completed ICE and DTLS (`weir_sfu::sim`): a
+//! publisher sends what the fuzzer chooses through its real SRTP session (any payload type,
+//! sequence number, timestamp, marker and payload, on any simulcast layer), data-channel
+//! messages, and raw datagrams from its address; time moves as the fuzzer says. The core must
+//! never panic, and the other participant keeps receiving a well-formed publisher's video.
+#![no_main]
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use weir_sfu::sim::{Publish, SimNet};
+
+/// Operations taken from one input: a bound, so one input cannot run for long.
+const MAX_OPS: usize = 64;
+
+fuzz_target!(|data: &[u8]| {
+    let mut net = SimNet::default();
+    let hostile = net.join(
+        1,
+        Publish {
+            audio: true,
+            video: true,
+            simulcast: true,
+        },
+    );
+    let honest = net.join(
+        1,
+        Publish {
+            audio: false,
+            video: true,
+            simulcast: false,
+        },
+    );
+    let watcher = net.join(1, Publish::default());
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(100));
+
+    let mut ops = data;
+    let mut seq = 1u64;
+    for _ in 0..MAX_OPS {
+        let Some((&op, rest)) = ops.split_first() else {
+            break;
+        };
+        // Each op takes a length byte and that many bytes (or what is left).
+        let Some((&len, rest)) = rest.split_first() else {
+            break;
+        };
+        let n = usize::from(len).min(rest.len());
+        let (arg, rest) = rest.split_at(n);
+        ops = rest;
+        match op % 5 {
+            0 if arg.len() >= 8 => {
+                let rid = ["q", "h", "f"].get(usize::from(arg[0] % 4)).copied();
+                let seq_in = u64::from(u16::from_be_bytes([arg[1], arg[2]]));
+                let ts = u32::from_be_bytes([arg[3], arg[4], arg[5], arg[6]]);
+                net.send_rtp(hostile, rid, arg[7] & 0x7f, seq_in, ts, arg[0] & 0x80 != 0, &arg[8..]);
+            }
+            1 => {
+                net.send_data(hostile, arg.first().is_some_and(|b| b & 1 == 1), arg);
+            }
+            2 => net.send_raw(hostile, arg),
+            3 => {
+                let ms = arg.first().map_or(1, |b| u64::from(*b));
+                net.run_for(Duration::from_millis(ms));
+            }
+            _ => {
+                net.send_video(honest, None, seq == 1, 900);
+                seq += 1;
+            }
+        }
+        net.step();
+    }
+    // The honest publisher still gets through to the watcher.
+    let sent = net.send_video(honest, None, true, 900);
+    net.run_for(Duration::from_millis(20));
+    assert!(
+        net.clients[watcher].received.iter().any(|r| r.payload == sent),
+        "the watcher stopped receiving the honest publisher"
+    );
+});

@@ -1,0 +1,433 @@
+//! A simulated network around one [`ShardCore`]: participants are real WebRTC engines (str0m:
+//! ICE, DTLS, SRTP, SCTP, as a browser would run them) that exchange datagrams with the core in
+//! memory, under a virtual clock. Nothing here opens a socket or reads the clock after start,
+//! so a scenario runs the same way every time and as fast as the CPU allows.
+//!
+//! Used by the core's scenario tests, its fuzz target (datagrams from a peer that has
+//! completed DTLS) and the whole-core benchmark.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::channel::ChannelId;
+use str0m::format::Codec;
+use str0m::media::{Direction, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::RtpWrite;
+use str0m::{Candidate, Event, Input, Output, Rtc};
+
+use crate::api::{Command, PeerRole, SfuConfig, SfuEvent};
+use crate::ids::{ConferenceId, PeerId};
+use crate::stats::ShardStats;
+use crate::ShardCore;
+
+/// One tick of the virtual clock when nothing is due sooner. Shorter follows engine timers
+/// more closely; longer runs a simulated second in fewer steps.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// The focus's address as participants see it.
+pub const FOCUS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40_000);
+
+/// What a simulated participant publishes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Publish {
+    pub audio: bool,
+    pub video: bool,
+    /// Video as three simulcast layers (`q`, `h`, `f`) instead of one stream.
+    pub simulcast: bool,
+}
+
+/// An RTP packet a participant received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub mid: Mid,
+    pub seq: u16,
+    pub timestamp: u32,
+    pub payload: Arc<[u8]>,
+    pub at: Instant,
+}
+
+/// One simulated participant.
+pub struct Client {
+    pub peer: PeerId,
+    pub rtc: Rtc,
+    pub addr: SocketAddr,
+    /// Its own video m-line, if it publishes video.
+    pub video: Option<Mid>,
+    pub audio: Option<Mid>,
+    /// Every RTP packet it received, oldest first.
+    pub received: Vec<Received>,
+    /// Its engine reported ICE and DTLS connected.
+    pub connected: bool,
+    /// Its data channel, once open.
+    pub channel: Option<ChannelId>,
+    pending: Option<SdpPendingOffer>,
+    next_seq: u64,
+}
+
+/// A core and its participants under one virtual clock.
+pub struct SimNet {
+    pub core: ShardCore<Sender<SfuEvent>>,
+    events: Receiver<SfuEvent>,
+    /// Every event the core emitted, oldest first.
+    pub log: Vec<SfuEvent>,
+    pub clients: Vec<Client>,
+    pub stats: Arc<ShardStats>,
+    now: Instant,
+    next_peer: u64,
+}
+
+impl Default for SimNet {
+    fn default() -> Self {
+        Self::new(SfuConfig::default())
+    }
+}
+
+impl SimNet {
+    pub fn new(config: SfuConfig) -> Self {
+        let (tx, events) = crossbeam_channel::unbounded();
+        let stats = Arc::new(ShardStats::default());
+        let now = Instant::now();
+        let core = ShardCore::new(0, config, FOCUS_ADDR, tx, stats.clone(), now);
+        SimNet {
+            core,
+            events,
+            log: Vec::new(),
+            clients: Vec::new(),
+            stats,
+            now,
+            next_peer: 1,
+        }
+    }
+
+    /// The virtual time.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// A participant joins `conference` publishing `what`: it offers, the core answers. Returns
+    /// its index in [`SimNet::clients`]. Connecting takes [`SimNet::run_for`].
+    pub fn join(&mut self, conference: u64, what: Publish) -> usize {
+        let i = self.clients.len();
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 20_000 + i as u16);
+        let mut rtc = Rtc::builder().set_rtp_mode(true).build(self.now);
+        rtc.add_local_candidate(Candidate::host(addr, "udp").expect("a host candidate"));
+        let mut api = rtc.sdp_api();
+        let stream = format!("stream-{i}");
+        let audio = what.audio.then(|| {
+            api.add_media(
+                MediaKind::Audio,
+                Direction::SendOnly,
+                Some(stream.clone()),
+                Some(format!("audio-{i}")),
+                None,
+            )
+        });
+        let video = what.video.then(|| {
+            let layers = what.simulcast.then(|| {
+                let mut s = Simulcast::new();
+                for rid in ["q", "h", "f"] {
+                    s.add_send_layer(SimulcastLayer::new(rid));
+                }
+                s
+            });
+            api.add_media(
+                MediaKind::Video,
+                Direction::SendOnly,
+                Some(stream.clone()),
+                Some(format!("video-{i}")),
+                layers,
+            )
+        });
+        api.add_channel("weir".into());
+        let (offer, pending) = api.apply().expect("a participant's first offer");
+        let peer = PeerId(self.next_peer);
+        self.next_peer += 1;
+        self.clients.push(Client {
+            peer,
+            rtc,
+            addr,
+            video,
+            audio,
+            received: Vec::new(),
+            connected: false,
+            channel: None,
+            pending: Some(pending),
+            next_seq: 1,
+        });
+        self.core.handle_command(
+            Command::CreatePeer {
+                peer,
+                conference: ConferenceId(conference),
+                offer: offer.to_sdp_string(),
+                role: PeerRole::Participant,
+            },
+            self.now,
+        );
+        self.handle_events();
+        i
+    }
+
+    /// Participant `i` leaves (the control plane closes its peer).
+    pub fn leave(&mut self, i: usize) {
+        let peer = self.clients[i].peer;
+        self.core
+            .handle_command(Command::ClosePeer { peer }, self.now);
+        self.handle_events();
+    }
+
+    /// Run the network for `d` of virtual time.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.step();
+            self.now = (self.now + TICK).min(end);
+        }
+    }
+
+    /// Run until `done` holds, for at most `limit` of virtual time; whether it held.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&SimNet) -> bool) -> bool {
+        let end = self.now + limit;
+        while self.now < end {
+            self.step();
+            if done(self) {
+                return true;
+            }
+            self.now += TICK;
+        }
+        done(self)
+    }
+
+    /// Whether every participant's engine and the core report it connected.
+    pub fn all_connected(&self) -> bool {
+        let connected: HashSet<PeerId> = self
+            .log
+            .iter()
+            .filter_map(|e| match e {
+                SfuEvent::Connected { peer } => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        self.clients
+            .iter()
+            .all(|c| c.connected && connected.contains(&c.peer))
+    }
+
+    /// Participant `i` sends one video packet (a VP8 keyframe start if `keyframe`) of `len`
+    /// payload bytes on layer `rid` (`None` without simulcast). Returns the payload sent.
+    pub fn send_video(
+        &mut self,
+        i: usize,
+        rid: Option<&str>,
+        keyframe: bool,
+        len: usize,
+    ) -> Arc<[u8]> {
+        let payload = vp8_payload(keyframe, len, self.clients[i].next_seq);
+        let c = &mut self.clients[i];
+        let mid = c.video.expect("participant publishes video");
+        let pt = vp8_pt(&c.rtc).expect("VP8 negotiated");
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        let rid = rid.map(Rid::from);
+        let mut api = c.rtc.direct_api();
+        let tx = api
+            .stream_tx_by_mid(mid, rid)
+            .expect("a send stream for the video m-line");
+        tx.write_rtp(
+            RtpWrite::new(
+                pt,
+                seq.into(),
+                (seq * 3000) as u32,
+                self.now,
+                payload.clone(),
+            )
+            .marker(true),
+        );
+        payload
+    }
+
+    /// Participant `i` sends any RTP on its video m-line (layer `rid`): what a hostile or
+    /// broken client can put in an SRTP packet that weir decrypts. False if it has no such
+    /// send stream.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send_rtp(
+        &mut self,
+        i: usize,
+        rid: Option<&str>,
+        pt: u8,
+        seq: u64,
+        timestamp: u32,
+        marker: bool,
+        payload: &[u8],
+    ) -> bool {
+        let now = self.now;
+        let c = &mut self.clients[i];
+        let Some(mid) = c.video.or(c.audio) else {
+            return false;
+        };
+        let mut api = c.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, rid.map(Rid::from)) else {
+            return false;
+        };
+        tx.write_rtp(
+            RtpWrite::new(Pt::from(pt), seq.into(), timestamp, now, payload.to_vec())
+                .marker(marker),
+        );
+        true
+    }
+
+    /// Participant `i` sends a message on its data channel. False if it is not open.
+    pub fn send_data(&mut self, i: usize, binary: bool, data: &[u8]) -> bool {
+        let c = &mut self.clients[i];
+        let Some(id) = c.channel else {
+            return false;
+        };
+        c.rtc
+            .channel(id)
+            .is_some_and(|mut ch| ch.write(binary, data).unwrap_or(false))
+    }
+
+    /// A datagram arrives at the core from participant `i`'s address, as is (not through its
+    /// engine: unencrypted, possibly garbage).
+    pub fn send_raw(&mut self, i: usize, data: &[u8]) {
+        let from = self.clients[i].addr;
+        self.core.handle_datagram(from, data, self.now);
+    }
+
+    /// One step at the current time: the core's events, every participant's output into the
+    /// core, the core's timeout round, the core's output to the participants.
+    pub fn step(&mut self) {
+        let now = self.now;
+        for c in &mut self.clients {
+            let _ = c.rtc.handle_input(Input::Timeout(now));
+        }
+        for i in 0..self.clients.len() {
+            self.drain_client(i);
+        }
+        self.core.handle_timeout(now);
+        self.deliver_to_clients();
+        self.handle_events();
+    }
+
+    /// Hand what the core sent to the participants it is addressed to.
+    fn deliver_to_clients(&mut self) {
+        let now = self.now;
+        let clients = &mut self.clients;
+        let mut touched = Vec::new();
+        self.core.flush(|q| {
+            q.drain_each(|to, data| {
+                let Some(i) = clients.iter().position(|c| c.addr == to) else {
+                    return;
+                };
+                if let Ok(r) = Receive::new(Protocol::Udp, FOCUS_ADDR, to, data) {
+                    let _ = clients[i].rtc.handle_input(Input::Receive(now, r));
+                    touched.push(i);
+                }
+                // RTP mode holds one packet until polled: poll before the next one.
+                drain_events(&mut clients[i], now, &mut Vec::new());
+            })
+        });
+        for i in touched {
+            self.drain_client(i);
+        }
+    }
+
+    /// Move participant `i`'s output: datagrams into the core, RTP into `received`.
+    fn drain_client(&mut self, i: usize) {
+        let now = self.now;
+        let mut out = Vec::new();
+        drain_events(&mut self.clients[i], now, &mut out);
+        let from = self.clients[i].addr;
+        for data in out {
+            self.core.handle_datagram(from, &data, now);
+        }
+    }
+
+    /// React to what the core told the control plane, as the focus and a participant would.
+    fn handle_events(&mut self) {
+        while let Ok(ev) = self.events.try_recv() {
+            match &ev {
+                SfuEvent::PeerCreated { peer, answer, .. } => {
+                    if let Some(c) = self.clients.iter_mut().find(|c| c.peer == *peer) {
+                        let pending = c.pending.take().expect("an outstanding offer");
+                        let answer = SdpAnswer::from_sdp_string(answer).expect("a valid answer");
+                        c.rtc
+                            .sdp_api()
+                            .accept_answer(pending, answer)
+                            .expect("the participant accepts weir's answer");
+                        c.rtc.add_remote_candidate(
+                            Candidate::host(FOCUS_ADDR, "udp").expect("a host candidate"),
+                        );
+                    }
+                }
+                SfuEvent::Offer { peer, sdp, .. } => {
+                    let peer = *peer;
+                    if let Some(c) = self.clients.iter_mut().find(|c| c.peer == peer) {
+                        let offer = SdpOffer::from_sdp_string(sdp).expect("a valid offer");
+                        let answer = c
+                            .rtc
+                            .sdp_api()
+                            .accept_offer(offer)
+                            .expect("the participant accepts weir's offer");
+                        let cmd = Command::RemoteAnswer {
+                            peer,
+                            sdp: answer.to_sdp_string(),
+                        };
+                        self.core.handle_command(cmd, self.now);
+                    }
+                }
+                _ => {}
+            }
+            self.log.push(ev);
+        }
+    }
+}
+
+/// Poll a participant's engine until it waits: transmits into `out`, RTP into `received`.
+fn drain_events(c: &mut Client, now: Instant, out: &mut Vec<Vec<u8>>) {
+    while let Ok(o) = c.rtc.poll_output() {
+        match o {
+            Output::Timeout(_) => break,
+            Output::Transmit(t) => out.push(t.contents.to_vec()),
+            Output::Event(Event::Connected) => c.connected = true,
+            Output::Event(Event::ChannelOpen(id, _)) => c.channel = Some(id),
+            Output::Event(Event::RtpPacket(p)) => c.received.push(Received {
+                mid: c
+                    .rtc
+                    .direct_api()
+                    .stream_rx(&p.header.ssrc)
+                    .map(|s| s.mid())
+                    .unwrap_or_else(|| Mid::from("?")),
+                seq: p.header.sequence_number,
+                timestamp: p.header.timestamp,
+                payload: p.payload.clone(),
+                at: now,
+            }),
+            Output::Event(_) => {}
+        }
+    }
+}
+
+/// The payload type `rtc` negotiated for VP8.
+pub fn vp8_pt(rtc: &Rtc) -> Option<Pt> {
+    rtc.codec_config()
+        .find(|p| p.spec().codec == Codec::Vp8)
+        .map(|p| p.pt())
+}
+
+/// A VP8 payload: the payload descriptor (start of partition 0), then a frame header whose
+/// first byte says keyframe or not, then bytes that encode `tag` so every payload differs.
+pub fn vp8_payload(keyframe: bool, len: usize, tag: u64) -> Arc<[u8]> {
+    let mut p = vec![0u8; len.max(10)];
+    p[0] = 0x10; // S=1, partition 0
+    p[1] = if keyframe { 0x00 } else { 0x01 }; // P bit: 0 = keyframe
+    if keyframe {
+        p[4..7].copy_from_slice(&[0x9d, 0x01, 0x2a]); // keyframe start code
+    }
+    p[len.max(10) - 8..].copy_from_slice(&tag.to_be_bytes());
+    p.into()
+}
