@@ -30,7 +30,7 @@ pub use api::{
     SfuError, SfuEvent, Subscription, DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
-pub use shard::{EventSink, ShardCore};
+pub use shard::{CoreSizes, EventSink, ShardCore};
 pub use stats::{DelayHistogram, DropReason, ShardStats, StatsSnapshot, TrunkCounts};
 
 /// Capacity of each shard's command queue. Commands are rare (per signalling event), so a full

@@ -288,7 +288,9 @@ impl SendQueue {
         self.order.clear();
         self.order.extend(0..self.items.len());
         let items = &self.items;
-        self.order.sort_by_key(|i| items[*i].0);
+        // Unstable sort on (destination, index): the same order as a stable sort by
+        // destination, without the stable sort's scratch allocation.
+        self.order.sort_unstable_by_key(|i| (items[*i].0, *i));
         // Runs: (first index into order, count, segment size).
         let mut runs: Vec<(usize, usize, usize)> = Vec::with_capacity(self.items.len());
         let mut i = 0;

@@ -25,9 +25,13 @@ use crate::ids::{ConferenceId, PeerId};
 use crate::stats::ShardStats;
 use crate::ShardCore;
 
-/// One tick of the virtual clock when nothing is due sooner. Shorter follows engine timers
-/// more closely; longer runs a simulated second in fewer steps.
+/// The longest step of the virtual clock: time jumps to the next deadline of the core or of a
+/// participant's engine, but at most this far, so participants' packets sent meanwhile are
+/// not held back long. Shorter is closer to a real network's timing; longer runs faster.
 pub const TICK: Duration = Duration::from_millis(1);
+
+/// The shortest step, so an engine that keeps asking for "now" cannot stall the clock.
+const MIN_STEP: Duration = Duration::from_micros(50);
 
 /// The focus's address as participants see it.
 pub const FOCUS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40_000);
@@ -67,6 +71,10 @@ pub struct Client {
     pub channel: Option<ChannelId>,
     pending: Option<SdpPendingOffer>,
     next_seq: u64,
+    /// When its engine next wants time to pass.
+    next_timeout: Option<Instant>,
+    /// It left: its engine is no longer run.
+    pub left: bool,
 }
 
 /// A core and its participants under one virtual clock.
@@ -158,6 +166,8 @@ impl SimNet {
             channel: None,
             pending: Some(pending),
             next_seq: 1,
+            next_timeout: None,
+            left: false,
         });
         self.core.handle_command(
             Command::CreatePeer {
@@ -172,8 +182,9 @@ impl SimNet {
         i
     }
 
-    /// Participant `i` leaves (the control plane closes its peer).
+    /// Participant `i` leaves (the control plane closes its peer, and its engine stops).
     pub fn leave(&mut self, i: usize) {
+        self.clients[i].left = true;
         let peer = self.clients[i].peer;
         self.core
             .handle_command(Command::ClosePeer { peer }, self.now);
@@ -185,8 +196,19 @@ impl SimNet {
         let end = self.now + d;
         while self.now < end {
             self.step();
-            self.now = (self.now + TICK).min(end);
+            self.now = self.next_step().min(end);
         }
+    }
+
+    /// The time of the next step: the earliest deadline, within [`MIN_STEP`] and [`TICK`].
+    fn next_step(&self) -> Instant {
+        let due = self
+            .clients
+            .iter()
+            .filter(|c| !c.left)
+            .filter_map(|c| c.next_timeout)
+            .fold(self.core.next_deadline(), Instant::min);
+        due.clamp(self.now + MIN_STEP, self.now + TICK)
     }
 
     /// Run until `done` holds, for at most `limit` of virtual time; whether it held.
@@ -197,12 +219,12 @@ impl SimNet {
             if done(self) {
                 return true;
             }
-            self.now += TICK;
+            self.now = self.next_step();
         }
         done(self)
     }
 
-    /// Whether every participant's engine and the core report it connected.
+    /// Whether every participant still present is connected, as its engine and the core say.
     pub fn all_connected(&self) -> bool {
         let connected: HashSet<PeerId> = self
             .log
@@ -214,6 +236,7 @@ impl SimNet {
             .collect();
         self.clients
             .iter()
+            .filter(|c| !c.left)
             .all(|c| c.connected && connected.contains(&c.peer))
     }
 
@@ -298,15 +321,28 @@ impl SimNet {
         self.core.handle_datagram(from, data, self.now);
     }
 
+    /// What participant `i`'s engine sends now, taken instead of delivered: datagrams a
+    /// benchmark feeds to the core itself.
+    pub fn capture(&mut self, i: usize) -> Vec<Vec<u8>> {
+        let now = self.now;
+        let c = &mut self.clients[i];
+        let _ = c.rtc.handle_input(Input::Timeout(now));
+        let mut out = Vec::new();
+        drain_events(c, now, &mut out);
+        out
+    }
+
     /// One step at the current time: the core's events, every participant's output into the
     /// core, the core's timeout round, the core's output to the participants.
     pub fn step(&mut self) {
         let now = self.now;
-        for c in &mut self.clients {
+        for c in self.clients.iter_mut().filter(|c| !c.left) {
             let _ = c.rtc.handle_input(Input::Timeout(now));
         }
         for i in 0..self.clients.len() {
-            self.drain_client(i);
+            if !self.clients[i].left {
+                self.drain_client(i);
+            }
         }
         self.core.handle_timeout(now);
         self.deliver_to_clients();
@@ -320,7 +356,7 @@ impl SimNet {
         let mut touched = Vec::new();
         self.core.flush(|q| {
             q.drain_each(|to, data| {
-                let Some(i) = clients.iter().position(|c| c.addr == to) else {
+                let Some(i) = clients.iter().position(|c| c.addr == to && !c.left) else {
                     return;
                 };
                 if let Ok(r) = Receive::new(Protocol::Udp, FOCUS_ADDR, to, data) {
@@ -391,7 +427,10 @@ impl SimNet {
 fn drain_events(c: &mut Client, now: Instant, out: &mut Vec<Vec<u8>>) {
     while let Ok(o) = c.rtc.poll_output() {
         match o {
-            Output::Timeout(_) => break,
+            Output::Timeout(t) => {
+                c.next_timeout = Some(t);
+                break;
+            }
             Output::Transmit(t) => out.push(t.contents.to_vec()),
             Output::Event(Event::Connected) => c.connected = true,
             Output::Event(Event::ChannelOpen(id, _)) => c.channel = Some(id),

@@ -67,3 +67,65 @@ fn every_subscriber_receives_every_payload_unchanged_and_in_sequence() {
         "nothing comes back to Alice"
     );
 }
+
+/// A busy room for a while: people join, publish, watch and leave in waves. Whoever is still
+/// there keeps receiving, and once everyone has gone the core holds nothing of them: no peer,
+/// track, conference, address, ufrag or subscription, and only a bounded timer heap.
+#[test]
+fn people_coming_and_going_leave_nothing_behind() {
+    let mut net = SimNet::default();
+    let host = net.join(7, VIDEO);
+    let mut present = Vec::new();
+    for wave in 0..5 {
+        for _ in 0..6 {
+            present.push(net.join(7, if wave % 2 == 0 { WATCH } else { VIDEO }));
+        }
+        assert!(
+            net.run_until(Duration::from_secs(10), |n| n.all_connected()),
+            "wave {wave}: the newcomers connect"
+        );
+        net.run_for(Duration::from_millis(200));
+        let sizes = net.core.sizes();
+        assert_eq!(
+            sizes.peers,
+            1 + present.len(),
+            "wave {wave}: one peer per participant"
+        );
+        let sent = net.send_video(host, None, true, 500);
+        net.run_for(Duration::from_millis(30));
+        for &i in &present {
+            assert!(
+                net.clients[i].received.iter().any(|r| r.payload == sent),
+                "wave {wave}: participant {i} receives the host"
+            );
+        }
+        // Half of those present leave.
+        let leaving: Vec<usize> = present.iter().copied().step_by(2).collect();
+        for i in &leaving {
+            net.leave(*i);
+        }
+        present.retain(|i| !leaving.contains(i));
+        net.run_for(Duration::from_millis(200));
+    }
+    for i in present.drain(..) {
+        net.leave(i);
+    }
+    net.leave(host);
+    net.run_for(Duration::from_secs(2));
+    let sizes = net.core.sizes();
+    assert_eq!(
+        (sizes.peers, sizes.conferences, sizes.tracks),
+        (0, 0, 0),
+        "no peer, conference or track outlives its participants"
+    );
+    assert_eq!(
+        (sizes.addresses, sizes.ufrags, sizes.subscriptions),
+        (0, 0, 0),
+        "no address, ufrag or subscription outlives its peer"
+    );
+    assert!(
+        sizes.timers <= 64,
+        "the timer heap is pruned: {} entries",
+        sizes.timers
+    );
+}

@@ -13,6 +13,21 @@ use crate::stats::{DropReason, ShardCounters, ShardStats};
 use super::timers::HOUSEKEEPING_INTERVAL;
 use super::{EventSink, FastMap, ShardCore};
 
+/// Entry counts of a core's maps ([`ShardCore::sizes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CoreSizes {
+    pub peers: usize,
+    pub conferences: usize,
+    pub tracks: usize,
+    /// Source addresses known (each maps to its peer).
+    pub addresses: usize,
+    pub ufrags: usize,
+    /// Engine deadlines queued, live or superseded.
+    pub timers: usize,
+    /// (track, subscriber) pairs being forwarded.
+    pub subscriptions: usize,
+}
+
 impl<S: EventSink> ShardCore<S> {
     /// A core for shard `index`, whose socket is bound to `local_addr`.
     pub fn new(
@@ -107,6 +122,19 @@ impl<S: EventSink> ShardCore<S> {
         self.counters.send_calls += st.messages;
         for _ in 0..st.dropped {
             self.counters.drop(DropReason::SendFailed);
+        }
+    }
+
+    /// How many entries the core's maps hold: what a long-running shard must not accumulate.
+    pub fn sizes(&self) -> CoreSizes {
+        CoreSizes {
+            peers: self.peers.len(),
+            conferences: self.conferences.len(),
+            tracks: self.tracks.len(),
+            addresses: self.by_addr.len(),
+            ufrags: self.by_ufrag.len(),
+            timers: self.timers.len(),
+            subscriptions: self.tracks.values().map(|t| t.subscribers.len()).sum(),
         }
     }
 

@@ -47,6 +47,7 @@ use crate::stats::{ShardCounters, ShardStats};
 /// default keyed hash, which resists collision flooding.
 type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
+pub use self::core::CoreSizes;
 pub(crate) use run::Shard;
 
 /// Sends events to the control plane without ever blocking the shard.
