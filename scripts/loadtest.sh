@@ -13,7 +13,9 @@
 # `--sites N` (first argument) is a cascade: N Synapses that federate over loopback, each with
 # its own focus; each room's participants are spread over them and call their own site's focus.
 # Everything runs in a loopback-only network namespace (scripts/in-netns.sh). Environment:
-# WEIR_PROFILE=debug to skip the release build; WEIR_KEEP_TMP=1 to keep logs; WEIR_SHARDS.
+# WEIR_PROFILE=debug to skip the release build; WEIR_KEEP_TMP=1 to keep logs; WEIR_SHARDS;
+# WEIR_MEDIA_EXTRA for more lines of the focus's [media] section (e.g. "rtx_history_packets = 1024");
+# WEIR_FOCUS_WRAPPER to start the focus under a profiler (e.g. "heaptrack -o /tmp/focus").
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -94,6 +96,7 @@ start_focus() { # index
   cat >> "$TMP/focus$i.toml" <<TOML
 [media]
 shards = ${WEIR_SHARDS:-0}
+${WEIR_MEDIA_EXTRA:-}
 [http]
 listen = "127.0.0.1:$HTTP_PORT"
 direct_token = "$TOKEN"
@@ -101,7 +104,8 @@ direct_token = "$TOKEN"
 level = "warn"
 TOML
   echo "==> weir-focus ($PROFILE) as $FOCUS_USER"
-  "$BIN/weir-focus" --config "$TMP/focus$i.toml" 2> "$TMP/focus$i.log" &
+  # shellcheck disable=SC2086 # the wrapper is a command line, split on purpose
+  ${WEIR_FOCUS_WRAPPER:-} "$BIN/weir-focus" --config "$TMP/focus$i.toml" 2> "$TMP/focus$i.log" &
   local pid=$!
   FOCUS_PIDS+=("$pid")
   HTTP_PORTS+=("$HTTP_PORT")

@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 use weir_loadtest::call::Layout;
 use weir_loadtest::impair::Impairment;
 use weir_loadtest::run::{self, RunConfig, Signalling, Site};
+use weir_loadtest::source::VideoShape;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -109,6 +110,9 @@ struct RunArgs {
     /// What each participant subscribes to.
     #[arg(long, value_enum, default_value_t = Layout::All)]
     layout: Layout,
+    /// What video publishers send: 3-layer simulcast, or one flat ~1000 packets/s layer.
+    #[arg(long, value_enum, default_value_t = VideoShape::Simulcast)]
+    video: VideoShape,
     /// Participants started per second.
     #[arg(long, default_value_t = 5.0)]
     join_rate: f64,
@@ -279,6 +283,7 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
         audio_publishers: a.audio_publishers,
         subscribers: a.subscribers,
         layout: a.layout,
+        video: a.video,
         join_rate: a.join_rate,
         duration: Duration::from_secs_f64(a.duration),
         setup_timeout: Duration::from_secs_f64(a.setup_timeout),

@@ -30,7 +30,7 @@ use crate::ids::{
 use crate::impair::{Impairment, Link, LinkCounters};
 use crate::payload::{encode_audio, encode_video, MediaHeader};
 use crate::signal::{self, FocusAddress, Incoming, Outgoing, SignalCounters, Transport};
-use crate::source::{AudioSource, SpeakerSchedule, VideoSource};
+use crate::source::{AudioSource, SpeakerSchedule, VideoShape, VideoSource};
 use crate::stats::{Roster, RxStats, SecondBucket};
 
 /// Wall-clock Unix milliseconds now.
@@ -64,6 +64,7 @@ pub struct Plan {
     pub publish_video: bool,
     pub publish_audio: bool,
     pub layout: Layout,
+    pub video: VideoShape,
     /// The room's video publishers and audio publishers (both include this participant if it
     /// publishes), in roster order.
     pub room_video: Vec<PublisherId>,
@@ -825,7 +826,8 @@ impl Participant {
                 }
                 let now_us = micros_since_epoch(now);
                 if self.plan.publish_video && c.video.is_some() {
-                    self.video_src = Some(VideoSource::new(now_us, self.plan.seed));
+                    self.video_src =
+                        Some(VideoSource::new(now_us, self.plan.seed, self.plan.video));
                 }
                 if self.plan.publish_audio && c.audio.is_some() {
                     self.audio_src = Some(AudioSource::new(now_us));

@@ -20,7 +20,7 @@ use crate::participant::{self, Plan, Shared, Timeline};
 use crate::prom;
 use crate::report::{FocusCost, RunReport};
 use crate::signal::{FocusAddress, SignalCounters, Transport};
-use crate::source::SpeakerSchedule;
+use crate::source::{SpeakerSchedule, VideoShape};
 use ruma::{OwnedRoomId, OwnedUserId};
 use weir_signalling::client::{MatrixClient, Session};
 
@@ -110,6 +110,8 @@ pub struct RunConfig {
     /// Per room: participants that only receive.
     pub subscribers: usize,
     pub layout: Layout,
+    /// What video publishers send.
+    pub video: VideoShape,
     /// Participants started per second.
     pub join_rate: f64,
     pub duration: Duration,
@@ -389,6 +391,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
                 publish_video: m.video,
                 publish_audio: m.audio,
                 layout: cfg.layout,
+                video: cfg.video,
                 room_video: room.video.clone(),
                 room_audio: room.audio.clone(),
                 speakers: schedule(ri),

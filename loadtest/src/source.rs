@@ -33,6 +33,20 @@ pub const AUDIO_SILENCE_BYTES: usize = 45;
 pub const AUDIO_TALK_LEVEL: i8 = -25;
 pub const AUDIO_SILENCE_LEVEL: i8 = -90;
 
+/// What a video publisher sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+pub enum VideoShape {
+    /// Three simulcast layers at their target bitrates, frame sizes varying, as a browser.
+    #[default]
+    Simulcast,
+    /// One layer (`f`) of [`FLAT_PACKETS_PER_FRAME`] full-size packets per frame: about 1000
+    /// packets/s of 1100-byte payloads, the shape issue 7 compares SFUs with.
+    Flat,
+}
+
+/// Packets per frame of [`VideoShape::Flat`]: 33 × 30 fps = 990 packets/s.
+pub const FLAT_PACKETS_PER_FRAME: usize = 33;
+
 /// One frame of one layer, ready to packetise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FramePlan {
@@ -54,15 +68,21 @@ struct LayerState {
 
 /// The three-layer simulcast video of one publisher.
 pub struct VideoSource {
+    shape: VideoShape,
     layers: Vec<LayerState>,
     next_us: u64,
     rng: StdRng,
 }
 
 impl VideoSource {
-    pub fn new(start_us: u64, seed: u64) -> Self {
+    pub fn new(start_us: u64, seed: u64, shape: VideoShape) -> Self {
+        let layers: &[Layer] = match shape {
+            VideoShape::Simulcast => &Layer::ALL,
+            VideoShape::Flat => &[Layer::F],
+        };
         VideoSource {
-            layers: Layer::ALL
+            shape,
+            layers: layers
                 .iter()
                 .map(|&layer| LayerState {
                     layer,
@@ -114,7 +134,10 @@ impl VideoSource {
             let layer = l.layer;
             let frame = l.frame;
             l.frame = l.frame.wrapping_add(1);
-            let size = frame_size(layer, keyframe, &mut self.rng);
+            let size = match self.shape {
+                VideoShape::Simulcast => frame_size(layer, keyframe, &mut self.rng),
+                VideoShape::Flat => FLAT_PACKETS_PER_FRAME * MAX_PAYLOAD,
+            };
             out.push(FramePlan {
                 layer,
                 frame,
@@ -260,7 +283,7 @@ mod tests {
 
     #[test]
     fn each_layer_averages_its_target_bitrate() {
-        let mut v = VideoSource::new(0, 1);
+        let mut v = VideoSource::new(0, 1, VideoShape::Simulcast);
         let mut bytes = [0usize; 3];
         let seconds = 30;
         let mut t = 0;
@@ -282,7 +305,7 @@ mod tests {
 
     #[test]
     fn keyframes_come_on_schedule_and_on_request_per_layer() {
-        let mut v = VideoSource::new(0, 2);
+        let mut v = VideoSource::new(0, 2, VideoShape::Simulcast);
         let first = v.poll(0);
         assert!(
             first.iter().all(|f| f.keyframe),
@@ -307,7 +330,7 @@ mod tests {
 
     #[test]
     fn keyframes_span_several_packets_and_packets_fit_the_mtu() {
-        let mut v = VideoSource::new(0, 3);
+        let mut v = VideoSource::new(0, 3, VideoShape::Simulcast);
         let f = v.poll(0);
         let full = f.iter().find(|f| f.layer == Layer::F).unwrap();
         assert!(full.packets.len() > 10, "{:?}", full.packets.len());
@@ -318,7 +341,7 @@ mod tests {
 
     #[test]
     fn a_stall_does_not_cause_a_burst() {
-        let mut v = VideoSource::new(0, 4);
+        let mut v = VideoSource::new(0, 4, VideoShape::Simulcast);
         assert_eq!(v.poll(0).len(), 3);
         assert_eq!(v.poll(1_000_000).len(), 3);
         assert!(v.poll(1_000_001).is_empty());
@@ -359,5 +382,28 @@ mod tests {
         let distinct: std::collections::HashSet<usize> =
             (0..50).map(|t| s.talking(t, 4)[0]).collect();
         assert!(distinct.len() > 1, "the active speaker changes over turns");
+    }
+
+    #[test]
+    fn the_flat_shape_sends_one_layer_of_about_1000_full_packets_per_second() {
+        let mut v = VideoSource::new(0, 5, VideoShape::Flat);
+        let mut packets = Vec::new();
+        let mut t = 0;
+        while t < 1_000_000 {
+            for f in v.poll(t) {
+                assert_eq!(f.layer, Layer::F, "only the full layer");
+                packets.extend(f.packets);
+            }
+            t += 1_000;
+        }
+        assert!(
+            (980..=1000).contains(&packets.len()),
+            "{} packets in 1 s",
+            packets.len()
+        );
+        assert!(
+            packets.iter().all(|p| *p == MAX_PAYLOAD),
+            "every packet full size"
+        );
     }
 }

@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::time::Instant;
 
 use str0m::change::{SdpAnswer, SdpOffer};
-use str0m::format::Codec;
+use str0m::format::{Codec, FormatParams};
+use str0m::media::Frequency;
+use str0m::rtp::Extension;
 use str0m::{Rtc, RtcConfig};
 
 use crate::forward::VideoCodec;
@@ -29,15 +31,46 @@ pub fn new_trunk_rtc(now: Instant) -> Rtc {
 }
 
 /// RTP mode and the codec set browsers send, with or without ICE-lite.
+///
+/// One payload type per codec browsers actually send to an SFU: Opus, VP8, VP9 profile 0 and
+/// H.264 constrained baseline (packetization mode 1, level 3.1: the profile Chrome, Firefox
+/// and Safari all offer), each video codec with RTX. str0m's defaults add VP9 profile 2 and
+/// six more H.264 variants; every forwarded video track repeats the whole list in its m-line,
+/// and with them a 25-person meeting's offer passed the 64 KiB Synapse allows in a to-device
+/// event. A publisher whose browser offers none of these codecs for video gets its video
+/// rejected in the answer rather than forwarded to subscribers who could not decode it.
+///
+/// Header extensions: audio level, transport-wide sequence numbers, mid, rid and repaired rid,
+/// video orientation. Not abs-send-time: it serves receive-side estimation, which
+/// transport-wide feedback replaces, and it cost one line in every m-line.
 fn config(ice_lite: bool) -> RtcConfig {
-    RtcConfig::new()
+    let mut config = RtcConfig::new()
         .set_ice_lite(ice_lite)
         .set_rtp_mode(true)
         .clear_codecs()
         .enable_opus(true, false)
         .enable_vp8(true)
-        .enable_vp9(true)
-        .enable_h264(true)
+        .clear_extension_map()
+        .set_extension(1, Extension::AudioLevel)
+        .set_extension(3, Extension::TransportSequenceNumber)
+        .set_extension(4, Extension::RtpMid)
+        .set_extension(10, Extension::RtpStreamId)
+        .set_extension(11, Extension::RepairedRtpStreamId)
+        .set_extension(13, Extension::VideoOrientation);
+    let codecs = config.codec_config();
+    codecs.add_config(
+        98.into(),
+        Some(99.into()),
+        Codec::Vp9,
+        Frequency::NINETY_KHZ,
+        None,
+        FormatParams {
+            profile_id: Some(0),
+            ..Default::default()
+        },
+    );
+    codecs.add_h264(108.into(), Some(109.into()), true, 0x42e01f);
+    config
 }
 
 /// Map an engine codec to what keyframe detection understands.
@@ -126,6 +159,53 @@ pub fn answers(offer: &[Option<String>], answer: &[Option<String>]) -> bool {
 }
 
 /// Split SDP text into the session part and one part per `m=` section, keeping line endings.
+/// Attributes that describe the one bundled transport (ICE credentials and options, the DTLS
+/// fingerprint) rather than a media section.
+const TRANSPORT_ATTRIBUTES: [&str; 4] = [
+    "a=ice-ufrag:",
+    "a=ice-pwd:",
+    "a=ice-options:",
+    "a=fingerprint:",
+];
+
+/// An offer with the transport attributes said once, at session level, instead of in every
+/// m-line. All of weir's m-lines share one bundled transport, so the engine repeats the same
+/// four lines (about 200 bytes) in each; with 24 forwarded tracks that alone was 10 KiB of a
+/// to-device event Synapse caps at 64 KiB. Session-level ICE credentials and fingerprints are
+/// standard SDP (RFC 8839, RFC 8122), and browsers and str0m read them as the default of
+/// every m-line. If the m-lines' transport lines differ (never, for one engine's offer), the
+/// offer is returned unchanged.
+pub fn compact_offer(sdp: &str) -> String {
+    let sections = split_sections(sdp);
+    let transport = |section: &str| -> Vec<String> {
+        section
+            .split_inclusive('\n')
+            .filter(|l| TRANSPORT_ATTRIBUTES.iter().any(|a| l.starts_with(a)))
+            .map(str::to_string)
+            .collect()
+    };
+    let Some(first) = sections.get(1) else {
+        return sdp.to_string();
+    };
+    let shared = transport(first);
+    if shared.is_empty() || sections[1..].iter().any(|s| transport(s) != shared) {
+        return sdp.to_string();
+    }
+    let mut out = String::with_capacity(sdp.len());
+    out.push_str(sections[0]);
+    for line in &shared {
+        out.push_str(line);
+    }
+    for section in &sections[1..] {
+        for line in section.split_inclusive('\n') {
+            if !TRANSPORT_ATTRIBUTES.iter().any(|a| line.starts_with(a)) {
+                out.push_str(line);
+            }
+        }
+    }
+    out
+}
+
 fn split_sections(sdp: &str) -> Vec<&str> {
     let mut starts = vec![0];
     let mut pos = 0;
@@ -142,6 +222,26 @@ fn split_sections(sdp: &str) -> Vec<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offers_transport_lines_move_to_session_level_once() {
+        let sdp = "v=0\r\ns=-\r\n\
+m=audio 9 X 111\r\na=ice-ufrag:u\r\na=ice-pwd:p\r\na=fingerprint:sha-256 AA\r\na=mid:0\r\n\
+m=video 9 X 96\r\na=ice-ufrag:u\r\na=ice-pwd:p\r\na=fingerprint:sha-256 AA\r\na=mid:1\r\n";
+        let compact = compact_offer(sdp);
+        assert_eq!(
+            compact,
+            "v=0\r\ns=-\r\na=ice-ufrag:u\r\na=ice-pwd:p\r\na=fingerprint:sha-256 AA\r\n\
+m=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 96\r\na=mid:1\r\n"
+        );
+        // Differing transports (not one bundle) are left as they are.
+        let mixed = sdp.replacen(
+            "a=ice-ufrag:u\r\na=ice-pwd:p\r\na=fingerprint:sha-256 AA\r\na=mid:1",
+            "a=ice-ufrag:v\r\na=mid:1",
+            1,
+        );
+        assert_eq!(compact_offer(&mixed), mixed);
+    }
 
     const OFFER: &str =
         "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\na=group:BUNDLE 0 1 2\r\n\

@@ -129,3 +129,100 @@ fn people_coming_and_going_leave_nothing_behind() {
         sizes.timers
     );
 }
+
+/// A 25-person meeting where everyone publishes audio and video: everyone receives every
+/// other participant's audio, and a video keyframe from each of them.
+#[test]
+fn in_a_25_person_meeting_everyone_receives_everyone() {
+    let mut net = SimNet::default();
+    let people: Vec<usize> = (0..25).map(|_| net.join(3, VIDEO)).collect();
+    assert!(
+        net.run_until(Duration::from_secs(20), |n| n.all_connected()),
+        "everyone connects"
+    );
+    net.run_for(Duration::from_millis(500));
+    // Each offer travels in a to-device event, which Synapse caps at 64 KiB of JSON (line
+    // breaks escaped): 24 forwarded tracks of audio and video must fit with room to spare.
+    let largest = net
+        .log
+        .iter()
+        .filter_map(|e| match e {
+            SfuEvent::Offer { sdp, .. } => Some(sdp.len() + sdp.lines().count() * 2),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    eprintln!("largest offer: {largest} bytes escaped");
+    assert!(
+        largest < 56 * 1024,
+        "the largest offer takes {largest} bytes escaped"
+    );
+    let mut sent = Vec::new();
+    for &p in &people {
+        sent.push(net.send_video(p, None, true, 300));
+    }
+    net.run_for(Duration::from_millis(100));
+    for &who in &people {
+        for (from, payload) in people.iter().zip(&sent) {
+            if *from == who {
+                continue;
+            }
+            assert!(
+                net.clients[who]
+                    .received
+                    .iter()
+                    .any(|r| r.payload == *payload),
+                "participant {who} receives participant {from}'s video"
+            );
+        }
+    }
+}
+
+/// Alice has been sending three simulcast layers for a while when Bob joins. Bob's first
+/// packet is the top layer's next keyframe: weir does not wait for another one, and never
+/// starts him on a lower layer first.
+#[test]
+fn a_newcomer_starts_on_the_top_layers_keyframe_in_flight() {
+    let mut net = SimNet::default();
+    let alice = net.join(
+        5,
+        Publish {
+            audio: false,
+            video: true,
+            simulcast: true,
+        },
+    );
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    for frame in 0..30 {
+        for rid in ["q", "h", "f"] {
+            net.send_video(alice, Some(rid), frame == 0, 400);
+        }
+        net.run_for(Duration::from_millis(33));
+    }
+    let bob = net.join(5, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    // Bob's offer and answer go through; Alice keeps sending deltas meanwhile.
+    for _ in 0..10 {
+        for rid in ["q", "h", "f"] {
+            net.send_video(alice, Some(rid), false, 400);
+        }
+        net.run_for(Duration::from_millis(33));
+    }
+    assert!(
+        net.clients[bob].received.is_empty(),
+        "no delta frame starts a subscriber"
+    );
+    let q = net.send_video(alice, Some("q"), true, 400);
+    let f = net.send_video(alice, Some("f"), true, 400);
+    net.run_for(Duration::from_millis(20));
+    let got = &net.clients[bob].received;
+    assert!(!got.is_empty(), "Bob starts on the keyframe in flight");
+    assert!(
+        got[0].payload == f,
+        "Bob's first packet is the top layer's keyframe"
+    );
+    assert!(
+        got.iter().all(|r| r.payload != q),
+        "and never the bottom layer"
+    );
+}

@@ -194,10 +194,14 @@ impl Client {
         payload: &[u8],
     ) {
         let mid = self.mids[label];
+        // A payload type of this codec that the answer kept for this m-line.
+        let negotiated = self.rtc.media(mid).unwrap().remote_pts().to_vec();
         let pt = self
             .rtc
             .codec_config()
-            .find(|p| p.spec().codec == codec)
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == codec && negotiated.contains(&p.pt()))
             .unwrap()
             .pt();
         let mut api = self.rtc.direct_api();

@@ -14,6 +14,11 @@ use crate::stats::DropReason;
 use super::tracks::size_cap;
 use super::{EventSink, ShardCore};
 
+/// How long after a simulcast track's first packet its layers count as known. Browsers start
+/// all layers within a frame or two; before this, the first layer to arrive is not taken as
+/// the best there is. Longer delays a subscriber's start on a keyframe already in flight for
+/// a track that just began; shorter risks starting on a low layer and switching up.
+const SIMULCAST_SETTLE: Duration = Duration::from_millis(200);
 /// How long a new subscriber waits for a keyframe before asking again.
 const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
 
@@ -74,6 +79,12 @@ impl<S: EventSink> ShardCore<S> {
             && starts_keyframe(engine::video_codec(params.spec().codec), &pkt.payload);
         let is_video = published.kind == TrackKind::Video;
         published.activity.saw(rid, rid_rank(rid.as_deref()), now);
+        let first_packet = *published.first_packet.get_or_insert(now);
+        // Until a simulcast track has flowed a moment, its better layers may not have been
+        // seen yet: a subscriber waits for its layer's keyframe rather than starting on the
+        // first layer that happens to arrive.
+        let layers_settled =
+            rid.is_none() || now.saturating_duration_since(first_packet) >= SIMULCAST_SETTLE;
         if keyframe {
             if let Some((_, k)) = published.keyframes.iter_mut().find(|(l, _)| *l == rid) {
                 k.keyframe_received();
@@ -118,7 +129,7 @@ impl<S: EventSink> ShardCore<S> {
                         .or_else(|| published.activity.best_active_capped(now, cap))
                         .unwrap_or(rid);
                     let needs_keyframe = out.layers.set_target(layer, now);
-                    if within.is_none() {
+                    if within.is_none() || !layers_settled {
                         if needs_keyframe {
                             need_keyframe.push(layer);
                         }

@@ -91,6 +91,8 @@ struct Published {
     track_id: String,
     /// Simulcast layers (by rid; a single `None` layer without simulcast) and their activity.
     activity: LayerActivity<Option<Rid>>,
+    /// When the first packet of the track arrived.
+    first_packet: Option<Instant>,
     /// Keyframe-request coalescing per layer.
     keyframes: Vec<(Option<Rid>, KeyframeRequests)>,
     subscribers: Vec<PeerId>,

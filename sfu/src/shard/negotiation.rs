@@ -374,7 +374,7 @@ impl<S: EventSink> ShardCore<S> {
                 track_id,
             });
         }
-        let sdp = offer.to_sdp_string();
+        let sdp = engine::compact_offer(&offer.to_sdp_string());
         peer.pending = Some(PendingNegotiation {
             offer: pending,
             added,

@@ -201,6 +201,7 @@ impl<S: EventSink> ShardCore<S> {
                 stream_id: track.stream_id.clone(),
                 track_id: track.track_id.clone(),
                 activity: LayerActivity::default(),
+                first_packet: None,
                 keyframes: Vec::new(),
                 subscribers: Vec::new(),
             },
