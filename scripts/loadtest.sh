@@ -15,7 +15,8 @@
 # Everything runs in a loopback-only network namespace (scripts/in-netns.sh). Environment:
 # WEIR_PROFILE=debug to skip the release build; WEIR_KEEP_TMP=1 to keep logs; WEIR_SHARDS;
 # WEIR_MEDIA_EXTRA for more lines of the focus's [media] section (e.g. "rtx_history_packets = 1024");
-# WEIR_FOCUS_WRAPPER to start the focus under a profiler (e.g. "heaptrack -o /tmp/focus").
+# WEIR_FOCUS_WRAPPER to start the focus under a profiler (e.g. "heaptrack -o /tmp/focus") or
+# pinned to a core ("taskset -c 0"); WEIR_TESTER_WRAPPER likewise for the load tester.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -133,4 +134,5 @@ for i in $(seq 0 $((SITES - 1))); do
   fi
 done
 echo "==> weir-loadtest run ${ARGS[*]} $*"
-"$BIN/weir-loadtest" run "${ARGS[@]}" "$@"
+# shellcheck disable=SC2086 # the wrapper is a command line, split on purpose
+${WEIR_TESTER_WRAPPER:-} "$BIN/weir-loadtest" run "${ARGS[@]}" "$@"
