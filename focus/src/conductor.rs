@@ -1130,6 +1130,45 @@ mod tests {
     }
 
     #[test]
+    fn the_size_a_publisher_announces_survives_its_track_being_published() {
+        let (mut c, rec) = setup();
+        let alice = leg("@alice:hs", "A", "c1");
+        let mut md = SdpStreamMetadata::new();
+        let mut cam = StreamMetadata::new("m.usermedia");
+        cam.tracks.insert(
+            "a-video".into(),
+            TrackMetadata {
+                kind: "video".into(),
+                width: Some(1280),
+                height: Some(720),
+            },
+        );
+        md.insert("alice-stream".into(), cam);
+        c.on_leg_event(LegEvent::Invite {
+            leg: alice,
+            sdp: "o".into(),
+            metadata: md,
+            lifetime_ms: None,
+        });
+        let Some(Command::CreatePeer { peer, .. }) = rec.take_media().pop() else {
+            panic!("no CreatePeer")
+        };
+        c.on_sfu_event(SfuEvent::TrackPublished {
+            peer,
+            track: PublishedTrack {
+                mid: MediaId("1".into()),
+                kind: TrackKind::Video,
+                stream_id: "alice-stream".into(),
+                track_id: "a-video".into(),
+            },
+        });
+        assert_eq!(c.source_height("alice-stream", "a-video"), Some(720));
+        let p = &c.participants[&peer];
+        let t = &p.metadata[&StreamId::from("alice-stream")].tracks[&TrackId::from("a-video")];
+        assert_eq!((t.width, t.height), (Some(1280), Some(720)));
+    }
+
+    #[test]
     fn a_track_subscription_becomes_the_subscribers_whole_set_with_sizes() {
         let (mut c, rec) = setup();
         let alice = leg("@alice:hs", "A", "c1");
