@@ -11,7 +11,6 @@ use crate::forward::{rid_rank, starts_keyframe, Decision, Rewritten};
 use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
 
-use super::tracks::size_cap;
 use super::{EventSink, ShardCore};
 
 /// How long after a simulcast track's first packet its layers count as known. Browsers start
@@ -123,7 +122,7 @@ impl<S: EventSink> ShardCore<S> {
                 if !is_video {
                     out.layers.set_target(rid, now);
                 } else {
-                    let cap = size_cap(&speer.explicit, published);
+                    let cap = out.cap;
                     let within = published.activity.best_active_within(now, cap);
                     let layer = within
                         .or_else(|| published.activity.best_active_capped(now, cap))

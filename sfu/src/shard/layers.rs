@@ -8,7 +8,6 @@ use str0m::media::{KeyframeRequest, KeyframeRequestKind, Rid};
 use crate::forward::KeyframeRequests;
 use crate::ids::{PeerId, TrackKind};
 
-use super::tracks::size_cap;
 use super::{EventSink, ShardCore, TrackKey};
 
 impl<S: EventSink> ShardCore<S> {
@@ -169,7 +168,7 @@ impl<S: EventSink> ShardCore<S> {
                     );
                     continue;
                 }
-                let cap = size_cap(&speer.explicit, p);
+                let cap = speer.out.get(t).map_or(u8::MAX, |o| o.cap);
                 let Some(best) = p.activity.best_active_capped(now, cap) else {
                     continue;
                 };

@@ -106,6 +106,10 @@ struct OutTrack {
     rewriter: SeqTsRewriter,
     /// Which layer this subscriber gets; starts and switches only on keyframes.
     layers: LayerSelector<Option<Rid>>,
+    /// The best layer rank the subscriber's subscription allows (`u8::MAX`: any). Worked out
+    /// when the track starts and when the subscription changes, so neither the first packet
+    /// nor housekeeping searches the subscription list.
+    cap: u8,
     /// Publisher payload type → subscriber payload type, learned per packet type.
     pt_map: Vec<(Pt, Option<Pt>)>,
     /// On a trunk, a simulcast track crosses as simulcast: every layer someone far needs, each

@@ -86,6 +86,9 @@ impl<S: EventSink> ShardCore<S> {
                 continue;
             }
             let cap = self.layer_cap(id, &t);
+            if let Some(out) = self.peers.get_mut(&id).and_then(|p| p.out.get_mut(&t)) {
+                out.cap = cap;
+            }
             let best = self
                 .tracks
                 .get(&t)
@@ -105,6 +108,7 @@ impl<S: EventSink> ShardCore<S> {
         rids: Vec<Rid>,
         now: Instant,
     ) {
+        let cap = self.layer_cap(id, &track);
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -127,6 +131,7 @@ impl<S: EventSink> ShardCore<S> {
                 track_id,
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
                 layers: LayerSelector::default(),
+                cap,
                 pt_map: Vec::new(),
                 tx_ssrcs: Vec::new(),
                 trunk: (!rids.is_empty()).then(|| {
@@ -161,7 +166,6 @@ impl<S: EventSink> ShardCore<S> {
             return;
         }
         // Start on the best layer flowing now; if none flows yet, the first packet decides.
-        let cap = self.layer_cap(id, &track);
         let best = self
             .tracks
             .get(&track)
