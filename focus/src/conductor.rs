@@ -1129,10 +1129,8 @@ mod tests {
         assert_eq!(c.participant_count(), 0);
     }
 
-    #[test]
-    fn the_size_a_publisher_announces_survives_its_track_being_published() {
-        let (mut c, rec) = setup();
-        let alice = leg("@alice:hs", "A", "c1");
+    /// Alice's invite metadata: her camera track `a-video` in `alice-stream`, 1280x720.
+    fn alice_camera_720p() -> SdpStreamMetadata {
         let mut md = SdpStreamMetadata::new();
         let mut cam = StreamMetadata::new("m.usermedia");
         cam.tracks.insert(
@@ -1144,6 +1142,14 @@ mod tests {
             },
         );
         md.insert("alice-stream".into(), cam);
+        md
+    }
+
+    #[test]
+    fn the_size_a_publisher_announces_survives_its_track_being_published() {
+        let (mut c, rec) = setup();
+        let alice = leg("@alice:hs", "A", "c1");
+        let md = alice_camera_720p();
         c.on_leg_event(LegEvent::Invite {
             leg: alice,
             sdp: "o".into(),
@@ -1174,17 +1180,7 @@ mod tests {
         let alice = leg("@alice:hs", "A", "c1");
         let bob = leg("@bob:hs", "B", "c2");
         // Alice describes her camera as 1280x720 in her invite metadata.
-        let mut md = SdpStreamMetadata::new();
-        let mut cam = StreamMetadata::new("m.usermedia");
-        cam.tracks.insert(
-            "a-video".into(),
-            TrackMetadata {
-                kind: "video".into(),
-                width: Some(1280),
-                height: Some(720),
-            },
-        );
-        md.insert("alice-stream".into(), cam);
+        let md = alice_camera_720p();
         c.on_leg_event(LegEvent::Invite {
             leg: alice,
             sdp: "o".into(),
