@@ -1129,8 +1129,8 @@ mod tests {
         assert_eq!(c.participant_count(), 0);
     }
 
-    /// Alice's invite metadata: her camera track `a-video` in `alice-stream`, 1280x720.
-    fn alice_camera_720p() -> SdpStreamMetadata {
+    /// Alice calls, describing her camera track `a-video` in `alice-stream` as 1280x720.
+    fn alice_invites_with_a_720p_camera(c: &mut Conductor<Rec, Rec>) {
         let mut md = SdpStreamMetadata::new();
         let mut cam = StreamMetadata::new("m.usermedia");
         cam.tracks.insert(
@@ -1142,20 +1142,18 @@ mod tests {
             },
         );
         md.insert("alice-stream".into(), cam);
-        md
+        c.on_leg_event(LegEvent::Invite {
+            leg: leg("@alice:hs", "A", "c1"),
+            sdp: "o".into(),
+            metadata: md,
+            lifetime_ms: None,
+        });
     }
 
     #[test]
     fn the_size_a_publisher_announces_survives_its_track_being_published() {
         let (mut c, rec) = setup();
-        let alice = leg("@alice:hs", "A", "c1");
-        let md = alice_camera_720p();
-        c.on_leg_event(LegEvent::Invite {
-            leg: alice,
-            sdp: "o".into(),
-            metadata: md,
-            lifetime_ms: None,
-        });
+        alice_invites_with_a_720p_camera(&mut c);
         let Some(Command::CreatePeer { peer, .. }) = rec.take_media().pop() else {
             panic!("no CreatePeer")
         };
@@ -1177,16 +1175,8 @@ mod tests {
     #[test]
     fn a_track_subscription_becomes_the_subscribers_whole_set_with_sizes() {
         let (mut c, rec) = setup();
-        let alice = leg("@alice:hs", "A", "c1");
         let bob = leg("@bob:hs", "B", "c2");
-        // Alice describes her camera as 1280x720 in her invite metadata.
-        let md = alice_camera_720p();
-        c.on_leg_event(LegEvent::Invite {
-            leg: alice,
-            sdp: "o".into(),
-            metadata: md,
-            lifetime_ms: None,
-        });
+        alice_invites_with_a_720p_camera(&mut c);
         let pb = join(&mut c, &rec, &bob, "bob-stream");
         rec.take_media();
         let msg = |sub: &str, unsub: &str| {
