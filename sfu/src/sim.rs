@@ -75,6 +75,8 @@ pub struct Client {
     next_timeout: Option<Instant>,
     /// It left: its engine is no longer run.
     pub left: bool,
+    /// Datagrams its engine produced, not yet handed to the core.
+    outbox: Vec<Vec<u8>>,
 }
 
 /// A core and its participants under one virtual clock.
@@ -168,6 +170,7 @@ impl SimNet {
             next_seq: 1,
             next_timeout: None,
             left: false,
+            outbox: Vec::new(),
         });
         self.core.handle_command(
             Command::CreatePeer {
@@ -327,9 +330,8 @@ impl SimNet {
         let now = self.now;
         let c = &mut self.clients[i];
         let _ = c.rtc.handle_input(Input::Timeout(now));
-        let mut out = Vec::new();
-        drain_events(c, now, &mut out);
-        out
+        drain_events(c, now);
+        std::mem::take(&mut c.outbox)
     }
 
     /// One step at the current time: the core's events, every participant's output into the
@@ -363,8 +365,9 @@ impl SimNet {
                     let _ = clients[i].rtc.handle_input(Input::Receive(now, r));
                     touched.push(i);
                 }
-                // RTP mode holds one packet until polled: poll before the next one.
-                drain_events(&mut clients[i], now, &mut Vec::new());
+                // RTP mode holds one packet until polled: poll before the next one. What
+                // the participant sends in reply waits in its outbox.
+                drain_events(&mut clients[i], now);
             })
         });
         for i in touched {
@@ -375,8 +378,8 @@ impl SimNet {
     /// Move participant `i`'s output: datagrams into the core, RTP into `received`.
     fn drain_client(&mut self, i: usize) {
         let now = self.now;
-        let mut out = Vec::new();
-        drain_events(&mut self.clients[i], now, &mut out);
+        drain_events(&mut self.clients[i], now);
+        let out = std::mem::take(&mut self.clients[i].outbox);
         let from = self.clients[i].addr;
         for data in out {
             self.core.handle_datagram(from, &data, now);
@@ -423,15 +426,16 @@ impl SimNet {
     }
 }
 
-/// Poll a participant's engine until it waits: transmits into `out`, RTP into `received`.
-fn drain_events(c: &mut Client, now: Instant, out: &mut Vec<Vec<u8>>) {
+/// Poll a participant's engine until it waits: transmits into its outbox, RTP into
+/// `received`.
+fn drain_events(c: &mut Client, now: Instant) {
     while let Ok(o) = c.rtc.poll_output() {
         match o {
             Output::Timeout(t) => {
                 c.next_timeout = Some(t);
                 break;
             }
-            Output::Transmit(t) => out.push(t.contents.to_vec()),
+            Output::Transmit(t) => c.outbox.push(t.contents.to_vec()),
             Output::Event(Event::Connected) => c.connected = true,
             Output::Event(Event::ChannelOpen(id, _)) => c.channel = Some(id),
             Output::Event(Event::RtpPacket(p)) => c.received.push(Received {
