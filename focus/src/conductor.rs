@@ -7,6 +7,7 @@
 mod cascade;
 #[cfg(test)]
 mod cascade_tests;
+mod speakers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -64,6 +65,8 @@ struct Participant {
     /// plane then forwards exactly these instead of everything. A participant asks one size
     /// per track; a far focus asks each size its own subscribers display (docs/cascading.md).
     subscriptions: BTreeMap<(String, String), BTreeSet<Option<u32>>>,
+    /// Its data channel is open (focus-initiated messages can be sent).
+    channel_open: bool,
 }
 
 struct Conference {
@@ -72,6 +75,21 @@ struct Conference {
     /// Last known description of every stream forwarded in this conference, by stream id.
     /// Clients never forget metadata, so neither do we while the conference lives.
     streams: HashMap<String, StreamMetadata>,
+    /// Audio sources speaking now, and the dominant speaker, as last announced.
+    speaking: usize,
+    dominant: Option<serde_json::Value>,
+}
+
+impl Conference {
+    fn new(id: ConferenceId) -> Self {
+        Conference {
+            id,
+            members: HashMap::new(),
+            streams: HashMap::new(),
+            speaking: 0,
+            dominant: None,
+        }
+    }
 }
 
 pub struct Conductor<L: LegSender, M: MediaPlane> {
@@ -244,11 +262,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
         let conf = self.conferences.entry(key.clone()).or_insert_with(|| {
             let id = ConferenceId(*next_conference);
             *next_conference += 1;
-            Conference {
-                id,
-                members: HashMap::new(),
-                streams: HashMap::new(),
-            }
+            Conference::new(id)
         });
         let peer = PeerId(self.next_peer);
         self.next_peer += 1;
@@ -262,6 +276,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             invite_at: Instant::now(),
             answered: false,
             subscriptions: BTreeMap::new(),
+            channel_open: false,
         };
         p.metadata = if p.leg.trunk {
             metadata // owners checked by signalling against room state
@@ -506,7 +521,17 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 }
             }
             SfuEvent::TrunkOffer { peer, sdp } => self.trunk_offer(peer, sdp),
-            SfuEvent::ChannelOpen { peer } => self.channel_open(peer),
+            SfuEvent::ChannelOpen { peer } => {
+                if let Some(p) = self.participants.get_mut(&peer) {
+                    p.channel_open = true;
+                }
+                self.channel_open(peer)
+            }
+            SfuEvent::Speakers {
+                conference,
+                dominant,
+                speaking,
+            } => self.speakers_changed(conference, dominant, speaking),
             SfuEvent::DataMessage { peer, text } => self.data_message(peer, &text),
             SfuEvent::PeerClosed { peer, reason } => {
                 self.media.forget(peer);
@@ -774,6 +799,8 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             .participants
             .set(self.participants.len() as i64);
         self.metrics.conferences.set(self.conferences.len() as i64);
+        let speaking: usize = self.conferences.values().map(|c| c.speaking).sum();
+        self.metrics.speaking.set(speaking as i64);
     }
 }
 
@@ -1148,6 +1175,62 @@ mod tests {
             metadata: md,
             lifetime_ms: None,
         });
+    }
+
+    #[test]
+    fn speakers_are_announced_to_participants_with_an_open_channel_and_counted() {
+        let (mut c, rec) = setup();
+        let pa = join(&mut c, &rec, &leg("@alice:hs", "A", "c1"), "alice-stream");
+        let pb = join(&mut c, &rec, &leg("@bob:hs", "B", "c2"), "bob-stream");
+        let _pc = join(&mut c, &rec, &leg("@carol:hs", "C", "c3"), "carol-stream");
+        for p in [pa, pb] {
+            c.on_sfu_event(SfuEvent::ChannelOpen { peer: p });
+        }
+        rec.take_media();
+        let conference = c.conferences.values().next().unwrap().id;
+        let alice = weir_sfu::AudioSource {
+            publisher: pa,
+            stream_id: "alice-stream".into(),
+        };
+        c.on_sfu_event(SfuEvent::Speakers {
+            conference,
+            dominant: Some(alice.clone()),
+            speaking: vec![alice.clone()],
+        });
+        let sent = rec.take_media();
+        let mut to: Vec<PeerId> = sent
+            .iter()
+            .map(|m| match m {
+                Command::SendData { peer, text } => {
+                    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+                    assert_eq!(v["type"], "io.weir.speakers");
+                    let who = &v["content"]["dominant"];
+                    assert_eq!(
+                        (&who["user_id"], &who["device_id"], &who["stream_id"]),
+                        (&"@alice:hs".into(), &"A".into(), &"alice-stream".into())
+                    );
+                    assert_eq!(v["content"]["speaking"].as_array().unwrap().len(), 1);
+                    *peer
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        to.sort();
+        assert_eq!(
+            to,
+            vec![pa, pb],
+            "Carol's channel is not open: nothing for her"
+        );
+        assert_eq!(c.metrics.speaker_changes.get(), 1);
+        assert_eq!(c.metrics.speaking.get(), 1);
+        // Alice stops: nobody speaks, she stays dominant; not a change of speaker.
+        c.on_sfu_event(SfuEvent::Speakers {
+            conference,
+            dominant: Some(alice),
+            speaking: vec![],
+        });
+        assert_eq!(c.metrics.speaker_changes.get(), 1);
+        assert_eq!(c.metrics.speaking.get(), 0);
     }
 
     #[test]

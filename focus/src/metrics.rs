@@ -29,6 +29,10 @@ pub struct Metrics {
     pub trunk_tracks: IntGaugeVec,
     /// Trunk dials, by outcome of the previous one (`first`, `redial`).
     pub trunk_dials: IntCounterVec,
+    /// Times a conference's dominant speaker changed.
+    pub speaker_changes: IntCounter,
+    /// Audio sources speaking now, over all conferences.
+    pub speaking: IntGauge,
 }
 
 impl Metrics {
@@ -101,8 +105,20 @@ impl Metrics {
             &["kind"],
         )
         .unwrap();
+        let speaker_changes = IntCounter::new(
+            "weir_dominant_speaker_changes_total",
+            "Times a conference's dominant speaker changed (announced as io.weir.speakers)",
+        )
+        .unwrap();
+        let speaking = IntGauge::new(
+            "weir_speaking_sources",
+            "Audio sources speaking now, over all conferences",
+        )
+        .unwrap();
         for c in [
             Box::new(data_messages.clone()) as Box<dyn Collector>,
+            Box::new(speaker_changes.clone()),
+            Box::new(speaking.clone()),
             Box::new(trunks.clone()),
             Box::new(trunk_tracks.clone()),
             Box::new(trunk_dials.clone()),
@@ -128,6 +144,8 @@ impl Metrics {
             trunks,
             trunk_tracks,
             trunk_dials,
+            speaker_changes,
+            speaking,
         }
     }
 

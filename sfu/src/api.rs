@@ -265,6 +265,20 @@ pub enum SfuEvent {
         peer: PeerId,
         reason: CloseReason,
     },
+    /// Who speaks in a conference changed (`forward::speakers`): the dominant speaker (kept
+    /// after speech ends until someone else speaks) and everyone speaking, loudest first.
+    Speakers {
+        conference: ConferenceId,
+        dominant: Option<AudioSource>,
+        speaking: Vec<AudioSource>,
+    },
+}
+
+/// An audio track as the control plane knows it: its publisher and its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AudioSource {
+    pub publisher: PeerId,
+    pub stream_id: String,
 }
 
 /// Failures of the media plane as a whole (not of one peer).

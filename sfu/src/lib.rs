@@ -26,8 +26,9 @@ use std::thread::JoinHandle;
 use tracing::warn;
 
 pub use api::{
-    CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack, SfuConfig,
-    SfuError, SfuEvent, Subscription, DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES,
+    AudioSource, CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack,
+    SfuConfig, SfuError, SfuEvent, Subscription, DEFAULT_RTX_HISTORY_PACKETS,
+    DEFAULT_SOCKET_BUFFER_BYTES,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
 pub use shard::{CoreSizes, EventSink, ShardCore};

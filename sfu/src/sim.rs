@@ -17,7 +17,7 @@ use str0m::channel::ChannelId;
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::RtpWrite;
+use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 
 use crate::api::{Command, PeerRole, SfuConfig, SfuEvent};
@@ -274,6 +274,40 @@ impl SimNet {
             .marker(true),
         );
         payload
+    }
+
+    /// Participant `i` sends one Opus packet saying how loud it is (RFC 6464 level, -dBov).
+    pub fn send_audio(&mut self, i: usize, level: i8) {
+        let now = self.now;
+        let c = &mut self.clients[i];
+        let mid = c.audio.expect("participant publishes audio");
+        let pt = c
+            .rtc
+            .codec_config()
+            .find(|p| p.spec().codec == Codec::Opus)
+            .map(|p| p.pt())
+            .expect("Opus negotiated");
+        let seq = c.next_seq;
+        c.next_seq += 1;
+        let ext = ExtensionValues {
+            audio_level: Some(level),
+            voice_activity: Some(level > -50),
+            ..Default::default()
+        };
+        let mut api = c.rtc.direct_api();
+        let tx = api
+            .stream_tx_by_mid(mid, None)
+            .expect("a send stream for the audio m-line");
+        tx.write_rtp(
+            RtpWrite::new(
+                pt,
+                seq.into(),
+                (seq * 960) as u32,
+                now,
+                vec![0xf8, 0xff, 0xfe],
+            )
+            .ext_vals(ext),
+        );
     }
 
     /// Participant `i` sends any RTP on its video m-line (layer `rid`): what a hostile or

@@ -343,3 +343,55 @@ fn a_flooding_participant_costs_the_others_nothing() {
         "Mallory's flood is cut and counted: {flood}"
     );
 }
+
+/// Alice talks, Bob listens: within half a second the media plane reports Alice speaking and
+/// dominant. When she falls silent she stops speaking but stays dominant; when Bob then
+/// talks, he takes over at once.
+#[test]
+fn the_media_plane_reports_who_speaks() {
+    let mut net = SimNet::default();
+    let alice = net.join(4, VIDEO);
+    let bob = net.join(4, VIDEO);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(200));
+    let speakers = |net: &SimNet| -> Vec<(Option<u64>, Vec<u64>)> {
+        net.log
+            .iter()
+            .filter_map(|e| match e {
+                SfuEvent::Speakers {
+                    dominant, speaking, ..
+                } => Some((
+                    dominant.as_ref().map(|s| s.publisher.0),
+                    speaking.iter().map(|s| s.publisher.0).collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    let (pa, pb) = (net.clients[alice].peer.0, net.clients[bob].peer.0);
+    let talk = |net: &mut SimNet, a: i8, b: i8, ms: u64| {
+        for _ in 0..ms / 20 {
+            net.send_audio(alice, a);
+            net.send_audio(bob, b);
+            net.run_for(Duration::from_millis(20));
+        }
+    };
+    talk(&mut net, -20, -90, 600);
+    assert_eq!(
+        speakers(&net),
+        vec![(Some(pa), vec![pa])],
+        "Alice speaks and leads"
+    );
+    talk(&mut net, -90, -90, 2000);
+    assert_eq!(
+        speakers(&net).last(),
+        Some(&(Some(pa), vec![])),
+        "silence: nobody speaks, Alice keeps the spotlight"
+    );
+    talk(&mut net, -90, -25, 600);
+    assert_eq!(
+        speakers(&net).last(),
+        Some(&(Some(pb), vec![pb])),
+        "Bob takes over"
+    );
+}

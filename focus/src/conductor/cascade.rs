@@ -204,11 +204,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
         let conf = self.conferences.entry(key.clone()).or_insert_with(|| {
             let id = weir_sfu::ConferenceId(*next_conference);
             *next_conference += 1;
-            super::Conference {
-                id,
-                members: HashMap::new(),
-                streams: HashMap::new(),
-            }
+            super::Conference::new(id)
         });
         let peer = PeerId(self.next_peer);
         self.next_peer += 1;
@@ -225,6 +221,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 invite_at: Instant::now(),
                 answered: false,
                 subscriptions: BTreeMap::new(),
+                channel_open: false,
             },
         );
         self.cascade.trunks.insert(

@@ -26,6 +26,8 @@ pub struct CoreSizes {
     pub timers: usize,
     /// (track, subscriber) pairs being forwarded.
     pub subscriptions: usize,
+    /// Conferences whose speech activity is tracked.
+    pub speaker_conferences: usize,
 }
 
 impl<S: EventSink> ShardCore<S> {
@@ -54,6 +56,7 @@ impl<S: EventSink> ShardCore<S> {
             counters: ShardCounters::default(),
             stats,
             next_housekeeping: now,
+            speakers: FastMap::default(),
             offers_due: Vec::new(),
             current: None,
         }
@@ -135,6 +138,7 @@ impl<S: EventSink> ShardCore<S> {
             ufrags: self.by_ufrag.len(),
             timers: self.timers.len(),
             subscriptions: self.tracks.values().map(|t| t.subscribers.len()).sum(),
+            speaker_conferences: self.speakers.len(),
         }
     }
 

@@ -50,6 +50,7 @@ impl<S: EventSink> ShardCore<S> {
             self.counters.drop(DropReason::UnknownStream);
             return;
         };
+        let conference = peer.conference;
         if pkt.payload.is_empty() {
             self.counters.drop(DropReason::Padding);
             return;
@@ -98,6 +99,14 @@ impl<S: EventSink> ShardCore<S> {
             video_content_type: pkt.header.ext_vals.video_content_type,
             ..Default::default()
         };
+        if !is_video {
+            if let Some(level) = pkt.header.ext_vals.audio_level {
+                self.speakers
+                    .entry(conference)
+                    .or_default()
+                    .level(track, level, now);
+            }
+        }
         let nackable = is_video;
         let mut need_keyframe: Vec<Option<Rid>> = Vec::new();
         let subscribers = std::mem::take(&mut published.subscribers);

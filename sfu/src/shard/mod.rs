@@ -20,6 +20,7 @@ mod fanout;
 mod layers;
 mod negotiation;
 mod run;
+mod speakers;
 mod teardown;
 mod timers;
 mod tracks;
@@ -37,7 +38,9 @@ use str0m::Rtc;
 
 use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
 use crate::budget::RateBudget;
-use crate::forward::{KeyframeRequests, LayerActivity, LayerSelector, SeqTsRewriter, TrunkLayers};
+use crate::forward::{
+    KeyframeRequests, LayerActivity, LayerSelector, SeqTsRewriter, SpeakerDetector, TrunkLayers,
+};
 use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::net::SendQueue;
 use crate::stats::{ShardCounters, ShardStats};
@@ -227,6 +230,8 @@ pub struct ShardCore<S: EventSink> {
     counters: ShardCounters,
     stats: std::sync::Arc<ShardStats>,
     next_housekeeping: Instant,
+    /// Speech activity of each conference's audio tracks.
+    speakers: FastMap<ConferenceId, SpeakerDetector<TrackKey>>,
     /// Peers to renegotiate with at the end of the turn ([`ShardCore::offer_soon`]).
     offers_due: Vec<PeerId>,
     /// The peer being handled right now (innermost), to blame a panic on: set around every

@@ -47,6 +47,7 @@ impl<S: EventSink> ShardCore<S> {
             members.retain(|m| *m != id);
             if members.is_empty() {
                 self.conferences.remove(&peer.conference);
+                self.speakers.remove(&peer.conference);
             }
         }
         let published: Vec<TrackKey> = peer.published.into_values().collect();
@@ -57,6 +58,7 @@ impl<S: EventSink> ShardCore<S> {
             .unwrap_or_default();
         for tref in &published {
             self.tracks.remove(tref);
+            self.forget_speaker(peer.conference, tref);
         }
         for other in others {
             let mut changed = false;

@@ -66,6 +66,7 @@ impl<S: EventSink> ShardCore<S> {
             self.close_peer(id, reason, now);
         }
         self.follow_layers(now);
+        self.report_speakers(now);
         self.drain_dirty(now);
         self.counters.trunk.streams_out = self
             .peers

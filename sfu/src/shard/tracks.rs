@@ -233,6 +233,7 @@ impl<S: EventSink> ShardCore<S> {
         peer.ssrc_mid.retain(|_, (m, _)| *m != mid);
         let conference = peer.conference;
         self.tracks.remove(&tref);
+        self.forget_speaker(conference, &tref);
         self.emit(SfuEvent::TrackUnpublished {
             peer: id,
             mid: MediaId(tref.mid.to_string()),
