@@ -83,6 +83,8 @@ pub struct MediaConfig {
     pub silence_timeout_s: u64,
     pub socket_buffer_bytes: usize,
     pub rtx_history_packets: usize,
+    pub audio_loudest_n: usize,
+    pub audio_loudest_above: usize,
 }
 
 impl Default for MediaConfig {
@@ -96,6 +98,8 @@ impl Default for MediaConfig {
             silence_timeout_s: 15,
             socket_buffer_bytes: weir_sfu::DEFAULT_SOCKET_BUFFER_BYTES,
             rtx_history_packets: weir_sfu::DEFAULT_RTX_HISTORY_PACKETS,
+            audio_loudest_n: 0,
+            audio_loudest_above: 20,
         }
     }
 }

@@ -113,6 +113,8 @@ async fn run(config: Config) -> Result<(), String> {
         silence_timeout: config.silence_timeout(),
         socket_buffer_bytes: config.media.socket_buffer_bytes,
         rtx_history_packets: config.media.rtx_history_packets,
+        audio_loudest_n: config.media.audio_loudest_n,
+        audio_loudest_above: config.media.audio_loudest_above,
     };
     let sfu = Arc::new(weir_sfu::Sfu::start(sfu_config, sfu_tx).map_err(|e| e.to_string())?);
     info!(addrs = ?sfu.local_addrs(), "media plane started");

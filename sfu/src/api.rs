@@ -34,6 +34,13 @@ pub struct SfuConfig {
     /// 440 bytes of metadata per subscriber. More answers later NACKs (a long RTT, the start of
     /// a large keyframe); fewer costs less memory per subscriber.
     pub rtx_history_packets: usize,
+    /// In a conference with more than [`SfuConfig::audio_loudest_above`] audio sources, only
+    /// this many of the loudest are forwarded (0: every audio source, always). Fewer saves
+    /// subscribers' bandwidth and decoding in large meetings; too few cuts people talking over
+    /// each other. Needs the RFC 6464 audio levels browsers send.
+    pub audio_loudest_n: usize,
+    /// See [`SfuConfig::audio_loudest_n`].
+    pub audio_loudest_above: usize,
 }
 
 impl Default for SfuConfig {
@@ -47,6 +54,8 @@ impl Default for SfuConfig {
             silence_timeout: Duration::from_secs(15),
             socket_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
             rtx_history_packets: DEFAULT_RTX_HISTORY_PACKETS,
+            audio_loudest_n: 0,
+            audio_loudest_above: 20,
         }
     }
 }

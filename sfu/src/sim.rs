@@ -298,16 +298,9 @@ impl SimNet {
         let tx = api
             .stream_tx_by_mid(mid, None)
             .expect("a send stream for the audio m-line");
-        tx.write_rtp(
-            RtpWrite::new(
-                pt,
-                seq.into(),
-                (seq * 960) as u32,
-                now,
-                vec![0xf8, 0xff, 0xfe],
-            )
-            .ext_vals(ext),
-        );
+        // The payload names its sender, so a receiver can tell whose audio it got.
+        let payload = vec![0xf8, i as u8, seq as u8];
+        tx.write_rtp(RtpWrite::new(pt, seq.into(), (seq * 960) as u32, now, payload).ext_vals(ext));
     }
 
     /// Participant `i` sends any RTP on its video m-line (layer `rid`): what a hostile or

@@ -38,10 +38,13 @@ pub enum DropReason {
     StaleAnswer,
     /// A data-channel message over its peer's budget (a flood).
     DataChannelFlood,
+    /// An audio packet of a source not among the conference's loudest, while only the
+    /// loudest are forwarded (`SfuConfig::audio_loudest_n`).
+    NotLoudest,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -58,6 +61,7 @@ impl DropReason {
         DropReason::Glare,
         DropReason::StaleAnswer,
         DropReason::DataChannelFlood,
+        DropReason::NotLoudest,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -78,6 +82,7 @@ impl DropReason {
             DropReason::Glare => "glare",
             DropReason::StaleAnswer => "stale_answer",
             DropReason::DataChannelFlood => "data_channel_flood",
+            DropReason::NotLoudest => "not_loudest",
         }
     }
 

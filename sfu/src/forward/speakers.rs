@@ -31,6 +31,12 @@ pub const TAKEOVER_MARGIN: f32 = 1.3;
 /// spotlight steadier in a lively discussion; shorter follows it more closely.
 pub const TAKEOVER_HOLD: Duration = Duration::from_millis(1000);
 
+/// While only the loudest sources are forwarded, a source outside them gets in on a packet
+/// this much louder than the quietest forwarded source's score, before its own score has
+/// caught up: the start of speech is not clipped. Lower lets fluctuations swap sources more
+/// often; higher clips more of a quiet talker's first words.
+pub const ONSET_MARGIN: f32 = 1.5;
+
 /// The speaking set and the dominant speaker, as last reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Speakers<K> {
@@ -51,6 +57,8 @@ impl<K> Default for Speakers<K> {
 #[derive(Debug, Clone, Copy)]
 struct Source {
     score: f32,
+    /// Loudness (0..=1) of the last packet.
+    last: f32,
     at: Instant,
     speaking: bool,
 }
@@ -70,6 +78,8 @@ pub struct SpeakerDetector<K> {
     reported: Speakers<K>,
     /// A challenger to the dominant speaker and since when it has been clearly louder.
     challenger: Option<(K, Instant)>,
+    /// The sources forwarded while only the loudest are ([`SpeakerDetector::admit`]).
+    audible: Vec<K>,
 }
 
 impl<K> Default for SpeakerDetector<K> {
@@ -78,6 +88,7 @@ impl<K> Default for SpeakerDetector<K> {
             sources: HashMap::new(),
             reported: Speakers::default(),
             challenger: None,
+            audible: Vec::new(),
         }
     }
 }
@@ -92,18 +103,64 @@ impl<K: Copy + Eq + Hash + Ord> SpeakerDetector<K> {
         };
         let s = self.sources.entry(source).or_insert(Source {
             score: 0.0,
+            last: 0.0,
             at: now,
             speaking: false,
         });
         let dt = now.saturating_duration_since(s.at).as_secs_f32();
         let keep = (-dt / SCORE_TIME_CONSTANT.as_secs_f32()).exp();
         s.score = s.score * keep + loudness * (1.0 - keep);
+        s.last = loudness;
         s.at = now;
     }
 
     /// A source is gone (its track unpublished).
     pub fn remove(&mut self, source: K) {
         self.sources.remove(&source);
+        self.audible.retain(|k| *k != source);
+    }
+
+    /// How many sources are known.
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// Whether `source`'s packet at `now` is among the `n` loudest sources' and should be
+    /// forwarded, when only the loudest are. Call after [`SpeakerDetector::level`] for the
+    /// same packet. The set changes as soon as a source's score passes the quietest one in
+    /// it, on that source's own packet, so the start of speech is not clipped; a source that
+    /// was just replaced stops at its next packet.
+    pub fn admit(&mut self, source: K, n: usize, now: Instant) -> bool {
+        if self.audible.contains(&source) {
+            return true;
+        }
+        if n == 0 {
+            return false;
+        }
+        if self.audible.len() < n {
+            self.audible.push(source);
+            return true;
+        }
+        let score = |k: &K| self.sources.get(k).map_or(0.0, |s| s.decayed(now));
+        let (mine, loud_now) = self
+            .sources
+            .get(&source)
+            .map_or((0.0, 0.0), |s| (s.decayed(now), s.last));
+        let (quietest, q_score) = self
+            .audible
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (i, score(k)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("n > 0 entries");
+        // A louder score takes the slot; so does a packet clearly louder than the quietest
+        // source's score, which lets the first words of a new talker through.
+        if mine > q_score || loud_now > q_score * ONSET_MARGIN {
+            self.audible[quietest] = source;
+            true
+        } else {
+            false
+        }
     }
 
     /// Whether any source is known.
@@ -353,5 +410,54 @@ mod tests {
         d.remove(1);
         assert_eq!(d.evaluate(now).cloned(), Some(Speakers::default()));
         assert!(d.is_empty());
+    }
+
+    #[test]
+    fn with_thirty_talkers_only_the_three_loudest_are_admitted() {
+        let mut d = SpeakerDetector::default();
+        let mut now = Instant::now();
+        let mut admitted = std::collections::BTreeSet::new();
+        for round in 0..150 {
+            for k in 0..30u32 {
+                // Source k talks at -10 - k dBov: 0, 1, 2 are the loudest.
+                d.level(k, -10 - k as i8, now);
+                if d.admit(k, 3, now) && round >= 100 {
+                    admitted.insert(k);
+                }
+            }
+            now += PACKET;
+        }
+        assert_eq!(admitted.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn a_new_talker_is_admitted_on_its_first_loud_packets() {
+        let mut d = SpeakerDetector::default();
+        let mut now = Instant::now();
+        // Three people chat quietly; a fourth is silent.
+        for _ in 0..100 {
+            for k in 0..3u32 {
+                d.level(k, -45, now);
+                assert!(d.admit(k, 3, now));
+            }
+            d.level(9, -90, now);
+            assert!(!d.admit(9, 3, now), "silence is not admitted");
+            now += PACKET;
+        }
+        // The fourth starts talking loudly: admitted on its first loud packet.
+        let mut first = None;
+        for i in 0..10 {
+            d.level(9, -10, now);
+            if d.admit(9, 3, now) {
+                first = Some(i);
+                break;
+            }
+            for k in 0..3u32 {
+                d.level(k, -45, now);
+                d.admit(k, 3, now);
+            }
+            now += PACKET;
+        }
+        assert_eq!(first, Some(0), "admitted at packet {first:?}");
     }
 }

@@ -99,13 +99,22 @@ impl<S: EventSink> ShardCore<S> {
             video_content_type: pkt.header.ext_vals.video_content_type,
             ..Default::default()
         };
+        let mut resumed = false;
         if !is_video {
+            let detector = self.speakers.entry(conference).or_default();
             if let Some(level) = pkt.header.ext_vals.audio_level {
-                self.speakers
-                    .entry(conference)
-                    .or_default()
-                    .level(track, level, now);
+                detector.level(track, level, now);
             }
+            let n = self.config.audio_loudest_n;
+            if n > 0
+                && detector.len() > self.config.audio_loudest_above
+                && !detector.admit(track, n, now)
+            {
+                published.held_back = true;
+                self.counters.drop(DropReason::NotLoudest);
+                return;
+            }
+            resumed = std::mem::take(&mut published.held_back);
         }
         let nackable = is_video;
         let mut need_keyframe: Vec<Option<Rid>> = Vec::new();
@@ -186,6 +195,9 @@ impl<S: EventSink> ShardCore<S> {
                     None => continue,
                 }
             } else {
+                if resumed {
+                    out.rewriter.resume();
+                }
                 match out
                     .rewriter
                     .rewrite(*ssrc, *pkt.seq_no, pkt.header.timestamp, now)

@@ -96,6 +96,9 @@ struct Published {
     activity: LayerActivity<Option<Rid>>,
     /// When the first packet of the track arrived.
     first_packet: Option<Instant>,
+    /// Audio held back as not among the loudest: the next forwarded packet resumes each
+    /// subscriber's stream without a sequence gap.
+    held_back: bool,
     /// Keyframe-request coalescing per layer.
     keyframes: Vec<(Option<Rid>, KeyframeRequests)>,
     subscribers: Vec<PeerId>,

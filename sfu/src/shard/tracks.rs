@@ -206,6 +206,7 @@ impl<S: EventSink> ShardCore<S> {
                 track_id: track.track_id.clone(),
                 activity: LayerActivity::default(),
                 first_packet: None,
+                held_back: false,
                 keyframes: Vec::new(),
                 subscribers: Vec::new(),
             },
