@@ -456,3 +456,52 @@ fn with_thirty_talkers_a_listener_receives_only_the_three_loudest() {
         .map_or(0, |(_, n)| *n);
     assert!(held > 0, "the others' audio is held back and counted");
 }
+
+/// Victor's client never says what it displays. With one camera in the room he gets its full
+/// layer; once three more cameras join, a 2 x 2 grid's tile is 360 lines tall, and he is moved
+/// to the half-size layer at its next keyframe.
+#[test]
+fn a_client_that_never_subscribes_gets_what_fits_a_grid_of_the_room() {
+    let simulcast = Publish {
+        audio: false,
+        video: true,
+        simulcast: true,
+    };
+    let mut net = SimNet::default();
+    let alice = net.join(8, simulcast);
+    let victor = net.join(8, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    let round = |net: &mut SimNet, key: bool| -> Vec<std::sync::Arc<[u8]>> {
+        let sent = ["q", "h", "f"]
+            .iter()
+            .map(|rid| net.send_video(alice, Some(rid), key, 300))
+            .collect();
+        net.run_for(Duration::from_millis(33));
+        sent
+    };
+    for i in 0..20 {
+        round(&mut net, i == 0);
+    }
+    let [q, h, f] = <[_; 3]>::try_from(round(&mut net, true)).unwrap();
+    let got = |net: &SimNet, p: &std::sync::Arc<[u8]>| {
+        net.clients[victor].received.iter().any(|r| r.payload == *p)
+    };
+    assert!(
+        got(&net, &f) && !got(&net, &h) && !got(&net, &q),
+        "one camera: the full layer"
+    );
+    for _ in 0..3 {
+        net.join(8, simulcast);
+    }
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    for _ in 0..10 {
+        round(&mut net, false);
+    }
+    // The keyframes switch him; the frames after them show which layer he is on.
+    round(&mut net, true);
+    let [q, h, f] = <[_; 3]>::try_from(round(&mut net, false)).unwrap();
+    assert!(
+        got(&net, &h) && !got(&net, &f) && !got(&net, &q),
+        "four cameras: the half layer"
+    );
+}

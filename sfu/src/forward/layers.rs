@@ -157,6 +157,32 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
     }
 }
 
+/// The screen a client that never says what it displays is assumed to have: a 720p window.
+const DEFAULT_VIEW: (u32, u32) = (1280, 720);
+
+/// The best layer rank worth sending a client that never subscribes, when it shows `videos`
+/// tiles: the tallest 16:9 tile of a square-ish grid of that many in [`DEFAULT_VIEW`], and
+/// the smallest layer at least that tall (`q` a quarter of the source height, `h` half, `f`
+/// full; the source taken as 720 lines). One video gets everything; 2 to 9 get `h`; from 10,
+/// `q`.
+pub fn grid_cap(videos: usize) -> u8 {
+    if videos <= 1 {
+        return u8::MAX;
+    }
+    let n = videos as u32;
+    let cols = (1..=n).find(|c| c * c >= n).unwrap_or(n);
+    let rows = n.div_ceil(cols);
+    let (w, h) = DEFAULT_VIEW;
+    let tile = (h / rows).min(w / cols * 9 / 16);
+    if tile * 4 <= h {
+        rid_rank(Some("q"))
+    } else if tile * 2 <= h {
+        rid_rank(Some("h"))
+    } else {
+        u8::MAX
+    }
+}
+
 /// Quality rank of a rid by the convention real clients use (`q` < `h` < `f`). A track without
 /// simulcast has a single layer and no rid. Unknown rids rank between none and `q`.
 pub fn rid_rank(rid: Option<&str>) -> u8 {
@@ -277,5 +303,17 @@ mod tests {
             only_f.best_active_capped(t0, rid_rank(Some("q"))),
             Some("f")
         );
+    }
+
+    #[test]
+    fn a_client_that_never_subscribes_gets_layers_that_fit_its_grid() {
+        let (q, h) = (rid_rank(Some("q")), rid_rank(Some("h")));
+        assert_eq!(grid_cap(0), u8::MAX);
+        assert_eq!(grid_cap(1), u8::MAX, "one video fills the window");
+        assert_eq!(grid_cap(2), h, "side by side: 360 lines each");
+        assert_eq!(grid_cap(4), h);
+        assert_eq!(grid_cap(9), h, "3 x 3: 240 lines each");
+        assert_eq!(grid_cap(10), q, "4 x 3: 180 lines each");
+        assert_eq!(grid_cap(25), q);
     }
 }

@@ -10,7 +10,7 @@ pub mod trunk_layers;
 
 pub use keyframe::{starts_keyframe, VideoCodec};
 pub use keyreq::{KeyframeRequests, KEYFRAME_REQUEST_INTERVAL};
-pub use layers::{rid_rank, Decision, LayerActivity, LayerSelector, LAYER_STALL};
+pub use layers::{grid_cap, rid_rank, Decision, LayerActivity, LayerSelector, LAYER_STALL};
 pub use rewrite::{Rewritten, SeqTsRewriter};
 pub use speakers::{SpeakerDetector, Speakers};
 pub use trunk_layers::TrunkLayers;

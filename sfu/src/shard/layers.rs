@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use str0m::media::{KeyframeRequest, KeyframeRequestKind, Rid};
 
-use crate::forward::KeyframeRequests;
+use crate::forward::{grid_cap, KeyframeRequests};
 use crate::ids::{PeerId, TrackKind};
 
 use super::{EventSink, ShardCore, TrackKey};
@@ -138,6 +138,7 @@ impl<S: EventSink> ShardCore<S> {
     /// returns), keep trunks carrying what their far side watches, and ask again for
     /// keyframes a trunk layer still waits for.
     pub(super) fn follow_layers(&mut self, now: Instant) {
+        self.refresh_default_caps();
         let mut owed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
         let mut moves: Vec<(PeerId, TrackKey, Option<Rid>)> = Vec::new();
         let mut trunk_layers: Vec<(PeerId, TrackKey)> = Vec::new();
@@ -189,6 +190,32 @@ impl<S: EventSink> ShardCore<S> {
         }
         for (t, layer) in awaiting {
             self.request_keyframe(&t, Some(layer), now);
+        }
+    }
+
+    /// A participant that never subscribed gets the layers that fit a grid of the videos it
+    /// receives; as people come and go the grid changes, and with it the cap of each of its
+    /// video tracks (which the layer following just below then applies).
+    fn refresh_default_caps(&mut self) {
+        for peer in self.peers.values_mut() {
+            if peer.explicit.is_some() {
+                continue;
+            }
+            let videos = peer
+                .desired
+                .values()
+                .filter(|(kind, _, _)| *kind == TrackKind::Video)
+                .count();
+            let cap = grid_cap(videos);
+            if cap == peer.default_cap {
+                continue;
+            }
+            peer.default_cap = cap;
+            for out in peer.out.values_mut() {
+                if out.kind == TrackKind::Video && out.trunk.is_none() {
+                    out.cap = cap;
+                }
+            }
         }
     }
 }

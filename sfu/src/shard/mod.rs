@@ -175,6 +175,9 @@ struct Peer {
     offer_due: bool,
     /// What the peer asked to receive; `None` until its first subscription: everything.
     explicit: Option<Vec<Subscription>>,
+    /// Without a subscription: the layer cap that fits a grid of the videos it receives
+    /// (`forward::grid_cap`), kept current by housekeeping.
+    default_cap: u8,
     /// The peer's data channel, once open.
     channel: Option<ChannelId>,
     /// What it may send on its data channel.
@@ -205,6 +208,7 @@ impl Peer {
             offer_due: false,
             // A trunk pulls only what its side subscribes to.
             explicit: (role == PeerRole::Trunk).then(Vec::new),
+            default_cap: u8::MAX,
             channel: None,
             data_budget: RateBudget::new(DATA_MESSAGE_BURST, DATA_MESSAGES_PER_SECOND, now),
         }

@@ -10,7 +10,7 @@ use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_A
 use crate::forward::{LayerActivity, LayerSelector, SeqTsRewriter, TrunkLayers};
 use crate::ids::{MediaId, PeerId, TrackKind};
 
-use super::{EventSink, OutTrack, Published, ShardCore, TrackKey};
+use super::{EventSink, OutTrack, Peer, Published, ShardCore, TrackKey};
 
 /// Queued retransmissions are dropped when they exceed this share of what a stream sends (the
 /// engine's default): past it, resending competes with fresh media on a link already losing.
@@ -50,7 +50,7 @@ impl<S: EventSink> ShardCore<S> {
         let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
             return u8::MAX;
         };
-        size_cap(&peer.explicit, p)
+        size_cap(peer, p)
     }
 
     /// Replace what `id` receives with `subscriptions` (an explicit set from now on).
@@ -254,11 +254,11 @@ impl<S: EventSink> ShardCore<S> {
     }
 }
 
-/// The best layer rank worth sending a participant: everything without a subscription, else
-/// the largest of the sizes it asked for the track at.
-pub(super) fn size_cap(explicit: &Option<Vec<Subscription>>, p: &Published) -> u8 {
-    match explicit {
-        None => u8::MAX,
+/// The best layer rank worth sending a participant: without a subscription, what fits a grid
+/// of the videos it receives; else the largest of the sizes it asked for the track at.
+pub(super) fn size_cap(peer: &Peer, p: &Published) -> u8 {
+    match &peer.explicit {
+        None => peer.default_cap,
         Some(subs) => subs
             .iter()
             .filter(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
