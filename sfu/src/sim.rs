@@ -77,11 +77,24 @@ pub struct Client {
     pub left: bool,
     /// Datagrams its engine produced, not yet handed to the core.
     outbox: Vec<Vec<u8>>,
+    /// Its link: the share of datagrams lost from the focus to it and from it to the focus.
+    pub link: Link,
+}
+
+/// A participant's simulated link: random loss per direction, from a seeded generator.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Link {
+    /// Share (0..=1) of the focus's datagrams to the participant that are lost.
+    pub loss_down: f64,
+    /// Share (0..=1) of the participant's datagrams to the focus that are lost.
+    pub loss_up: f64,
 }
 
 /// A core and its participants under one virtual clock.
 pub struct SimNet {
     pub core: ShardCore<Sender<SfuEvent>>,
+    /// Xorshift state for link loss: the same losses every run.
+    rng: u64,
     events: Receiver<SfuEvent>,
     /// Every event the core emitted, oldest first.
     pub log: Vec<SfuEvent>,
@@ -105,6 +118,7 @@ impl SimNet {
         let core = ShardCore::new(0, config, FOCUS_ADDR, tx, stats.clone(), now);
         SimNet {
             core,
+            rng: 0x9e37_79b9_7f4a_7c15,
             events,
             log: Vec::new(),
             clients: Vec::new(),
@@ -171,6 +185,7 @@ impl SimNet {
             next_timeout: None,
             left: false,
             outbox: Vec::new(),
+            link: Link::default(),
         });
         self.core.handle_command(
             Command::CreatePeer {
@@ -271,7 +286,9 @@ impl SimNet {
                 self.now,
                 payload.clone(),
             )
-            .marker(true),
+            .marker(true)
+            // As a browser does: the publisher can resend what the focus reports lost.
+            .nackable(true),
         );
         payload
     }
@@ -382,12 +399,16 @@ impl SimNet {
     fn deliver_to_clients(&mut self) {
         let now = self.now;
         let clients = &mut self.clients;
+        let rng = &mut self.rng;
         let mut touched = Vec::new();
         self.core.flush(|q| {
             q.drain_each(|to, data| {
                 let Some(i) = clients.iter().position(|c| c.addr == to && !c.left) else {
                     return;
                 };
+                if chance(rng) < clients[i].link.loss_down {
+                    return;
+                }
                 if let Ok(r) = Receive::new(Protocol::Udp, FOCUS_ADDR, to, data) {
                     let _ = clients[i].rtc.handle_input(Input::Receive(now, r));
                     touched.push(i);
@@ -408,7 +429,11 @@ impl SimNet {
         drain_events(&mut self.clients[i], now);
         let out = std::mem::take(&mut self.clients[i].outbox);
         let from = self.clients[i].addr;
+        let loss = self.clients[i].link.loss_up;
         for data in out {
+            if chance(&mut self.rng) < loss {
+                continue;
+            }
             self.core.handle_datagram(from, &data, now);
         }
     }
@@ -480,6 +505,14 @@ fn drain_events(c: &mut Client, now: Instant) {
             Output::Event(_) => {}
         }
     }
+}
+
+/// A uniform number in 0..1 from a xorshift generator.
+fn chance(state: &mut u64) -> f64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The payload type `rtc` negotiated for VP8.
