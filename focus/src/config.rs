@@ -85,6 +85,7 @@ pub struct MediaConfig {
     pub rtx_history_packets: usize,
     pub audio_loudest_n: usize,
     pub audio_loudest_above: usize,
+    pub estimate_from_kbps: u64,
 }
 
 impl Default for MediaConfig {
@@ -100,6 +101,7 @@ impl Default for MediaConfig {
             rtx_history_packets: weir_sfu::DEFAULT_RTX_HISTORY_PACKETS,
             audio_loudest_n: 0,
             audio_loudest_above: 20,
+            estimate_from_kbps: 0,
         }
     }
 }

@@ -115,6 +115,8 @@ async fn run(config: Config) -> Result<(), String> {
         rtx_history_packets: config.media.rtx_history_packets,
         audio_loudest_n: config.media.audio_loudest_n,
         audio_loudest_above: config.media.audio_loudest_above,
+        estimate_from_bps: (config.media.estimate_from_kbps > 0)
+            .then_some(config.media.estimate_from_kbps * 1000),
     };
     let sfu = Arc::new(weir_sfu::Sfu::start(sfu_config, sfu_tx).map_err(|e| e.to_string())?);
     info!(addrs = ?sfu.local_addrs(), "media plane started");

@@ -41,6 +41,11 @@ pub struct SfuConfig {
     pub audio_loudest_n: usize,
     /// See [`SfuConfig::audio_loudest_n`].
     pub audio_loudest_above: usize,
+    /// Estimate the bandwidth toward each participant (str0m's send-side estimator on
+    /// transport-wide feedback, REMB as a fallback), starting from this many bits/s; `None`
+    /// estimates nothing. Off by default: nothing uses the estimate yet (issue 8), and the
+    /// estimator paces every participant's media.
+    pub estimate_from_bps: Option<u64>,
 }
 
 impl Default for SfuConfig {
@@ -56,6 +61,7 @@ impl Default for SfuConfig {
             rtx_history_packets: DEFAULT_RTX_HISTORY_PACKETS,
             audio_loudest_n: 0,
             audio_loudest_above: 20,
+            estimate_from_bps: None,
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::time::Instant;
 
+use str0m::bwe::Bitrate;
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::{Codec, FormatParams};
 use str0m::media::Frequency;
@@ -22,6 +23,13 @@ pub const MAX_SDP_BYTES: usize = 128 * 1024;
 /// at 64 KiB by Synapse, and every forwarded track adds an m-line with all of them.
 pub fn new_rtc(now: Instant) -> Rtc {
     config(true).build(now)
+}
+
+/// [`new_rtc`], estimating the bandwidth toward the participant from its transport-wide
+/// congestion control feedback (and its REMB, if that is all it sends), starting from
+/// `initial`.
+pub fn new_rtc_estimating(now: Instant, initial: Bitrate) -> Rtc {
+    config(true).enable_bwe(Some(initial)).build(now)
 }
 
 /// A new engine instance for a trunk weir dials to another focus: the same as

@@ -79,16 +79,30 @@ pub struct Client {
     outbox: Vec<Vec<u8>>,
     /// Its link: the share of datagrams lost from the focus to it and from it to the focus.
     pub link: Link,
+    /// Datagrams on their way to it through a bottleneck or delay: when each arrives.
+    inbound: std::collections::VecDeque<(Instant, Vec<u8>)>,
+    /// When the bottleneck toward it is free again.
+    link_free_at: Option<Instant>,
 }
 
-/// A participant's simulated link: random loss per direction, from a seeded generator.
+/// A participant's simulated link: random loss per direction, from a seeded generator, and
+/// optionally a bottleneck toward the participant.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Link {
     /// Share (0..=1) of the focus's datagrams to the participant that are lost.
     pub loss_down: f64,
     /// Share (0..=1) of the participant's datagrams to the focus that are lost.
     pub loss_up: f64,
+    /// A bottleneck toward the participant: bits/s (0: none). Datagrams queue behind it and
+    /// are dropped when the queue holds more than [`BOTTLENECK_QUEUE`] of sending time.
+    pub rate_down_bps: u64,
+    /// One-way delay toward the participant, after the bottleneck.
+    pub delay_down: Duration,
 }
+
+/// The most a bottleneck queue holds, in sending time; beyond it datagrams are dropped (tail
+/// drop), as a router's buffer would.
+pub const BOTTLENECK_QUEUE: Duration = Duration::from_millis(200);
 
 /// A core and its participants under one virtual clock.
 pub struct SimNet {
@@ -186,6 +200,8 @@ impl SimNet {
             left: false,
             outbox: Vec::new(),
             link: Link::default(),
+            inbound: std::collections::VecDeque::new(),
+            link_free_at: None,
         });
         self.core.handle_command(
             Command::CreatePeer {
@@ -224,7 +240,11 @@ impl SimNet {
             .clients
             .iter()
             .filter(|c| !c.left)
-            .filter_map(|c| c.next_timeout)
+            .flat_map(|c| {
+                c.next_timeout
+                    .into_iter()
+                    .chain(c.inbound.front().map(|(t, _)| *t))
+            })
             .fold(self.core.next_deadline(), Instant::min);
         due.clamp(self.now + MIN_STEP, self.now + TICK)
     }
@@ -383,6 +403,13 @@ impl SimNet {
     pub fn step(&mut self) {
         let now = self.now;
         for c in self.clients.iter_mut().filter(|c| !c.left) {
+            while c.inbound.front().is_some_and(|(at, _)| *at <= now) {
+                let (_, data) = c.inbound.pop_front().expect("checked");
+                if let Ok(r) = Receive::new(Protocol::Udp, FOCUS_ADDR, c.addr, &data) {
+                    let _ = c.rtc.handle_input(Input::Receive(now, r));
+                }
+                drain_events(c, now);
+            }
             let _ = c.rtc.handle_input(Input::Timeout(now));
         }
         for i in 0..self.clients.len() {
@@ -406,7 +433,26 @@ impl SimNet {
                 let Some(i) = clients.iter().position(|c| c.addr == to && !c.left) else {
                     return;
                 };
-                if chance(rng) < clients[i].link.loss_down {
+                let c = &mut clients[i];
+                if chance(rng) < c.link.loss_down {
+                    return;
+                }
+                if c.link.rate_down_bps > 0 || !c.link.delay_down.is_zero() {
+                    // Through the bottleneck: queued, dropped if the queue is full.
+                    let start = c.link_free_at.map_or(now, |t| t.max(now));
+                    if start.saturating_duration_since(now) > BOTTLENECK_QUEUE {
+                        return;
+                    }
+                    let sending = if c.link.rate_down_bps > 0 {
+                        Duration::from_secs_f64(
+                            data.len() as f64 * 8.0 / c.link.rate_down_bps as f64,
+                        )
+                    } else {
+                        Duration::ZERO
+                    };
+                    c.link_free_at = Some(start + sending);
+                    c.inbound
+                        .push_back((start + sending + c.link.delay_down, data.to_vec()));
                     return;
                 }
                 if let Ok(r) = Receive::new(Protocol::Udp, FOCUS_ADDR, to, data) {

@@ -547,3 +547,51 @@ fn five_percent_loss_is_repaired_by_retransmission() {
     );
     assert!(shares.iter().all(|s| *s > 0.995), "recovered: {shares:?}");
 }
+
+/// str0m's send-side estimator, measured before anything trusts it. Alice sends 1.9 Mbit/s
+/// of video; Bob's link toward him carries 1 Mbit/s (20 ms delay, 200 ms of queue), Carol's is
+/// unconstrained. Starting from 600 kbit/s, Carol's estimate climbs past Alice's rate and
+/// Bob's falls below his link's. (What it takes, and what pacing to the estimate costs, is in
+/// docs/adaptation.md.)
+#[test]
+fn the_bandwidth_estimate_rises_on_a_free_link_and_falls_on_a_narrow_one() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: Some(600_000),
+        ..weir_sfu::SfuConfig::default()
+    });
+    let camera = Publish {
+        audio: false,
+        video: true,
+        simulcast: false,
+    };
+    let alice = net.join(10, camera);
+    let bob = net.join(10, WATCH);
+    let carol = net.join(10, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(300));
+    net.clients[bob].link.rate_down_bps = 1_000_000;
+    net.clients[bob].link.delay_down = Duration::from_millis(20);
+    let (pb, pc) = (net.clients[bob].peer, net.clients[carol].peer);
+    let mut bob_late = Vec::new();
+    let mut carol_max = 0;
+    for frame in 0..450 {
+        // 30 frames a second of 8 packets of 1000 bytes: 1.9 Mbit/s.
+        for k in 0..8 {
+            net.send_video(alice, None, frame % 90 == 0 && k == 0, 1000);
+        }
+        net.run_for(Duration::from_millis(33));
+        carol_max = carol_max.max(net.core.estimate(pc).unwrap_or(0));
+        if frame >= 240 {
+            bob_late.extend(net.core.estimate(pb));
+        }
+    }
+    assert!(
+        carol_max > 2_000_000,
+        "the free link's estimate reached {carol_max}"
+    );
+    let bob_max = bob_late.iter().max().copied().unwrap_or(u64::MAX);
+    assert!(
+        bob_max < 1_000_000,
+        "from 8 s on, the narrow link's estimate stays under 1 Mbit/s: {bob_max}"
+    );
+}

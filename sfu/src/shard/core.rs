@@ -51,6 +51,7 @@ impl<S: EventSink> ShardCore<S> {
             by_addr: HashMap::new(),
             by_ufrag: FastMap::default(),
             timers: BinaryHeap::new(),
+            due_timers: Vec::new(),
             dirty: Vec::new(),
             transmits: SendQueue::default(),
             counters: ShardCounters::default(),
@@ -140,6 +141,12 @@ impl<S: EventSink> ShardCore<S> {
             subscriptions: self.tracks.values().map(|t| t.subscribers.len()).sum(),
             speaker_conferences: self.speakers.len(),
         }
+    }
+
+    /// The latest estimate of the bandwidth toward `peer` in bits/s, when estimating
+    /// ([`SfuConfig::estimate_from_bps`]).
+    pub fn estimate(&self, peer: crate::ids::PeerId) -> Option<u64> {
+        self.peers.get(&peer).and_then(|p| p.estimate)
     }
 
     /// Datagrams sent so far (to tell whether a turn forwarded anything).

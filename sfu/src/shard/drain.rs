@@ -3,6 +3,7 @@
 use std::cmp::Reverse;
 use std::time::Instant;
 
+use str0m::bwe::BweKind;
 use str0m::{Event, Output};
 use tracing::{debug, info};
 
@@ -108,8 +109,24 @@ impl<S: EventSink> ShardCore<S> {
             Event::Closed => self.close_peer(id, CloseReason::Disconnected, now),
             Event::ChannelOpen(cid, _label) => self.on_channel_open(id, cid),
             Event::ChannelData(d) => self.on_channel_data(id, d, now),
+            Event::EgressBitrateEstimate(e) => self.on_estimate(id, e),
             Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
             _ => {}
         }
+    }
+
+    /// A new estimate of the bandwidth toward `id`: its own transport-wide feedback, or the
+    /// REMB it sends if that is all.
+    fn on_estimate(&mut self, id: PeerId, e: BweKind) {
+        let Some(p) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let bps = match e {
+            BweKind::Twcc { estimate, .. } => estimate.as_u64(),
+            BweKind::Remb { estimate, .. } => estimate.as_u64(),
+            _ => return,
+        };
+        p.estimate = Some(bps);
+        debug!(%id, bps, "bandwidth estimate");
     }
 }

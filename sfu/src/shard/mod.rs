@@ -182,6 +182,8 @@ struct Peer {
     channel: Option<ChannelId>,
     /// What it may send on its data channel.
     data_budget: RateBudget,
+    /// The latest estimate of the bandwidth toward it (bits/s), when estimating.
+    estimate: Option<u64>,
 }
 
 impl Peer {
@@ -211,6 +213,7 @@ impl Peer {
             default_cap: u8::MAX,
             channel: None,
             data_budget: RateBudget::new(DATA_MESSAGE_BURST, DATA_MESSAGES_PER_SECOND, now),
+            estimate: None,
         }
     }
 }
@@ -231,6 +234,8 @@ pub struct ShardCore<S: EventSink> {
     /// for (`stun::local_ufrag`), instead of every peer being asked about it.
     by_ufrag: FastMap<String, PeerId>,
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
+    /// Scratch for the deadlines fired in one round (kept to reuse its allocation).
+    due_timers: Vec<(Instant, PeerId)>,
     dirty: Vec<PeerId>,
     /// Datagrams to send, batched until the thread flushes them to the socket.
     transmits: SendQueue,

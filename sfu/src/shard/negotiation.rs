@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use str0m::bwe::Bitrate;
 use str0m::media::{Direction, MediaKind, Rid, Rids, Simulcast, SimulcastLayer};
 use str0m::{Candidate, Rtc};
 use tracing::{debug, info, warn};
@@ -72,7 +73,10 @@ impl<S: EventSink> ShardCore<S> {
                 return;
             }
         };
-        let mut rtc = engine::new_rtc(now);
+        let mut rtc = match self.config.estimate_from_bps {
+            Some(bps) => engine::new_rtc_estimating(now, Bitrate::from(bps)),
+            None => engine::new_rtc(now),
+        };
         let candidates = self.add_host_candidates(&mut rtc);
         let answer = match rtc.sdp_api().accept_offer(offer) {
             Ok(a) => a,

@@ -14,12 +14,20 @@ use super::{EventSink, ShardCore};
 pub(super) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
 
 impl<S: EventSink> ShardCore<S> {
+    /// Hand each peer whose deadline has come its timeout round. Only the deadlines due when
+    /// the round starts are fired: an engine that answers its timeout with another deadline
+    /// of "now" (a pacer with packets queued) gets its next round in the next turn, after
+    /// everyone else's datagrams, instead of holding the shard in this loop.
     pub(super) fn fire_timers(&mut self, now: Instant) {
+        let mut due = std::mem::take(&mut self.due_timers);
         while let Some(Reverse((t, id))) = self.timers.peek().copied() {
             if t > now {
                 break;
             }
             self.timers.pop();
+            due.push((t, id));
+        }
+        for (t, id) in due.drain(..) {
             let Some(peer) = self.peers.get_mut(&id) else {
                 continue;
             };
@@ -37,6 +45,7 @@ impl<S: EventSink> ShardCore<S> {
             self.drain_peer(id, now);
             self.current = None;
         }
+        self.due_timers = due;
         self.drain_dirty(now);
     }
 
