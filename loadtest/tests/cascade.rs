@@ -470,6 +470,8 @@ fn three_foci_form_a_loop_free_mesh_and_a_stopped_focus_is_withdrawn() {
         }
     }
     drop(c);
+    drop(a);
+    drop(b);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

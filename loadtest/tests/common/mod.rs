@@ -71,6 +71,10 @@ pub struct Synapse {
     pub port: u16,
     /// The federation port of a federating server (its server name is `localhost:PORT`).
     pub fed_port: Option<u16>,
+    /// The server's process, read from its pid file at start: stopping does not depend on
+    /// the directory still being there.
+    pid: Option<i32>,
+    stopped: std::cell::Cell<bool>,
 }
 
 impl Synapse {
@@ -102,10 +106,15 @@ impl Synapse {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        let pid = std::fs::read_to_string(dir.join("pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok());
         Synapse {
             dir,
             port,
             fed_port,
+            pid,
+            stopped: std::cell::Cell::new(false),
         }
     }
 
@@ -127,8 +136,22 @@ impl Synapse {
 }
 
 impl Synapse {
-    /// Stop the server (SIGTERM, waiting for it to exit). Idempotent.
+    /// Stop the server (SIGTERM, waiting for it to exit). Idempotent. If its directory is
+    /// already gone (and with it the pid file the script stops it by), the process is killed
+    /// by the pid read at start, so a test never leaves a homeserver running.
     pub fn stop(&self) {
+        if self.stopped.replace(true) {
+            return;
+        }
+        if !self.dir.join("pid").exists() {
+            if let Some(pid) = self.pid {
+                // SAFETY: kill(2) on the server this struct started, whose pid file is gone.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            return;
+        }
         let _ = Command::new("bash")
             .arg(repo().join("scripts/synapse.sh"))
             .arg("stop")

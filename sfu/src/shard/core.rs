@@ -51,7 +51,6 @@ impl<S: EventSink> ShardCore<S> {
             by_addr: HashMap::new(),
             by_ufrag: FastMap::default(),
             timers: BinaryHeap::new(),
-            due_timers: Vec::new(),
             dirty: Vec::new(),
             transmits: SendQueue::default(),
             counters: ShardCounters::default(),

@@ -234,8 +234,6 @@ pub struct ShardCore<S: EventSink> {
     /// for (`stun::local_ufrag`), instead of every peer being asked about it.
     by_ufrag: FastMap<String, PeerId>,
     timers: BinaryHeap<Reverse<(Instant, PeerId)>>,
-    /// Scratch for the deadlines fired in one round (kept to reuse its allocation).
-    due_timers: Vec<(Instant, PeerId)>,
     dirty: Vec<PeerId>,
     /// Datagrams to send, batched until the thread flushes them to the socket.
     transmits: SendQueue,

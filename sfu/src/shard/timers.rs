@@ -12,22 +12,26 @@ use super::{EventSink, ShardCore};
 /// How often the shard checks timeouts, owed keyframe requests and publishes its counters.
 /// Shorter reacts faster to dead peers and owed requests; longer costs less idle CPU.
 pub(super) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(100);
+/// Timeout rounds per peer (on average) in one call of [`ShardCore::fire_timers`]. A normal
+/// engine needs one or two; more only happens when one keeps asking for "now". Higher lets
+/// such an engine send more per turn; lower returns to everyone else's datagrams sooner.
+const TIMER_ROUNDS_PER_PEER: usize = 4;
 
 impl<S: EventSink> ShardCore<S> {
-    /// Hand each peer whose deadline has come its timeout round. Only the deadlines due when
-    /// the round starts are fired: an engine that answers its timeout with another deadline
-    /// of "now" (a pacer with packets queued) gets its next round in the next turn, after
-    /// everyone else's datagrams, instead of holding the shard in this loop.
+    /// Hand each peer whose deadline has come its timeout round. An engine often answers a
+    /// round with another deadline that is already due (packets released by the round), and
+    /// firing it again here sends them this turn. But an engine that keeps answering "now"
+    /// (a pacer holding packets back) would hold the shard in this loop forever: the rounds
+    /// of one call are bounded by [`TIMER_ROUNDS_PER_PEER`] per peer, and what is left waits
+    /// for the next turn, after everyone else's datagrams.
     pub(super) fn fire_timers(&mut self, now: Instant) {
-        let mut due = std::mem::take(&mut self.due_timers);
+        let mut budget = TIMER_ROUNDS_PER_PEER * (self.peers.len() + 1);
         while let Some(Reverse((t, id))) = self.timers.peek().copied() {
-            if t > now {
+            if t > now || budget == 0 {
                 break;
             }
+            budget -= 1;
             self.timers.pop();
-            due.push((t, id));
-        }
-        for (t, id) in due.drain(..) {
             let Some(peer) = self.peers.get_mut(&id) else {
                 continue;
             };
@@ -45,7 +49,6 @@ impl<S: EventSink> ShardCore<S> {
             self.drain_peer(id, now);
             self.current = None;
         }
-        self.due_timers = due;
         self.drain_dirty(now);
     }
 
