@@ -45,6 +45,21 @@ pub struct Publish {
     pub simulcast: bool,
 }
 
+impl Publish {
+    /// Microphone and camera (one video stream).
+    pub const CAMERA: Publish = Publish {
+        audio: true,
+        video: true,
+        simulcast: false,
+    };
+    /// Nothing: the participant only watches.
+    pub const NOTHING: Publish = Publish {
+        audio: false,
+        video: false,
+        simulcast: false,
+    };
+}
+
 /// An RTP packet a participant received.
 #[derive(Debug, Clone)]
 pub struct Received {

@@ -1,0 +1,263 @@
+//! Adaptive forwarding on the shard core, in the simulated network (`weir_sfu::sim`): who
+//! speaks, the loudest audio, sizes for clients that never subscribe, loss repair and the
+//! bandwidth estimate. The policy is in docs/adaptation.md.
+
+use std::time::Duration;
+
+use weir_sfu::sim::{Publish, SimNet};
+use weir_sfu::SfuEvent;
+
+const VIDEO: Publish = Publish::CAMERA;
+const WATCH: Publish = Publish::NOTHING;
+
+/// Alice talks, Bob listens: within half a second the media plane reports Alice speaking and
+/// dominant. When she falls silent she stops speaking but stays dominant; when Bob then
+/// talks, he takes over at once.
+#[test]
+fn the_media_plane_reports_who_speaks() {
+    let mut net = SimNet::default();
+    let alice = net.join(4, VIDEO);
+    let bob = net.join(4, VIDEO);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(200));
+    let speakers = |net: &SimNet| -> Vec<(Option<u64>, Vec<u64>)> {
+        net.log
+            .iter()
+            .filter_map(|e| match e {
+                SfuEvent::Speakers {
+                    dominant, speaking, ..
+                } => Some((
+                    dominant.as_ref().map(|s| s.publisher.0),
+                    speaking.iter().map(|s| s.publisher.0).collect(),
+                )),
+                _ => None,
+            })
+            .collect()
+    };
+    let (pa, pb) = (net.clients[alice].peer.0, net.clients[bob].peer.0);
+    let talk = |net: &mut SimNet, a: i8, b: i8, ms: u64| {
+        for _ in 0..ms / 20 {
+            net.send_audio(alice, a);
+            net.send_audio(bob, b);
+            net.run_for(Duration::from_millis(20));
+        }
+    };
+    talk(&mut net, -20, -90, 600);
+    assert_eq!(
+        speakers(&net),
+        vec![(Some(pa), vec![pa])],
+        "Alice speaks and leads"
+    );
+    talk(&mut net, -90, -90, 2000);
+    assert_eq!(
+        speakers(&net).last(),
+        Some(&(Some(pa), vec![])),
+        "silence: nobody speaks, Alice keeps the spotlight"
+    );
+    talk(&mut net, -90, -25, 600);
+    assert_eq!(
+        speakers(&net).last(),
+        Some(&(Some(pb), vec![pb])),
+        "Bob takes over"
+    );
+}
+
+/// Thirty people talk at once, each at a different level, and only the 3 loudest audio
+/// sources are forwarded above 20: the listener receives exactly the three loudest, and the
+/// audio it gets has no sequence gaps.
+#[test]
+fn with_thirty_talkers_a_listener_receives_only_the_three_loudest() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        audio_loudest_n: 3,
+        audio_loudest_above: 20,
+        ..weir_sfu::SfuConfig::default()
+    });
+    let voice = Publish {
+        audio: true,
+        video: false,
+        simulcast: false,
+    };
+    let talkers: Vec<usize> = (0..30).map(|_| net.join(6, voice)).collect();
+    let listener = net.join(6, WATCH);
+    assert!(net.run_until(Duration::from_secs(30), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(500));
+    let mut settled = net.now();
+    for round in 0..150 {
+        if round == 100 {
+            // Two seconds in, every talker's loudness score has settled.
+            settled = net.now();
+        }
+        for (k, &t) in talkers.iter().enumerate() {
+            // Talker k at -10 - k dBov: talkers 0, 1 and 2 are the loudest.
+            net.send_audio(t, -10 - k as i8);
+        }
+        net.run_for(Duration::from_millis(20));
+    }
+    let got = &net.clients[listener].received;
+    let recent: Vec<_> = got.iter().filter(|r| r.at >= settled).collect();
+    let mut from: Vec<u8> = recent.iter().map(|r| r.payload[1]).collect();
+    from.sort();
+    from.dedup();
+    let loudest: Vec<u8> = talkers[..3].iter().map(|t| *t as u8).collect();
+    assert_eq!(from, loudest, "only the three loudest are heard");
+    for mid in recent
+        .iter()
+        .map(|r| r.mid)
+        .collect::<std::collections::BTreeSet<_>>()
+    {
+        let seqs: Vec<u16> = got.iter().filter(|r| r.mid == mid).map(|r| r.seq).collect();
+        for w in seqs.windows(2) {
+            assert_eq!(
+                w[1],
+                w[0].wrapping_add(1),
+                "no gap in a forwarded audio stream"
+            );
+        }
+    }
+    let stats = weir_sfu::StatsSnapshot::sum([net.stats.as_ref()]);
+    let held = stats
+        .drops
+        .iter()
+        .find(|(r, _)| *r == weir_sfu::DropReason::NotLoudest)
+        .map_or(0, |(_, n)| *n);
+    assert!(held > 0, "the others' audio is held back and counted");
+}
+
+/// Victor's client never says what it displays. With one camera in the room he gets its full
+/// layer; once three more cameras join, a 2 x 2 grid's tile is 360 lines tall, and he is moved
+/// to the half-size layer at its next keyframe.
+#[test]
+fn a_client_that_never_subscribes_gets_what_fits_a_grid_of_the_room() {
+    let simulcast = Publish {
+        audio: false,
+        video: true,
+        simulcast: true,
+    };
+    let mut net = SimNet::default();
+    let alice = net.join(8, simulcast);
+    let victor = net.join(8, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    let round = |net: &mut SimNet, key: bool| -> Vec<std::sync::Arc<[u8]>> {
+        let sent = ["q", "h", "f"]
+            .iter()
+            .map(|rid| net.send_video(alice, Some(rid), key, 300))
+            .collect();
+        net.run_for(Duration::from_millis(33));
+        sent
+    };
+    for i in 0..20 {
+        round(&mut net, i == 0);
+    }
+    let [q, h, f] = <[_; 3]>::try_from(round(&mut net, true)).unwrap();
+    let got = |net: &SimNet, p: &std::sync::Arc<[u8]>| {
+        net.clients[victor].received.iter().any(|r| r.payload == *p)
+    };
+    assert!(
+        got(&net, &f) && !got(&net, &h) && !got(&net, &q),
+        "one camera: the full layer"
+    );
+    for _ in 0..3 {
+        net.join(8, simulcast);
+    }
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    for _ in 0..10 {
+        round(&mut net, false);
+    }
+    // The keyframes switch him; the frames after them show which layer he is on.
+    round(&mut net, true);
+    let [q, h, f] = <[_; 3]>::try_from(round(&mut net, false)).unwrap();
+    assert!(
+        got(&net, &h) && !got(&net, &f) && !got(&net, &q),
+        "four cameras: the half layer"
+    );
+}
+
+/// Alice's uplink loses 5 % of what she sends, and Bob's downlink 5 % of what the focus sends
+/// him. Over 10 s of video, Bob and Carol each end up with more than 99.5 % of Alice's
+/// packets: the focus asks Alice again for what her uplink lost (its NACKs, her RTX), and
+/// answers Bob's NACKs from its retransmission history. With a publisher that kept nothing to
+/// resend, Bob got 94 %.
+#[test]
+fn five_percent_loss_is_repaired_by_retransmission() {
+    let mut net = SimNet::default();
+    let alice = net.join(9, VIDEO);
+    let bob = net.join(9, WATCH);
+    let carol = net.join(9, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(300));
+    net.clients[bob].link.loss_down = 0.05;
+    net.clients[alice].link.loss_up = 0.05;
+    let mut sent = Vec::new();
+    for i in 0..300 {
+        // 30 frames a second, 3 packets each, a keyframe every 3 s.
+        for k in 0..3 {
+            sent.push(net.send_video(alice, None, i % 90 == 0 && k == 0, 1000));
+        }
+        net.run_for(Duration::from_millis(33));
+    }
+    net.run_for(Duration::from_millis(500));
+    let shares: Vec<f64> = [bob, carol]
+        .iter()
+        .map(|who| {
+            let got = sent
+                .iter()
+                .filter(|p| net.clients[*who].received.iter().any(|r| r.payload == **p))
+                .count();
+            got as f64 / sent.len() as f64
+        })
+        .collect();
+    eprintln!(
+        "bob {:.2} %, carol {:.2} %",
+        shares[0] * 100.0,
+        shares[1] * 100.0
+    );
+    assert!(shares.iter().all(|s| *s > 0.995), "recovered: {shares:?}");
+}
+
+/// str0m's send-side estimator, measured before anything trusts it. Alice sends 1.9 Mbit/s
+/// of video; Bob's link toward him carries 1 Mbit/s (20 ms delay, 200 ms of queue), Carol's is
+/// unconstrained. Starting from 600 kbit/s, Carol's estimate climbs past Alice's rate and
+/// Bob's falls below his link's. (What it takes, and what pacing to the estimate costs, is in
+/// docs/adaptation.md.)
+#[test]
+fn the_bandwidth_estimate_rises_on_a_free_link_and_falls_on_a_narrow_one() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: Some(600_000),
+        ..weir_sfu::SfuConfig::default()
+    });
+    let camera = Publish {
+        audio: false,
+        video: true,
+        simulcast: false,
+    };
+    let alice = net.join(10, camera);
+    let bob = net.join(10, WATCH);
+    let carol = net.join(10, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(300));
+    net.clients[bob].link.rate_down_bps = 1_000_000;
+    net.clients[bob].link.delay_down = Duration::from_millis(20);
+    let (pb, pc) = (net.clients[bob].peer, net.clients[carol].peer);
+    let mut bob_late = Vec::new();
+    let mut carol_max = 0;
+    for frame in 0..450 {
+        // 30 frames a second of 8 packets of 1000 bytes: 1.9 Mbit/s.
+        for k in 0..8 {
+            net.send_video(alice, None, frame % 90 == 0 && k == 0, 1000);
+        }
+        net.run_for(Duration::from_millis(33));
+        carol_max = carol_max.max(net.core.estimate(pc).unwrap_or(0));
+        if frame >= 240 {
+            bob_late.extend(net.core.estimate(pb));
+        }
+    }
+    assert!(
+        carol_max > 2_000_000,
+        "the free link's estimate reached {carol_max}"
+    );
+    let bob_max = bob_late.iter().max().copied().unwrap_or(u64::MAX);
+    assert!(
+        bob_max < 1_000_000,
+        "from 8 s on, the narrow link's estimate stays under 1 Mbit/s: {bob_max}"
+    );
+}
