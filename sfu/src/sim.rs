@@ -157,6 +157,15 @@ impl SimNet {
         }
     }
 
+    /// Packets or messages the core dropped for `reason` so far (as of its last housekeeping).
+    pub fn dropped(&self, reason: crate::stats::DropReason) -> u64 {
+        crate::stats::StatsSnapshot::sum([self.stats.as_ref()])
+            .drops
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+
     /// The virtual time.
     pub fn now(&self) -> Instant {
         self.now

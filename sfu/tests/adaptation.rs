@@ -114,12 +114,7 @@ fn with_thirty_talkers_a_listener_receives_only_the_three_loudest() {
             );
         }
     }
-    let stats = weir_sfu::StatsSnapshot::sum([net.stats.as_ref()]);
-    let held = stats
-        .drops
-        .iter()
-        .find(|(r, _)| *r == weir_sfu::DropReason::NotLoudest)
-        .map_or(0, |(_, n)| *n);
+    let held = net.dropped(weir_sfu::DropReason::NotLoudest);
     assert!(held > 0, "the others' audio is held back and counted");
 }
 

@@ -324,12 +324,7 @@ fn a_flooding_participant_costs_the_others_nothing() {
         })
         .collect();
     assert!(closed.is_empty(), "no leg ended: {closed:?}");
-    let stats = weir_sfu::StatsSnapshot::sum([net.stats.as_ref()]);
-    let flood = stats
-        .drops
-        .iter()
-        .find(|(r, _)| *r == weir_sfu::DropReason::DataChannelFlood)
-        .map_or(0, |(_, n)| *n);
+    let flood = net.dropped(weir_sfu::DropReason::DataChannelFlood);
     assert!(
         flood > 50_000,
         "Mallory's flood is cut and counted: {flood}"
