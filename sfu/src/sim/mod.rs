@@ -6,6 +6,12 @@
 //! Used by the core's scenario tests, its fuzz target (datagrams from a peer that has
 //! completed DTLS) and the whole-core benchmark.
 
+mod camera;
+mod seqs;
+
+pub use camera::{Camera, CameraLayer};
+pub use seqs::{sequence_loss, unwrap_seqs};
+
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -84,8 +90,18 @@ pub struct Client {
     pub connected: bool,
     /// Its data channel, once open.
     pub channel: Option<ChannelId>,
+    /// Datagrams and bytes the focus sent it (before its link's loss and bottleneck).
+    pub datagrams_in: u64,
+    pub bytes_in: u64,
+    /// Text messages it received on its data channel, oldest first.
+    pub messages: Vec<String>,
+    /// Keyframe requests (PLI, FIR) it received, by layer, when they arrived.
+    pub keyframe_requests: Vec<(Instant, Option<Rid>)>,
     pending: Option<SdpPendingOffer>,
-    next_seq: u64,
+    /// A counter that makes every payload differ.
+    next_tag: u64,
+    /// The next sequence number of each stream it sends (by mid and layer).
+    seqs: Vec<(Mid, Option<Rid>, u64)>,
     /// When its engine next wants time to pass.
     next_timeout: Option<Instant>,
     /// It left: its engine is no longer run.
@@ -98,6 +114,26 @@ pub struct Client {
     inbound: std::collections::VecDeque<(Instant, Vec<u8>)>,
     /// When the bottleneck toward it is free again.
     link_free_at: Option<Instant>,
+}
+
+impl Client {
+    /// The next sequence number of the stream of `mid` and `rid`.
+    fn next_seq(&mut self, mid: Mid, rid: Option<Rid>) -> u64 {
+        match self
+            .seqs
+            .iter_mut()
+            .find(|(m, r, _)| *m == mid && *r == rid)
+        {
+            Some((_, _, seq)) => {
+                *seq += 1;
+                *seq
+            }
+            None => {
+                self.seqs.push((mid, rid, 1));
+                1
+            }
+        }
+    }
 }
 
 /// A participant's simulated link: random loss per direction, from a seeded generator, and
@@ -130,6 +166,8 @@ pub struct SimNet {
     pub clients: Vec<Client>,
     pub stats: Arc<ShardStats>,
     now: Instant,
+    /// When the simulation began (the video clock's zero).
+    start: Instant,
     next_peer: u64,
 }
 
@@ -153,6 +191,7 @@ impl SimNet {
             clients: Vec::new(),
             stats,
             now,
+            start: now,
             next_peer: 1,
         }
     }
@@ -218,8 +257,13 @@ impl SimNet {
             received: Vec::new(),
             connected: false,
             channel: None,
+            datagrams_in: 0,
+            bytes_in: 0,
+            messages: Vec::new(),
+            keyframe_requests: Vec::new(),
             pending: Some(pending),
-            next_seq: 1,
+            next_tag: 1,
+            seqs: Vec::new(),
             next_timeout: None,
             left: false,
             outbox: Vec::new(),
@@ -303,7 +347,8 @@ impl SimNet {
     }
 
     /// Participant `i` sends one video packet (a VP8 keyframe start if `keyframe`) of `len`
-    /// payload bytes on layer `rid` (`None` without simulcast). Returns the payload sent.
+    /// payload bytes on layer `rid` (`None` without simulcast), as a frame of its own.
+    /// Returns the payload sent.
     pub fn send_video(
         &mut self,
         i: usize,
@@ -311,30 +356,49 @@ impl SimNet {
         keyframe: bool,
         len: usize,
     ) -> Arc<[u8]> {
-        let payload = vp8_payload(keyframe, len, self.clients[i].next_seq);
+        self.send_frame(i, rid, keyframe, &[len]).remove(0)
+    }
+
+    /// Participant `i` sends one video frame on layer `rid`: a packet per entry of `sizes`
+    /// (payload bytes), one RTP timestamp for all, the marker on the last, the first a VP8
+    /// keyframe start if `keyframe`. Returns the payloads sent.
+    pub fn send_frame(
+        &mut self,
+        i: usize,
+        rid: Option<&str>,
+        keyframe: bool,
+        sizes: &[usize],
+    ) -> Vec<Arc<[u8]>> {
+        let now = self.now;
+        let timestamp = self.video_clock();
         let c = &mut self.clients[i];
         let mid = c.video.expect("participant publishes video");
         let pt = vp8_pt(&c.rtc).expect("VP8 negotiated");
-        let seq = c.next_seq;
-        c.next_seq += 1;
         let rid = rid.map(Rid::from);
-        let mut api = c.rtc.direct_api();
-        let tx = api
-            .stream_tx_by_mid(mid, rid)
-            .expect("a send stream for the video m-line");
-        tx.write_rtp(
-            RtpWrite::new(
-                pt,
-                seq.into(),
-                (seq * 3000) as u32,
-                self.now,
-                payload.clone(),
-            )
-            .marker(true)
-            // As a browser does: the publisher can resend what the focus reports lost.
-            .nackable(true),
-        );
-        payload
+        let mut sent = Vec::with_capacity(sizes.len());
+        for (k, len) in sizes.iter().enumerate() {
+            let payload = vp8_payload(keyframe && k == 0, *len, c.next_tag);
+            c.next_tag += 1;
+            let seq = c.next_seq(mid, rid);
+            let mut api = c.rtc.direct_api();
+            let tx = api
+                .stream_tx_by_mid(mid, rid)
+                .expect("a send stream for the video m-line");
+            tx.write_rtp(
+                RtpWrite::new(pt, seq.into(), timestamp, now, payload.clone())
+                    .marker(k + 1 == sizes.len())
+                    // As a browser does: the publisher can resend what the focus reports lost.
+                    .nackable(true),
+            );
+            sent.push(payload);
+        }
+        sent
+    }
+
+    /// The 90 kHz video clock at the simulated now.
+    fn video_clock(&self) -> u32 {
+        let elapsed = self.now.saturating_duration_since(self.start);
+        (elapsed.as_micros() as u64 * 90 / 1000) as u32
     }
 
     /// Participant `i` sends one Opus packet saying how loud it is (RFC 6464 level, -dBov).
@@ -348,8 +412,7 @@ impl SimNet {
             .find(|p| p.spec().codec == Codec::Opus)
             .map(|p| p.pt())
             .expect("Opus negotiated");
-        let seq = c.next_seq;
-        c.next_seq += 1;
+        let seq = c.next_seq(mid, None);
         let ext = ExtensionValues {
             audio_level: Some(level),
             voice_activity: Some(level > -50),
@@ -458,6 +521,8 @@ impl SimNet {
                     return;
                 };
                 let c = &mut clients[i];
+                c.datagrams_in += 1;
+                c.bytes_in += data.len() as u64;
                 if chance(rng) < c.link.loss_down {
                     return;
                 }
@@ -560,6 +625,10 @@ fn drain_events(c: &mut Client, now: Instant) {
             Output::Transmit(t) => c.outbox.push(t.contents.to_vec()),
             Output::Event(Event::Connected) => c.connected = true,
             Output::Event(Event::ChannelOpen(id, _)) => c.channel = Some(id),
+            Output::Event(Event::ChannelData(d)) if !d.binary => {
+                c.messages.extend(String::from_utf8(d.data).ok());
+            }
+            Output::Event(Event::KeyframeRequest(r)) => c.keyframe_requests.push((now, r.rid)),
             Output::Event(Event::RtpPacket(p)) => c.received.push(Received {
                 mid: c
                     .rtc

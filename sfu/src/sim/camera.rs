@@ -1,0 +1,98 @@
+//! A simulated camera that behaves like a browser's: frames at 30 per second on one or more
+//! simulcast layers, and a keyframe of a layer only when the focus asks for one (and on the
+//! first frame). With its microphone, if the participant publishes audio.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{Received, SimNet};
+
+/// One layer: rid (`None` without simulcast), rank (`forward::rid_rank`), and the payload
+/// sizes of the packets of one delta frame. A keyframe is three delta frames' worth.
+pub type CameraLayer = (Option<&'static str>, u8, &'static [usize]);
+
+/// The time between two frames.
+const FRAME: Duration = Duration::from_micros(33_333);
+
+/// A camera publishing through participant `who`.
+pub struct Camera {
+    who: usize,
+    layers: Vec<CameraLayer>,
+    /// Keyframe requests already answered.
+    answered: usize,
+    frames: u64,
+    /// Every payload sent, with its layer's rank.
+    pub sent: HashMap<Arc<[u8]>, u8>,
+}
+
+impl Camera {
+    /// Chromium's three 720p simulcast layers: q 150, h 500 and f 1500 kbit/s with the
+    /// per-packet overhead.
+    pub const SIMULCAST: [CameraLayer; 3] = [
+        (Some("q"), 2, &[565]),
+        (Some("h"), 3, &[1000, 1000]),
+        (Some("f"), 4, &[1000, 1000, 1000, 1000, 1000, 1000]),
+    ];
+
+    pub fn new(who: usize, layers: &[CameraLayer]) -> Self {
+        Camera {
+            who,
+            layers: layers.to_vec(),
+            answered: 0,
+            frames: 0,
+            sent: HashMap::new(),
+        }
+    }
+
+    /// One frame on every layer (and an audio packet), then a frame's time of simulation.
+    pub fn frame(&mut self, net: &mut SimNet) {
+        let asked: Vec<Option<String>> = net.clients[self.who].keyframe_requests[self.answered..]
+            .iter()
+            .map(|(_, rid)| rid.map(|r| r.to_string()))
+            .collect();
+        self.answered += asked.len();
+        for (rid, rank, sizes) in self.layers.clone() {
+            let key = self.frames == 0 || asked.iter().any(|r| r.as_deref() == rid);
+            let sizes: Vec<usize> = if key {
+                sizes
+                    .iter()
+                    .cycle()
+                    .take(sizes.len() * 3)
+                    .copied()
+                    .collect()
+            } else {
+                sizes.to_vec()
+            };
+            for p in net.send_frame(self.who, rid, key, &sizes) {
+                self.sent.insert(p, rank);
+            }
+        }
+        if net.clients[self.who].audio.is_some() {
+            net.send_audio(self.who, -40);
+        }
+        self.frames += 1;
+        net.run_for(FRAME);
+    }
+
+    /// Frames for `d` of simulated time.
+    pub fn run(&mut self, net: &mut SimNet, d: Duration) {
+        for _ in 0..d.as_micros() / FRAME.as_micros() {
+            self.frame(net);
+        }
+    }
+
+    /// The camera's packets that participant `who` received, in arrival order.
+    pub fn video_of<'n>(&self, net: &'n SimNet, who: usize) -> Vec<&'n Received> {
+        net.clients[who]
+            .received
+            .iter()
+            .filter(|r| self.sent.contains_key(&r.payload))
+            .collect()
+    }
+
+    /// The rank of the layer a received payload came from.
+    pub fn rank(&self, payload: &Arc<[u8]>) -> u8 {
+        *self.sent.get(payload).expect("a payload the camera sent")
+    }
+}
