@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::rate::RateMeter;
+
 /// A layer with no packets for this long is stalled and not chosen. Shorter reacts faster to a
 /// publisher that dropped a layer (Chrome drops its top layer under CPU or bandwidth pressure);
 /// longer rides out bursts of loss. Two seconds is about one keyframe interval.
@@ -102,58 +104,109 @@ impl<L: Copy + PartialEq> LayerSelector<L> {
     }
 }
 
-/// The layers of one published track and when each last carried a packet.
-#[derive(Debug, Clone, Default)]
+/// One layer of a published track: its rank, when it last carried a packet, and its rate.
+#[derive(Debug, Clone)]
+struct Layer<L> {
+    layer: L,
+    rank: u8,
+    last: Instant,
+    rate: RateMeter,
+}
+
+/// The layers of one published track, when each last carried a packet and at what rate.
+#[derive(Debug, Clone)]
 pub struct LayerActivity<L> {
-    layers: Vec<(L, u8, Instant)>,
+    layers: Vec<Layer<L>>,
+}
+
+impl<L> Default for LayerActivity<L> {
+    fn default() -> Self {
+        LayerActivity { layers: Vec::new() }
+    }
 }
 
 impl<L: Copy + PartialEq> LayerActivity<L> {
-    /// Record a packet on `layer`, whose quality rank is `rank` (higher is better).
-    pub fn saw(&mut self, layer: L, rank: u8, now: Instant) {
-        match self.layers.iter_mut().find(|(l, _, _)| *l == layer) {
-            Some(entry) => entry.2 = now,
-            None => self.layers.push((layer, rank, now)),
-        }
+    /// Record a packet of `payload_len` bytes on `layer`, whose quality rank is `rank` (higher
+    /// is better).
+    pub fn saw(&mut self, layer: L, rank: u8, payload_len: usize, now: Instant) {
+        let entry = match self.layers.iter().position(|l| l.layer == layer) {
+            Some(i) => &mut self.layers[i],
+            None => {
+                self.layers.push(Layer {
+                    layer,
+                    rank,
+                    last: now,
+                    rate: RateMeter::default(),
+                });
+                self.layers.last_mut().expect("just pushed")
+            }
+        };
+        entry.last = now;
+        entry.rate.add(payload_len, now);
     }
 
     /// The best layer that is not stalled, if any.
     pub fn best_active(&self, now: Instant) -> Option<L> {
-        self.layers
-            .iter()
-            .filter(|(_, _, at)| now.saturating_duration_since(*at) < LAYER_STALL)
-            .max_by_key(|(_, rank, _)| *rank)
-            .map(|(l, _, _)| *l)
+        self.active(now).max_by_key(|l| l.rank).map(|l| l.layer)
     }
 
     /// The best active layer whose rank is at most `max_rank`; if every active layer is above
     /// the cap, the lowest active one (something is better than nothing).
     pub fn best_active_capped(&self, now: Instant, max_rank: u8) -> Option<L> {
-        self.best_active_within(now, max_rank).or_else(|| {
-            self.active(now)
-                .min_by_key(|(_, rank, _)| *rank)
-                .map(|(l, _, _)| *l)
-        })
+        self.best_active_within(now, max_rank)
+            .or_else(|| self.active(now).min_by_key(|l| l.rank).map(|l| l.layer))
     }
 
     /// The best active layer whose rank is at most `max_rank`, if there is one.
     pub fn best_active_within(&self, now: Instant, max_rank: u8) -> Option<L> {
         self.active(now)
-            .filter(|(_, rank, _)| *rank <= max_rank)
-            .max_by_key(|(_, rank, _)| *rank)
-            .map(|(l, _, _)| *l)
+            .filter(|l| l.rank <= max_rank)
+            .max_by_key(|l| l.rank)
+            .map(|l| l.layer)
     }
 
-    fn active(&self, now: Instant) -> impl Iterator<Item = &(L, u8, Instant)> + '_ {
+    /// The active layers as (rank, bits/s) in ascending rank, for allocation. A layer too new
+    /// to have a measured rate counts at its [`nominal_bps`].
+    pub fn rates(&self, now: Instant) -> Vec<(u8, u64)> {
+        let mut rates: Vec<(u8, u64)> = self
+            .active(now)
+            .map(|l| (l.rank, l.rate.bps(now).unwrap_or(nominal_bps(l.rank))))
+            .collect();
+        rates.sort_unstable();
+        rates.dedup_by_key(|(rank, _)| *rank);
+        rates
+    }
+
+    /// The measured rate of all active layers together, if any is measured yet.
+    pub fn measured_bps(&self, now: Instant) -> Option<u64> {
+        self.active(now)
+            .filter_map(|l| l.rate.bps(now))
+            .reduce(|a, b| a + b)
+    }
+
+    fn active(&self, now: Instant) -> impl Iterator<Item = &Layer<L>> + '_ {
         self.layers
             .iter()
-            .filter(move |(_, _, at)| now.saturating_duration_since(*at) < LAYER_STALL)
+            .filter(move |l| now.saturating_duration_since(l.last) < LAYER_STALL)
     }
 
     pub fn is_active(&self, layer: L, now: Instant) -> bool {
-        self.layers
-            .iter()
-            .any(|(l, _, at)| *l == layer && now.saturating_duration_since(*at) < LAYER_STALL)
+        self.active(now).any(|l| l.layer == layer)
+    }
+}
+
+/// What a layer is taken to cost before its rate is measured (its first 100 ms): about what
+/// Chromium sends for a 720p camera's quarter, half and full layer, and for a single-layer
+/// camera what it starts at (its own estimate starts at 300 kbit/s). Only the first
+/// allocation of a new track uses it; erring low starts a video that the next round may
+/// pause, erring high pauses one that would have fitted.
+pub fn nominal_bps(rank: u8) -> u64 {
+    match rank {
+        0 => 300_000,
+        2 => 150_000,
+        3 => 500_000,
+        4 => 1_500_000,
+        _ => 300_000,
     }
 }
 
@@ -274,12 +327,12 @@ mod tests {
     fn the_best_layer_that_still_flows_is_chosen() {
         let t0 = Instant::now();
         let mut a = LayerActivity::default();
-        a.saw("q", rid_rank(Some("q")), t0);
-        a.saw("f", rid_rank(Some("f")), t0);
-        a.saw("h", rid_rank(Some("h")), t0 + Duration::from_secs(1));
+        a.saw("q", rid_rank(Some("q")), 100, t0);
+        a.saw("f", rid_rank(Some("f")), 100, t0);
+        a.saw("h", rid_rank(Some("h")), 100, t0 + Duration::from_secs(1));
         assert_eq!(a.best_active(t0 + Duration::from_millis(10)), Some("f"));
         // f stalls; h and q flow.
-        a.saw("q", rid_rank(Some("q")), t0 + LAYER_STALL);
+        a.saw("q", rid_rank(Some("q")), 100, t0 + LAYER_STALL);
         let later = t0 + LAYER_STALL + Duration::from_millis(1);
         assert!(!a.is_active("f", later));
         assert_eq!(a.best_active(later), Some("h"));
@@ -291,14 +344,14 @@ mod tests {
         let t0 = Instant::now();
         let mut a = LayerActivity::default();
         for rid in ["q", "h", "f"] {
-            a.saw(rid, rid_rank(Some(rid)), t0);
+            a.saw(rid, rid_rank(Some(rid)), 100, t0);
         }
         assert_eq!(a.best_active_capped(t0, u8::MAX), Some("f"));
         assert_eq!(a.best_active_capped(t0, rid_rank(Some("h"))), Some("h"));
         assert_eq!(a.best_active_capped(t0, rid_rank(Some("q"))), Some("q"));
         // Only f flows: a cap of q still gets f rather than nothing.
         let mut only_f = LayerActivity::default();
-        only_f.saw("f", rid_rank(Some("f")), t0);
+        only_f.saw("f", rid_rank(Some("f")), 100, t0);
         assert_eq!(
             only_f.best_active_capped(t0, rid_rank(Some("q"))),
             Some("f")

@@ -1,16 +1,22 @@
 //! The forwarding core: pure functions and small state machines, no I/O and no clock of their
 //! own. The shard feeds them packets and `now`.
 
+pub mod allocate;
 pub mod keyframe;
 pub mod keyreq;
 pub mod layers;
+pub mod loss_cap;
+pub mod rate;
 pub mod rewrite;
 pub mod speakers;
 pub mod trunk_layers;
 
+pub use allocate::{Allocator, Demand, Now, Priority};
 pub use keyframe::{starts_keyframe, VideoCodec};
 pub use keyreq::{KeyframeRequests, KEYFRAME_REQUEST_INTERVAL};
+pub use layers::nominal_bps;
 pub use layers::{grid_cap, rid_rank, Decision, LayerActivity, LayerSelector, LAYER_STALL};
+pub use rate::RateMeter;
 pub use rewrite::{Rewritten, SeqTsRewriter};
 pub use speakers::{SpeakerDetector, Speakers};
 pub use trunk_layers::TrunkLayers;

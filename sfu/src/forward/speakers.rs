@@ -163,6 +163,11 @@ impl<K: Copy + Eq + Hash + Ord> SpeakerDetector<K> {
         }
     }
 
+    /// The dominant speaker as last evaluated.
+    pub fn dominant(&self) -> Option<K> {
+        self.reported.dominant
+    }
+
     /// Whether any source is known.
     pub fn is_empty(&self) -> bool {
         self.sources.is_empty()

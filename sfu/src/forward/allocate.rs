@@ -1,0 +1,553 @@
+//! Bandwidth allocation for one subscriber: which layer of each video it receives, or which
+//! videos wait, so that what the focus sends stays under the estimate of its downlink.
+//!
+//! Pure: the shard hands in the estimate, the layers flowing for each track with their
+//! measured rates, each track's size cap and priority, and `now`; it gets back a rank per
+//! track (or a pause). The policy and its constants are in docs/adaptation.md.
+
+use std::time::{Duration, Instant};
+
+use super::loss_cap::LossCap;
+#[cfg(test)]
+use super::loss_cap::LOSS_REACT;
+
+/// How much of a track matters when there is not enough for all. Higher first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Priority {
+    /// Every other camera.
+    Other,
+    /// The conference's dominant speaker's camera.
+    Speaker,
+    /// A shared screen: text unreadable at a low layer matters more than a face.
+    Screenshare,
+}
+
+/// What a subscriber receives of a track now, as the allocator decided it last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Now {
+    /// Not allocated yet: a track that just started.
+    New,
+    /// Paused: no layer fitted.
+    Paused,
+    /// Receiving (or switching to) the layer of this rank.
+    Layer(u8),
+}
+
+/// One video track as the allocator sees it.
+#[derive(Debug, Clone)]
+pub struct Demand {
+    pub priority: Priority,
+    /// The layers flowing now, as (rank, bits/s), in ascending rank.
+    pub layers: Vec<(u8, u64)>,
+    /// The best rank the subscriber's screen needs (its subscription, or the grid default).
+    pub cap: u8,
+    pub now: Now,
+}
+
+impl Demand {
+    /// The layers worth sending: those within the cap, or the lowest if every layer is above
+    /// it (a small tile still shows the smallest layer rather than nothing).
+    fn eligible(&self) -> &[(u8, u64)] {
+        let within = self
+            .layers
+            .iter()
+            .take_while(|(r, _)| *r <= self.cap)
+            .count();
+        &self.layers[..within.max(self.layers.len().min(1))]
+    }
+
+    /// The rate of this track at its best eligible layer: what the subscriber would like.
+    pub fn wanted_bps(&self) -> u64 {
+        self.eligible().last().map_or(0, |(_, bps)| *bps)
+    }
+}
+
+/// Share of the estimate an allocation may use when it moves up. Below [`KEEP_FRACTION`] so
+/// a layer just reached does not sit at the edge of what the link takes, and a small dip of
+/// the estimate does not take it away again (hysteresis). Lower is steadier and leaves more
+/// room for keyframe bursts; higher uses more of the link.
+pub const UP_FRACTION: f64 = 0.80;
+
+/// Share of the estimate the current allocation may keep using before layers come down.
+/// Above it, the subscriber is being sent more than its downlink carries: queues grow, then
+/// packets drop.
+pub const KEEP_FRACTION: f64 = 0.95;
+
+/// The least time between two upgrades of one subscriber. Each upgrade costs a keyframe from
+/// a publisher and shows a quality jump; spacing them lets the estimate react to the last
+/// one before the next. Shorter climbs faster after a link recovers; longer keyframes fewer.
+pub const UPGRADE_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// How long the lowest layers must exceed the estimate before the estimate alone pauses a
+/// video. The estimate is low for a second or two at the start of a call and after the media
+/// stopped (str0m's estimate falls when nothing is sent, and grows back only with media to
+/// measure); a link that really cannot carry a video stays short for longer. Loss above
+/// [`LOSS_HIGH`] pauses sooner. Longer rides out more of those dips; shorter stops sending
+/// into a narrow link sooner (meanwhile the estimator's pacer holds back what does not fit).
+pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
+
+/// The allocation state of one subscriber.
+#[derive(Debug, Clone, Default)]
+pub struct Allocator {
+    last_upgrade: Option<Instant>,
+    loss: LossCap,
+    /// Since when the lowest layers of the videos flowing have not fitted the estimate.
+    floors_short_since: Option<Instant>,
+}
+
+impl Allocator {
+    /// Decide every track's layer (a rank) or pause (`None`), given the estimate of the
+    /// subscriber's downlink and what its audio takes (`reserved_bps`, never cut here).
+    ///
+    /// Above their lowest layers, videos go down as soon as the allocation exceeds
+    /// [`KEEP_FRACTION`] of the estimate, to what fits [`UP_FRACTION`]; they go up when that
+    /// fits, at most once per [`UPGRADE_INTERVAL`]; a new track gets its share at once.
+    ///
+    /// Every video keeps at least its lowest layer unless the link cannot carry it: loss
+    /// says so (`loss`, the share of packets toward the subscriber lost over the last second:
+    /// above `loss_cap::LOSS_HIGH` it sets a cap under which the lowest layers must fit too), or the
+    /// estimate has been below them for [`PAUSE_AFTER`]. An estimate is low for a while at
+    /// the start of a call and after anything stopped the media, and a paused video gives it
+    /// nothing to measure. A paused video resumes when the estimate, and the cap, fit it
+    /// under [`UP_FRACTION`].
+    pub fn decide(
+        &mut self,
+        estimate_bps: u64,
+        loss: Option<f32>,
+        reserved_bps: u64,
+        demands: &[Demand],
+        now: Instant,
+    ) -> Vec<Option<u8>> {
+        let current: Vec<Option<u8>> = demands
+            .iter()
+            .map(|d| match d.now {
+                Now::Layer(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        let sending = reserved_bps + cost(demands, &current);
+        let any_paused = demands.iter().any(|d| d.now == Now::Paused);
+        let cap = self
+            .loss
+            .update(estimate_bps, loss, sending, any_paused, now);
+        let limit = cap.map_or(estimate_bps, |c| c.min(estimate_bps));
+        let share =
+            |bps: u64, fraction: f64| ((bps as f64 * fraction) as u64).saturating_sub(reserved_bps);
+        let (climb, keep) = (share(limit, UP_FRACTION), share(limit, KEEP_FRACTION));
+        // The lowest layers that flow now, against what the estimate keeps.
+        let floors: u64 = demands
+            .iter()
+            .filter(|d| d.now != Now::Paused)
+            .filter_map(|d| d.eligible().first().map(|(_, bps)| *bps))
+            .sum();
+        if floors > keep {
+            self.floors_short_since.get_or_insert(now);
+        } else {
+            self.floors_short_since = None;
+        }
+        let estimate_binds = self
+            .floors_short_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= PAUSE_AFTER);
+        let floor = match cap {
+            _ if estimate_binds => keep,
+            Some(c) => share(c, KEEP_FRACTION),
+            None => u64::MAX,
+        };
+        let mut up = allocate(climb, floor, demands);
+        // A paused video resumes only when what it all costs fits the climbing share.
+        if cost(demands, &up) > climb {
+            for (d, u) in demands.iter().zip(up.iter_mut()) {
+                if d.now == Now::Paused {
+                    *u = None;
+                }
+            }
+        }
+        // Keep what each track has where that is more than the upward allocation gives it,
+        // as long as the whole still fits the larger share.
+        let held: Vec<Option<u8>> = demands
+            .iter()
+            .zip(&up)
+            .map(|(d, u)| match (d.now, *u) {
+                (Now::Layer(r), Some(u)) if d.eligible().iter().any(|(er, _)| *er == r) => {
+                    Some(u.max(r))
+                }
+                (_, u) => u,
+            })
+            .collect();
+        let mut choice = if cost(demands, &held) <= keep {
+            held
+        } else {
+            up
+        };
+        let upgrades = demands
+            .iter()
+            .zip(&choice)
+            .any(|(d, c)| is_upgrade(d.now, *c));
+        if upgrades {
+            let hold = self
+                .last_upgrade
+                .is_some_and(|at| now.saturating_duration_since(at) < UPGRADE_INTERVAL);
+            if hold {
+                for (d, c) in demands.iter().zip(choice.iter_mut()) {
+                    if is_upgrade(d.now, *c) {
+                        *c = match d.now {
+                            Now::Layer(r) => Some(r),
+                            _ => None,
+                        };
+                    }
+                }
+            } else {
+                self.last_upgrade = Some(now);
+            }
+        }
+        choice
+    }
+}
+
+/// Whether moving from `now` to `to` raises what the subscriber gets (a new track is not an
+/// upgrade: it has nothing to keep).
+fn is_upgrade(now: Now, to: Option<u8>) -> bool {
+    match (now, to) {
+        (Now::Paused, Some(_)) => true,
+        (Now::Layer(r), Some(t)) => t > r,
+        _ => false,
+    }
+}
+
+/// What a choice of ranks costs, at the measured rates.
+pub fn cost(demands: &[Demand], choice: &[Option<u8>]) -> u64 {
+    demands
+        .iter()
+        .zip(choice)
+        .filter_map(|(d, c)| {
+            let r = (*c)?;
+            d.layers.iter().find(|(lr, _)| *lr == r).map(|(_, b)| *b)
+        })
+        .sum()
+}
+
+/// What the cheapest step up from `choice` costs: resuming a paused track on its lowest
+/// layer, or one track's next layer. `None` if every track is at its best.
+pub fn next_step(demands: &[Demand], choice: &[Option<u8>]) -> Option<u64> {
+    demands
+        .iter()
+        .zip(choice)
+        .filter_map(|(d, c)| {
+            let layers = d.eligible();
+            match c {
+                None => layers.first().map(|(_, bps)| *bps),
+                Some(r) => {
+                    let k = layers.iter().position(|(lr, _)| lr == r)?;
+                    let next = layers.get(k + 1)?;
+                    Some(next.1.saturating_sub(layers[k].1))
+                }
+            }
+        })
+        .min()
+}
+
+/// Share `budget_bps` among the tracks: every track its lowest layer first, in priority
+/// order, pausing those that do not fit; then the speaker and screens climb as high as
+/// fits, in priority order; then the others climb together, one layer each per round, so a
+/// grid fills evenly. Returns a rank per track, or `None` for a pause.
+///
+/// The lowest layers may use up to `floor_bps` (at least `budget_bps`): pausing a video is
+/// worse than running a little closer to the estimate, so the first layer of each is held to
+/// the larger share; only climbing is held to `budget_bps`.
+pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Option<u8>> {
+    let mut order: Vec<usize> = (0..demands.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(demands[i].priority));
+    // Index into each track's eligible layers.
+    let mut at: Vec<Option<usize>> = vec![None; demands.len()];
+    let mut spent = 0;
+    for &i in &order {
+        if let Some((_, bps)) = demands[i].eligible().first() {
+            if spent + bps <= floor_bps.max(budget_bps) {
+                spent += bps;
+                at[i] = Some(0);
+            }
+        }
+    }
+    let mut left = budget_bps.saturating_sub(spent);
+    let step = |i: usize, at: &mut [Option<usize>], left: &mut u64| -> bool {
+        let Some(k) = at[i] else { return false };
+        let layers = demands[i].eligible();
+        let Some((_, next)) = layers.get(k + 1) else {
+            return false;
+        };
+        let extra = next.saturating_sub(layers[k].1);
+        if extra > *left {
+            return false;
+        }
+        *left -= extra;
+        at[i] = Some(k + 1);
+        true
+    };
+    for &i in order
+        .iter()
+        .filter(|&&i| demands[i].priority > Priority::Other)
+    {
+        while step(i, &mut at, &mut left) {}
+    }
+    loop {
+        let mut moved = false;
+        for &i in order
+            .iter()
+            .filter(|&&i| demands[i].priority == Priority::Other)
+        {
+            moved |= step(i, &mut at, &mut left);
+        }
+        if !moved {
+            break;
+        }
+    }
+    at.iter()
+        .zip(demands)
+        .map(|(k, d)| k.map(|k| d.eligible()[k].0))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const Q: u8 = 2;
+    const H: u8 = 3;
+    const F: u8 = 4;
+
+    fn camera(priority: Priority, cap: u8, now: Now) -> Demand {
+        Demand {
+            priority,
+            layers: vec![(Q, 150_000), (H, 500_000), (F, 1_500_000)],
+            cap,
+            now,
+        }
+    }
+
+    #[test]
+    fn a_wide_link_gets_every_track_at_its_size() {
+        let d = [
+            camera(Priority::Other, u8::MAX, Now::New),
+            camera(Priority::Other, H, Now::New),
+            camera(Priority::Other, Q, Now::New),
+        ];
+        assert_eq!(
+            allocate(10_000_000, 10_000_000, &d),
+            vec![Some(F), Some(H), Some(Q)]
+        );
+    }
+
+    #[test]
+    fn the_speaker_climbs_first_and_the_rest_share_what_is_left_evenly() {
+        let d = [
+            camera(Priority::Other, u8::MAX, Now::New),
+            camera(Priority::Speaker, u8::MAX, Now::New),
+            camera(Priority::Other, u8::MAX, Now::New),
+        ];
+        // 150 + 1500 + 150 = 1800; 1.2 M more lifts both others to h (2 x 350 k), not one to f.
+        assert_eq!(
+            allocate(2_600_000, 2_600_000, &d),
+            vec![Some(H), Some(F), Some(H)]
+        );
+        // Only the lowest layers fit, and not all of them: the speaker is kept.
+        assert_eq!(allocate(320_000, 320_000, &d), vec![Some(Q), Some(Q), None]);
+        // The lowest layers may use the larger share, climbing only the smaller.
+        assert_eq!(
+            allocate(320_000, 450_000, &d),
+            vec![Some(Q), Some(Q), Some(Q)]
+        );
+        assert_eq!(
+            allocate(800_000, 450_000, &d),
+            vec![Some(Q), Some(H), Some(Q)]
+        );
+        assert_eq!(allocate(100_000, 100_000, &d), vec![None, None, None]);
+    }
+
+    #[test]
+    fn a_screen_comes_before_the_speaker() {
+        let d = [
+            camera(Priority::Speaker, u8::MAX, Now::New),
+            camera(Priority::Screenshare, u8::MAX, Now::New),
+        ];
+        assert_eq!(allocate(1_800_000, 1_800_000, &d), vec![Some(Q), Some(F)]);
+    }
+
+    #[test]
+    fn a_cap_below_every_layer_still_gets_the_lowest() {
+        let d = [Demand {
+            priority: Priority::Other,
+            layers: vec![(H, 500_000), (F, 1_500_000)],
+            cap: Q,
+            now: Now::New,
+        }];
+        assert_eq!(allocate(10_000_000, 10_000_000, &d), vec![Some(H)]);
+        assert_eq!(d[0].wanted_bps(), 500_000);
+    }
+
+    #[test]
+    fn layers_come_down_when_the_estimate_falls_and_hold_through_small_dips() {
+        let t0 = Instant::now();
+        let mut a = Allocator::default();
+        let at = |now| [camera(Priority::Other, u8::MAX, now)];
+        // 3 Mbit/s: the full layer.
+        assert_eq!(
+            a.decide(3_000_000, None, 0, &at(Now::New), t0),
+            vec![Some(F)]
+        );
+        // A dip to 1.6 M: 1.5 M is still under 95 % of it; kept, though an upward
+        // allocation (80 %: 1.28 M) would not choose it.
+        assert_eq!(
+            a.decide(1_600_000, None, 0, &at(Now::Layer(F)), t0),
+            vec![Some(F)]
+        );
+        // The link narrows to 400 k: down to what fits 80 % of it.
+        assert_eq!(
+            a.decide(400_000, None, 0, &at(Now::Layer(F)), t0),
+            vec![Some(Q)]
+        );
+        // Audio comes off the top: 400 k minus 250 k of audio leaves no room for q. The
+        // estimate alone pauses it only when that lasts.
+        assert_eq!(
+            a.decide(400_000, None, 250_000, &at(Now::Layer(Q)), t0),
+            vec![Some(Q)]
+        );
+        assert_eq!(
+            a.decide(400_000, None, 250_000, &at(Now::Layer(Q)), t0 + PAUSE_AFTER),
+            vec![None]
+        );
+        let mut a = Allocator::default();
+        // Loss says the link cannot carry it: 40 % lost of the 400 k sent caps at 320 k,
+        // 250 k of it audio.
+        assert_eq!(
+            a.decide(400_000, Some(0.4), 250_000, &at(Now::Layer(Q)), t0),
+            vec![None]
+        );
+        // The paused video resumes only once the estimate has room for it again.
+        let later = t0 + UPGRADE_INTERVAL;
+        assert_eq!(
+            a.decide(400_000, Some(0.0), 250_000, &at(Now::Paused), later),
+            vec![None]
+        );
+        assert_eq!(
+            a.decide(1_000_000, Some(0.0), 250_000, &at(Now::Paused), later),
+            vec![Some(H)]
+        );
+    }
+
+    #[test]
+    fn upgrades_are_spaced_and_new_tracks_do_not_wait() {
+        let t0 = Instant::now();
+        let mut a = Allocator::default();
+        let one = |now| [camera(Priority::Other, u8::MAX, now)];
+        assert_eq!(
+            a.decide(700_000, None, 0, &one(Now::Layer(Q)), t0),
+            vec![Some(H)]
+        );
+        let soon = t0 + UPGRADE_INTERVAL / 2;
+        assert_eq!(
+            a.decide(3_000_000, None, 0, &one(Now::Layer(H)), soon),
+            vec![Some(H)],
+            "a second upgrade waits"
+        );
+        let two = [
+            camera(Priority::Other, u8::MAX, Now::Layer(H)),
+            camera(Priority::Other, u8::MAX, Now::New),
+        ];
+        assert_eq!(
+            a.decide(3_000_000, None, 0, &two, soon),
+            vec![Some(H), Some(H)],
+            "a new track gets its share at once; the other's upgrade waits"
+        );
+        let later = t0 + UPGRADE_INTERVAL;
+        assert_eq!(
+            a.decide(3_000_000, None, 0, &one(Now::Layer(H)), later),
+            vec![Some(F)]
+        );
+        assert_eq!(
+            a.decide(3_000_000, None, 0, &one(Now::Paused), later),
+            vec![None],
+            "a resume counts as an upgrade"
+        );
+        assert_eq!(
+            a.decide(
+                3_000_000,
+                None,
+                0,
+                &one(Now::Paused),
+                later + UPGRADE_INTERVAL
+            ),
+            vec![Some(F)]
+        );
+    }
+
+    #[test]
+    fn heavy_loss_cuts_below_the_estimate_until_the_estimate_agrees_or_grows() {
+        let t0 = Instant::now();
+        let mut a = Allocator::default();
+        let one = |now| [camera(Priority::Other, u8::MAX, now)];
+        assert_eq!(
+            a.decide(700_000, None, 0, &one(Now::New), t0),
+            vec![Some(H)]
+        );
+        // 5 % loss: no cut.
+        assert_eq!(
+            a.decide(700_000, Some(0.05), 0, &one(Now::Layer(H)), t0),
+            vec![Some(H)]
+        );
+        // 20 %: cut to 90 % of the 500 k sent, which only q fits.
+        assert_eq!(
+            a.decide(700_000, Some(0.20), 0, &one(Now::Layer(H)), t0),
+            vec![Some(Q)]
+        );
+        // The same report again, and still loss from before the switch: no second cut yet.
+        let soon = t0 + LOSS_REACT / 2;
+        assert_eq!(
+            a.decide(700_000, Some(0.20), 0, &one(Now::Layer(Q)), soon),
+            vec![Some(Q)]
+        );
+        // Clear for a while: the cap grows 8 % a second, not yet to h's 500 k / 0.8.
+        let clear = t0 + Duration::from_secs(3);
+        assert_eq!(
+            a.decide(700_000, Some(0.0), 0, &one(Now::Layer(Q)), clear),
+            vec![Some(Q)]
+        );
+        // The estimator probes and finds room: the cap goes.
+        assert_eq!(
+            a.decide(900_000, Some(0.0), 0, &one(Now::Layer(Q)), clear),
+            vec![Some(H)]
+        );
+    }
+
+    #[test]
+    fn the_next_step_is_the_cheapest_resume_or_upgrade() {
+        let d = [
+            camera(Priority::Other, u8::MAX, Now::New),
+            camera(Priority::Other, H, Now::New),
+        ];
+        assert_eq!(next_step(&d, &[Some(Q), Some(Q)]), Some(350_000));
+        assert_eq!(
+            next_step(&d, &[Some(H), None]),
+            Some(150_000),
+            "resuming the paused one"
+        );
+        assert_eq!(
+            next_step(&d, &[Some(F), Some(H)]),
+            None,
+            "both at their best"
+        );
+    }
+
+    #[test]
+    fn a_track_whose_layer_stopped_flowing_is_allocated_afresh() {
+        let t0 = Instant::now();
+        let mut a = Allocator::default();
+        // It was on f, but only q and h flow now.
+        let d = [Demand {
+            priority: Priority::Other,
+            layers: vec![(Q, 150_000), (H, 500_000)],
+            cap: u8::MAX,
+            now: Now::Layer(F),
+        }];
+        assert_eq!(a.decide(3_000_000, None, 0, &d, t0), vec![Some(H)]);
+    }
+}
