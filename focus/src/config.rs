@@ -101,7 +101,7 @@ impl Default for MediaConfig {
             rtx_history_packets: weir_sfu::DEFAULT_RTX_HISTORY_PACKETS,
             audio_loudest_n: 0,
             audio_loudest_above: 20,
-            estimate_from_kbps: 0,
+            estimate_from_kbps: weir_sfu::DEFAULT_ESTIMATE_FROM_BPS / 1000,
         }
     }
 }

@@ -314,6 +314,11 @@ impl SfuCollector {
                 "Engine timers fired (per-peer RTCP, ICE, DTLS and SCTP housekeeping)",
                 s.engine_timeouts,
             ),
+            gauge(
+                "weir_videos_paused",
+                "Videos paused toward subscribers whose downlink cannot carry even their smallest layer now",
+                s.videos_paused,
+            ),
             counter(
                 "weir_peer_panics_total",
                 "Panics caught while a media shard handled one peer; each closed that peer only",

@@ -5,6 +5,11 @@ use std::time::Duration;
 
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 
+/// Where the estimate toward a new participant starts: about two cameras' middle layers.
+/// str0m probes at 3x and 6x of it right after connecting, so a wide link is found within
+/// a second; a low start keeps a narrow link from being flooded meanwhile.
+pub const DEFAULT_ESTIMATE_FROM_BPS: u64 = 1_000_000;
+
 /// How the media plane is run. Every field is documented with its trade-off in
 /// `focus/weir-focus.example.toml`, which is where operators set them.
 #[derive(Debug, Clone)]
@@ -42,9 +47,11 @@ pub struct SfuConfig {
     /// See [`SfuConfig::audio_loudest_n`].
     pub audio_loudest_above: usize,
     /// Estimate the bandwidth toward each participant (str0m's send-side estimator on
-    /// transport-wide feedback, REMB as a fallback), starting from this many bits/s; `None`
-    /// estimates nothing. Off by default: nothing uses the estimate yet (issue 8), and the
-    /// estimator paces every participant's media.
+    /// transport-wide feedback, REMB as a fallback), starting from this many bits/s, and
+    /// allocate each one's video layers under it (`forward::allocate`). `None` does neither:
+    /// every subscriber gets the best layer its screen needs, whatever its link. On by
+    /// default ([`DEFAULT_ESTIMATE_FROM_BPS`]); the estimator paces media, which costs CPU and
+    /// a little latency (docs/benchmarks.md).
     pub estimate_from_bps: Option<u64>,
 }
 
@@ -61,7 +68,7 @@ impl Default for SfuConfig {
             rtx_history_packets: DEFAULT_RTX_HISTORY_PACKETS,
             audio_loudest_n: 0,
             audio_loudest_above: 20,
-            estimate_from_bps: None,
+            estimate_from_bps: Some(DEFAULT_ESTIMATE_FROM_BPS),
         }
     }
 }

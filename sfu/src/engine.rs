@@ -29,8 +29,16 @@ pub fn new_rtc(now: Instant) -> Rtc {
 /// congestion control feedback (and its REMB, if that is all it sends), starting from
 /// `initial`.
 pub fn new_rtc_estimating(now: Instant, initial: Bitrate) -> Rtc {
-    config(true).enable_bwe(Some(initial)).build(now)
+    config(true)
+        .enable_bwe(Some(initial))
+        .set_stats_interval(Some(LOSS_REPORT_INTERVAL))
+        .build(now)
 }
+
+/// How often an estimating engine reports the loss toward its participant (over the last
+/// second, from transport-wide feedback) for allocation. Shorter notices congestion sooner;
+/// each report walks the engine's streams once.
+pub const LOSS_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A new engine instance for a trunk weir dials to another focus: the same as
 /// [`new_rtc`] but full ICE, since the far focus is ICE-lite and two lite agents never check.

@@ -27,8 +27,8 @@ use tracing::warn;
 
 pub use api::{
     AudioSource, CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack,
-    SfuConfig, SfuError, SfuEvent, Subscription, DEFAULT_RTX_HISTORY_PACKETS,
-    DEFAULT_SOCKET_BUFFER_BYTES,
+    SfuConfig, SfuError, SfuEvent, Subscription, DEFAULT_ESTIMATE_FROM_BPS,
+    DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
 pub use shard::{CoreSizes, EventSink, ShardCore};

@@ -166,6 +166,8 @@ pub(crate) struct ShardCounters {
     pub kernel_drops: u64,
     /// Panics caught while handling one peer; each closed that peer only.
     pub peer_panics: u64,
+    /// Gauge: videos paused toward their subscribers for want of bandwidth.
+    pub videos_paused: u64,
     /// Batch read → copies handed to the kernel, per loop turn that forwarded something.
     pub forward_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
@@ -205,6 +207,7 @@ impl ShardCounters {
         to.engine_timeouts.store(self.engine_timeouts, r);
         to.kernel_drops.store(self.kernel_drops, r);
         to.peer_panics.store(self.peer_panics, r);
+        to.videos_paused.store(self.videos_paused, r);
         for (i, n) in self.forward_delay.buckets.iter().enumerate() {
             to.forward_delay_buckets[i].store(*n, r);
         }
@@ -238,6 +241,7 @@ pub struct ShardStats {
     pub engine_timeouts: AtomicU64,
     pub kernel_drops: AtomicU64,
     pub peer_panics: AtomicU64,
+    pub videos_paused: AtomicU64,
     pub forward_delay_buckets: [AtomicU64; DELAY_BUCKETS_US.len() + 1],
     pub forward_delay_sum_us: AtomicU64,
     pub forward_delay_count: AtomicU64,
@@ -266,6 +270,8 @@ pub struct StatsSnapshot {
     pub kernel_drops: u64,
     /// Panics caught while handling one peer (each closed that peer, not the shard).
     pub peer_panics: u64,
+    /// Videos paused toward their subscribers for want of bandwidth, now.
+    pub videos_paused: u64,
     /// The shards' forwarding delay (batch read → copies handed to the kernel).
     pub forward_delay: DelayHistogram,
     pub drops: Vec<(DropReason, u64)>,
@@ -298,6 +304,7 @@ impl StatsSnapshot {
             s.engine_timeouts += sh.engine_timeouts.load(r);
             s.kernel_drops += sh.kernel_drops.load(r);
             s.peer_panics += sh.peer_panics.load(r);
+            s.videos_paused += sh.videos_paused.load(r);
             let mut d = DelayHistogram {
                 sum_us: sh.forward_delay_sum_us.load(r),
                 count: sh.forward_delay_count.load(r),

@@ -6,6 +6,16 @@ use std::time::Duration;
 use weir_sfu::sim::{Publish, SimNet};
 use weir_sfu::SfuEvent;
 
+/// The forwarding core alone: no bandwidth estimation, so every subscriber gets every packet
+/// of its layer from the first, whatever the rates these scenarios send at (some send far
+/// more than a camera would). Allocation under an estimate is in `tests/adaptation.rs`.
+fn forwarding_only() -> SimNet {
+    SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: None,
+        ..weir_sfu::SfuConfig::default()
+    })
+}
+
 const VIDEO: Publish = Publish::CAMERA;
 const WATCH: Publish = Publish::NOTHING;
 
@@ -13,7 +23,7 @@ const WATCH: Publish = Publish::NOTHING;
 /// for them, every payload identical to what Alice sent, sequence numbers without a gap.
 #[test]
 fn every_subscriber_receives_every_payload_unchanged_and_in_sequence() {
-    let mut net = SimNet::default();
+    let mut net = forwarding_only();
     let alice = net.join(1, VIDEO);
     let bob = net.join(1, WATCH);
     let carol = net.join(1, WATCH);
@@ -65,7 +75,7 @@ fn every_subscriber_receives_every_payload_unchanged_and_in_sequence() {
 /// track, conference, address, ufrag or subscription, and only a bounded timer heap.
 #[test]
 fn people_coming_and_going_leave_nothing_behind() {
-    let mut net = SimNet::default();
+    let mut net = forwarding_only();
     let host = net.join(7, VIDEO);
     let mut present = Vec::new();
     for wave in 0..5 {
@@ -126,7 +136,7 @@ fn people_coming_and_going_leave_nothing_behind() {
 /// other participant's audio, and a video keyframe from each of them.
 #[test]
 fn in_a_25_person_meeting_everyone_receives_everyone() {
-    let mut net = SimNet::default();
+    let mut net = forwarding_only();
     let people: Vec<usize> = (0..25).map(|_| net.join(3, VIDEO)).collect();
     assert!(
         net.run_until(Duration::from_secs(20), |n| n.all_connected()),
@@ -175,7 +185,7 @@ fn in_a_25_person_meeting_everyone_receives_everyone() {
 /// starts him on a lower layer first.
 #[test]
 fn a_newcomer_starts_on_the_top_layers_keyframe_in_flight() {
-    let mut net = SimNet::default();
+    let mut net = forwarding_only();
     let alice = net.join(
         5,
         Publish {
@@ -230,7 +240,7 @@ fn a_newcomer_starts_on_the_top_layers_keyframe_in_flight() {
 /// of a flood (the kernel's receive buffer, `weir_udp_receive_drops_total`) is not simulated.
 #[test]
 fn a_flooding_participant_costs_the_others_nothing() {
-    let mut net = SimNet::default();
+    let mut net = forwarding_only();
     let mallory = net.join(1, VIDEO);
     let alice = net.join(1, VIDEO);
     let bob = net.join(1, WATCH);

@@ -234,9 +234,13 @@ impl World {
         sink: impl FnOnce(crossbeam_channel::Sender<SfuEvent>) -> S,
     ) -> World {
         let (tx, rx) = crossbeam_channel::unbounded();
+        // The forwarding mechanics over real sockets, without bandwidth allocation: these
+        // scenarios send at whatever rate suits them (allocation is in tests/adaptation.rs,
+        // and the load tests and browser tests run with it on).
         let sfu = Sfu::start(
             SfuConfig {
                 shards: 1,
+                estimate_from_bps: None,
                 ..SfuConfig::default()
             },
             sink(tx),

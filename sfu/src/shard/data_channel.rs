@@ -5,9 +5,11 @@ use std::time::Instant;
 use str0m::channel::{ChannelData, ChannelId};
 
 use crate::api::SfuEvent;
+use crate::forward::Now;
 use crate::ids::PeerId;
 use crate::stats::DropReason;
 
+use super::allocation::pause_notice;
 use super::{EventSink, ShardCore};
 
 /// Largest data-channel message passed to the control plane. MSC3898 messages are small JSON
@@ -23,6 +25,18 @@ impl<S: EventSink> ShardCore<S> {
             .is_some_and(|p| p.channel.replace(p.channel.unwrap_or(cid)).is_none());
         if first {
             self.emit(SfuEvent::ChannelOpen { peer: id });
+            // Pauses decided before the channel opened.
+            let paused: Vec<String> = self
+                .peers
+                .get(&id)
+                .into_iter()
+                .flat_map(|p| p.out.values())
+                .filter(|o| o.allocated == Now::Paused)
+                .map(|o| pause_notice(&o.stream_id, &o.track_id, true))
+                .collect();
+            for text in paused {
+                self.send_data(id, &text);
+            }
         }
     }
 

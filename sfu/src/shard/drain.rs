@@ -110,6 +110,11 @@ impl<S: EventSink> ShardCore<S> {
             Event::ChannelOpen(cid, _label) => self.on_channel_open(id, cid),
             Event::ChannelData(d) => self.on_channel_data(id, d, now),
             Event::EgressBitrateEstimate(e) => self.on_estimate(id, e),
+            Event::PeerStats(s) => {
+                if let Some(p) = self.peers.get_mut(&id) {
+                    p.loss = s.egress_loss_fraction;
+                }
+            }
             Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
             _ => {}
         }
@@ -117,16 +122,27 @@ impl<S: EventSink> ShardCore<S> {
 
     /// A new estimate of the bandwidth toward `id`: its own transport-wide feedback, or the
     /// REMB it sends if that is all.
+    ///
+    /// str0m keeps its estimate current only while it can probe (a sending media section
+    /// with transport-wide feedback): when it says it no longer can, the last estimate goes
+    /// stale, so allocation stops and every video is released to its size cap.
     fn on_estimate(&mut self, id: PeerId, e: BweKind) {
         let Some(p) = self.peers.get_mut(&id) else {
             return;
         };
-        let bps = match e {
-            BweKind::Twcc { estimate, .. } => estimate.as_u64(),
-            BweKind::Remb { estimate, .. } => estimate.as_u64(),
+        let (bps, live) = match e {
+            BweKind::Twcc {
+                estimate,
+                can_probe,
+            } => (estimate.as_u64(), can_probe),
+            BweKind::Remb { estimate, .. } => (estimate.as_u64(), true),
             _ => return,
         };
-        p.estimate = Some(bps);
-        debug!(%id, bps, "bandwidth estimate");
+        debug!(%id, bps, live, "bandwidth estimate");
+        if live {
+            p.estimate = Some(bps);
+        } else if p.estimate.take().is_some() {
+            self.release_allocation(id);
+        }
     }
 }

@@ -78,7 +78,9 @@ impl<S: EventSink> ShardCore<S> {
         let keyframe = published.kind == TrackKind::Video
             && starts_keyframe(engine::video_codec(params.spec().codec), &pkt.payload);
         let is_video = published.kind == TrackKind::Video;
-        published.activity.saw(rid, rid_rank(rid.as_deref()), now);
+        published
+            .activity
+            .saw(rid, rid_rank(rid.as_deref()), pkt.payload.len(), now);
         let first_packet = *published.first_packet.get_or_insert(now);
         // Until a simulcast track has flowed a moment, its better layers may not have been
         // seen yet: a subscriber waits for its layer's keyframe rather than starting on the
@@ -116,6 +118,17 @@ impl<S: EventSink> ShardCore<S> {
             }
             resumed = std::mem::take(&mut published.held_back);
         }
+        // A new subscriber of this video whose downlink is estimated gets its allocation now,
+        // so that this packet (perhaps the keyframe it needs) can start it on a layer it can
+        // afford, instead of waiting for the next housekeeping round.
+        if std::mem::take(&mut published.unallocated) {
+            for sub in published.subscribers.clone() {
+                self.allocate_for(sub, now);
+            }
+        }
+        let Some(published) = self.tracks.get_mut(&track) else {
+            return;
+        };
         let nackable = is_video;
         let mut need_keyframe: Vec<Option<Rid>> = Vec::new();
         let subscribers = std::mem::take(&mut published.subscribers);
@@ -123,9 +136,13 @@ impl<S: EventSink> ShardCore<S> {
             let Some(speer) = self.peers.get_mut(sub) else {
                 continue;
             };
+            let estimating = speer.estimate.is_some();
             let Some(out) = speer.out.get_mut(&track) else {
                 continue;
             };
+            if out.awaits_allocation(estimating) {
+                continue;
+            }
             // A trunk carrying this track as simulcast: the layer decides in `trunk` below.
             if out.trunk.is_some() && rid.is_none() {
                 continue;
@@ -140,7 +157,7 @@ impl<S: EventSink> ShardCore<S> {
                 if !is_video {
                     out.layers.set_target(rid, now);
                 } else {
-                    let cap = out.cap;
+                    let cap = out.layer_cap();
                     let within = published.activity.best_active_within(now, cap);
                     let layer = within
                         .or_else(|| published.activity.best_active_capped(now, cap))

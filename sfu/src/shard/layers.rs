@@ -150,7 +150,7 @@ impl<S: EventSink> ShardCore<S> {
                 }
             }
             // Follow the best layer that flows: down when the current one stalls, back up when
-            // a better one returns. (Size- and bandwidth-aware choice comes with allocation.)
+            // a better one returns, within the size cap and what allocation gives.
             if p.kind != TrackKind::Video {
                 continue;
             }
@@ -169,11 +169,17 @@ impl<S: EventSink> ShardCore<S> {
                     );
                     continue;
                 }
-                let cap = speer.out.get(t).map_or(u8::MAX, |o| o.cap);
+                let Some(out) = speer.out.get(t) else {
+                    continue;
+                };
+                if out.awaits_allocation(speer.estimate.is_some()) {
+                    continue;
+                }
+                let cap = out.layer_cap();
                 let Some(best) = p.activity.best_active_capped(now, cap) else {
                     continue;
                 };
-                let target = speer.out.get(t).and_then(|o| o.layers.target());
+                let target = out.layers.target();
                 if target.is_some() && target != Some(best) {
                     moves.push((*sub, *t, best));
                 }

@@ -12,6 +12,7 @@
 //! ([`negotiation`], [`tracks`]) → the batched send. The core never waits on the control plane:
 //! events go out through a non-blocking [`EventSink`].
 
+mod allocation;
 mod core;
 mod data_channel;
 mod demux;
@@ -39,7 +40,8 @@ use str0m::Rtc;
 use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
 use crate::budget::RateBudget;
 use crate::forward::{
-    KeyframeRequests, LayerActivity, LayerSelector, SeqTsRewriter, SpeakerDetector, TrunkLayers,
+    Allocator, KeyframeRequests, LayerActivity, LayerSelector, Now, SeqTsRewriter, SpeakerDetector,
+    TrunkLayers,
 };
 use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::net::SendQueue;
@@ -102,6 +104,9 @@ struct Published {
     /// Keyframe-request coalescing per layer.
     keyframes: Vec<(Option<Rid>, KeyframeRequests)>,
     subscribers: Vec<PeerId>,
+    /// A subscriber with an estimated downlink was added and waits for its allocation, which
+    /// the track's next packet triggers.
+    unallocated: bool,
 }
 
 struct OutTrack {
@@ -124,9 +129,37 @@ struct OutTrack {
     /// The engine's send stream for each layer sent, by SSRC: a hash lookup per copy, where
     /// finding it by mid walks every send stream of the connection.
     tx_ssrcs: Vec<(Option<Rid>, Ssrc)>,
+    /// What bandwidth allocation gives this copy ([`allocation`]): a rank below `cap`, or a
+    /// pause. `New` until the first allocation, and always without an estimate.
+    allocated: Now,
 }
 
 impl OutTrack {
+    /// Whether this copy waits for bandwidth allocation before any layer is chosen: paused,
+    /// or a video toward a subscriber with an estimate that has not started yet (allocated
+    /// on the track's next packet, or by housekeeping). A copy already flowing when the
+    /// estimate appeared keeps flowing until its first allocation.
+    fn awaits_allocation(&self, estimating: bool) -> bool {
+        match self.allocated {
+            Now::Paused => true,
+            Now::New => {
+                estimating
+                    && self.kind == TrackKind::Video
+                    && self.trunk.is_none()
+                    && self.layers.target().is_none()
+            }
+            Now::Layer(_) => false,
+        }
+    }
+
+    /// The best layer rank this copy may get: its size cap, lowered by allocation.
+    fn layer_cap(&self) -> u8 {
+        match self.allocated {
+            Now::Layer(rank) => self.cap.min(rank),
+            _ => self.cap,
+        }
+    }
+
     fn tx_ssrc(&self, rid: Option<Rid>) -> Option<Ssrc> {
         self.tx_ssrcs
             .iter()
@@ -184,6 +217,17 @@ struct Peer {
     data_budget: RateBudget,
     /// The latest estimate of the bandwidth toward it (bits/s), when estimating.
     estimate: Option<u64>,
+    /// The share of packets toward it lost over the last second (transport-wide feedback),
+    /// as last reported, when estimating.
+    loss: Option<f32>,
+    /// Shares the estimate among the videos it receives.
+    allocator: Allocator,
+    /// The (minimum, desired) rates last given to its estimator, to probe only on change.
+    probing: (u64, u64),
+    /// The desired rate is dipped this round to ask for a probe on the next
+    /// (`allocation::PROBE_INTERVAL`), and when that last happened.
+    probe_dip: bool,
+    probed_at: Instant,
 }
 
 impl Peer {
@@ -214,6 +258,11 @@ impl Peer {
             channel: None,
             data_budget: RateBudget::new(DATA_MESSAGE_BURST, DATA_MESSAGES_PER_SECOND, now),
             estimate: None,
+            loss: None,
+            allocator: Allocator::default(),
+            probing: (0, 0),
+            probe_dip: false,
+            probed_at: now,
         }
     }
 }

@@ -73,9 +73,14 @@ impl<S: EventSink> ShardCore<S> {
                 return;
             }
         };
+        // Participants' downlinks are estimated for allocation. A trunk carries what the far
+        // side pulls, with no allocation to keep it under an estimate: pacing it to one would
+        // only hold its media back.
         let mut rtc = match self.config.estimate_from_bps {
-            Some(bps) => engine::new_rtc_estimating(now, Bitrate::from(bps)),
-            None => engine::new_rtc(now),
+            Some(bps) if role == PeerRole::Participant => {
+                engine::new_rtc_estimating(now, Bitrate::from(bps))
+            }
+            _ => engine::new_rtc(now),
         };
         let candidates = self.add_host_candidates(&mut rtc);
         let answer = match rtc.sdp_api().accept_offer(offer) {

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use str0m::Input;
 
 use crate::api::{CloseReason, PeerRole};
+use crate::forward::Now;
 
 use super::{EventSink, ShardCore};
 
@@ -77,6 +78,7 @@ impl<S: EventSink> ShardCore<S> {
         for (id, reason) in dead {
             self.close_peer(id, reason, now);
         }
+        self.allocate_bandwidth(now);
         self.follow_layers(now);
         self.report_speakers(now);
         self.drain_dirty(now);
@@ -87,6 +89,12 @@ impl<S: EventSink> ShardCore<S> {
             .flat_map(|p| p.out.values())
             .map(|o| o.trunk.as_ref().map_or(1, |t| t.wanted().count() as u64))
             .sum();
+        self.counters.videos_paused = self
+            .peers
+            .values()
+            .flat_map(|p| p.out.values())
+            .filter(|o| o.allocated == Now::Paused)
+            .count() as u64;
         let tracks = self.tracks.len() as u64;
         self.counters.publish(
             &self.stats,

@@ -7,7 +7,7 @@ use str0m::media::{MediaKind, Mid, Rid};
 use tracing::info;
 
 use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_AGE};
-use crate::forward::{LayerActivity, LayerSelector, SeqTsRewriter, TrunkLayers};
+use crate::forward::{LayerActivity, LayerSelector, Now, SeqTsRewriter, TrunkLayers};
 use crate::ids::{MediaId, PeerId, TrackKind};
 
 use super::{EventSink, OutTrack, Peer, Published, ShardCore, TrackKey};
@@ -86,9 +86,18 @@ impl<S: EventSink> ShardCore<S> {
                 continue;
             }
             let cap = self.layer_cap(id, &t);
-            if let Some(out) = self.peers.get_mut(&id).and_then(|p| p.out.get_mut(&t)) {
-                out.cap = cap;
+            let Some(peer) = self.peers.get_mut(&id) else {
+                return;
+            };
+            let estimating = peer.estimate.is_some();
+            let Some(out) = peer.out.get_mut(&t) else {
+                continue;
+            };
+            out.cap = cap;
+            if out.awaits_allocation(estimating) {
+                continue; // the next allocation applies the new cap
             }
+            let cap = out.layer_cap();
             let best = self
                 .tracks
                 .get(&t)
@@ -134,6 +143,7 @@ impl<S: EventSink> ShardCore<S> {
                 cap,
                 pt_map: Vec::new(),
                 tx_ssrcs: Vec::new(),
+                allocated: Now::New,
                 trunk: (!rids.is_empty()).then(|| {
                     TrunkLayers::new(&rids, clock_rate, || {
                         (rand::random::<u16>() % 16_384, rand::random())
@@ -166,6 +176,13 @@ impl<S: EventSink> ShardCore<S> {
             return;
         }
         // Start on the best layer flowing now; if none flows yet, the first packet decides.
+        // With an estimate, allocation decides first, on the track's next packet.
+        if self.peers.get(&id).is_some_and(|p| p.estimate.is_some()) && kind == TrackKind::Video {
+            if let Some(p) = self.tracks.get_mut(&track) {
+                p.unallocated = true;
+            }
+            return;
+        }
         let best = self
             .tracks
             .get(&track)
@@ -209,6 +226,7 @@ impl<S: EventSink> ShardCore<S> {
                 held_back: false,
                 keyframes: Vec::new(),
                 subscribers: Vec::new(),
+                unallocated: false,
             },
         );
         info!(shard = self.index, %id, mid = %mid, %kind, stream = %track.stream_id, "track published");

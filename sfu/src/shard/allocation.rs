@@ -1,0 +1,196 @@
+//! Bandwidth allocation: each housekeeping round, every subscriber with an estimate of its
+//! downlink has that estimate shared among the videos it receives (`forward::allocate`), and
+//! its estimator is told what to probe for. The policy is in docs/adaptation.md.
+
+use std::time::{Duration, Instant};
+
+use str0m::bwe::Bitrate;
+use tracing::debug;
+
+use crate::api::PeerRole;
+use crate::forward::{allocate, Demand, LayerSelector, Now, Priority};
+use crate::ids::{PeerId, TrackKind};
+
+use super::{EventSink, ShardCore, TrackKey};
+
+/// What an audio track is taken to cost before its rate is measured: Opus at the browsers'
+/// default 32 kbit/s plus packet overhead at 50 packets/s.
+const AUDIO_NOMINAL_BPS: u64 = 56_000;
+
+/// The estimator's target rates are rounded up to this step, so the small changes of the
+/// measured layer rates every round do not look like new targets (each rise of the desired
+/// rate may start a probe). Coarser probes less often; finer follows the media more closely.
+const PROBE_STEP_BPS: u64 = 50_000;
+
+/// How often a subscriber that gets less than it wants asks its estimator for another probe
+/// (see `allocate_for`). Each probe sends a short burst of padding at up to twice the
+/// estimate; shorter finds a widened link sooner, longer costs a narrow link fewer bursts.
+const PROBE_INTERVAL: Duration = Duration::from_secs(3);
+
+impl<S: EventSink> ShardCore<S> {
+    /// Allocate for every participant whose downlink is estimated.
+    pub(super) fn allocate_bandwidth(&mut self, now: Instant) {
+        let ids: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.estimate.is_some() && p.role != PeerRole::Trunk && !p.poisoned)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.allocate_for(id, now);
+        }
+    }
+
+    /// Without a live estimate nothing is allocated: every video of `id` goes back to what its
+    /// size cap allows, and paused ones resume (the subscriber is told).
+    pub(super) fn release_allocation(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let mut notices = Vec::new();
+        for out in peer.out.values_mut() {
+            if out.allocated == Now::Paused {
+                notices.push(pause_notice(&out.stream_id, &out.track_id, false));
+            }
+            out.allocated = Now::New;
+        }
+        peer.allocator = Default::default();
+        peer.probing = (0, 0);
+        debug!(%id, resumed = notices.len(), "allocation released: no live estimate");
+        for text in notices {
+            self.send_data(id, &text);
+        }
+    }
+
+    /// Allocate for one subscriber (each housekeeping round, and when a video is added).
+    pub(super) fn allocate_for(&mut self, id: PeerId, now: Instant) {
+        let Some(peer) = self.peers.get(&id) else {
+            return;
+        };
+        let (Some(estimate), loss) = (peer.estimate, peer.loss) else {
+            return;
+        };
+        let dominant = self
+            .speakers
+            .get(&peer.conference)
+            .and_then(|d| d.dominant())
+            .map(|t| t.publisher);
+        let mut keys: Vec<TrackKey> = Vec::new();
+        let mut demands: Vec<Demand> = Vec::new();
+        let mut reserved = 0;
+        for (t, out) in &peer.out {
+            let Some(p) = self.tracks.get(t) else {
+                continue;
+            };
+            match out.kind {
+                TrackKind::Audio => {
+                    reserved += p.activity.measured_bps(now).unwrap_or(AUDIO_NOMINAL_BPS);
+                }
+                TrackKind::Video if out.trunk.is_none() => {
+                    let layers = p.activity.rates(now);
+                    if layers.is_empty() {
+                        continue; // nothing flows: nothing to share, the state stays
+                    }
+                    let priority = if Some(t.publisher) == dominant {
+                        Priority::Speaker
+                    } else {
+                        Priority::Other
+                    };
+                    keys.push(*t);
+                    demands.push(Demand {
+                        priority,
+                        layers,
+                        cap: out.cap,
+                        now: out.allocated,
+                    });
+                }
+                TrackKind::Video => {}
+            }
+        }
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        let choices = peer
+            .allocator
+            .decide(estimate, loss, reserved, &demands, now);
+        let mut notices: Vec<String> = Vec::new();
+        for ((t, d), choice) in keys.iter().zip(&demands).zip(&choices) {
+            let Some(out) = peer.out.get_mut(t) else {
+                continue;
+            };
+            let paused = match *choice {
+                Some(rank) => {
+                    out.allocated = Now::Layer(rank);
+                    false
+                }
+                None => {
+                    if out.allocated != Now::Paused {
+                        out.allocated = Now::Paused;
+                        // Resuming starts afresh on a keyframe, continuing the sequence
+                        // numbers where the pause left them.
+                        out.layers = LayerSelector::default();
+                        out.rewriter.resume();
+                    }
+                    true
+                }
+            };
+            if paused != (d.now == Now::Paused) {
+                debug!(%id, publisher = %t.publisher, mid = %t.mid, estimate, paused, "video");
+                notices.push(pause_notice(&out.stream_id, &out.track_id, paused));
+            }
+        }
+        // Probe toward what the screens want.
+        let round = |bps: u64| bps.div_ceil(PROBE_STEP_BPS) * PROBE_STEP_BPS;
+        let mut desired = round(reserved + demands.iter().map(Demand::wanted_bps).sum::<u64>());
+        // The minimum is what is allocated plus the cheapest step up: str0m pads up to it
+        // (never above the estimate), so the estimate can grow toward that step even while
+        // the media sent is less. Without it, a subscriber whose videos are all paused sends
+        // the estimator nothing to measure, and the estimate never rises again.
+        let allocated = reserved + allocate::cost(&demands, &choices);
+        let step = allocate::next_step(&demands, &choices).unwrap_or(0);
+        let minimum = round(allocated + step).min(desired);
+        // The estimator probes when the desired rate rises above the estimate, not again
+        // while it stays the same: a subscriber held below what it wants (paused, or on a
+        // lower layer) would never find out that its link widened. So every PROBE_INTERVAL
+        // the desired rate dips to the estimate for one round and rises back, which asks for
+        // another probe.
+        let constrained = round(allocated) < desired && estimate < desired;
+        if peer.probe_dip {
+            peer.probe_dip = false;
+            peer.probed_at = now;
+        } else if constrained && now.saturating_duration_since(peer.probed_at) >= PROBE_INTERVAL {
+            peer.probe_dip = true;
+            desired = round(estimate).min(desired);
+        }
+        for text in notices {
+            self.send_data(id, &text);
+        }
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
+        if peer.probing != (minimum, desired) {
+            peer.probing = (minimum, desired);
+            let blamed = self.current.replace(id);
+            peer.rtc
+                .bwe()
+                .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired));
+            self.current = blamed;
+            self.mark_dirty(id);
+        }
+    }
+}
+
+/// The `io.weir.paused` message telling a subscriber that a video it receives is paused (its
+/// downlink cannot carry even the smallest layer now) or flows again (docs/data-channel.md).
+pub(super) fn pause_notice(stream_id: &str, track_id: &str, paused: bool) -> String {
+    serde_json::json!({
+        "type": "io.weir.paused",
+        "content": {
+            "stream_id": stream_id,
+            "track_id": track_id,
+            "paused": paused,
+            "reason": "bandwidth",
+        },
+    })
+    .to_string()
+}

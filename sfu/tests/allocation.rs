@@ -1,0 +1,348 @@
+//! Bandwidth allocation on the shard core, in the simulated network (`weir_sfu::sim`): each
+//! subscriber's link is a bottleneck with its own rate, a 20 ms delay and a 200 ms queue; the
+//! publisher is a simulated browser camera. The policy is in docs/adaptation.md.
+
+use std::time::Duration;
+
+use weir_sfu::sim::{sequence_loss, unwrap_seqs, Camera, Publish, SimNet};
+
+const WATCH: Publish = Publish::NOTHING;
+
+/// Alice's camera sends one layer of 1.9 Mbit/s to Bob and Carol. Then Bob's link narrows to
+/// 1 Mbit/s, less than that one layer: his copy is paused rather than sent into a link that
+/// would lose half of it (once the estimate has been short for `PAUSE_AFTER`, and the media
+/// the estimator's pacer held has drained: within 8 s), and he is told so on his data
+/// channel. When Bob's link
+/// widens, his video resumes on a keyframe, its sequence numbers continuing where the pause
+/// left them, and he is told that too.
+#[test]
+fn a_video_the_link_cannot_carry_is_paused_and_resumes_when_it_can() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: Some(1_000_000),
+        ..weir_sfu::SfuConfig::default()
+    });
+    let camera = Publish {
+        audio: true,
+        video: true,
+        simulcast: false,
+    };
+    let alice = net.join(10, camera);
+    let bob = net.join(10, WATCH);
+    let carol = net.join(10, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    // 30 frames a second of 8 packets of 1000 bytes: 1.9 Mbit/s with the overhead; and
+    // her microphone.
+    let mut cam = Camera::new(alice, &[(None, 0, &[1000; 8])]);
+    // The estimate starts at 1 Mbit/s: until a probe finds more, even Carol waits.
+    cam.run(&mut net, Duration::from_secs(2));
+    let (sent, carol_got) = (cam.sent.len(), cam.video_of(&net, carol).len());
+    cam.run(&mut net, Duration::from_secs(6));
+    let sent = cam.sent.len() - sent;
+    let carol_got = cam.video_of(&net, carol).len() - carol_got;
+    assert!(
+        carol_got as f64 >= 0.99 * sent as f64,
+        "Carol, on a free link, got {carol_got} of {sent}"
+    );
+    assert!(
+        cam.video_of(&net, bob).len() as f64 >= 0.99 * sent as f64,
+        "so did Bob"
+    );
+    let told_before = net.clients[bob].messages.len();
+    net.clients[bob].link.rate_down_bps = 1_000_000;
+    net.clients[bob].link.delay_down = Duration::from_millis(20);
+    cam.run(&mut net, Duration::from_secs(8));
+    let before = cam.video_of(&net, bob).len();
+    cam.run(&mut net, Duration::from_secs(3));
+    assert_eq!(
+        cam.video_of(&net, bob).len(),
+        before,
+        "Bob receives no video while his link cannot carry it"
+    );
+    let notices = |net: &SimNet| -> Vec<bool> {
+        net.clients[bob].messages[told_before..]
+            .iter()
+            .filter(|m| m.contains("io.weir.paused"))
+            .map(|m| m.contains("\"paused\":true"))
+            .collect()
+    };
+    assert_eq!(notices(&net), vec![true], "Bob is told his video is paused");
+
+    net.clients[bob].link.rate_down_bps = 5_000_000;
+    let widened = net.now();
+    let mut back = None;
+    for _ in 0..300 {
+        cam.frame(&mut net);
+        if cam.video_of(&net, bob).len() > before {
+            back = Some(net.now().duration_since(widened));
+            break;
+        }
+    }
+    assert!(
+        back.is_some_and(|d| d < Duration::from_secs(10)),
+        "Bob's video resumed {back:?} after his link widened"
+    );
+    cam.run(&mut net, Duration::from_millis(500));
+    assert_eq!(notices(&net), vec![true, false], "Bob is told it resumed");
+    let got = cam.video_of(&net, bob);
+    assert!(
+        got[before].payload[1] & 1 == 0,
+        "the resumed video starts on a keyframe"
+    );
+    let seqs = unwrap_seqs(got.iter().map(|r| r.seq));
+    assert_eq!(
+        seqs[before..].iter().min().copied(),
+        seqs[..before].iter().max().map(|l| l + 1),
+        "the sequence continues across the pause"
+    );
+    eprintln!("resumed {back:?} after the link widened");
+}
+
+/// Fifty people watch Alice's simulcast camera over 3 Mbit/s links, and all their links
+/// narrow to 400 kbit/s at the same moment. All move down a layer, and Alice is asked for
+/// keyframes no more often than the coalescing allows: once per layer per
+/// `KEYFRAME_REQUEST_INTERVAL` (300 ms), whatever the number of subscribers switching.
+#[test]
+fn fifty_subscribers_switching_at_once_cost_the_publisher_few_keyframes() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: Some(1_000_000),
+        ..weir_sfu::SfuConfig::default()
+    });
+    let alice = net.join(
+        12,
+        Publish {
+            audio: true,
+            video: true,
+            simulcast: true,
+        },
+    );
+    let watchers: Vec<usize> = (0..50).map(|_| net.join(12, WATCH)).collect();
+    assert!(net.run_until(Duration::from_secs(20), |n| n.all_connected()));
+    for &w in &watchers {
+        net.clients[w].link.rate_down_bps = 3_000_000;
+        net.clients[w].link.delay_down = Duration::from_millis(20);
+    }
+    let mut cam = Camera::new(alice, &Camera::SIMULCAST);
+    cam.run(&mut net, Duration::from_secs(8));
+    let top = |net: &SimNet, cam: &Camera, w: usize| {
+        cam.video_of(net, w).last().map(|r| cam.rank(&r.payload))
+    };
+    let on_top = watchers
+        .iter()
+        .filter(|&&w| top(&net, &cam, w) == Some(4))
+        .count();
+    assert_eq!(on_top, 50, "everyone on the full layer first");
+
+    let narrowed = net.now();
+    let asked_before = net.clients[alice].keyframe_requests.len();
+    for &w in &watchers {
+        net.clients[w].link.rate_down_bps = 400_000;
+    }
+    let window = Duration::from_secs(6);
+    cam.run(&mut net, window);
+    let lower = watchers
+        .iter()
+        .filter(|&&w| top(&net, &cam, w).is_some_and(|r| r < 4))
+        .count();
+    assert_eq!(lower, 50, "everyone moved down");
+    let asked = &net.clients[alice].keyframe_requests[asked_before..];
+    let bound = (window.as_millis() / weir_sfu::forward::KEYFRAME_REQUEST_INTERVAL.as_millis())
+        as usize
+        + 1;
+    for rid in ["q", "h", "f"] {
+        let n = asked
+            .iter()
+            .filter(|(at, r)| *at >= narrowed && r.is_some_and(|r| r.to_string() == rid))
+            .count();
+        assert!(
+            n <= bound,
+            "{n} keyframe requests for layer {rid} in {window:?}: over {bound}"
+        );
+    }
+    eprintln!(
+        "{} keyframe requests in all for 50 switching subscribers",
+        asked.len()
+    );
+}
+
+/// Bob's subscription to Alice's simulcast camera flips between 180 and 720 lines 100 times,
+/// 300 ms apart. Every switch lands on a keyframe of the new layer, his sequence numbers run
+/// on without a gap, his timestamps only move forward and by no more than the time between
+/// frames, and every payload is byte for byte one Alice sent. (Without bandwidth
+/// allocation, so that each flip is a switch: with it, a tile that grows waits for the
+/// estimate, which the narrowing-link test covers.)
+#[test]
+fn a_hundred_forced_switches_keep_sequence_and_timestamps_continuous() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: None,
+        ..weir_sfu::SfuConfig::default()
+    });
+    let alice = net.join(
+        13,
+        Publish {
+            audio: false,
+            video: true,
+            simulcast: true,
+        },
+    );
+    let bob = net.join(13, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    let mut cam = Camera::new(alice, &Camera::SIMULCAST);
+    cam.run(&mut net, Duration::from_secs(1));
+    let peer = net.clients[bob].peer;
+    for i in 0..100 {
+        let height = if i % 2 == 0 { 180 } else { 720 };
+        let now = net.now();
+        net.core.handle_command(
+            weir_sfu::Command::Subscribe {
+                peer,
+                subscriptions: vec![weir_sfu::Subscription {
+                    stream_id: format!("stream-{alice}"),
+                    track_id: format!("video-{alice}"),
+                    max_height: Some(height),
+                    source_height: Some(720),
+                }],
+            },
+            now,
+        );
+        cam.run(&mut net, Duration::from_millis(300));
+    }
+    let got = cam.video_of(&net, bob);
+    assert!(
+        got.iter().all(|r| cam.sent.contains_key(&r.payload)),
+        "every payload is one Alice sent"
+    );
+    let mut in_order: Vec<(i64, u32, u8)> = unwrap_seqs(got.iter().map(|r| r.seq))
+        .into_iter()
+        .zip(&got)
+        .map(|(seq, r)| (seq, r.timestamp, cam.rank(&r.payload)))
+        .collect();
+    in_order.sort_unstable();
+    let (first, last) = (in_order[0].0, in_order[in_order.len() - 1].0);
+    assert_eq!(
+        in_order.len() as i64,
+        last - first + 1,
+        "no sequence number skipped or repeated"
+    );
+    let mut changes = 0;
+    for w in in_order.windows(2) {
+        let step = w[1].1.wrapping_sub(w[0].1);
+        assert!(
+            step <= 3_000 + 10,
+            "timestamp moved by {step} at seq {}: backwards, or more than a frame",
+            w[1].0
+        );
+        changes += usize::from(w[0].2 != w[1].2);
+    }
+    assert!(changes >= 95, "{changes} layer changes for 100 switches");
+    assert_switches_on_keyframes(&net, bob, &cam);
+}
+
+/// Bob watches Alice's simulcast camera over a 3 Mbit/s link and gets her full layer. His
+/// link narrows to 400 kbit/s: within 3 s he is on a lower layer, and from then on he loses
+/// less than 2 % of what he is sent. When the link widens again he is back on the full layer
+/// within 10 s. Every layer change he sees starts on a keyframe.
+#[test]
+fn a_subscriber_whose_link_narrows_moves_down_a_layer_and_back_up_when_it_widens() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: Some(1_000_000),
+        ..weir_sfu::SfuConfig::default()
+    });
+    let simulcast = Publish {
+        audio: false,
+        video: true,
+        simulcast: true,
+    };
+    let alice = net.join(11, simulcast);
+    let bob = net.join(11, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.clients[bob].link.rate_down_bps = 3_000_000;
+    net.clients[bob].link.delay_down = Duration::from_millis(20);
+    let mut cam = Camera::new(alice, &Camera::SIMULCAST);
+    cam.run(&mut net, Duration::from_secs(10));
+    let layer_at = |net: &SimNet, cam: &Camera, from: usize| -> Vec<(std::time::Instant, u8)> {
+        net.clients[bob].received[from..]
+            .iter()
+            .map(|r| (r.at, cam.rank(&r.payload)))
+            .collect()
+    };
+    let wide = layer_at(&net, &cam, 0);
+    assert_eq!(
+        wide.last().map(|(_, r)| *r),
+        Some(4),
+        "on a 3 Mbit/s link: the full layer"
+    );
+
+    let narrowed = net.now();
+    let from = net.clients[bob].received.len();
+    net.clients[bob].link.rate_down_bps = 400_000;
+    cam.run(&mut net, Duration::from_secs(15));
+    let narrow = layer_at(&net, &cam, from);
+    let settled = narrow.last().map(|(_, r)| *r).expect("video while narrow");
+    assert!(settled < 4, "a lower layer on 400 kbit/s, not {settled}");
+    let last_other = narrow
+        .iter()
+        .rev()
+        .find(|(_, r)| *r != settled)
+        .map(|(at, _)| at.duration_since(narrowed));
+    assert!(
+        last_other.is_none_or(|d| d < Duration::from_secs(3)),
+        "settled on layer {settled} within 3 s: the last other layer came {last_other:?} after"
+    );
+    let after: Vec<u16> = net.clients[bob].received[from..]
+        .iter()
+        .filter(|r| r.at >= narrowed + Duration::from_secs(3))
+        .map(|r| r.seq)
+        .collect();
+    let loss = sequence_loss(&after);
+    assert!(loss < 0.02, "{:.2} % lost once settled", loss * 100.0);
+
+    let widened = net.now();
+    let from = net.clients[bob].received.len();
+    net.clients[bob].link.rate_down_bps = 3_000_000;
+    let mut back = None;
+    for _ in 0..300 {
+        cam.frame(&mut net);
+        if layer_at(&net, &cam, from).iter().any(|(_, r)| *r == 4) {
+            back = Some(net.now().duration_since(widened));
+            break;
+        }
+    }
+    assert!(
+        back.is_some_and(|d| d < Duration::from_secs(10)),
+        "back on the full layer {back:?} after the link widened"
+    );
+    assert_switches_on_keyframes(&net, bob, &cam);
+    eprintln!(
+        "settled on {settled} after {last_other:?}, {:.2} % lost, back on f after {back:?}",
+        loss * 100.0
+    );
+}
+
+/// Every change of layer in what `sub` received, in sequence order, starts with a keyframe.
+/// Only changes between consecutive sequence numbers tell: where the link lost the packets
+/// around a change, the first one received of the new layer need not be its first.
+fn assert_switches_on_keyframes(net: &SimNet, sub: usize, cam: &Camera) {
+    let received = &net.clients[sub].received;
+    let mut in_order: Vec<(i64, usize)> = unwrap_seqs(received.iter().map(|r| r.seq))
+        .into_iter()
+        .zip(0..)
+        .collect();
+    in_order.sort_unstable();
+    in_order.dedup_by_key(|(seq, _)| *seq);
+    let mut switches = 0;
+    for pair in in_order.windows(2) {
+        let [(s0, i0), (s1, i1)] = pair else { continue };
+        let (before, after) = (&received[*i0], &received[*i1]);
+        if *s1 != s0 + 1 || cam.rank(&before.payload) == cam.rank(&after.payload) {
+            continue;
+        }
+        switches += 1;
+        assert!(
+            after.payload[1] & 1 == 0,
+            "the switch to layer {} at seq {} starts on a delta frame",
+            cam.rank(&after.payload),
+            after.seq
+        );
+    }
+    assert!(switches >= 2, "{switches} layer changes seen");
+}
