@@ -346,3 +346,34 @@ fn assert_switches_on_keyframes(net: &SimNet, sub: usize, cam: &Camera) {
     }
     assert!(switches >= 2, "{switches} layer changes seen");
 }
+
+/// Allocation must not cost a new subscriber its first picture. Bob's estimate arrives after
+/// Alice's video was negotiated for him; Alice then sends a single keyframe packet, and
+/// nothing after it. Bob receives it: the packet itself runs his first allocation. (Found by
+/// the `core` fuzz target with an empty input: the video waited for a housekeeping round, and
+/// the keyframe was gone by then.)
+#[test]
+fn the_first_keyframe_starts_a_new_subscriber_under_allocation() {
+    let mut net = SimNet::default();
+    let alice = net.join(
+        14,
+        Publish {
+            audio: false,
+            video: true,
+            simulcast: false,
+        },
+    );
+    let bob = net.join(14, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.run_for(Duration::from_millis(100));
+    assert!(
+        net.core.estimate(net.clients[bob].peer).is_some(),
+        "Bob's downlink is estimated"
+    );
+    let sent = net.send_video(alice, None, true, 900);
+    net.run_for(Duration::from_millis(20));
+    assert!(
+        net.clients[bob].received.iter().any(|r| r.payload == sent),
+        "Bob got the keyframe"
+    );
+}

@@ -10,7 +10,7 @@ use tracing::{debug, info};
 use crate::api::{CloseReason, SfuEvent};
 use crate::ids::PeerId;
 
-use super::{EventSink, ShardCore};
+use super::{EventSink, ShardCore, TrackKey};
 
 impl<S: EventSink> ShardCore<S> {
     /// Queue a peer for draining (once: a flag on the peer, not a search of the list, since
@@ -140,7 +140,20 @@ impl<S: EventSink> ShardCore<S> {
         };
         debug!(%id, bps, live, "bandwidth estimate");
         if live {
-            p.estimate = Some(bps);
+            if p.estimate.replace(bps).is_none() {
+                // Videos not started yet now wait for an allocation: their next packet runs it.
+                let waiting: Vec<TrackKey> = p
+                    .out
+                    .iter()
+                    .filter(|(_, o)| o.awaits_allocation(true))
+                    .map(|(t, _)| *t)
+                    .collect();
+                for t in waiting {
+                    if let Some(track) = self.tracks.get_mut(&t) {
+                        track.unallocated = true;
+                    }
+                }
+            }
         } else if p.estimate.take().is_some() {
             self.release_allocation(id);
         }
