@@ -29,6 +29,10 @@ fn core_fanout(c: &mut Criterion) {
         let mut net = SimNet::new(SfuConfig {
             // Virtual time runs far ahead of the participants' consent checks here.
             silence_timeout: Duration::from_secs(3600),
+            // The forwarding path alone, as measured before allocation existed: with it,
+            // str0m paces each subscriber's copies out over virtual time (docs/benchmarks.md
+            // has what allocation costs, measured with the load tester).
+            estimate_from_bps: None,
             ..SfuConfig::default()
         });
         let alice = net.join(

@@ -73,8 +73,12 @@ fuzz_target!(|data: &[u8]| {
     // The honest publisher still gets through to the watcher, unless the watcher's bandwidth
     // allocation paused it and said so (the fuzzer can make the honest camera send more
     // than the watcher's estimate carries).
+    // Within a second: with allocation on, str0m paces the watcher's media to its estimate,
+    // so what the fuzzer queued ahead of this packet leaves first.
     let sent = net.send_video(honest, None, true, 900);
-    net.run_for(Duration::from_millis(20));
+    net.run_until(Duration::from_secs(1), |n| {
+        n.clients[watcher].received.iter().any(|r| r.payload == sent)
+    });
     let stream = format!("stream-{honest}");
     let paused = net.clients[watcher]
         .messages
