@@ -1,5 +1,5 @@
 //! The shard core without sockets or a clock: participants are real WebRTC engines in memory
-//! (`weir_sfu::sim`), time is virtual, so every scenario runs the same way each time.
+//! (`weir_sfu::sim`), time is virtual, so a scenario runs nearly the same way each time.
 
 use std::time::Duration;
 

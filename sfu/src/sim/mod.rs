@@ -1,7 +1,10 @@
 //! A simulated network around one [`ShardCore`]: participants are real WebRTC engines (str0m:
 //! ICE, DTLS, SRTP, SCTP, as a browser would run them) that exchange datagrams with the core in
 //! memory, under a virtual clock. Nothing here opens a socket or reads the clock after start,
-//! so a scenario runs the same way every time and as fast as the CPU allows.
+//! and link loss comes from a seeded generator, so a scenario runs as fast as the CPU allows
+//! and nearly the same way every time. Not exactly: the engines draw their SSRCs, ICE
+//! credentials and keys at random, and the bandwidth estimator's path depends on them a
+//! little. Scenario tests assert bounds that hold across runs, not one run's figures.
 //!
 //! Used by the core's scenario tests, its fuzz target (datagrams from a peer that has
 //! completed DTLS) and the whole-core benchmark.
