@@ -114,6 +114,10 @@ impl<S: EventSink> ShardCore<S> {
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.loss = s.egress_loss_fraction;
                 }
+                // What leaves toward the participant in all (media, retransmissions, padding,
+                // probes, RTCP, headers) against the media payload in it.
+                debug!(%id, sent = s.peer_bytes_tx, media = s.bytes_tx, loss = ?s.egress_loss_fraction,
+                    estimate = ?s.bwe_tx.map(|b| b.as_u64()), "egress");
             }
             Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
             _ => {}

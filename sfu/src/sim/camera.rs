@@ -47,6 +47,13 @@ impl Camera {
 
     /// One frame on every layer (and an audio packet), then a frame's time of simulation.
     pub fn frame(&mut self, net: &mut SimNet) {
+        self.frame_only(net);
+        net.run_for(FRAME);
+    }
+
+    /// One frame on every layer (and an audio packet), without moving time: for several
+    /// cameras sending together.
+    pub fn frame_only(&mut self, net: &mut SimNet) {
         let asked: Vec<Option<String>> = net.clients[self.who].keyframe_requests[self.answered..]
             .iter()
             .map(|(_, rid)| rid.map(|r| r.to_string()))
@@ -72,7 +79,6 @@ impl Camera {
             net.send_audio(self.who, -40);
         }
         self.frames += 1;
-        net.run_for(FRAME);
     }
 
     /// Frames for `d` of simulated time.
