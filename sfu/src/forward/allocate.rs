@@ -163,13 +163,18 @@ impl Allocator {
             None => u64::MAX,
         };
         let mut up = allocate(climb, floor, demands);
-        // A paused video resumes only when what it all costs fits the climbing share.
-        if cost(demands, &up) > climb {
-            for (d, u) in demands.iter().zip(up.iter_mut()) {
-                if d.now == Now::Paused {
-                    *u = None;
-                }
+        // A paused video resumes when it fits the climbing share with everything else.
+        // Paused videos that do not fit stay paused, the least important first, until the
+        // rest fits; a video already flowing is never dropped here.
+        let mut resuming: Vec<usize> = (0..demands.len())
+            .filter(|&i| demands[i].now == Now::Paused && up[i].is_some())
+            .collect();
+        resuming.sort_by_key(|&i| demands[i].priority);
+        for i in resuming {
+            if cost(demands, &up) <= climb {
+                break;
             }
+            up[i] = None;
         }
         // Keep what each track has where that is more than the upward allocation gives it,
         // as long as the whole still fits the larger share.
@@ -550,6 +555,22 @@ mod tests {
             next_step(&d, &[Some(F), Some(H)]),
             None,
             "both at their best"
+        );
+    }
+
+    #[test]
+    fn paused_videos_resume_one_by_one_as_they_fit() {
+        let t0 = Instant::now();
+        let mut a = Allocator::default();
+        let three = [
+            camera(Priority::Other, u8::MAX, Now::Paused),
+            camera(Priority::Speaker, u8::MAX, Now::Paused),
+            camera(Priority::Other, u8::MAX, Now::Paused),
+        ];
+        // 300 k climbs 240 k: one q (150 k) fits, the speaker's; not all three (450 k).
+        assert_eq!(
+            a.decide(300_000, None, 0, &three, t0),
+            vec![None, Some(Q), None]
         );
     }
 
