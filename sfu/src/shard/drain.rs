@@ -119,6 +119,12 @@ impl<S: EventSink> ShardCore<S> {
                 debug!(%id, sent = s.peer_bytes_tx, media = s.bytes_tx, loss = ?s.egress_loss_fraction,
                     estimate = ?s.bwe_tx.map(|b| b.as_u64()), "egress");
             }
+            Event::MediaEgressStats(s) => {
+                // Per forwarded stream: bytes and packets with retransmissions, and the NACKs
+                // that asked for them (beside `egress` above, where the rest goes shows).
+                debug!(%id, mid = %s.mid, bytes = s.bytes, packets = s.packets, nacks = s.nacks,
+                    "egress stream");
+            }
             Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
             _ => {}
         }
