@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use weir_sfu::sim::{sequence_loss, unwrap_seqs, Camera, Publish, SimNet};
+use weir_sfu::sim::{
+    cameras_to_one_watcher, media_bytes, run_together, sequence_loss, unwrap_seqs, Camera, Publish,
+    SimNet,
+};
 
 const WATCH: Publish = Publish::NOTHING;
 
@@ -385,37 +388,11 @@ fn the_first_keyframe_starts_a_new_subscriber_under_allocation() {
 #[test]
 fn three_cameras_share_a_narrow_link() {
     let mut net = SimNet::default();
-    let simulcast = Publish {
-        audio: true,
-        video: true,
-        simulcast: true,
-    };
-    let mut cams: Vec<Camera> = (0..3)
-        .map(|_| Camera::new(net.join(15, simulcast), &Camera::SIMULCAST))
-        .collect();
-    let bob = net.join(15, WATCH);
-    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
-    net.clients[bob].link.rate_down_bps = 600_000;
-    net.clients[bob].link.delay_down = Duration::from_millis(20);
-    let mut run = |net: &mut SimNet, secs: u64| {
-        for _ in 0..secs * 30 {
-            for c in cams.iter_mut() {
-                c.frame_only(net);
-            }
-            net.run_for(Duration::from_micros(33_333));
-        }
-    };
-    let media = |net: &SimNet| -> usize {
-        net.clients[bob]
-            .received
-            .iter()
-            .map(|r| r.payload.len())
-            .sum()
-    };
-    run(&mut net, 12);
-    let before = media(&net);
-    run(&mut net, 8);
-    let bps = (media(&net) - before) * 8 / 8;
+    let (mut cams, bob) = cameras_to_one_watcher(&mut net, 3, 600_000);
+    run_together(&mut cams, &mut net, Duration::from_secs(12));
+    let before = media_bytes(&net, bob);
+    run_together(&mut cams, &mut net, Duration::from_secs(8));
+    let bps = (media_bytes(&net, bob) - before) * 8 / 8;
     eprintln!("{bps} bit/s of media");
     assert!(bps >= 300_000, "{bps} bit/s of media on a 600 kbit/s link");
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Received, SimNet};
+use super::{Publish, Received, SimNet};
 
 /// One layer: rid (`None` without simulcast), rank (`forward::rid_rank`), and the payload
 /// sizes of the packets of one delta frame. A keyframe is three delta frames' worth.
@@ -101,4 +101,46 @@ impl Camera {
     pub fn rank(&self, payload: &Arc<[u8]>) -> u8 {
         *self.sent.get(payload).expect("a payload the camera sent")
     }
+}
+
+/// Several cameras, each publishing with its microphone, and one participant watching them
+/// over a downlink of `rate_bps` (20 ms delay), all connected: the narrow-link scenario the
+/// allocation test and the `narrow_link` example share. Returns the cameras and the watcher.
+pub fn cameras_to_one_watcher(
+    net: &mut SimNet,
+    cameras: usize,
+    rate_bps: u64,
+) -> (Vec<Camera>, usize) {
+    let simulcast = Publish {
+        audio: true,
+        video: true,
+        simulcast: true,
+    };
+    let cams: Vec<Camera> = (0..cameras)
+        .map(|_| Camera::new(net.join(15, simulcast), &Camera::SIMULCAST))
+        .collect();
+    let watcher = net.join(15, Publish::NOTHING);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.clients[watcher].link.rate_down_bps = rate_bps;
+    net.clients[watcher].link.delay_down = Duration::from_millis(20);
+    (cams, watcher)
+}
+
+/// Every camera sends together, frame by frame, for `d` of simulated time.
+pub fn run_together(cams: &mut [Camera], net: &mut SimNet, d: Duration) {
+    for _ in 0..d.as_micros() / FRAME.as_micros() {
+        for c in cams.iter_mut() {
+            c.frame_only(net);
+        }
+        net.run_for(FRAME);
+    }
+}
+
+/// Media payload bytes participant `who` has received so far.
+pub fn media_bytes(net: &SimNet, who: usize) -> usize {
+    net.clients[who]
+        .received
+        .iter()
+        .map(|r| r.payload.len())
+        .sum()
 }

@@ -12,7 +12,7 @@
 mod camera;
 mod seqs;
 
-pub use camera::{Camera, CameraLayer};
+pub use camera::{cameras_to_one_watcher, media_bytes, run_together, Camera, CameraLayer};
 pub use seqs::{sequence_loss, unwrap_seqs};
 
 use std::collections::HashSet;
