@@ -319,6 +319,16 @@ impl SfuCollector {
                 "Videos paused toward subscribers whose downlink cannot carry even their smallest layer now",
                 s.videos_paused,
             ),
+            gauge(
+                "weir_layers_off",
+                "Simulcast layers publishers were told to stop encoding because no subscriber needs them (dynacast)",
+                s.layers_off,
+            ),
+            counter(
+                "weir_estimator_restarts_total",
+                "Bandwidth estimators restarted because their estimate stayed unchanged while holding a subscriber back with no loss",
+                s.estimator_restarts,
+            ),
             counter(
                 "weir_peer_panics_total",
                 "Panics caught while a media shard handled one peer; each closed that peer only",

@@ -168,6 +168,10 @@ pub(crate) struct ShardCounters {
     pub peer_panics: u64,
     /// Gauge: videos paused toward their subscribers for want of bandwidth.
     pub videos_paused: u64,
+    /// Gauge: simulcast layers publishers were told to stop encoding (dynacast).
+    pub layers_off: u64,
+    /// Bandwidth estimators restarted because they locked (`forward::stall`).
+    pub estimator_restarts: u64,
     /// Batch read → copies handed to the kernel, per loop turn that forwarded something.
     pub forward_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
@@ -208,6 +212,8 @@ impl ShardCounters {
         to.kernel_drops.store(self.kernel_drops, r);
         to.peer_panics.store(self.peer_panics, r);
         to.videos_paused.store(self.videos_paused, r);
+        to.layers_off.store(self.layers_off, r);
+        to.estimator_restarts.store(self.estimator_restarts, r);
         for (i, n) in self.forward_delay.buckets.iter().enumerate() {
             to.forward_delay_buckets[i].store(*n, r);
         }
@@ -242,6 +248,8 @@ pub struct ShardStats {
     pub kernel_drops: AtomicU64,
     pub peer_panics: AtomicU64,
     pub videos_paused: AtomicU64,
+    pub layers_off: AtomicU64,
+    pub estimator_restarts: AtomicU64,
     pub forward_delay_buckets: [AtomicU64; DELAY_BUCKETS_US.len() + 1],
     pub forward_delay_sum_us: AtomicU64,
     pub forward_delay_count: AtomicU64,
@@ -272,6 +280,10 @@ pub struct StatsSnapshot {
     pub peer_panics: u64,
     /// Videos paused toward their subscribers for want of bandwidth, now.
     pub videos_paused: u64,
+    /// Simulcast layers publishers were told to stop encoding because nobody needs them, now.
+    pub layers_off: u64,
+    /// Bandwidth estimators restarted because they had locked.
+    pub estimator_restarts: u64,
     /// The shards' forwarding delay (batch read → copies handed to the kernel).
     pub forward_delay: DelayHistogram,
     pub drops: Vec<(DropReason, u64)>,
@@ -305,6 +317,8 @@ impl StatsSnapshot {
             s.kernel_drops += sh.kernel_drops.load(r);
             s.peer_panics += sh.peer_panics.load(r);
             s.videos_paused += sh.videos_paused.load(r);
+            s.layers_off += sh.layers_off.load(r);
+            s.estimator_restarts += sh.estimator_restarts.load(r);
             let mut d = DelayHistogram {
                 sum_us: sh.forward_delay_sum_us.load(r),
                 count: sh.forward_delay_count.load(r),

@@ -2,6 +2,7 @@
 //! own. The shard feeds them packets and `now`.
 
 pub mod allocate;
+pub mod dynacast;
 pub mod keyframe;
 pub mod keyreq;
 pub mod layers;
@@ -9,9 +10,11 @@ pub mod loss_cap;
 pub mod rate;
 pub mod rewrite;
 pub mod speakers;
+pub mod stall;
 pub mod trunk_layers;
 
 pub use allocate::{Allocator, Demand, Now, Priority};
+pub use dynacast::{LayerDemand, LAYER_OFF_DELAY};
 pub use keyframe::{starts_keyframe, VideoCodec};
 pub use keyreq::{KeyframeRequests, KEYFRAME_REQUEST_INTERVAL};
 pub use layers::nominal_bps;
@@ -19,4 +22,5 @@ pub use layers::{grid_cap, rid_rank, Decision, LayerActivity, LayerSelector, LAY
 pub use rate::RateMeter;
 pub use rewrite::{Rewritten, SeqTsRewriter};
 pub use speakers::{SpeakerDetector, Speakers};
+pub use stall::StallWatch;
 pub use trunk_layers::TrunkLayers;

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use str0m::bwe::Bitrate;
-use tracing::debug;
+use tracing::{debug, info};
 
 use crate::api::PeerRole;
 use crate::forward::{allocate, Demand, LayerSelector, Now, Priority};
@@ -158,6 +158,15 @@ impl<S: EventSink> ShardCore<S> {
         // the desired rate dips to the estimate for one round and rises back, which asks for
         // another probe.
         let constrained = round(allocated) < round(wanted) && estimate < desired;
+        if peer.stall.stalled(constrained, loss, now) {
+            // str0m's estimator locked itself (forward::stall): start it again from here.
+            info!(%id, estimate, "bandwidth estimate stuck while holding the subscriber back: estimator restarted");
+            let blamed = self.current.replace(id);
+            peer.rtc.bwe().reset(Bitrate::bps(estimate));
+            self.current = blamed;
+            peer.probing = (0, 0);
+            self.counters.estimator_restarts += 1;
+        }
         if peer.probe_dip {
             peer.probe_dip = false;
             peer.probed_at = now;

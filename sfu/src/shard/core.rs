@@ -86,7 +86,11 @@ impl<S: EventSink> ShardCore<S> {
             Command::Subscribe {
                 peer,
                 subscriptions,
-            } => self.subscribe(peer, subscriptions, now),
+            } => {
+                self.subscribe(peer, subscriptions, now);
+                // A layer someone now needs is switched on without waiting for housekeeping.
+                self.update_dynacast(now);
+            }
             Command::SendData { peer, text } => self.send_data(peer, &text),
         }
         self.current = prev;

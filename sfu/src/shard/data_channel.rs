@@ -37,6 +37,7 @@ impl<S: EventSink> ShardCore<S> {
             for text in paused {
                 self.send_data(id, &text);
             }
+            self.tell_layers_on_open(id);
         }
     }
 

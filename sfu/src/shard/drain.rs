@@ -84,7 +84,7 @@ impl<S: EventSink> ShardCore<S> {
                 self.emit(SfuEvent::Connected { peer: id });
             }
             Event::MediaAdded(m) if m.direction.is_receiving() => {
-                self.publish(id, m.mid, m.kind);
+                self.publish(id, m.mid, m.kind, now);
             }
             Event::MediaChanged(m) => {
                 let published = self
@@ -98,7 +98,7 @@ impl<S: EventSink> ShardCore<S> {
                         .and_then(|p| p.rtc.media(m.mid))
                         .map(|m| m.kind());
                     if let Some(kind) = kind {
-                        self.publish(id, m.mid, kind);
+                        self.publish(id, m.mid, kind, now);
                     }
                 } else if !m.direction.is_receiving() && published {
                     self.unpublish(id, m.mid);
@@ -150,6 +150,7 @@ impl<S: EventSink> ShardCore<S> {
         };
         debug!(%id, bps, live, "bandwidth estimate");
         if live {
+            p.stall.on_estimate(bps);
             if p.estimate.replace(bps).is_none() {
                 // Videos not started yet now wait for an allocation: their next packet runs it.
                 let waiting: Vec<TrackKey> = p

@@ -17,6 +17,7 @@ mod core;
 mod data_channel;
 mod demux;
 mod drain;
+mod dynacast;
 mod fanout;
 mod layers;
 mod negotiation;
@@ -40,8 +41,8 @@ use str0m::Rtc;
 use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
 use crate::budget::RateBudget;
 use crate::forward::{
-    Allocator, KeyframeRequests, LayerActivity, LayerSelector, Now, SeqTsRewriter, SpeakerDetector,
-    TrunkLayers,
+    Allocator, KeyframeRequests, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter,
+    SpeakerDetector, StallWatch, TrunkLayers,
 };
 use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::net::SendQueue;
@@ -107,6 +108,8 @@ struct Published {
     /// A subscriber with an estimated downlink was added and waits for its allocation, which
     /// the track's next packet triggers.
     unallocated: bool,
+    /// Which simulcast layers anyone needs, for a participant's simulcast video ([`dynacast`]).
+    dynacast: Option<LayerDemand<Rid>>,
 }
 
 struct OutTrack {
@@ -222,6 +225,8 @@ struct Peer {
     loss: Option<f32>,
     /// Shares the estimate among the videos it receives.
     allocator: Allocator,
+    /// Notices an estimate locked while it holds the peer back (`forward::stall`).
+    stall: StallWatch,
     /// The (minimum, desired) rates last given to its estimator, to probe only on change.
     probing: (u64, u64),
     /// The desired rate is dipped this round to ask for a probe on the next
@@ -260,6 +265,7 @@ impl Peer {
             estimate: None,
             loss: None,
             allocator: Allocator::default(),
+            stall: StallWatch::default(),
             probing: (0, 0),
             probe_dip: false,
             probed_at: now,

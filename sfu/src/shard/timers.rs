@@ -80,6 +80,7 @@ impl<S: EventSink> ShardCore<S> {
         }
         self.allocate_bandwidth(now);
         self.follow_layers(now);
+        self.update_dynacast(now);
         self.report_speakers(now);
         self.drain_dirty(now);
         self.counters.trunk.streams_out = self

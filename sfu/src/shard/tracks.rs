@@ -3,11 +3,13 @@
 
 use std::time::Instant;
 
-use str0m::media::{MediaKind, Mid, Rid};
+use str0m::media::{MediaKind, Mid, Rid, Rids};
 use tracing::info;
 
 use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_AGE};
-use crate::forward::{LayerActivity, LayerSelector, Now, SeqTsRewriter, TrunkLayers};
+use crate::forward::{
+    rid_rank, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter, TrunkLayers,
+};
 use crate::ids::{MediaId, PeerId, TrackKind};
 
 use super::{EventSink, OutTrack, Peer, Published, ShardCore, TrackKey};
@@ -192,7 +194,7 @@ impl<S: EventSink> ShardCore<S> {
         }
     }
 
-    pub(super) fn publish(&mut self, id: PeerId, mid: Mid, kind: MediaKind) {
+    pub(super) fn publish(&mut self, id: PeerId, mid: Mid, kind: MediaKind, now: Instant) {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -205,6 +207,21 @@ impl<S: EventSink> ShardCore<S> {
         let kind = match kind {
             MediaKind::Audio => TrackKind::Audio,
             MediaKind::Video => TrackKind::Video,
+        };
+        // A participant's simulcast video is dynacast: its publisher is told which layers
+        // anyone needs. (A trunk's far focus pulls only what is subscribed already.)
+        let dynacast = match media.rids_rx() {
+            Rids::Specific(rids)
+                if !rids.is_empty()
+                    && kind == TrackKind::Video
+                    && peer.role == PeerRole::Participant =>
+            {
+                Some(LayerDemand::new(
+                    rids.iter().map(|r| (*r, rid_rank(Some(r)))),
+                    now,
+                ))
+            }
+            _ => None,
         };
         let track = PublishedTrack {
             mid: MediaId(mid.to_string()),
@@ -227,6 +244,7 @@ impl<S: EventSink> ShardCore<S> {
                 keyframes: Vec::new(),
                 subscribers: Vec::new(),
                 unallocated: false,
+                dynacast,
             },
         );
         info!(shard = self.index, %id, mid = %mid, %kind, stream = %track.stream_id, "track published");

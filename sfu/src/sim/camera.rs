@@ -1,6 +1,8 @@
 //! A simulated camera that behaves like a browser's: frames at 30 per second on one or more
 //! simulcast layers, and a keyframe of a layer only when the focus asks for one (and on the
-//! first frame). With its microphone, if the participant publishes audio.
+//! first frame). With its microphone, if the participant publishes audio. Like weir's web
+//! client, it stops encoding the layers the focus says nobody needs (`io.weir.layers`), and
+//! starts a layer switched back on with a keyframe.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,8 +24,16 @@ pub struct Camera {
     /// Keyframe requests already answered.
     answered: usize,
     frames: u64,
+    /// Data-channel messages already read.
+    read: usize,
+    /// Layers the focus said nobody needs, not encoded.
+    pub off: Vec<&'static str>,
+    /// Layers switched back on whose next frame is a keyframe.
+    restarted: Vec<&'static str>,
     /// Every payload sent, with its layer's rank.
     pub sent: HashMap<Arc<[u8]>, u8>,
+    /// Packets sent per layer rank.
+    pub packets_by_rank: HashMap<u8, usize>,
 }
 
 impl Camera {
@@ -41,7 +51,11 @@ impl Camera {
             layers: layers.to_vec(),
             answered: 0,
             frames: 0,
+            read: 0,
+            off: Vec::new(),
+            restarted: Vec::new(),
             sent: HashMap::new(),
+            packets_by_rank: HashMap::new(),
         }
     }
 
@@ -59,8 +73,13 @@ impl Camera {
             .map(|(_, rid)| rid.map(|r| r.to_string()))
             .collect();
         self.answered += asked.len();
+        self.read_layer_notices(net);
         for (rid, rank, sizes) in self.layers.clone() {
-            let key = self.frames == 0 || asked.iter().any(|r| r.as_deref() == rid);
+            if rid.is_some_and(|r| self.off.contains(&r)) {
+                continue;
+            }
+            let restarted = rid.is_some_and(|r| self.restarted.contains(&r));
+            let key = self.frames == 0 || restarted || asked.iter().any(|r| r.as_deref() == rid);
             let sizes: Vec<usize> = if key {
                 sizes
                     .iter()
@@ -73,12 +92,42 @@ impl Camera {
             };
             for p in net.send_frame(self.who, rid, key, &sizes) {
                 self.sent.insert(p, rank);
+                *self.packets_by_rank.entry(rank).or_default() += 1;
             }
         }
+        self.restarted.clear();
         if net.clients[self.who].audio.is_some() {
             net.send_audio(self.who, -40);
         }
         self.frames += 1;
+    }
+
+    /// Apply the focus's `io.weir.layers` messages that arrived since the last frame.
+    fn read_layer_notices(&mut self, net: &SimNet) {
+        let messages = &net.clients[self.who].messages;
+        for text in &messages[self.read..] {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
+                continue;
+            };
+            if v["type"] != "io.weir.layers" {
+                continue;
+            }
+            let Some(active) = v["content"]["active"].as_array() else {
+                continue;
+            };
+            let active: Vec<&str> = active.iter().filter_map(|r| r.as_str()).collect();
+            for rid in self.layers.iter().filter_map(|(rid, _, _)| *rid) {
+                let on = active.contains(&rid);
+                let was_off = self.off.contains(&rid);
+                if on && was_off {
+                    self.off.retain(|r| *r != rid);
+                    self.restarted.push(rid);
+                } else if !on && !was_off {
+                    self.off.push(rid);
+                }
+            }
+        }
+        self.read = messages.len();
     }
 
     /// Frames for `d` of simulated time.
