@@ -44,6 +44,8 @@ const state = {
   audible: false, // play remote audio (setAudible)
   analysis: null, // AudioContext for the analysers
   analysers: new Map(), // streamId -> {stream, source, analyser}
+  layers: [], // io.weir.layers the focus sent us, as applied: {t, mid, active}
+  paused: [], // io.weir.paused notices: {t, stream_id, track_id, paused}
 };
 
 /** A summary of a received call event: the envelope fields and sizes, without the SDP itself. */
@@ -136,8 +138,12 @@ export function makeCamera(colourName, { width = 320, height = 240, fps = 30, to
   };
 }
 
-/** Log in, start syncing, build the camera. Must run before joinCall. */
-export async function setup({ name, colour, baseUrl, user, password, deviceId, toneHz = 440 }) {
+/**
+ * Log in, start syncing, build the camera. Must run before joinCall. `camera`: the canvas size
+ * (default 320×240), or `{device: true}` for the browser's camera (Chromium's fake one, from a
+ * file when started with --use-file-for-fake-video-capture) with the canvas camera's tone.
+ */
+export async function setup({ name, colour, baseUrl, user, password, deviceId, toneHz = 440, camera = {} }) {
   state.name = name;
   state.colourName = colour;
   document.title = `weir probe ${name}`;
@@ -149,7 +155,20 @@ export async function setup({ name, colour, baseUrl, user, password, deviceId, t
     if (state.received.length > 1000) state.received.shift();
   });
   await W().startClient(state.client);
-  state.camera = makeCamera(colour, { toneHz });
+  state.camera = makeCamera(colour, { toneHz, width: camera.width, height: camera.height });
+  if (camera.device) {
+    const cam = await navigator.mediaDevices.getUserMedia({
+      audio: false,
+      video: { width: camera.width ?? 1280, height: camera.height ?? 720, frameRate: 30 },
+    });
+    for (const t of state.camera.stream.getVideoTracks()) {
+      state.camera.stream.removeTrack(t);
+      t.stop();
+    }
+    cam.getVideoTracks().forEach((t) => state.camera.stream.addTrack(t));
+    const s = cam.getVideoTracks()[0]?.getSettings() ?? {};
+    log(`camera from the device: ${s.width}x${s.height} at ${s.frameRate} fps`);
+  }
   if (state.camera.stream.getAudioTracks().length === 0) {
     const mic = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
     mic.getAudioTracks().forEach((t) => state.camera.stream.addTrack(t));
@@ -158,8 +177,11 @@ export async function setup({ name, colour, baseUrl, user, password, deviceId, t
   return { userId: creds.userId, deviceId: creds.deviceId, sessionId: state.client.getSessionId() };
 }
 
-/** Join (or re-join, with a fresh MatrixCall) the call via the focus. */
-export async function joinCall({ roomId, confId, focus, timeoutMs = 30000, publishMember = true }) {
+/**
+ * Join (or re-join, with a fresh MatrixCall) the call via the focus. `options` go to WeirCall
+ * (simulcast, degradationPreference, dataChannel).
+ */
+export async function joinCall({ roomId, confId, focus, timeoutMs = 30000, publishMember = true, options = {} }) {
   if (!state.client) throw new Error("setup() first");
   if (state.weirCall && !state.weirCall.ended) throw new Error("already in a call");
   const seq = ++state.callSeq;
@@ -170,7 +192,10 @@ export async function joinCall({ roomId, confId, focus, timeoutMs = 30000, publi
     focus,
     stream: state.camera.stream,
     log: (...a) => log(`call#${seq}`, ...a),
+    ...options,
   });
+  wc.addEventListener("layers", (e) => state.layers.push({ t: Date.now(), ...e.detail }));
+  wc.addEventListener("paused", (e) => state.paused.push({ t: Date.now(), ...e.detail }));
   state.weirCall = wc;
   state.trackFirstFrame = new Map();
   const rec = { seq, callId: null, startedAt: Date.now(), placedAt: null, connectedAt: null, firstFrameMs: null, endedAt: null, hangupReason: null, hangupParty: null };
@@ -291,7 +316,10 @@ async function selectedPair() {
   };
 }
 
-/** Outbound RTP of our own media (what we send to the focus), by kind. */
+/**
+ * Outbound RTP of our own media (what we send to the focus), by kind; a simulcast video sums its
+ * layers (frameWidth: the widest), and `layers` has each layer by rid.
+ */
 async function outbound() {
   const pc = state.weirCall?.peerConnection;
   const out = {};
@@ -300,7 +328,7 @@ async function outbound() {
   report.forEach((s) => {
     if (s.type !== "outbound-rtp") return;
     const k = s.kind ?? s.mediaType;
-    out[k] = {
+    const rec = {
       packetsSent: s.packetsSent ?? 0,
       bytesSent: s.bytesSent ?? 0,
       framesEncoded: s.framesEncoded ?? null,
@@ -309,7 +337,24 @@ async function outbound() {
       pliCount: s.pliCount ?? null,
       nackCount: s.nackCount ?? null,
       qualityLimitationReason: s.qualityLimitationReason ?? null,
+      active: s.active ?? null,
     };
+    if (s.rid) {
+      out.layers ??= {};
+      out.layers[s.rid] = rec;
+    }
+    const agg = out[k];
+    if (!agg) {
+      out[k] = { ...rec };
+      return;
+    }
+    agg.packetsSent += rec.packetsSent;
+    agg.bytesSent += rec.bytesSent;
+    agg.framesEncoded = (agg.framesEncoded ?? 0) + (rec.framesEncoded ?? 0);
+    agg.framesPerSecond = Math.max(agg.framesPerSecond ?? 0, rec.framesPerSecond ?? 0);
+    agg.frameWidth = Math.max(agg.frameWidth ?? 0, rec.frameWidth ?? 0) || null;
+    agg.pliCount = (agg.pliCount ?? 0) + (rec.pliCount ?? 0);
+    agg.nackCount = (agg.nackCount ?? 0) + (rec.nackCount ?? 0);
   });
   return out;
 }
@@ -456,6 +501,35 @@ export async function snapshot() {
     errors: [...state.errors],
     feeds,
   };
+}
+
+/**
+ * Subscribe to the video of `owner` (a user id) at a tile of `height` lines (16:9), and to its
+ * audio. Returns the subscription sent.
+ */
+export function subscribeTo({ owner, height }) {
+  const wc = state.weirCall;
+  if (!wc) throw new Error("not in a call");
+  const feed = wc.remoteFeeds().find((f) => f.ownerUserId === owner);
+  if (!feed) throw new Error(`no feed of ${owner}`);
+  const ids = wc.remoteTrackIds(feed.streamId);
+  if (ids.video.length === 0) throw new Error(`the focus's metadata names no video track of ${owner}`);
+  const subs = [
+    ...ids.audio.map((trackId) => ({ streamId: feed.streamId, trackId })),
+    ...ids.video.map((trackId) => ({ streamId: feed.streamId, trackId, width: Math.round((height * 16) / 9), height })),
+  ];
+  wc.subscribe(subs);
+  return subs;
+}
+
+/** Whether the data channel to the focus is open. */
+export function channelOpen() {
+  return state.weirCall?.channelOpen ?? false;
+}
+
+/** The io.weir.layers and io.weir.paused messages the focus sent this page, as applied. */
+export function notices() {
+  return { layers: state.layers.slice(), paused: state.paused.slice() };
 }
 
 /** Raw getStats() entries of the current call (debugging aid), optionally of one type. */

@@ -27,6 +27,22 @@ export const CALL_MEMBER_TYPE = "org.matrix.msc3401.call.member";
 export const DEVICE_TTL_MS = 60 * 60 * 1000;
 const DEVICE_REFRESH_MS = (DEVICE_TTL_MS * 3) / 4;
 
+/**
+ * The simulcast layers weir-call publishes a camera with: a quarter, a half and the full size,
+ * under the rids the focus ranks `q` < `h` < `f` (docs/data-channel.md). The bitrates are what
+ * Chromium gives a 720p camera's layers. The focus forwards each subscriber the layer that
+ * fits its tile and its downlink, and tells us to stop encoding layers nobody needs
+ * (`io.weir.layers`, dynacast).
+ */
+export const SIMULCAST_LAYERS = [
+  { rid: "q", scaleResolutionDownBy: 4, maxBitrate: 150_000 },
+  { rid: "h", scaleResolutionDownBy: 2, maxBitrate: 500_000 },
+  { rid: "f", scaleResolutionDownBy: 1, maxBitrate: 1_500_000 },
+];
+
+/** The label of the data channel weir-call opens to the focus (what js-sdk's GroupCall uses). */
+export const DATA_CHANNEL_LABEL = "datachannel";
+
 /** Content js-sdk 43 GroupCall writes for a video room call (without the data-channel flag). */
 export function callStateContent() {
   return { "m.intent": "m.room", "m.type": "m.video", "io.element.ptt": false };
@@ -122,11 +138,17 @@ export async function waitForJoinedMember(client, roomId, userId, timeoutMs = 30
  * One participant's connection to a weir focus.
  *
  * Events (EventTarget; `detail` carries the payload):
- *   "feeds"  remote feeds changed (detail: remoteFeeds())
- *   "state"  MatrixCall state changed (detail: {state, old})
- *   "hangup" the call ended (detail: {reason, party})
- *   "error"  the MatrixCall emitted an error (detail: error)
- *   "mute"   a remote feed's mute state changed (detail: the remote feed record)
+ *   "feeds"    remote feeds changed (detail: remoteFeeds())
+ *   "state"    MatrixCall state changed (detail: {state, old})
+ *   "hangup"   the call ended (detail: {reason, party})
+ *   "error"    the MatrixCall emitted an error (detail: error)
+ *   "mute"     a remote feed's mute state changed (detail: the remote feed record)
+ *   "channel"  the data channel to the focus opened
+ *   "speakers" the focus announced who speaks (detail: the `io.weir.speakers` content)
+ *   "paused"   the focus paused or resumed a video toward us for want of bandwidth (detail: the
+ *              `io.weir.paused` content)
+ *   "layers"   the focus told us which simulcast layers of our camera anyone needs, and we
+ *              applied it (detail: the `io.weir.layers` content)
  */
 export class WeirCall extends EventTarget {
   /**
@@ -139,9 +161,25 @@ export class WeirCall extends EventTarget {
    * @param {(audio: boolean, video: boolean) => Promise<MediaStream>} [o.getUserMedia] where js-sdk
    *   takes new tracks from when it needs them again (video unmute after it stopped the track);
    *   default: clones of `stream`'s tracks
+   * @param {Array<RTCRtpEncodingParameters>|null} [o.simulcast] the camera's simulcast layers
+   *   (default SIMULCAST_LAYERS; null sends one layer)
+   * @param {RTCDegradationPreference} [o.degradationPreference] for the camera's sender
+   * @param {boolean} [o.dataChannel] open the data channel to the focus (default true): needed
+   *   for subscriptions, speaker and pause notices, and dynacast
    * @param {(...args) => void} [o.log]
    */
-  constructor({ client, roomId, confId, focus, stream, getUserMedia, log }) {
+  constructor({
+    client,
+    roomId,
+    confId,
+    focus,
+    stream,
+    getUserMedia,
+    simulcast = SIMULCAST_LAYERS,
+    degradationPreference,
+    dataChannel = true,
+    log,
+  }) {
     super();
     if (!client || !roomId || !confId || !focus?.userId || !focus?.deviceId || !focus?.sessionId || !stream) {
       throw new Error("WeirCall needs client, roomId, confId, focus {userId, deviceId, sessionId} and stream");
@@ -157,6 +195,14 @@ export class WeirCall extends EventTarget {
     this.hangupReason = null;
     this.refreshTimer = null;
     this.watchedFeeds = new WeakSet();
+    this.simulcast = simulcast ? simulcast.map((e) => ({ ...e })) : null;
+    this.degradationPreference = degradationPreference ?? null;
+    this.wantsDataChannel = dataChannel;
+    this.channel = null;
+    /** The latest `io.weir.layers` content per mid of ours (what the focus asked us to encode). */
+    this.layerRequests = new Map();
+    /** setParameters calls run one after another (each is a get/set transaction). */
+    this.senderUpdates = Promise.resolve();
     this.getUserMedia = getUserMedia ?? (async (audio, video) => this.cloneSource(audio, video));
     this.patchMediaHandler();
   }
@@ -275,6 +321,9 @@ export class WeirCall extends EventTarget {
     if (!call) throw new Error("createNewMatrixCall returned null: this browser does not support WebRTC calls");
     this.call = call;
 
+    // Before js-sdk adds our tracks: the camera goes out as simulcast, and the data channel is
+    // part of the first offer.
+    call.on(CallEvent.PeerConnectionCreated, (pc) => this.preparePeerConnection(pc));
     call.on(CallEvent.Error, (err) => {
       this.log("call error", err?.code, err?.message ?? err);
       this.dispatchEvent(new CustomEvent("error", { detail: err }));
@@ -312,6 +361,147 @@ export class WeirCall extends EventTarget {
     this.log(`placing call ${call.callId} to ${focus.userId}/${focus.deviceId} session ${focus.sessionId}`);
     await call.placeCallWithCallFeeds([feed]);
     return call;
+  }
+
+  /**
+   * A fresh peer connection of our call: publish video tracks with simulcast layers (js-sdk adds
+   * tracks with addTrack, which cannot; an added transceiver with sendEncodings can) and open
+   * the data channel.
+   */
+  preparePeerConnection(pc) {
+    if (this.simulcast) {
+      const addTrack = pc.addTrack.bind(pc);
+      pc.addTrack = (track, ...streams) => {
+        if (track.kind !== "video") return addTrack(track, ...streams);
+        const t = pc.addTransceiver(track, {
+          direction: "sendrecv",
+          streams,
+          sendEncodings: this.simulcast.map((e) => ({ ...e })),
+        });
+        this.log(`camera ${track.id} published as simulcast ${this.simulcast.map((e) => e.rid).join("/")}`);
+        return t.sender;
+      };
+    }
+    if (this.degradationPreference) {
+      const addTrack = pc.addTrack;
+      pc.addTrack = (track, ...streams) => {
+        const sender = addTrack.call(pc, track, ...streams);
+        if (track.kind === "video") this.updateSender(sender, (p) => (p.degradationPreference = this.degradationPreference));
+        return sender;
+      };
+    }
+    if (this.wantsDataChannel) this.openChannel();
+  }
+
+  openChannel() {
+    const ch = this.call.createDataChannel(DATA_CHANNEL_LABEL, { ordered: true });
+    this.channel = ch;
+    ch.addEventListener("open", () => {
+      this.log("data channel to the focus open");
+      this.dispatchEvent(new CustomEvent("channel"));
+    });
+    ch.addEventListener("message", (e) => this.onChannelMessage(e.data));
+  }
+
+  /** Messages from the focus (docs/data-channel.md); unknown types are ignored. */
+  onChannelMessage(data) {
+    if (typeof data !== "string") return;
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      this.log("data channel: a message that is not JSON, ignored");
+      return;
+    }
+    const content = msg?.content ?? {};
+    switch (msg?.type) {
+      case "io.weir.speakers":
+        this.dispatchEvent(new CustomEvent("speakers", { detail: content }));
+        break;
+      case "io.weir.paused":
+        this.dispatchEvent(new CustomEvent("paused", { detail: content }));
+        break;
+      case "io.weir.layers":
+        this.applyLayers(content);
+        break;
+      default:
+        break;
+    }
+  }
+
+  /** Whether the data channel to the focus is open. */
+  get channelOpen() {
+    return this.channel?.readyState === "open";
+  }
+
+  /** Send one data-channel message to the focus. */
+  sendToFocus(type, content) {
+    if (!this.channelOpen) throw new Error("the data channel to the focus is not open");
+    this.channel.send(JSON.stringify({ type, content }));
+  }
+
+  /**
+   * What we want to receive (MSC3898 `m.call.track_subscription`, docs/data-channel.md): each
+   * entry `{streamId, trackId, width?, height?}`; the size is that of the tile showing it and
+   * picks the simulcast layer. `unsubscribe` lists tracks to drop. From the first call on we
+   * receive exactly the tracks subscribed.
+   */
+  subscribe(subscribe, unsubscribe = []) {
+    const entry = (t) => {
+      const e = { stream_id: t.streamId, track_id: t.trackId };
+      if (t.width) e.width = Math.round(t.width);
+      if (t.height) e.height = Math.round(t.height);
+      return e;
+    };
+    this.sendToFocus("m.call.track_subscription", {
+      subscribe: subscribe.map(entry),
+      unsubscribe: unsubscribe.map(entry),
+    });
+  }
+
+  /** The track ids of a remote stream by kind, from the focus's metadata. */
+  remoteTrackIds(streamId) {
+    const tracks = this.streamMetadata(streamId)?.tracks ?? {};
+    const out = { audio: [], video: [] };
+    for (const [id, t] of Object.entries(tracks)) out[t?.kind === "audio" ? "audio" : "video"].push(id);
+    return out;
+  }
+
+  /**
+   * Dynacast: encode only the layers the focus says someone needs. The focus names our
+   * transceiver by mid; layers it leaves out are set inactive, so the encoder stops producing
+   * them, and a layer set active again starts with a keyframe.
+   */
+  applyLayers(content) {
+    const mid = String(content?.mid ?? "");
+    const active = Array.isArray(content?.active) ? content.active.filter((r) => typeof r === "string") : null;
+    if (!mid || !active) return;
+    this.layerRequests.set(mid, active);
+    const t = this.peerConnection?.getTransceivers().find((x) => x.mid === mid);
+    if (!t) {
+      this.log(`io.weir.layers for mid ${mid}, which is not ours`);
+      return;
+    }
+    this.updateSender(t.sender, (p) => {
+      for (const enc of p.encodings ?? []) {
+        if (enc.rid) enc.active = active.includes(enc.rid);
+      }
+    }).then(() => {
+      this.log(`mid ${mid}: encoding ${active.length ? active.join("/") : "nothing"}`);
+      this.dispatchEvent(new CustomEvent("layers", { detail: { mid, active } }));
+    });
+  }
+
+  /** Change a sender's parameters, one change at a time. */
+  updateSender(sender, change) {
+    this.senderUpdates = this.senderUpdates
+      .then(async () => {
+        const p = sender.getParameters();
+        change(p);
+        await sender.setParameters(p);
+      })
+      .catch((e) => this.log("setParameters failed", e?.message ?? e));
+    return this.senderUpdates;
   }
 
   watchFeeds() {

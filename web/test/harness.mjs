@@ -567,7 +567,7 @@ export class Participant {
  * A new incognito context and page on the static server, logged in to `baseUrl` as `user` with
  * device `${NAME}DEV`, syncing, with its canvas camera and oscillator microphone (Probe.setup).
  */
-export async function openParticipant({ browser, webUrl, baseUrl, name, colour, tone, user }) {
+export async function openParticipant({ browser, webUrl, baseUrl, name, colour, tone, user, camera }) {
   const context = await browser.newContext({ viewport: { width: 700, height: 300 } });
   const page = await context.newPage();
   const part = new Participant({ name, colour, user, page, context });
@@ -586,6 +586,7 @@ export async function openParticipant({ browser, webUrl, baseUrl, name, colour, 
     password: user.password,
     deviceId: `${name.toUpperCase()}DEV`,
     toneHz: tone,
+    camera,
   });
   part.tone = tone ?? 440;
   return part;
@@ -597,15 +598,19 @@ export async function openParticipant({ browser, webUrl, baseUrl, name, colour, 
 export class Harness {
   /**
    * @param {object} [o]
-   * @param {Array<{name: string, colour: string}>} [o.people]
+   * @param {Array<{name: string, colour: string, camera?: object}>} [o.people] (`camera`: see
+   *   probe.js setup)
    * @param {boolean} [o.withFocus] start a focus (else the caller plays the focus's Matrix side)
+   * @param {string[]} [o.chromiumArgs] switches added to CHROMIUM_ARGS
    */
   constructor({
     people = PEOPLE,
     withFocus = true,
     keepDir = !!process.env.WEIR_KEEP_TMP,
+    chromiumArgs = [],
   } = {}) {
     this.people = people;
+    this.chromiumArgs = chromiumArgs;
     this.withFocus = withFocus;
     this.keepDir = keepDir;
     this.participants = [];
@@ -645,7 +650,7 @@ export class Harness {
     const { chromium } = await import("playwright-core");
     // playwright's launch() always starts Chromium with a fresh temporary --user-data-dir of its
     // own (and refuses one passed in args); each context below is a separate incognito profile.
-    this.browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+    this.browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: [...CHROMIUM_ARGS, ...this.chromiumArgs] });
     this.cleanups.push(() => this.browser.close());
 
     if (this.withFocus) {
@@ -671,7 +676,7 @@ export class Harness {
     return this;
   }
 
-  async addParticipant({ name, colour }) {
+  async addParticipant({ name, colour, camera }) {
     const part = await openParticipant({
       browser: this.browser,
       webUrl: this.web.url,
@@ -679,6 +684,7 @@ export class Harness {
       name,
       colour,
       user: this.users[name],
+      camera,
     });
     this.participants.push(part);
     return part;
@@ -698,13 +704,14 @@ export class Harness {
     return this.syn ? [this.syn] : [];
   }
 
-  async join(part, timeoutMs = 30000, { publishMember = true } = {}) {
+  async join(part, timeoutMs = 30000, { publishMember = true, options = {} } = {}) {
     const r = await part.page.evaluate((a) => window.Probe.joinCall(a), {
       roomId: this.roomId,
       confId: this.confId,
       focus: this.focusInfo,
       timeoutMs,
       publishMember,
+      options,
     });
     log(`${part.name} placed call ${r.callId}`);
     return r;

@@ -1,0 +1,231 @@
+// Simulcast and dynacast in Chromium, through a real Synapse and the weir focus binary.
+//
+// Alice publishes a 1280×720 camera (Chromium's fake capture device, playing a y4m file this
+// test writes) as three simulcast layers, as weir-call.js publishes every camera: q 320×180,
+// h 640×360, f 1280×720. Bob shows her in a 180-line tile and Carol in a 720-line one
+// (MSC3898 subscriptions on the data channel): each decodes the layer that fits (frameWidth
+// in its inbound stats), in Alice's colour. Then Carol's tile shrinks too: nobody needs h
+// and f any more, the focus tells Alice so (`io.weir.layers`), and her browser stops encoding
+// them (their outbound-rtp bytes stop growing) while q goes on. When Carol's tile grows
+// again, f comes back and Carol decodes it.
+//
+// Run: scripts/in-netns.sh node --test web/test/simulcast.test.mjs (after scripts/setup.sh and
+// cargo build -p weir-focus).
+
+import { test, before, after } from "node:test";
+import assert from "node:assert/strict";
+import { mkdtempSync, openSync, writeSync, closeSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { Harness, waitFor, log, Fatal } from "./harness.mjs";
+
+const WIDTH = 1280;
+const HEIGHT = 720;
+/** The focus's LAYER_OFF_DELAY (sfu/src/forward/dynacast.rs) is 3 s; this leaves room. */
+const DYNACAST_TIMEOUT_MS = 20000;
+
+let h;
+let failed = false;
+let y4mDir;
+const report = {};
+
+/**
+ * A 1280×720 y4m clip of 30 frames in Alice's green (as the canvas cameras paint it), with a
+ * white bar moving along the bottom so the encoder always has changing pixels. Chromium's
+ * fake capture device loops it.
+ */
+function writeY4m(path) {
+  const [r, g, b] = [20, 200, 20];
+  const y = Math.round(0.299 * r + 0.587 * g + 0.114 * b);
+  const u = Math.round(128 - 0.168736 * r - 0.331264 * g + 0.5 * b);
+  const v = Math.round(128 + 0.5 * r - 0.418688 * g - 0.081312 * b);
+  const fd = openSync(path, "w");
+  writeSync(fd, `YUV4MPEG2 W${WIDTH} H${HEIGHT} F30:1 Ip A1:1 C420jpeg\n`);
+  const lumaSize = WIDTH * HEIGHT;
+  const chromaSize = lumaSize / 4;
+  for (let f = 0; f < 30; f++) {
+    const frame = Buffer.alloc(6 + lumaSize + 2 * chromaSize);
+    frame.write("FRAME\n", 0);
+    const luma = frame.subarray(6, 6 + lumaSize);
+    luma.fill(y);
+    const barW = WIDTH / 10;
+    const x0 = (f * 16) % (WIDTH / 2 - barW);
+    for (let row = Math.round(HEIGHT * 0.9); row < HEIGHT; row++) {
+      luma.fill(250, row * WIDTH + x0, row * WIDTH + x0 + barW);
+    }
+    frame.fill(u, 6 + lumaSize, 6 + lumaSize + chromaSize);
+    frame.fill(v, 6 + lumaSize + chromaSize);
+    writeSync(fd, frame);
+  }
+  closeSync(fd);
+}
+
+async function step(t, fn) {
+  if (failed) {
+    t.skip("an earlier step failed");
+    return;
+  }
+  try {
+    await fn();
+  } catch (e) {
+    failed = true;
+    throw e;
+  }
+}
+
+before(async () => {
+  y4mDir = mkdtempSync(join(tmpdir(), "weir-y4m-"));
+  const clip = join(y4mDir, "camera.y4m");
+  writeY4m(clip);
+  h = new Harness({
+    people: [
+      { name: "alice", colour: "green", camera: { device: true, width: WIDTH, height: HEIGHT } },
+      { name: "bob", colour: "red" },
+      { name: "carol", colour: "blue" },
+    ],
+    chromiumArgs: [`--use-file-for-fake-video-capture=${clip}`],
+  });
+  try {
+    await h.start();
+  } catch (e) {
+    failed = true;
+    throw e;
+  }
+});
+
+after(async () => {
+  try {
+    if (failed && h) console.log(await h.diagnostics());
+    console.log(`\n===== simulcast measurements =====\n${JSON.stringify(report, null, 1)}`);
+  } finally {
+    await h?.teardown();
+    if (y4mDir) rmSync(y4mDir, { recursive: true, force: true });
+  }
+});
+
+/** Alice's video as `who` receives it: {frameWidth, framesDecoded, colour}, or null. */
+async function aliceAt(who) {
+  const alice = h.byName("alice").session.userId;
+  const snaps = await h.liveSnapshots();
+  const snap = snaps.find((s) => s.name === who);
+  const feed = snap.feeds.find((f) => f.owner === alice);
+  if (!feed?.video) return null;
+  return { frameWidth: feed.video.frameWidth, framesDecoded: feed.video.framesDecoded, colour: feed.colour };
+}
+
+/** Alice's outbound video layers by rid: {q: {bytesSent, frameWidth, ...}, ...}. */
+async function aliceLayers() {
+  const snap = await h.byName("alice").snapshot();
+  return snap.outbound.layers ?? {};
+}
+
+/** Wait until `who` decodes Alice's video at `width` in green, frames still coming. */
+async function decodesAt(who, width, timeoutMs = 30000) {
+  let before = null;
+  return waitFor(
+    `${who} decoding Alice at ${width} px wide`,
+    async () => {
+      const a = await aliceAt(who);
+      if (!a || a.frameWidth !== width || a.colour !== "green") {
+        before = null;
+        return null;
+      }
+      if (before === null || a.framesDecoded <= before) {
+        before = before ?? a.framesDecoded;
+        return null;
+      }
+      return a;
+    },
+    { timeoutMs, intervalMs: 500 },
+  );
+}
+
+async function subscribe(who, height) {
+  const alice = h.byName("alice").session.userId;
+  await h.byName(who).eval((a) => window.Probe.subscribeTo(a), { owner: alice, height });
+}
+
+test("Alice, Bob and Carol join, each with a data channel to the focus", async (t) => {
+  await step(t, async () => {
+    await h.join(h.byName("alice"), 30000, { options: { degradationPreference: "maintain-resolution" } });
+    await h.join(h.byName("bob"));
+    await h.join(h.byName("carol"));
+    for (const who of ["alice", "bob", "carol"]) {
+      await waitFor(`${who}'s data channel to the focus`, () => h.byName(who).eval(() => window.Probe.channelOpen()), {
+        timeoutMs: 30000,
+      });
+    }
+    await waitFor(
+      "Alice's feed with its track ids at Bob and Carol",
+      async () => (await aliceAt("bob")) && (await aliceAt("carol")),
+      { timeoutMs: 30000 },
+    );
+  });
+});
+
+test("a 180-line tile decodes the small layer and a 720-line one the full layer", async (t) => {
+  await step(t, async () => {
+    const t0 = Date.now();
+    await subscribe("bob", 180);
+    await subscribe("carol", 720);
+    // Until now dynacast may have switched layers off (nobody had said what they show); with
+    // Carol's 720 lines every layer is needed.
+    const layers = await waitFor(
+      "Alice sending all three layers",
+      async () => {
+        const l = await aliceLayers();
+        return ["q", "h", "f"].every((r) => l[r]?.frameWidth) ? l : null;
+      },
+      { timeoutMs: 30000, intervalMs: 500 },
+    );
+    report.publishedWidths = Object.fromEntries(["q", "h", "f"].map((r) => [r, layers[r].frameWidth]));
+    assert.deepEqual(report.publishedWidths, { q: 320, h: 640, f: 1280 });
+    await decodesAt("bob", 320);
+    report.bobOnQMs = Date.now() - t0;
+    await decodesAt("carol", 1280);
+    report.carolOnFMs = Date.now() - t0;
+    log(`Bob on q after ${report.bobOnQMs} ms, Carol on f after ${report.carolOnFMs} ms`);
+  });
+});
+
+test("dynacast: when nobody watches the upper layers Alice stops encoding them, and f comes back when needed", async (t) => {
+  await step(t, async () => {
+    const shrunk = Date.now();
+    await subscribe("carol", 180);
+    const told = await waitFor(
+      "the focus telling Alice to encode only q",
+      async () => {
+        const n = await h.byName("alice").eval(() => window.Probe.notices());
+        return n.layers.find((l) => l.t >= shrunk && l.active.length === 1 && l.active[0] === "q");
+      },
+      { timeoutMs: DYNACAST_TIMEOUT_MS },
+    );
+    report.toldQOnlyMs = told.t - shrunk;
+    await decodesAt("carol", 320);
+    // Her browser has applied it (the "layers" event fires after setParameters): from now on
+    // h and f send nothing, and q goes on.
+    const a = await aliceLayers();
+    await waitFor(
+      "a second of Alice's q",
+      async () => ((await aliceLayers()).q.bytesSent > a.q.bytesSent + 2000 ? true : null),
+      { timeoutMs: 10000, intervalMs: 500 },
+    );
+    const b = await aliceLayers();
+    report.stoppedLayers = { h: b.h.bytesSent - a.h.bytesSent, f: b.f.bytesSent - a.f.bytesSent, q: b.q.bytesSent - a.q.bytesSent };
+    assert.equal(b.h.bytesSent, a.h.bytesSent, "h sends nothing once switched off");
+    assert.equal(b.f.bytesSent, a.f.bytesSent, "f sends nothing once switched off");
+
+    const grown = Date.now();
+    await subscribe("carol", 720);
+    await waitFor(
+      "Alice encoding f again",
+      async () => ((await aliceLayers()).f.bytesSent > b.f.bytesSent ? true : null),
+      { timeoutMs: 10000, intervalMs: 200 },
+    );
+    report.fBackMs = Date.now() - grown;
+    await decodesAt("carol", 1280);
+    report.carolBackOnFMs = Date.now() - grown;
+    log(`f back ${report.fBackMs} ms after Carol's tile grew; Carol decodes it after ${report.carolBackOnFMs} ms`);
+    if (!(await aliceAt("bob"))) throw new Fatal("Bob lost Alice's video");
+  });
+});
