@@ -522,6 +522,64 @@ export function subscribeTo({ owner, height }) {
   return subs;
 }
 
+/**
+ * Watch the video of `owner` (a user id): every `intervalMs` its inbound stats are read, and
+ * the longest time without a newly decoded frame (a freeze, as a viewer sees it) is kept, with
+ * how many samples saw each decoded width. Read it with frameWatch(owner).
+ */
+export function watchFrames({ owner, intervalMs = 50 }) {
+  stopWatch(owner);
+  const w = { startedAt: Date.now(), lastFrames: null, lastChange: null, maxGapMs: 0, gapEndedAt: null, widths: {}, busy: false };
+  w.timer = setInterval(async () => {
+    if (w.busy) return;
+    w.busy = true;
+    try {
+      const feed = state.weirCall?.remoteFeeds().find((f) => f.ownerUserId === owner);
+      const vt = feed?.stream.getVideoTracks()[0];
+      const s = vt ? (await inboundByTrack()).get(vt.id) : null;
+      if (!s) return;
+      const now = Date.now();
+      if (w.lastFrames === null || s.framesDecoded > w.lastFrames) {
+        if (w.lastChange !== null && now - w.lastChange > w.maxGapMs) {
+          w.maxGapMs = now - w.lastChange;
+          w.gapEndedAt = now;
+        }
+        w.lastFrames = s.framesDecoded;
+        w.lastChange = now;
+      }
+      w.widths[s.frameWidth] = (w.widths[s.frameWidth] ?? 0) + 1;
+    } catch {
+      // the peer connection may be closing
+    } finally {
+      w.busy = false;
+    }
+  }, intervalMs);
+  watches.set(owner, w);
+}
+
+/** What watchFrames saw so far; a freeze still going on counts up to now. */
+export function frameWatch(owner) {
+  const w = watches.get(owner);
+  if (!w) throw new Error(`not watching ${owner}`);
+  const now = Date.now();
+  const ongoing = w.lastChange === null ? now - w.startedAt : now - w.lastChange;
+  return {
+    ms: now - w.startedAt,
+    maxGapMs: Math.max(w.maxGapMs, ongoing),
+    gapEndedAt: ongoing > w.maxGapMs ? null : w.gapEndedAt,
+    framesDecoded: w.lastFrames,
+    widths: { ...w.widths },
+  };
+}
+
+export function stopWatch(owner) {
+  const w = watches.get(owner);
+  if (w) clearInterval(w.timer);
+  watches.delete(owner);
+}
+
+const watches = new Map(); // owner user id -> frame watch
+
 /** Whether the data channel to the focus is open. */
 export function channelOpen() {
   return state.weirCall?.channelOpen ?? false;
@@ -570,6 +628,7 @@ export async function shutdown() {
   }
   clearInterval(state.monitor);
   state.monitor = null;
+  for (const owner of [...watches.keys()]) stopWatch(owner);
   for (const a of state.analysers.values()) a.source.disconnect();
   state.analysers.clear();
   void state.analysis?.close();

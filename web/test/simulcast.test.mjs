@@ -7,13 +7,18 @@
 // in its inbound stats), in Alice's colour. Then Carol's tile shrinks too: nobody needs h
 // and f any more, the focus tells Alice so (`io.weir.layers`), and her browser stops encoding
 // them (their outbound-rtp bytes stop growing) while q goes on. When Carol's tile grows
-// again, f comes back and Carol decodes it.
+// again, f comes back and Carol decodes it. Last, Carol's downlink is cut to 500 kbit/s (tc on
+// the loopback of the test's own network namespace, matching the packets to her port): she
+// moves to a lower layer, which then plays without stopping for over a second, and is back on
+// the full layer once the limit is lifted. How long the picture stops during the move is
+// measured and printed (issue 8 asks for at most 1 s; it is about 3 s, docs/adaptation.md).
 //
 // Run: scripts/in-netns.sh node --test web/test/simulcast.test.mjs (after scripts/setup.sh and
 // cargo build -p weir-focus).
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -30,9 +35,11 @@ let y4mDir;
 const report = {};
 
 /**
- * A 1280×720 y4m clip of 30 frames in Alice's green (as the canvas cameras paint it), with a
- * white bar moving along the bottom so the encoder always has changing pixels. Chromium's
- * fake capture device loops it.
+ * A 1280×720 y4m clip of 30 frames in Alice's green (as the canvas cameras paint it), its
+ * brightness varied in 16×16 blocks that change every frame, and a white bar moving along the
+ * bottom. The blocks make it as costly to encode as a camera: each layer runs at its bitrate
+ * cap (a flat picture would cost f a few tens of kbit/s, and no link would be too narrow for
+ * it). The colour of the middle averages out to green. Chromium's fake capture device loops it.
  */
 function writeY4m(path) {
   const [r, g, b] = [20, 200, 20];
@@ -47,7 +54,17 @@ function writeY4m(path) {
     const frame = Buffer.alloc(6 + lumaSize + 2 * chromaSize);
     frame.write("FRAME\n", 0);
     const luma = frame.subarray(6, 6 + lumaSize);
-    luma.fill(y);
+    let seed = 12345 + f * 7919;
+    const next = () => {
+      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+      return seed;
+    };
+    for (let by = 0; by < HEIGHT; by += 16) {
+      for (let bx = 0; bx < WIDTH; bx += 16) {
+        const level = Math.max(0, Math.min(255, y + ((next() >> 8) % 61) - 30));
+        for (let row = by; row < by + 16; row++) luma.fill(level, row * WIDTH + bx, row * WIDTH + bx + 16);
+      }
+    }
     const barW = WIDTH / 10;
     const x0 = (f * 16) % (WIDTH / 2 - barW);
     for (let row = Math.round(HEIGHT * 0.9); row < HEIGHT; row++) {
@@ -140,6 +157,53 @@ async function decodesAt(who, width, timeoutMs = 30000) {
   );
 }
 
+/** tc on the loopback of the namespace scripts/in-netns.sh made for this test (never the host's). */
+function tc(...args) {
+  const r = spawnSync("tc", args, { encoding: "utf8", timeout: 10000 });
+  if (r.status !== 0) throw new Error(`tc ${args.join(" ")} failed (${r.status}): ${r.stderr}`);
+}
+
+/**
+ * Shape what reaches UDP port `port` on loopback to `kbit` kbit/s with a 200 ms queue, like a
+ * home link. HTB only sorts the packets (both its classes are unlimited); the shaping is a TBF
+ * under the limited class, because the focus sends with UDP GSO: on loopback a run of
+ * datagrams is one buffer in the qdisc, and TBF splits those it cannot pass whole. (This
+ * kernel offers htb, tbf and the fifos; prio and netem are missing.)
+ */
+function limitDownlink(port, kbit) {
+  tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1", "r2q", "100000");
+  tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "10gbit");
+  tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:2", "htb", "rate", "10gbit");
+  tc("qdisc", "add", "dev", "lo", "parent", "1:2", "handle", "20:", "tbf", "rate", `${kbit}kbit`, "burst", "4kb", "latency", "200ms");
+  tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+    "match", "ip", "protocol", "17", "0xff", "match", "ip", "dport", String(port), "0xffff", "flowid", "1:2");
+}
+
+function liftLimit() {
+  tc("qdisc", "del", "dev", "lo", "root");
+}
+
+/** Wait until `who` decodes Alice's video narrower than `width`, frames still coming. */
+async function decodesBelow(who, width, timeoutMs) {
+  let before = null;
+  return waitFor(
+    `${who} decoding Alice below ${width} px wide`,
+    async () => {
+      const a = await aliceAt(who);
+      if (!a?.frameWidth || a.frameWidth >= width) {
+        before = null;
+        return null;
+      }
+      if (before === null || a.framesDecoded <= before) {
+        before = before ?? a.framesDecoded;
+        return null;
+      }
+      return a;
+    },
+    { timeoutMs, intervalMs: 100 },
+  );
+}
+
 async function subscribe(who, height) {
   const alice = h.byName("alice").session.userId;
   await h.byName(who).eval((a) => window.Probe.subscribeTo(a), { owner: alice, height });
@@ -227,5 +291,57 @@ test("dynacast: when nobody watches the upper layers Alice stops encoding them, 
     report.carolBackOnFMs = Date.now() - grown;
     log(`f back ${report.fBackMs} ms after Carol's tile grew; Carol decodes it after ${report.carolBackOnFMs} ms`);
     if (!(await aliceAt("bob"))) throw new Fatal("Bob lost Alice's video");
+  });
+});
+
+test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that plays smoothly, and gets the full one back when lifted", async (t) => {
+  if (process.env.WEIR_IN_NETNS !== "1") {
+    t.skip("shapes loopback, so it runs only in its own network namespace (scripts/in-netns.sh)");
+    return;
+  }
+  await step(t, async () => {
+    const carol = h.byName("carol");
+    const alice = h.byName("alice").session.userId;
+    await decodesAt("carol", 1280);
+    const local = (await carol.snapshot()).selectedPair?.local ?? "";
+    const port = Number(/:(\d+)\/udp/.exec(local)?.[1]);
+    assert.ok(port > 0, `Carol's local candidate: ${local}`);
+    await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
+    limitDownlink(port, 500);
+    t.after(() => {
+      try {
+        liftLimit();
+      } catch {
+        // lifted already
+      }
+    });
+    const cut = Date.now();
+    const low = await decodesBelow("carol", 1280, 20000);
+    const moved = await carol.eval((o) => window.Probe.frameWatch(o), alice);
+    report.narrowed = {
+      lowerLayerAfterMs: Date.now() - cut,
+      width: low.frameWidth,
+      // The picture stops while the full layer overflows the link and until the lower
+      // layer's keyframe gets through: measured, not yet within issue 8's 1 s.
+      transitionFreezeMs: moved.maxGapMs,
+    };
+    // Settled: five seconds on the lower layer, watched every 50 ms.
+    await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
+    await waitFor("five seconds on the lower layer", async () => Date.now() - cut >= report.narrowed.lowerLayerAfterMs + 5000, {
+      timeoutMs: 10000,
+      intervalMs: 250,
+    });
+    const settled = await carol.eval((o) => window.Probe.frameWatch(o), alice);
+    const after = await aliceAt("carol");
+    report.narrowed = { ...report.narrowed, settledLongestFreezeMs: settled.maxGapMs, settledWidths: settled.widths };
+    log(`narrow link: ${JSON.stringify(report.narrowed)}`);
+    assert.ok(after.frameWidth < 1280, `on a lower layer 5 s later (${after.frameWidth} px)`);
+    assert.ok(settled.maxGapMs <= 1000, `on the narrow link Carol's picture stopped for ${settled.maxGapMs} ms`);
+
+    liftLimit();
+    const lifted = Date.now();
+    await decodesAt("carol", 1280, 30000);
+    report.widened = { fullLayerAfterMs: Date.now() - lifted };
+    log(`link lifted: full layer again after ${report.widened.fullLayerAfterMs} ms`);
   });
 });

@@ -113,6 +113,14 @@ impl<S: EventSink> ShardCore<S> {
             Event::PeerStats(s) => {
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.loss = s.egress_loss_fraction;
+                    // The loss rule cuts the media that was sent (forward::allocate).
+                    if let Some((bytes, at)) = p.tx_mark.replace((s.bytes_tx, now)) {
+                        let secs = now.saturating_duration_since(at).as_secs_f64();
+                        if secs > 0.0 && p.estimate.is_some() {
+                            let bps = s.bytes_tx.saturating_sub(bytes) as f64 * 8.0 / secs;
+                            p.allocator.on_wire(bps as u64, now);
+                        }
+                    }
                 }
                 // What leaves toward the participant in all (media, retransmissions, padding,
                 // probes, RTCP, headers) against the media payload in it.

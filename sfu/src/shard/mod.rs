@@ -227,6 +227,9 @@ struct Peer {
     allocator: Allocator,
     /// Notices an estimate locked while it holds the peer back (`forward::stall`).
     stall: StallWatch,
+    /// Media bytes sent toward it (retransmissions included), and when, as of the last
+    /// engine stats.
+    tx_mark: Option<(u64, Instant)>,
     /// The (minimum, desired) rates last given to its estimator, to probe only on change.
     probing: (u64, u64),
     /// The desired rate is dipped this round to ask for a probe on the next
@@ -266,6 +269,7 @@ impl Peer {
             loss: None,
             allocator: Allocator::default(),
             stall: StallWatch::default(),
+            tx_mark: None,
             probing: (0, 0),
             probe_dip: false,
             probed_at: now,
