@@ -7,6 +7,7 @@
 mod cascade;
 #[cfg(test)]
 mod cascade_tests;
+mod screens;
 mod speakers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -299,6 +300,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 role,
             },
         );
+        self.tell_screens(peer, true);
         // A new local participant may want what the far side publishes.
         self.sync_trunk_subscriptions(&key);
     }
@@ -359,6 +361,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             }
         }
         self.publish_catalogue(&key);
+        self.tell_screens(owner, false);
         if !relay {
             return;
         }

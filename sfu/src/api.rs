@@ -126,6 +126,10 @@ pub enum Command {
     },
     /// A text message on the peer's data channel (dropped if it has none open yet).
     SendData { peer: PeerId, text: String },
+    /// Which of the peer's streams (`a=msid` stream ids) are screens (MSC3077 purpose
+    /// `m.screenshare`), replacing any earlier set: bandwidth allocation serves their video
+    /// before any camera's.
+    Screens { peer: PeerId, streams: Vec<String> },
 }
 
 impl Command {
@@ -139,7 +143,8 @@ impl Command {
             | Command::RemoteAnswer { peer, .. }
             | Command::ClosePeer { peer }
             | Command::Subscribe { peer, .. }
-            | Command::SendData { peer, .. } => *peer,
+            | Command::SendData { peer, .. }
+            | Command::Screens { peer, .. } => *peer,
         }
     }
 }

@@ -196,7 +196,8 @@ impl Sfu {
                 | Command::RemoteAnswer { peer, .. }
                 | Command::RemoteCandidates { peer, .. }
                 | Command::Subscribe { peer, .. }
-                | Command::SendData { peer, .. } => match pl.shard_of(*peer) {
+                | Command::SendData { peer, .. }
+                | Command::Screens { peer, .. } => match pl.shard_of(*peer) {
                     Some(idx) => idx,
                     None => return Ok(()),
                 },

@@ -396,3 +396,51 @@ fn three_cameras_share_a_narrow_link() {
     eprintln!("{bps} bit/s of media");
     assert!(bps >= 300_000, "{bps} bit/s of media on a 600 kbit/s link");
 }
+
+/// Alice's and Bob's simulcast cameras go to Carol over a 1 Mbit/s link: both lowest layers
+/// and the audio fit, and one more step (a half layer), not two. Whichever of them the control
+/// plane names a screen (`Command::Screens`, from MSC3077's purpose) gets it: first Bob's,
+/// then Alice's.
+#[test]
+fn a_screen_gets_the_bandwidth_before_a_camera() {
+    let mut net = SimNet::default();
+    let (mut cams, carol) = cameras_to_one_watcher(&mut net, 2, 1_000_000);
+    let screen = |net: &mut SimNet, who: usize| {
+        let (peer, now) = (net.clients[who].peer, net.now());
+        net.core.handle_command(
+            weir_sfu::Command::Screens {
+                peer,
+                streams: vec![format!("stream-{who}")],
+            },
+            now,
+        );
+    };
+    let (alice, bob) = (0, 1);
+    // The rank of the last packet Carol got from each camera.
+    let last_rank = |net: &SimNet, cams: &[Camera], i: usize| {
+        cams[i]
+            .video_of(net, carol)
+            .last()
+            .map(|r| cams[i].rank(&r.payload))
+    };
+    for (shared, other) in [(bob, alice), (alice, bob)] {
+        screen(&mut net, shared);
+        let (pa, pb) = (net.clients[other].peer, net.now());
+        net.core.handle_command(
+            weir_sfu::Command::Screens {
+                peer: pa,
+                streams: vec![],
+            },
+            pb,
+        );
+        run_together(&mut cams, &mut net, Duration::from_secs(10));
+        assert_eq!(
+            (
+                last_rank(&net, &cams, shared),
+                last_rank(&net, &cams, other)
+            ),
+            (Some(3), Some(2)),
+            "participant {shared}'s screen on h, {other}'s camera on q"
+        );
+    }
+}

@@ -297,6 +297,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
         }
         if !changed.is_empty() {
             self.relay_metadata(peer, &changed);
+            self.tell_screens(peer, false);
         }
         self.sync_trunk_subscriptions(&key);
     }

@@ -91,7 +91,13 @@ impl<S: EventSink> ShardCore<S> {
                     if layers.is_empty() {
                         continue; // nothing flows: nothing to share, the state stays
                     }
-                    let priority = if Some(t.publisher) == dominant {
+                    let screen = self
+                        .peers
+                        .get(&t.publisher)
+                        .is_some_and(|pp| pp.screens.contains(&p.stream_id));
+                    let priority = if screen {
+                        Priority::Screenshare
+                    } else if Some(t.publisher) == dominant {
                         Priority::Speaker
                     } else {
                         Priority::Other

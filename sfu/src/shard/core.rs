@@ -11,7 +11,7 @@ use crate::net::{SendQueue, SendStats};
 use crate::stats::{DropReason, ShardCounters, ShardStats};
 
 use super::timers::HOUSEKEEPING_INTERVAL;
-use super::{EventSink, FastMap, ShardCore};
+use super::{EventSink, FastMap, ShardCore, MAX_SCREENS};
 
 /// Entry counts of a core's maps ([`ShardCore::sizes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -92,6 +92,12 @@ impl<S: EventSink> ShardCore<S> {
                 self.update_dynacast(now);
             }
             Command::SendData { peer, text } => self.send_data(peer, &text),
+            Command::Screens { peer, streams } => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    // Bounded like the metadata it comes from.
+                    p.screens = streams.into_iter().take(MAX_SCREENS).collect();
+                }
+            }
         }
         self.current = prev;
     }

@@ -74,6 +74,9 @@ impl EventSink for crossbeam_channel::Sender<SfuEvent> {
     }
 }
 
+/// The most streams of one peer kept as screens: a client shares one screen, or a few.
+const MAX_SCREENS: usize = 8;
+
 /// Data-channel messages a peer may send per second, after a burst of [`DATA_MESSAGE_BURST`].
 /// MSC3898 traffic is a subscription change now and then and a ping every few seconds; a
 /// layout change resubscribes once. More is a flood: dropped and counted
@@ -225,6 +228,9 @@ struct Peer {
     loss: Option<f32>,
     /// Shares the estimate among the videos it receives.
     allocator: Allocator,
+    /// Its streams that are screens (`Command::Screens`): their videos come first in
+    /// everyone's allocation.
+    screens: Vec<String>,
     /// Notices an estimate locked while it holds the peer back (`forward::stall`).
     stall: StallWatch,
     /// Media bytes sent toward it (retransmissions included), and when, as of the last
@@ -269,6 +275,7 @@ impl Peer {
             loss: None,
             allocator: Allocator::default(),
             stall: StallWatch::default(),
+            screens: Vec::new(),
             tx_mark: None,
             probing: (0, 0),
             probe_dip: false,

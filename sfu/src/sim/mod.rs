@@ -380,7 +380,10 @@ impl SimNet {
         let rid = rid.map(Rid::from);
         let mut sent = Vec::with_capacity(sizes.len());
         for (k, len) in sizes.iter().enumerate() {
-            let payload = vp8_payload(keyframe && k == 0, *len, c.next_tag);
+            // Tagged with the sender too: two cameras' payloads of one size must differ, or a
+            // watcher's packets could not be told apart by camera.
+            let tag = (i as u64) << 48 | c.next_tag;
+            let payload = vp8_payload(keyframe && k == 0, *len, tag);
             c.next_tag += 1;
             let seq = c.next_seq(mid, rid);
             let mut api = c.rtc.direct_api();
