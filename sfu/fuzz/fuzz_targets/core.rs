@@ -1,7 +1,8 @@
 //! The shard core with participants that completed ICE and DTLS (`weir_sfu::sim`): a
 //! publisher sends what the fuzzer chooses through its real SRTP session (any payload type,
 //! sequence number, timestamp, marker and payload, on any simulcast layer), data-channel
-//! messages, and raw datagrams from its address; time moves as the fuzzer says. The core must
+//! messages, and raw datagrams from its address; the watcher subscribes at sizes the fuzzer
+//! picks, and screens are named at random; time moves as the fuzzer says. The core must
 //! never panic, and the other participant keeps receiving a well-formed publisher's video
 //! (or is told it is paused for bandwidth). Bandwidth allocation is on, as by default.
 #![no_main]
@@ -48,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
         let n = usize::from(len).min(rest.len());
         let (arg, rest) = rest.split_at(n);
         ops = rest;
-        match op % 5 {
+        match op % 7 {
             0 if arg.len() >= 8 => {
                 let rid = ["q", "h", "f"].get(usize::from(arg[0] % 4)).copied();
                 let seq_in = u64::from(u16::from_be_bytes([arg[1], arg[2]]));
@@ -62,6 +63,31 @@ fuzz_target!(|data: &[u8]| {
             3 => {
                 let ms = arg.first().map_or(1, |b| u64::from(*b));
                 net.run_for(Duration::from_millis(ms));
+            }
+            // The watcher resizes its tiles: the honest video always in full, the other at a
+            // height the fuzzer picks (dynacast then tells the hostile publisher its layers).
+            5 => {
+                let height = arg.get(..2).map(|b| u32::from(u16::from_be_bytes([b[0], b[1]])));
+                let sub = |who: usize, max_height: Option<u32>| weir_sfu::Subscription {
+                    stream_id: format!("stream-{who}"),
+                    track_id: format!("video-{who}"),
+                    max_height,
+                    source_height: arg.get(2).map(|b| u32::from(*b) * 8),
+                };
+                let (peer, now) = (net.clients[watcher].peer, net.now());
+                let subscriptions = vec![sub(honest, None), sub(hostile, height)];
+                net.core.handle_command(weir_sfu::Command::Subscribe { peer, subscriptions }, now);
+            }
+            // The control plane names screens, of either publisher, with any stream ids.
+            6 => {
+                let who = if arg.first().is_some_and(|b| b & 1 == 1) { honest } else { hostile };
+                let streams = arg
+                    .chunks(4)
+                    .map(|c| String::from_utf8_lossy(c).into_owned())
+                    .chain(std::iter::once(format!("stream-{who}")))
+                    .collect();
+                let (peer, now) = (net.clients[who].peer, net.now());
+                net.core.handle_command(weir_sfu::Command::Screens { peer, streams }, now);
             }
             _ => {
                 net.send_video(honest, None, seq == 1, 900);
