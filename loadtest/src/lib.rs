@@ -11,6 +11,7 @@ pub mod call;
 pub mod floor;
 pub mod ids;
 pub mod impair;
+pub mod links;
 pub mod matrix;
 pub mod participant;
 pub mod payload;

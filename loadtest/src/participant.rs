@@ -136,12 +136,50 @@ pub struct Report {
     pub subscriptions_sent: u64,
     pub uplink: LinkCounters,
     pub downlink: LinkCounters,
+    /// The bottleneck rate of its downlink (`--rate-kbps` on an impaired participant), bit/s;
+    /// 0 when unlimited.
+    pub downlink_bps: u64,
     pub socket_send_errors: u64,
     pub ended_by_focus: Option<String>,
     pub error: Option<String>,
 }
 
 impl Report {
+    /// A report with only what a summary reads, for the report's own tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        publisher: PublisherId,
+        room: RoomIndex,
+        rx: RxStats,
+        active_s: f64,
+        downlink_bps: u64,
+    ) -> Report {
+        Report {
+            publisher,
+            room,
+            user_id: String::new(),
+            attempts: 1,
+            last_call_unix_ms: None,
+            join_ms: None,
+            first_frame_ms: None,
+            rx,
+            active_s,
+            subscribed_video: BTreeSet::new(),
+            subscribed_audio: BTreeSet::new(),
+            sent_packets: 0,
+            sent_bytes: 0,
+            keyframe_requests: 0,
+            focus_offers: 0,
+            subscriptions_sent: 0,
+            uplink: LinkCounters::default(),
+            downlink: LinkCounters::default(),
+            downlink_bps,
+            socket_send_errors: 0,
+            ended_by_focus: None,
+            error: None,
+        }
+    }
+
     /// Publishers subscribed to whose media never arrived (video: no complete frame; audio: no
     /// packet).
     pub fn missing(&self) -> Vec<(PublisherId, &'static str)> {
@@ -259,6 +297,7 @@ pub async fn run(
         subscriptions_sent: 0,
         uplink: LinkCounters::default(),
         downlink: LinkCounters::default(),
+        downlink_bps: plan.downlink.rate_bps,
         socket_send_errors: 0,
         ended_by_focus: None,
         error: None,

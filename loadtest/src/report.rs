@@ -219,6 +219,26 @@ pub struct RunReport {
 }
 
 impl RunReport {
+    /// A run of these reports and nothing else, for tests of the summaries.
+    #[cfg(test)]
+    pub(crate) fn for_test(reports: Vec<Report>) -> RunReport {
+        RunReport {
+            reports,
+            rooms: 1,
+            duration_s: 10.0,
+            elapsed_s: 10.0,
+            setup_s: 0.0,
+            interrupted: false,
+            floor: None,
+            focus: FocusCost::default(),
+            loadtest_cpu_s: None,
+            timeline: Timeline::default(),
+            signal_sent: 0,
+            signal_failures: 0,
+            trunk_bytes: None,
+        }
+    }
+
     pub fn overall(&self) -> Summary {
         let all: Vec<&Report> = self.reports.iter().collect();
         Summary::of(&all)
@@ -294,6 +314,7 @@ impl RunReport {
         }
         let o = self.overall();
         out.push_str(&row("ALL", &o));
+        out.push_str(&self.links_table());
         let _ = writeln!(
             out,
             "\nreceived {:.1} Mbit/s in total; {} duplicates; {} missing subscriptions; {} keyframe requests reached publishers",
@@ -405,6 +426,9 @@ impl RunReport {
                         "lost": v.lost,
                         "first_frame_us": v.first_frame_us,
                         "last_frame_us": v.last_frame_us,
+                        "freezes": v.freezes,
+                        "freeze_ms": v.freeze_us / 1000,
+                        "longest_gap_ms": v.longest_gap_us / 1000,
                     })).collect::<Vec<_>>(),
                     "subscribed_video": r.subscribed_video.iter().map(|p| p.0).collect::<Vec<_>>(),
                     "subscribed_audio": r.subscribed_audio.iter().map(|p| p.0).collect::<Vec<_>>(),
@@ -417,6 +441,9 @@ impl RunReport {
                     "rtp_expected": r.rx.rtp_expected(),
                     "layer_switches": r.rx.video.values().map(|v| v.layer_switches).sum::<u64>(),
                     "freezes": r.rx.video.values().map(|v| v.freezes).sum::<u64>(),
+                    "freeze_s": r.rx.video.values().map(|v| v.freeze_us).sum::<u64>() as f64 / 1e6,
+                    "longest_gap_ms": r.rx.video.values().map(|v| v.longest_gap_us).max().unwrap_or(0) / 1000,
+                    "downlink_kbps": (r.downlink_bps > 0).then_some(r.downlink_bps / 1000),
                     "sent_packets": r.sent_packets,
                     "keyframe_requests": r.keyframe_requests,
                     "focus_offers": r.focus_offers,

@@ -156,6 +156,8 @@ pub struct VideoRx {
     pub layer_switches: u64,
     pub freezes: u64,
     pub freeze_us: u64,
+    /// The longest time between two complete frames (or since the last one, at the end).
+    pub longest_gap_us: u64,
     pub lost: u64,
 }
 
@@ -196,6 +198,7 @@ impl VideoRx {
         }
         if let Some(last) = self.last_frame_us {
             let gap = now_us.saturating_sub(last);
+            self.longest_gap_us = self.longest_gap_us.max(gap);
             if gap > FREEZE_US {
                 self.freezes += 1;
                 self.freeze_us += gap;
@@ -213,6 +216,7 @@ impl VideoRx {
     fn finish(&mut self, now_us: u64) {
         if let Some(last) = self.last_frame_us {
             let gap = now_us.saturating_sub(last);
+            self.longest_gap_us = self.longest_gap_us.max(gap);
             if gap > FREEZE_US {
                 self.freezes += 1;
                 self.freeze_us += gap;
@@ -511,6 +515,10 @@ mod tests {
         let v = &s.video[&PublisherId(1)];
         assert_eq!(v.complete_frames, 12);
         assert_eq!(v.freezes, 1);
+        assert_eq!(
+            v.longest_gap_us, 733_333,
+            "the stall and the frame time before it"
+        );
         assert_eq!(v.layer_switches, 1);
         assert_eq!(s.integrity_errors, 0);
         // 3 significant figures: within 0.1 %.
