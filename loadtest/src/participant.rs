@@ -145,25 +145,18 @@ pub struct Report {
 }
 
 impl Report {
-    /// A report with only what a summary reads, for the report's own tests.
-    #[cfg(test)]
-    pub(crate) fn for_test(
-        publisher: PublisherId,
-        room: RoomIndex,
-        rx: RxStats,
-        active_s: f64,
-        downlink_bps: u64,
-    ) -> Report {
+    /// Nothing measured yet.
+    fn new(publisher: PublisherId, room: RoomIndex, user_id: String, downlink_bps: u64) -> Report {
         Report {
             publisher,
             room,
-            user_id: String::new(),
-            attempts: 1,
+            user_id,
+            attempts: 0,
             last_call_unix_ms: None,
             join_ms: None,
             first_frame_ms: None,
-            rx,
-            active_s,
+            rx: RxStats::default(),
+            active_s: 0.0,
             subscribed_video: BTreeSet::new(),
             subscribed_audio: BTreeSet::new(),
             sent_packets: 0,
@@ -177,6 +170,22 @@ impl Report {
             socket_send_errors: 0,
             ended_by_focus: None,
             error: None,
+        }
+    }
+
+    /// A report with only what a summary reads, for the report's own tests.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        publisher: PublisherId,
+        room: RoomIndex,
+        rx: RxStats,
+        active_s: f64,
+        downlink_bps: u64,
+    ) -> Report {
+        Report {
+            rx,
+            active_s,
+            ..Report::new(publisher, room, String::new(), downlink_bps)
         }
     }
 
@@ -278,30 +287,12 @@ pub async fn run(
     );
     let user_id = transport.user_id().to_string();
     let device_id = transport.device_id().to_string();
-    let mut report = Report {
-        publisher: plan.publisher,
-        room: plan.room,
-        user_id: user_id.clone(),
-        attempts: 0,
-        last_call_unix_ms: None,
-        join_ms: None,
-        first_frame_ms: None,
-        rx: RxStats::default(),
-        active_s: 0.0,
-        subscribed_video: BTreeSet::new(),
-        subscribed_audio: BTreeSet::new(),
-        sent_packets: 0,
-        sent_bytes: 0,
-        keyframe_requests: 0,
-        focus_offers: 0,
-        subscriptions_sent: 0,
-        uplink: LinkCounters::default(),
-        downlink: LinkCounters::default(),
-        downlink_bps: plan.downlink.rate_bps,
-        socket_send_errors: 0,
-        ended_by_focus: None,
-        error: None,
-    };
+    let mut report = Report::new(
+        plan.publisher,
+        plan.room,
+        user_id.clone(),
+        plan.downlink.rate_bps,
+    );
     let socket = match UdpSocket::bind("127.0.0.1:0").await {
         Ok(s) => s,
         Err(e) => {

@@ -191,22 +191,9 @@ fn a_hundred_forced_switches_keep_sequence_and_timestamps_continuous() {
     assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
     let mut cam = Camera::new(alice, &Camera::SIMULCAST);
     cam.run(&mut net, Duration::from_secs(1));
-    let peer = net.clients[bob].peer;
     for i in 0..100 {
         let height = if i % 2 == 0 { 180 } else { 720 };
-        let now = net.now();
-        net.core.handle_command(
-            weir_sfu::Command::Subscribe {
-                peer,
-                subscriptions: vec![weir_sfu::Subscription {
-                    stream_id: format!("stream-{alice}"),
-                    track_id: format!("video-{alice}"),
-                    max_height: Some(height),
-                    source_height: Some(720),
-                }],
-            },
-            now,
-        );
+        net.subscribe_video(bob, alice, height);
         cam.run(&mut net, Duration::from_millis(300));
     }
     let got = cam.video_of(&net, bob);

@@ -31,22 +31,7 @@ fn a_publisher_encodes_only_the_layers_someone_watches() {
     let bob = net.join(20, Publish::NOTHING);
     assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
     let mut cam = Camera::new(alice, &Camera::SIMULCAST);
-    let subscribe = |net: &mut SimNet, height: u32| {
-        let (peer, now) = (net.clients[bob].peer, net.now());
-        net.core.handle_command(
-            weir_sfu::Command::Subscribe {
-                peer,
-                subscriptions: vec![weir_sfu::Subscription {
-                    stream_id: format!("stream-{alice}"),
-                    track_id: format!("video-{alice}"),
-                    max_height: Some(height),
-                    source_height: Some(720),
-                }],
-            },
-            now,
-        );
-    };
-    subscribe(&mut net, 180);
+    net.subscribe_video(bob, alice, 180);
     cam.run(&mut net, Duration::from_secs(1));
     assert!(
         cam.off.is_empty(),
@@ -83,7 +68,7 @@ fn a_publisher_encodes_only_the_layers_someone_watches() {
         "no keyframe request for a layer nobody watches"
     );
 
-    subscribe(&mut net, 720);
+    net.subscribe_video(bob, alice, 720);
     let switched_at = net.now();
     let mut first_f = None;
     for i in 0..240 {

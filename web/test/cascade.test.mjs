@@ -19,32 +19,18 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { networkInterfaces } from "node:os";
 import { CascadeHarness, CASCADE_SITES } from "./cascade-harness.mjs";
-import { waitFor, log } from "./harness.mjs";
+import { waitFor, log, stepChain } from "./harness.mjs";
 import { everyoneDecodesEveryone, pairReport, trackGrowth } from "./checks.mjs";
 
 let h;
-let failed = false;
+const chain = stepChain();
+const step = chain.step;
 const timings = {};
 
 function onlyLoopback() {
   return Object.values(networkInterfaces())
     .flat()
     .every((i) => i.internal);
-}
-
-// The steps build on each other: after a failure the rest are skipped instead of each waiting
-// out its own timeout.
-async function step(t, fn) {
-  if (failed) {
-    t.skip("an earlier step failed");
-    return;
-  }
-  try {
-    await fn();
-  } catch (e) {
-    failed = true;
-    throw e;
-  }
 }
 
 const TRUNK_METRICS = ["weir_trunks", "weir_trunk_tracks", "weir_participants", "weir_invites_refused_total", "weir_todevice_dropped_total"];
@@ -89,14 +75,14 @@ before(async () => {
   try {
     await h.start();
   } catch (e) {
-    failed = true;
+    chain.fail();
     throw e;
   }
 });
 
 after(async () => {
   try {
-    if (failed && h) {
+    if (chain.failed && h) {
       h.keepDir = true; // the full focus and Synapse logs stay for a look (path printed at teardown)
       console.log(await h.diagnostics({ focusLines: 150 }));
       console.log(`trunk metrics: ${JSON.stringify(await trunkState().catch((e) => String(e)))}`);

@@ -81,6 +81,33 @@ export async function waitFor(what, fn, { timeoutMs = 30000, intervalMs = 200 } 
   }
 }
 
+/**
+ * Test steps that build on each other (one call, then hangup, rejoin...): after a failure the
+ * rest are skipped instead of each waiting out its own timeout. `fail()` marks a failure
+ * outside a step (the set-up).
+ */
+export function stepChain() {
+  const chain = {
+    failed: false,
+    fail() {
+      chain.failed = true;
+    },
+    async step(t, fn) {
+      if (chain.failed) {
+        t.skip("an earlier step failed");
+        return;
+      }
+      try {
+        await fn();
+      } catch (e) {
+        chain.failed = true;
+        throw e;
+      }
+    },
+  };
+  return chain;
+}
+
 export async function freePort() {
   return new Promise((resolvePort, reject) => {
     const srv = createNetServer();

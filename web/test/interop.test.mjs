@@ -13,11 +13,12 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { networkInterfaces } from "node:os";
-import { Harness, waitFor, log, fmtTable, procStats } from "./harness.mjs";
+import { Harness, waitFor, log, fmtTable, procStats, stepChain } from "./harness.mjs";
 import { everyoneDecodesEveryone, pairReport, trackGrowth } from "./checks.mjs";
 
 let h;
-let failed = false;
+const chain = stepChain();
+const step = chain.step;
 
 function onlyLoopback() {
   return Object.values(networkInterfaces())
@@ -26,34 +27,19 @@ function onlyLoopback() {
 }
 const report = { firstFrame: {}, focus: {} };
 
-// The steps build on each other (one call, then hangup, rejoin, mute): after a failure the rest
-// are skipped instead of each waiting out its own timeout.
-async function step(t, fn) {
-  if (failed) {
-    t.skip("an earlier step failed");
-    return;
-  }
-  try {
-    await fn();
-  } catch (e) {
-    failed = true;
-    throw e;
-  }
-}
-
 before(async () => {
   h = new Harness();
   try {
     await h.start();
   } catch (e) {
-    failed = true;
+    chain.fail();
     throw e;
   }
 });
 
 after(async () => {
   try {
-    if (failed && h) console.log(await h.diagnostics());
+    if (chain.failed && h) console.log(await h.diagnostics());
     printReport();
   } finally {
     await h?.teardown();

@@ -22,7 +22,7 @@ import { spawnSync } from "node:child_process";
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { Harness, waitFor, log, Fatal } from "./harness.mjs";
+import { Harness, waitFor, log, Fatal, stepChain } from "./harness.mjs";
 
 const WIDTH = 1280;
 const HEIGHT = 720;
@@ -30,7 +30,8 @@ const HEIGHT = 720;
 const DYNACAST_TIMEOUT_MS = 20000;
 
 let h;
-let failed = false;
+const chain = stepChain();
+const step = chain.step;
 let y4mDir;
 const report = {};
 
@@ -77,19 +78,6 @@ function writeY4m(path) {
   closeSync(fd);
 }
 
-async function step(t, fn) {
-  if (failed) {
-    t.skip("an earlier step failed");
-    return;
-  }
-  try {
-    await fn();
-  } catch (e) {
-    failed = true;
-    throw e;
-  }
-}
-
 before(async () => {
   y4mDir = mkdtempSync(join(tmpdir(), "weir-y4m-"));
   const clip = join(y4mDir, "camera.y4m");
@@ -105,14 +93,14 @@ before(async () => {
   try {
     await h.start();
   } catch (e) {
-    failed = true;
+    chain.fail();
     throw e;
   }
 });
 
 after(async () => {
   try {
-    if (failed && h) console.log(await h.diagnostics());
+    if (chain.failed && h) console.log(await h.diagnostics());
     console.log(`\n===== simulcast measurements =====\n${JSON.stringify(report, null, 1)}`);
   } finally {
     await h?.teardown();
@@ -134,27 +122,6 @@ async function aliceAt(who) {
 async function aliceLayers() {
   const snap = await h.byName("alice").snapshot();
   return snap.outbound.layers ?? {};
-}
-
-/** Wait until `who` decodes Alice's video at `width` in green, frames still coming. */
-async function decodesAt(who, width, timeoutMs = 30000) {
-  let before = null;
-  return waitFor(
-    `${who} decoding Alice at ${width} px wide`,
-    async () => {
-      const a = await aliceAt(who);
-      if (!a || a.frameWidth !== width || a.colour !== "green") {
-        before = null;
-        return null;
-      }
-      if (before === null || a.framesDecoded <= before) {
-        before = before ?? a.framesDecoded;
-        return null;
-      }
-      return a;
-    },
-    { timeoutMs, intervalMs: 500 },
-  );
 }
 
 /** tc on the loopback of the namespace scripts/in-netns.sh made for this test (never the host's). */
@@ -183,14 +150,17 @@ function liftLimit() {
   tc("qdisc", "del", "dev", "lo", "root");
 }
 
-/** Wait until `who` decodes Alice's video narrower than `width`, frames still coming. */
-async function decodesBelow(who, width, timeoutMs) {
+/**
+ * Wait until `who` decodes Alice's video at a width `fits` accepts, in her green, with frames
+ * still coming (two reads, the second with more frames decoded).
+ */
+async function decodes(who, what, fits, timeoutMs = 30000) {
   let before = null;
   return waitFor(
-    `${who} decoding Alice below ${width} px wide`,
+    `${who} decoding Alice ${what}`,
     async () => {
       const a = await aliceAt(who);
-      if (!a?.frameWidth || a.frameWidth >= width) {
+      if (!a?.frameWidth || !fits(a.frameWidth) || a.colour !== "green") {
         before = null;
         return null;
       }
@@ -200,9 +170,12 @@ async function decodesBelow(who, width, timeoutMs) {
       }
       return a;
     },
-    { timeoutMs, intervalMs: 100 },
+    { timeoutMs, intervalMs: 200 },
   );
 }
+
+const decodesAt = (who, width, timeoutMs) => decodes(who, `at ${width} px wide`, (w) => w === width, timeoutMs);
+const decodesBelow = (who, width, timeoutMs) => decodes(who, `below ${width} px wide`, (w) => w < width, timeoutMs);
 
 async function subscribe(who, height) {
   const alice = h.byName("alice").session.userId;
@@ -287,7 +260,10 @@ test("dynacast: when nobody watches the upper layers Alice stops encoding them, 
       { timeoutMs: 10000, intervalMs: 200 },
     );
     report.fBackMs = Date.now() - grown;
-    await decodesAt("carol", 1280);
+    // Carol climbs as her estimate allows (docs/adaptation.md): usually within 2 s, but on
+    // this 2-core machine, with three pages encoding and decoding 720p, one CI run took
+    // longer than 30 s; the bound is for a climb that never comes.
+    await decodesAt("carol", 1280, 90000);
     report.carolBackOnFMs = Date.now() - grown;
     log(`f back ${report.fBackMs} ms after Carol's tile grew; Carol decodes it after ${report.carolBackOnFMs} ms`);
     if (!(await aliceAt("bob"))) throw new Fatal("Bob lost Alice's video");
@@ -317,17 +293,37 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
     });
     const cut = Date.now();
     const low = await decodesBelow("carol", 1280, 20000);
+    const lowerAfterMs = Date.now() - cut;
+    // Allocation may step down again (h, then q) as the estimate keeps falling: settled is
+    // when the decoded width has not changed for 3 s.
+    let width = low.frameWidth;
+    let since = Date.now();
+    await waitFor(
+      "Carol's layer to settle on the narrow link",
+      async () => {
+        const a = await aliceAt("carol");
+        if (a?.frameWidth !== width) {
+          width = a?.frameWidth;
+          since = Date.now();
+        }
+        return Date.now() - since >= 3000;
+      },
+      { timeoutMs: 30000, intervalMs: 250 },
+    );
     const moved = await carol.eval((o) => window.Probe.frameWatch(o), alice);
     report.narrowed = {
-      lowerLayerAfterMs: Date.now() - cut,
-      width: low.frameWidth,
-      // The picture stops while the full layer overflows the link and until the lower
-      // layer's keyframe gets through: measured, not yet within issue 8's 1 s.
+      lowerLayerAfterMs: lowerAfterMs,
+      settledAfterMs: Date.now() - cut,
+      width,
+      // From the cut until settled, the picture stops while the full layer overflows the
+      // link and until each lower layer's keyframe gets through: measured, not yet within
+      // issue 8's 1 s.
       transitionFreezeMs: moved.maxGapMs,
     };
     // Settled: five seconds on the lower layer, watched every 50 ms.
     await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
-    await waitFor("five seconds on the lower layer", async () => Date.now() - cut >= report.narrowed.lowerLayerAfterMs + 5000, {
+    const settled0 = Date.now();
+    await waitFor("five seconds on the lower layer", async () => Date.now() - settled0 >= 5000, {
       timeoutMs: 10000,
       intervalMs: 250,
     });

@@ -407,6 +407,24 @@ impl SimNet {
         (elapsed.as_micros() as u64 * 90 / 1000) as u32
     }
 
+    /// Participant `watcher` shows `publisher`'s camera `height` lines tall (of its 720), as
+    /// its only subscription (MSC3898, as the control plane passes it on).
+    pub fn subscribe_video(&mut self, watcher: usize, publisher: usize, height: u32) {
+        let (peer, now) = (self.clients[watcher].peer, self.now);
+        self.core.handle_command(
+            crate::Command::Subscribe {
+                peer,
+                subscriptions: vec![crate::Subscription {
+                    stream_id: format!("stream-{publisher}"),
+                    track_id: format!("video-{publisher}"),
+                    max_height: Some(height),
+                    source_height: Some(720),
+                }],
+            },
+            now,
+        );
+    }
+
     /// Participant `i` sends one Opus packet saying how loud it is (RFC 6464 level, -dBov).
     pub fn send_audio(&mut self, i: usize, level: i8) {
         let now = self.now;
