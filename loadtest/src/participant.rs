@@ -24,8 +24,8 @@ use tracing::{debug, info, warn};
 
 use crate::call::{self, CallLeg, FromFocus, Layout};
 use crate::ids::{
-    audio_track_id, epoch, micros_since_epoch, stream_id, video_track_id, Layer, PublisherId,
-    RoomIndex,
+    audio_track_id, epoch, micros_since_epoch, publisher_of_stream, stream_id, video_track_id,
+    Layer, PublisherId, RoomIndex,
 };
 use crate::impair::{Impairment, Link, LinkCounters};
 use crate::payload::{encode_audio, encode_video, MediaHeader};
@@ -912,7 +912,30 @@ impl Participant {
                     v.request_keyframe(layer);
                 }
             }
-            Event::ChannelData(_) => {}
+            Event::ChannelData(d) => {
+                // The focus says a video toward us is paused for bandwidth, or flows again
+                // (io.weir.paused): the tile would say so, so that time is no freeze.
+                let Ok(v) = serde_json::from_slice::<Value>(&d.data) else {
+                    return;
+                };
+                if v["type"] != "io.weir.paused" {
+                    return;
+                }
+                let (Some(stream), Some(paused)) = (
+                    v["content"]["stream_id"].as_str(),
+                    v["content"]["paused"].as_bool(),
+                ) else {
+                    return;
+                };
+                if let Some(p) = publisher_of_stream(stream) {
+                    let now_us = micros_since_epoch(Instant::now());
+                    self.rx
+                        .video
+                        .entry(p)
+                        .or_default()
+                        .on_paused(paused, now_us);
+                }
+            }
             _ => {}
         }
     }

@@ -159,6 +159,13 @@ pub struct VideoRx {
     /// The longest time between two complete frames (or since the last one, at the end).
     pub longest_gap_us: u64,
     pub lost: u64,
+    /// Time the focus said this video was paused for bandwidth (`io.weir.paused`): a tile
+    /// that says "paused" is not a frozen one, so gaps and freezes leave it out.
+    pub paused_us: u64,
+    /// Since when it is paused, if it is now.
+    paused_since: Option<u64>,
+    /// Paused time inside the current gap (since the last complete frame).
+    paused_in_gap_us: u64,
 }
 
 impl VideoRx {
@@ -191,13 +198,37 @@ impl VideoRx {
         Seen::New
     }
 
+    /// The focus paused this video toward us (or resumed it).
+    pub fn on_paused(&mut self, paused: bool, now_us: u64) {
+        match (paused, self.paused_since) {
+            (true, None) => self.paused_since = Some(now_us),
+            (false, Some(since)) => {
+                let d = now_us.saturating_sub(since);
+                self.paused_us += d;
+                self.paused_in_gap_us += d;
+                self.paused_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The time since the last complete frame, less what of it the video was paused.
+    fn gap_since(&self, last: u64, now_us: u64) -> u64 {
+        let ongoing = self
+            .paused_since
+            .map_or(0, |since| now_us.saturating_sub(since.max(last)));
+        now_us
+            .saturating_sub(last)
+            .saturating_sub(self.paused_in_gap_us + ongoing)
+    }
+
     fn frame_complete(&mut self, layer: Layer, keyframe: bool, now_us: u64) {
         self.complete_frames += 1;
         if keyframe {
             self.keyframes += 1;
         }
         if let Some(last) = self.last_frame_us {
-            let gap = now_us.saturating_sub(last);
+            let gap = self.gap_since(last, now_us);
             self.longest_gap_us = self.longest_gap_us.max(gap);
             if gap > FREEZE_US {
                 self.freezes += 1;
@@ -206,6 +237,7 @@ impl VideoRx {
         }
         self.first_frame_us.get_or_insert(now_us);
         self.last_frame_us = Some(now_us);
+        self.paused_in_gap_us = 0;
         if self.last_layer.is_some_and(|l| l != layer) {
             self.layer_switches += 1;
         }
@@ -214,8 +246,11 @@ impl VideoRx {
 
     /// An ongoing freeze at the end of the run counts too.
     fn finish(&mut self, now_us: u64) {
+        if let Some(since) = self.paused_since {
+            self.paused_us += now_us.saturating_sub(since);
+        }
         if let Some(last) = self.last_frame_us {
-            let gap = now_us.saturating_sub(last);
+            let gap = self.gap_since(last, now_us);
             self.longest_gap_us = self.longest_gap_us.max(gap);
             if gap > FREEZE_US {
                 self.freezes += 1;
@@ -481,6 +516,29 @@ mod tests {
         // Far ahead: the window slides without false duplicates.
         assert_eq!(w.insert(14 + 3 * SEQ_WINDOW), (Seen::New, 3 * SEQ_WINDOW));
         assert_eq!(w.insert(14 + 2 * SEQ_WINDOW + 5), (Seen::New, 0));
+    }
+
+    #[test]
+    fn time_the_focus_said_a_video_was_paused_is_no_freeze() {
+        let mut v = VideoRx::default();
+        let t = 1_000_000;
+        v.frame_complete(Layer::Q, true, t);
+        // Paused for 3 s (told 100 ms after the last frame), then 200 ms to the next frame.
+        v.on_paused(true, t + 100_000);
+        v.on_paused(false, t + 3_100_000);
+        v.frame_complete(Layer::Q, true, t + 3_300_000);
+        assert_eq!((v.freezes, v.longest_gap_us), (0, 300_000));
+        assert_eq!(v.paused_us, 3_000_000);
+        // Paused again until the end: no freeze; a real stop after a resume still counts.
+        v.on_paused(true, t + 3_400_000);
+        v.finish(t + 9_000_000);
+        assert_eq!(v.freezes, 0, "{v:?}");
+        let mut w = VideoRx::default();
+        w.frame_complete(Layer::Q, true, t);
+        w.on_paused(true, t + 100_000);
+        w.on_paused(false, t + 200_000);
+        w.frame_complete(Layer::Q, true, t + 1_000_000);
+        assert_eq!((w.freezes, w.longest_gap_us), (1, 900_000));
     }
 
     #[test]
