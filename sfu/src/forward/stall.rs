@@ -26,9 +26,15 @@ use super::loss_cap::LOSS_LOW;
 /// to a few times the estimate); longer leaves a locked subscriber on low video for longer.
 pub const STALL_AFTER: Duration = Duration::from_secs(6);
 
-/// The least time between two restarts of one subscriber's estimator, in case restarting does
-/// not help: it bounds the probe bursts a restart costs the link.
-pub const RESTART_INTERVAL: Duration = Duration::from_secs(30);
+/// The least time between two restarts of one subscriber's estimator. On a link that really
+/// is as narrow as the estimate, the estimator locks again after each restart, and only the
+/// next restart finds out when the link widens: this bounds how long a subscriber stays low
+/// after its link recovers (a restart probes with a few short bursts of padding, tens of
+/// milliseconds at up to a few times the estimate, which a router's queue absorbs). Was 30 s:
+/// in the simulation a subscriber whose estimator had restarted while its link was narrow
+/// then stayed on the lowest layer for 30 s after the link widened. Shorter climbs back
+/// sooner; longer probes a narrow link less often.
+pub const RESTART_INTERVAL: Duration = Duration::from_secs(8);
 
 /// Watches one subscriber's estimate.
 #[derive(Debug, Clone, Default)]
