@@ -330,6 +330,11 @@ impl SfuCollector {
                 s.estimator_restarts,
             ),
             counter(
+                "weir_temporal_skipped_packets_total",
+                "Packets of temporal layers (VP8) left out for subscribers whose bandwidth allocation lowered their frame rate",
+                s.temporal_skipped,
+            ),
+            counter(
                 "weir_peer_panics_total",
                 "Panics caught while a media shard handled one peer; each closed that peer only",
                 s.peer_panics,

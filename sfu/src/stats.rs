@@ -172,6 +172,8 @@ pub(crate) struct ShardCounters {
     pub layers_off: u64,
     /// Bandwidth estimators restarted because they locked (`forward::stall`).
     pub estimator_restarts: u64,
+    /// Packets of temporal layers left out for a subscriber (`forward::temporal`).
+    pub temporal_skipped: u64,
     /// Batch read → copies handed to the kernel, per loop turn that forwarded something.
     pub forward_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
@@ -214,6 +216,7 @@ impl ShardCounters {
         to.videos_paused.store(self.videos_paused, r);
         to.layers_off.store(self.layers_off, r);
         to.estimator_restarts.store(self.estimator_restarts, r);
+        to.temporal_skipped.store(self.temporal_skipped, r);
         for (i, n) in self.forward_delay.buckets.iter().enumerate() {
             to.forward_delay_buckets[i].store(*n, r);
         }
@@ -250,6 +253,7 @@ pub struct ShardStats {
     pub videos_paused: AtomicU64,
     pub layers_off: AtomicU64,
     pub estimator_restarts: AtomicU64,
+    pub temporal_skipped: AtomicU64,
     pub forward_delay_buckets: [AtomicU64; DELAY_BUCKETS_US.len() + 1],
     pub forward_delay_sum_us: AtomicU64,
     pub forward_delay_count: AtomicU64,
@@ -284,6 +288,8 @@ pub struct StatsSnapshot {
     pub layers_off: u64,
     /// Bandwidth estimators restarted because they had locked.
     pub estimator_restarts: u64,
+    /// Packets of temporal layers left out for subscribers on narrow links.
+    pub temporal_skipped: u64,
     /// The shards' forwarding delay (batch read → copies handed to the kernel).
     pub forward_delay: DelayHistogram,
     pub drops: Vec<(DropReason, u64)>,
@@ -319,6 +325,7 @@ impl StatsSnapshot {
             s.videos_paused += sh.videos_paused.load(r);
             s.layers_off += sh.layers_off.load(r);
             s.estimator_restarts += sh.estimator_restarts.load(r);
+            s.temporal_skipped += sh.temporal_skipped.load(r);
             let mut d = DelayHistogram {
                 sum_us: sh.forward_delay_sum_us.load(r),
                 count: sh.forward_delay_count.load(r),

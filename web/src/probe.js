@@ -337,6 +337,7 @@ async function outbound() {
       pliCount: s.pliCount ?? null,
       nackCount: s.nackCount ?? null,
       qualityLimitationReason: s.qualityLimitationReason ?? null,
+      scalabilityMode: s.scalabilityMode ?? null,
       active: s.active ?? null,
     };
     if (s.rid) {

@@ -28,6 +28,8 @@ const WIDTH = 1280;
 const HEIGHT = 720;
 /** The focus's LAYER_OFF_DELAY (sfu/src/forward/dynacast.rs) is 3 s; this leaves room. */
 const DYNACAST_TIMEOUT_MS = 20000;
+/** A link below q (150 kbit/s) with the audio Carol receives: only its lower frame rates fit. */
+const TEMPORAL_LINK_KBIT = Number(process.env.WEIR_TEMPORAL_LINK_KBIT ?? 250);
 
 let h;
 const chain = stepChain();
@@ -216,6 +218,7 @@ test("a 180-line tile decodes the small layer and a 720-line one the full layer"
       { timeoutMs: 30000, intervalMs: 500 },
     );
     report.publishedWidths = Object.fromEntries(["q", "h", "f"].map((r) => [r, layers[r].frameWidth]));
+    report.scalability = Object.fromEntries(["q", "h", "f"].map((r) => [r, layers[r].scalabilityMode]));
     assert.deepEqual(report.publishedWidths, { q: 320, h: 640, f: 1280 });
     await decodesAt("bob", 320);
     report.bobOnQMs = Date.now() - t0;
@@ -342,5 +345,57 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
     await decodesAt("carol", 1280, 30000);
     report.widened = { fullLayerAfterMs: Date.now() - lifted };
     log(`link lifted: full layer again after ${report.widened.fullLayerAfterMs} ms`);
+  });
+});
+
+test("Carol's downlink cut below the smallest layer: she keeps it at a lower frame rate (temporal layers), not paused", async (t) => {
+  if (process.env.WEIR_IN_NETNS !== "1") {
+    t.skip("shapes loopback, so it runs only in its own network namespace (scripts/in-netns.sh)");
+    return;
+  }
+  await step(t, async () => {
+    const carol = h.byName("carol");
+    const alice = h.byName("alice").session.userId;
+    await decodesAt("carol", 1280, 30000);
+    const local = (await carol.snapshot()).selectedPair?.local ?? "";
+    const port = Number(/:(\d+)\/udp/.exec(local)?.[1]);
+    assert.ok(port > 0, `Carol's local candidate: ${local}`);
+    limitDownlink(port, TEMPORAL_LINK_KBIT);
+    t.after(() => {
+      try {
+        liftLimit();
+      } catch {
+        // lifted already
+      }
+    });
+    const cut = Date.now();
+    await decodesAt("carol", 320, 30000);
+    // Settled: the estimate has found the link; then five seconds watched every 50 ms.
+    await waitFor("the estimate to settle", async () => Date.now() - cut >= 12000, { timeoutMs: 20000, intervalMs: 500 });
+    await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
+    const pausedBefore = (await carol.eval(() => window.Probe.notices())).paused.length;
+    const first = await aliceAt("carol");
+    const t0 = Date.now();
+    await waitFor("five seconds on the narrow link", async () => Date.now() - t0 >= 5000, { timeoutMs: 10000, intervalMs: 250 });
+    const watched = await carol.eval((o) => window.Probe.frameWatch(o), alice);
+    const last = await aliceAt("carol");
+    const fps = ((last.framesDecoded - first.framesDecoded) * 1000) / (Date.now() - t0);
+    const paused = (await carol.eval(() => window.Probe.notices())).paused.slice(pausedBefore);
+    report.belowSmallest = {
+      linkKbit: TEMPORAL_LINK_KBIT,
+      fps: Math.round(fps * 10) / 10,
+      longestFreezeMs: watched.maxGapMs,
+      widths: watched.widths,
+      pauseNotices: paused.length,
+    };
+    log(`below the smallest layer: ${JSON.stringify(report.belowSmallest)}`);
+    assert.equal(last.frameWidth, 320, "still the smallest layer");
+    assert.equal(last.colour, "green");
+    assert.ok(fps >= 3 && fps <= 22, `q at a lower frame rate than its 30: ${fps.toFixed(1)} frames/s decoded`);
+    assert.ok(!paused.some((p) => p.paused), `not paused once settled: ${JSON.stringify(paused)}`);
+    liftLimit();
+    const lifted = Date.now();
+    await decodesAt("carol", 1280, 30000);
+    report.belowSmallest.fullLayerAfterMs = Date.now() - lifted;
   });
 });

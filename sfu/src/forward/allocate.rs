@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use super::loss_cap::LossCap;
 #[cfg(test)]
 use super::loss_cap::LOSS_REACT;
+use super::quality::Quality;
 
 /// How much of a track matters when there is not enough for all. Higher first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -29,31 +30,40 @@ pub enum Now {
     New,
     /// Paused: no layer fitted.
     Paused,
-    /// Receiving (or switching to) the layer of this rank.
-    Layer(u8),
+    /// Receiving (or switching to) this step.
+    Layer(Quality),
 }
 
 /// One video track as the allocator sees it.
 #[derive(Debug, Clone)]
 pub struct Demand {
     pub priority: Priority,
-    /// The layers flowing now, as (rank, bits/s), in ascending rank.
-    pub layers: Vec<(u8, u64)>,
+    /// The steps of the layers flowing now, with what each costs (bits/s), ascending.
+    pub layers: Vec<(Quality, u64)>,
     /// The best rank the subscriber's screen needs (its subscription, or the grid default).
     pub cap: u8,
     pub now: Now,
 }
 
 impl Demand {
-    /// The layers worth sending: those within the cap, or the lowest if every layer is above
-    /// it (a small tile still shows the smallest layer rather than nothing).
-    fn eligible(&self) -> &[(u8, u64)] {
+    /// The steps worth sending: those within the cap, or the lowest layer's if every layer
+    /// is above it (a small tile still shows the smallest layer rather than nothing).
+    fn eligible(&self) -> &[(Quality, u64)] {
         let within = self
             .layers
             .iter()
-            .take_while(|(r, _)| *r <= self.cap)
+            .take_while(|(q, _)| q.rank <= self.cap)
             .count();
-        &self.layers[..within.max(self.layers.len().min(1))]
+        if within > 0 {
+            return &self.layers[..within];
+        }
+        let lowest = self.layers.first().map(|(q, _)| q.rank);
+        let n = self
+            .layers
+            .iter()
+            .take_while(|(q, _)| Some(q.rank) == lowest)
+            .count();
+        &self.layers[..n]
     }
 
     /// The rate of this track at its best eligible layer: what the subscriber would like.
@@ -94,10 +104,18 @@ pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// leaves more of a real shortfall to the loss rule.
 pub const PAUSE_SHORTFALL: f64 = 0.8;
 
-/// How long a measurement of what left toward the subscriber ([`Allocator::on_wire`]) stands
-/// for what it is sent. The engine reports every 500 ms; older than this, the allocation alone
-/// says what is sent.
-pub const WIRE_MAX_AGE: Duration = Duration::from_secs(1);
+/// How far back the measurements of what left toward the subscriber ([`Allocator::on_wire`])
+/// are looked at when loss comes in: the most any of them measured is what the loss was
+/// measured on. Loss is reported over the last second and the engine measures what left every
+/// 500 ms, so the last two measurements cover the report. (Only the latest was looked at
+/// before: in Chromium, a link cut from 3 Mbit/s to 200 kbit/s then paused the lowest layer
+/// for loss that the full layer had caused half a second earlier.) Without any this recent,
+/// the allocation alone says what is sent. Longer holds a pause back after a move down for
+/// longer; shorter lets loss from before the move pause the layer moved to.
+pub const WIRE_LOOKBACK: Duration = Duration::from_millis(1200);
+
+/// How many measurements of what left are kept: more than [`WIRE_LOOKBACK`] holds.
+const WIRE_SAMPLES: usize = 4;
 
 /// Loss pauses a video only when it was measured while at most this many times the lowest
 /// layers (and the audio) left toward the subscriber. Loss while more went out says the more
@@ -114,8 +132,8 @@ pub const LOSS_PAUSE_MARGIN: f64 = 1.5;
 pub struct Allocator {
     last_upgrade: Option<Instant>,
     loss: LossCap,
-    /// What was last measured leaving toward the subscriber, and when.
-    wire: Option<(Instant, u64)>,
+    /// What was measured leaving toward the subscriber, and when, newest first.
+    wire: [Option<(Instant, u64)>; WIRE_SAMPLES],
     /// Since when the lowest layers of the videos flowing have not fitted the estimate.
     floors_short_since: Option<Instant>,
 }
@@ -124,7 +142,8 @@ impl Allocator {
     /// The media that left toward the subscriber over the last stats interval (with
     /// retransmissions; without padding), for [`LOSS_PAUSE_MARGIN`].
     pub fn on_wire(&mut self, bps: u64, now: Instant) {
-        self.wire = Some((now, bps));
+        self.wire.rotate_right(1);
+        self.wire[0] = Some((now, bps));
     }
 
     /// Decide every track's layer (a rank) or pause (`None`), given the estimate of the
@@ -148,8 +167,8 @@ impl Allocator {
         reserved_bps: u64,
         demands: &[Demand],
         now: Instant,
-    ) -> Vec<Option<u8>> {
-        let current: Vec<Option<u8>> = demands
+    ) -> Vec<Option<Quality>> {
+        let current: Vec<Option<Quality>> = demands
             .iter()
             .map(|d| match d.now {
                 Now::Layer(r) => Some(r),
@@ -159,8 +178,11 @@ impl Allocator {
         let allocated = reserved_bps + cost(demands, &current);
         let wire = self
             .wire
-            .filter(|(at, _)| now.saturating_duration_since(*at) <= WIRE_MAX_AGE)
-            .map(|(_, bps)| bps);
+            .iter()
+            .flatten()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= WIRE_LOOKBACK)
+            .map(|(_, bps)| *bps)
+            .max();
         let any_paused = demands.iter().any(|d| d.now == Now::Paused);
         let cap = self
             .loss
@@ -207,7 +229,7 @@ impl Allocator {
         }
         // Keep what each track has where that is more than the upward allocation gives it,
         // as long as the whole still fits the larger share.
-        let held: Vec<Option<u8>> = demands
+        let held: Vec<Option<Quality>> = demands
             .iter()
             .zip(&up)
             .map(|(d, u)| match (d.now, *u) {
@@ -249,7 +271,7 @@ impl Allocator {
 
 /// Whether moving from `now` to `to` raises what the subscriber gets (a new track is not an
 /// upgrade: it has nothing to keep).
-fn is_upgrade(now: Now, to: Option<u8>) -> bool {
+fn is_upgrade(now: Now, to: Option<Quality>) -> bool {
     match (now, to) {
         (Now::Paused, Some(_)) => true,
         (Now::Layer(r), Some(t)) => t > r,
@@ -258,7 +280,7 @@ fn is_upgrade(now: Now, to: Option<u8>) -> bool {
 }
 
 /// What a choice of ranks costs, at the measured rates.
-pub fn cost(demands: &[Demand], choice: &[Option<u8>]) -> u64 {
+pub fn cost(demands: &[Demand], choice: &[Option<Quality>]) -> u64 {
     demands
         .iter()
         .zip(choice)
@@ -271,7 +293,7 @@ pub fn cost(demands: &[Demand], choice: &[Option<u8>]) -> u64 {
 
 /// What the cheapest step up from `choice` costs: resuming a paused track on its lowest
 /// layer, or one track's next layer. `None` if every track is at its best.
-pub fn next_step(demands: &[Demand], choice: &[Option<u8>]) -> Option<u64> {
+pub fn next_step(demands: &[Demand], choice: &[Option<Quality>]) -> Option<u64> {
     demands
         .iter()
         .zip(choice)
@@ -297,7 +319,7 @@ pub fn next_step(demands: &[Demand], choice: &[Option<u8>]) -> Option<u64> {
 /// The lowest layers may use up to `floor_bps` (at least `budget_bps`): pausing a video is
 /// worse than running a little closer to the estimate, so the first layer of each is held to
 /// the larger share; only climbing is held to `budget_bps`.
-pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Option<u8>> {
+pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Option<Quality>> {
     let mut order: Vec<usize> = (0..demands.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(demands[i].priority));
     // Index into each track's eligible layers.
@@ -354,9 +376,9 @@ pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Opti
 mod tests {
     use super::*;
 
-    const Q: u8 = 2;
-    const H: u8 = 3;
-    const F: u8 = 4;
+    const Q: Quality = Quality::full(2);
+    const H: Quality = Quality::full(3);
+    const F: Quality = Quality::full(4);
 
     fn camera(priority: Priority, cap: u8, now: Now) -> Demand {
         Demand {
@@ -371,8 +393,8 @@ mod tests {
     fn a_wide_link_gets_every_track_at_its_size() {
         let d = [
             camera(Priority::Other, u8::MAX, Now::New),
-            camera(Priority::Other, H, Now::New),
-            camera(Priority::Other, Q, Now::New),
+            camera(Priority::Other, H.rank, Now::New),
+            camera(Priority::Other, Q.rank, Now::New),
         ];
         assert_eq!(
             allocate(10_000_000, 10_000_000, &d),
@@ -407,6 +429,32 @@ mod tests {
     }
 
     #[test]
+    fn a_link_too_narrow_for_the_lowest_layer_gets_it_at_a_lower_frame_rate() {
+        let step = |tid| Quality { rank: 2, tid };
+        let d = [Demand {
+            priority: Priority::Other,
+            layers: vec![
+                (step(0), 70_000),
+                (step(1), 100_000),
+                (Q, 150_000),
+                (H, 500_000),
+            ],
+            cap: u8::MAX,
+            now: Now::New,
+        }];
+        assert_eq!(allocate(80_000, 80_000, &d), vec![Some(step(0))]);
+        assert_eq!(allocate(120_000, 120_000, &d), vec![Some(step(1))]);
+        assert_eq!(allocate(200_000, 200_000, &d), vec![Some(Q)]);
+        assert_eq!(allocate(60_000, 60_000, &d), vec![None]);
+        // Coming down from h to a link of 90 k: the lowest frame rate of q, not a pause.
+        let mut a = Allocator::default();
+        let mut on_h = d.clone();
+        on_h[0].now = Now::Layer(H);
+        let t0 = Instant::now();
+        assert_eq!(a.decide(110_000, None, 0, &on_h, t0), vec![Some(step(0))]);
+    }
+
+    #[test]
     fn a_screen_comes_before_the_speaker() {
         let d = [
             camera(Priority::Speaker, u8::MAX, Now::New),
@@ -420,7 +468,7 @@ mod tests {
         let d = [Demand {
             priority: Priority::Other,
             layers: vec![(H, 500_000), (F, 1_500_000)],
-            cap: Q,
+            cap: Q.rank,
             now: Now::New,
         }];
         assert_eq!(allocate(10_000_000, 10_000_000, &d), vec![Some(H)]);
@@ -590,6 +638,14 @@ mod tests {
             a.decide(600_000, Some(0.61), 0, &one(Now::Layer(Q)), t2),
             vec![Some(Q)]
         );
+        // Half a second later q alone has been leaving, but the report still covers f's
+        // last half second: no pause yet.
+        let t2b = t2 + Duration::from_millis(500);
+        a.on_wire(160_000, t2b);
+        assert_eq!(
+            a.decide(600_000, Some(0.61), 0, &one(Now::Layer(Q)), t2b),
+            vec![Some(Q)]
+        );
         // q alone then loses as much: the link cannot carry even q, it is paused.
         let t3 = t2 + LOSS_REACT;
         a.on_wire(160_000, t3);
@@ -600,7 +656,7 @@ mod tests {
         // Without a measurement of what left, the allocation says what was sent.
         let mut b = Allocator::default();
         b.on_wire(1_500_000, t0);
-        let late = t0 + WIRE_MAX_AGE * 2;
+        let late = t0 + WIRE_LOOKBACK * 2;
         assert_eq!(
             b.decide(600_000, Some(0.0), 0, &one(Now::New), late),
             vec![Some(Q)]
@@ -615,7 +671,7 @@ mod tests {
     fn the_next_step_is_the_cheapest_resume_or_upgrade() {
         let d = [
             camera(Priority::Other, u8::MAX, Now::New),
-            camera(Priority::Other, H, Now::New),
+            camera(Priority::Other, H.rank, Now::New),
         ];
         assert_eq!(next_step(&d, &[Some(Q), Some(Q)]), Some(350_000));
         assert_eq!(

@@ -6,6 +6,8 @@
 //! packetiser after the encoded-frame transform, and the VP8 header byte is part of the
 //! unencrypted prefix), so detection works on end-to-end encrypted media too.
 
+use super::vp8::Vp8Descriptor;
+
 /// Codecs whose keyframes weir can recognise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VideoCodec {
@@ -32,33 +34,7 @@ pub fn starts_keyframe(codec: VideoCodec, payload: &[u8]) -> bool {
 
 /// RFC 7741 payload descriptor, then the VP8 frame header whose bit 0 (P) is 0 on keyframes.
 fn vp8_starts_keyframe(p: &[u8]) -> bool {
-    let Some(&b0) = p.first() else { return false };
-    let extended = b0 & 0x80 != 0;
-    let start_of_partition = b0 & 0x10 != 0;
-    let partition_id = b0 & 0x0f;
-    if !start_of_partition || partition_id != 0 {
-        return false;
-    }
-    let mut i = 1;
-    if extended {
-        let Some(&x) = p.get(i) else { return false };
-        i += 1;
-        if x & 0x80 != 0 {
-            // PictureID: 7 or 15 bits.
-            let Some(&pid) = p.get(i) else { return false };
-            i += if pid & 0x80 != 0 { 2 } else { 1 };
-        }
-        if x & 0x40 != 0 {
-            i += 1; // TL0PICIDX
-        }
-        if x & 0x30 != 0 {
-            i += 1; // TID/Y/KEYIDX
-        }
-    }
-    match p.get(i) {
-        Some(&h) => h & 0x01 == 0,
-        None => false,
-    }
+    Vp8Descriptor::parse(p).is_ok_and(|d| d.keyframe)
 }
 
 /// VP9 payload descriptor (draft-ietf-payload-vp9): B (start of frame) set and P (inter-picture

@@ -8,7 +8,11 @@
 
 use std::time::{Duration, Instant};
 
+use super::quality::Quality;
 use super::rate::RateMeter;
+
+/// Temporal layers a layer may carry: VP8's TID has two bits.
+const TEMPORAL_LAYERS: usize = 4;
 
 /// A layer with no packets for this long is stalled and not chosen. Shorter reacts faster to a
 /// publisher that dropped a layer (Chrome drops its top layer under CPU or bandwidth pressure);
@@ -111,6 +115,8 @@ struct Layer<L> {
     rank: u8,
     last: Instant,
     rate: RateMeter,
+    /// Per temporal layer: when it last carried a packet, and its rate.
+    temporal: [Option<(Instant, RateMeter)>; TEMPORAL_LAYERS],
 }
 
 /// The layers of one published track, when each last carried a packet and at what rate.
@@ -127,8 +133,8 @@ impl<L> Default for LayerActivity<L> {
 
 impl<L: Copy + PartialEq> LayerActivity<L> {
     /// Record a packet of `payload_len` bytes on `layer`, whose quality rank is `rank` (higher
-    /// is better).
-    pub fn saw(&mut self, layer: L, rank: u8, payload_len: usize, now: Instant) {
+    /// is better), of temporal layer `tid` if the codec says.
+    pub fn saw(&mut self, layer: L, rank: u8, tid: Option<u8>, payload_len: usize, now: Instant) {
         let entry = match self.layers.iter().position(|l| l.layer == layer) {
             Some(i) => &mut self.layers[i],
             None => {
@@ -137,12 +143,18 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
                     rank,
                     last: now,
                     rate: RateMeter::default(),
+                    temporal: Default::default(),
                 });
                 self.layers.last_mut().expect("just pushed")
             }
         };
         entry.last = now;
         entry.rate.add(payload_len, now);
+        if let Some(t) = tid.and_then(|t| entry.temporal.get_mut(usize::from(t))) {
+            let (last, rate) = t.get_or_insert_with(|| (now, RateMeter::default()));
+            *last = now;
+            rate.add(payload_len, now);
+        }
     }
 
     /// The best layer that is not stalled, if any.
@@ -165,15 +177,36 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
             .map(|l| l.layer)
     }
 
-    /// The active layers as (rank, bits/s) in ascending rank, for allocation. A layer too new
-    /// to have a measured rate counts at its [`nominal_bps`].
-    pub fn rates(&self, now: Instant) -> Vec<(u8, u64)> {
-        let mut rates: Vec<(u8, u64)> = self
-            .active(now)
-            .map(|l| (l.rank, l.rate.bps(now).unwrap_or(nominal_bps(l.rank))))
-            .collect();
+    /// The steps of the active layers with their rates (bits/s), ascending, for allocation:
+    /// each layer whole, and below that, for a layer with temporal layers, its lower frame
+    /// rates (temporal layers `0..=t`). A layer too new to have a measured rate counts at its
+    /// [`nominal_bps`], its lower frame rates at an even share of that.
+    pub fn rates(&self, now: Instant) -> Vec<(Quality, u64)> {
+        let mut rates: Vec<(Quality, u64)> = Vec::new();
+        for l in self.active(now) {
+            let whole = l.rate.bps(now).unwrap_or(nominal_bps(l.rank));
+            let tids: Vec<(u8, Option<u64>)> = (0..TEMPORAL_LAYERS as u8)
+                .zip(&l.temporal)
+                .filter_map(|(t, m)| {
+                    let (last, rate) = m.as_ref()?;
+                    (now.saturating_duration_since(*last) < LAYER_STALL).then(|| (t, rate.bps(now)))
+                })
+                .collect();
+            let mut sum = 0;
+            for (t, bps) in tids.iter().take(tids.len().saturating_sub(1)) {
+                sum += bps.unwrap_or(whole / tids.len() as u64);
+                rates.push((
+                    Quality {
+                        rank: l.rank,
+                        tid: *t,
+                    },
+                    sum.min(whole),
+                ));
+            }
+            rates.push((Quality::full(l.rank), whole));
+        }
         rates.sort_unstable();
-        rates.dedup_by_key(|(rank, _)| *rank);
+        rates.dedup_by_key(|(q, _)| *q);
         rates
     }
 
@@ -327,12 +360,18 @@ mod tests {
     fn the_best_layer_that_still_flows_is_chosen() {
         let t0 = Instant::now();
         let mut a = LayerActivity::default();
-        a.saw("q", rid_rank(Some("q")), 100, t0);
-        a.saw("f", rid_rank(Some("f")), 100, t0);
-        a.saw("h", rid_rank(Some("h")), 100, t0 + Duration::from_secs(1));
+        a.saw("q", rid_rank(Some("q")), None, 100, t0);
+        a.saw("f", rid_rank(Some("f")), None, 100, t0);
+        a.saw(
+            "h",
+            rid_rank(Some("h")),
+            None,
+            100,
+            t0 + Duration::from_secs(1),
+        );
         assert_eq!(a.best_active(t0 + Duration::from_millis(10)), Some("f"));
         // f stalls; h and q flow.
-        a.saw("q", rid_rank(Some("q")), 100, t0 + LAYER_STALL);
+        a.saw("q", rid_rank(Some("q")), None, 100, t0 + LAYER_STALL);
         let later = t0 + LAYER_STALL + Duration::from_millis(1);
         assert!(!a.is_active("f", later));
         assert_eq!(a.best_active(later), Some("h"));
@@ -340,18 +379,53 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_with_temporal_layers_offers_its_lower_frame_rates() {
+        let t0 = Instant::now();
+        let mut a = LayerActivity::default();
+        // 1.2 s of L1T3 at 30 fps: layer 0 every 4th frame (400 bytes), 1 every 4th (200),
+        // 2 every other (100); and an h layer without temporal layers.
+        for n in 0..36u32 {
+            let now = t0 + Duration::from_millis(u64::from(n) * 1000 / 30);
+            let (tid, len) = match n % 4 {
+                0 => (0, 400),
+                2 => (1, 200),
+                _ => (2, 100),
+            };
+            a.saw("q", 2, Some(tid), len, now);
+            a.saw("h", 3, None, 500, now);
+        }
+        let now = t0 + Duration::from_millis(1200);
+        let rates = a.rates(now);
+        let steps: Vec<Quality> = rates.iter().map(|(q, _)| *q).collect();
+        assert_eq!(
+            steps,
+            vec![
+                Quality { rank: 2, tid: 0 },
+                Quality { rank: 2, tid: 1 },
+                Quality::full(2),
+                Quality::full(3),
+            ]
+        );
+        // Each step costs more than the one below, the lowest under half of the whole
+        // (layer 0's 460 of 1040 bytes per 4 frames, with the per-packet overhead).
+        assert!(rates.windows(2).all(|w| w[0].1 < w[1].1), "{rates:?}");
+        let (t0_bps, whole) = (rates[0].1 as f64, rates[2].1 as f64);
+        assert!((0.38..0.5).contains(&(t0_bps / whole)), "{rates:?}");
+    }
+
+    #[test]
     fn a_size_cap_picks_the_best_layer_under_it_or_the_lowest() {
         let t0 = Instant::now();
         let mut a = LayerActivity::default();
         for rid in ["q", "h", "f"] {
-            a.saw(rid, rid_rank(Some(rid)), 100, t0);
+            a.saw(rid, rid_rank(Some(rid)), None, 100, t0);
         }
         assert_eq!(a.best_active_capped(t0, u8::MAX), Some("f"));
         assert_eq!(a.best_active_capped(t0, rid_rank(Some("h"))), Some("h"));
         assert_eq!(a.best_active_capped(t0, rid_rank(Some("q"))), Some("q"));
         // Only f flows: a cap of q still gets f rather than nothing.
         let mut only_f = LayerActivity::default();
-        only_f.saw("f", rid_rank(Some("f")), 100, t0);
+        only_f.saw("f", rid_rank(Some("f")), None, 100, t0);
         assert_eq!(
             only_f.best_active_capped(t0, rid_rank(Some("q"))),
             Some("f")

@@ -4,8 +4,18 @@
 //! space that stays continuous when the source changes (a simulcast layer switch, or the
 //! publisher restarting its encoder). Within one source the publisher's spacing is kept exactly,
 //! so gaps from real loss stay gaps and the receiver's NACK and jitter logic keep working.
+//! Packets the focus itself leaves out (frames of a temporal layer the subscriber does not
+//! get) are [`SeqTsRewriter::skip`]ped: they leave no gap, so the receiver never asks for them.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+/// How many of the latest skipped packets are remembered, so that a packet arriving late (after
+/// later packets were skipped) still gets its own number. Reordering deeper than this many
+/// skipped packets numbers a late packet as if they came after it: it may then repeat a number
+/// already sent, which the receiver drops as a duplicate. More costs memory per subscriber and
+/// track; a frame of a skipped layer is a few packets.
+const SKIP_MEMORY: usize = 32;
 
 /// What to do with one incoming packet for one subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,9 +33,12 @@ struct Epoch {
     source: u32,
     /// First extended sequence number forwarded from this source.
     first_in_seq: u64,
-    /// Output = input + offset (sequence), wrapping add (timestamp).
+    /// Output = input + offset (sequence), wrapping add (timestamp), for a packet newer than
+    /// every packet skipped.
     seq_offset: i64,
     ts_offset: u32,
+    /// The highest input sequence number seen, forwarded or skipped.
+    highest_in: u64,
 }
 
 /// Sequence/timestamp mapping for one subscriber's copy of one track.
@@ -37,6 +50,8 @@ pub struct SeqTsRewriter {
     last_out: Option<(u64, u32, Instant)>,
     first_out_seq: u64,
     first_out_ts: u32,
+    /// Input sequence numbers of the latest packets skipped in this epoch, oldest first.
+    skipped: VecDeque<u64>,
 }
 
 impl SeqTsRewriter {
@@ -50,6 +65,7 @@ impl SeqTsRewriter {
             last_out: None,
             first_out_seq: u64::from(first_out_seq.min(u16::MAX / 2)),
             first_out_ts,
+            skipped: VecDeque::new(),
         }
     }
 
@@ -63,18 +79,45 @@ impl SeqTsRewriter {
     /// packets skipped during the pause do not look lost to the receiver.
     pub fn resume(&mut self) {
         self.epoch = None;
+        self.skipped.clear();
+    }
+
+    /// Leave this packet of the current source out without a gap: the packets after it move
+    /// down by one. Only a packet newer than every packet seen shifts the numbering; an older
+    /// one (a late retransmission) leaves a gap rather than renumber packets already sent.
+    pub fn skip(&mut self, source: u32, in_seq: u64) {
+        let Some(e) = self.epoch.as_mut() else { return };
+        if e.source != source || in_seq <= e.highest_in {
+            return;
+        }
+        e.highest_in = in_seq;
+        e.seq_offset -= 1;
+        if self.skipped.len() == SKIP_MEMORY {
+            self.skipped.pop_front();
+        }
+        self.skipped.push_back(in_seq);
     }
 
     /// Map one packet. `in_seq` is the publisher's extended (rollover-free) sequence number.
     pub fn rewrite(&mut self, source: u32, in_seq: u64, in_ts: u32, now: Instant) -> Rewritten {
-        let epoch = match self.epoch {
-            Some(e) if e.source == source => e,
-            _ => self.start_epoch(source, in_seq, in_ts, now),
+        if self.epoch.is_none_or(|e| e.source != source) {
+            self.start_epoch(source, in_seq, in_ts, now);
+        }
+        let Some(epoch) = self.epoch.as_mut() else {
+            return Rewritten::DropStale; // start_epoch always sets one
         };
         if in_seq < epoch.first_in_seq {
             return Rewritten::DropStale;
         }
-        let seq = (in_seq as i64 + epoch.seq_offset) as u64;
+        // Skipped packets newer than this one have already moved the offset down.
+        let later_skips = if in_seq > epoch.highest_in {
+            epoch.highest_in = in_seq;
+            0
+        } else {
+            self.skipped.iter().filter(|s| **s > in_seq).count() as i64
+        };
+        let epoch = *epoch;
+        let seq = (in_seq as i64 + epoch.seq_offset + later_skips) as u64;
         let ts = in_ts.wrapping_add(epoch.ts_offset);
         match self.last_out {
             Some((last_seq, _, _)) if last_seq >= seq => {}
@@ -83,7 +126,7 @@ impl SeqTsRewriter {
         Rewritten::Send { seq, ts }
     }
 
-    fn start_epoch(&mut self, source: u32, in_seq: u64, in_ts: u32, now: Instant) -> Epoch {
+    fn start_epoch(&mut self, source: u32, in_seq: u64, in_ts: u32, now: Instant) {
         let (out_seq, out_ts) = match self.last_out {
             None => (self.first_out_seq, self.first_out_ts),
             Some((last_seq, last_ts, at)) => {
@@ -96,14 +139,14 @@ impl SeqTsRewriter {
                 (last_seq + 1, last_ts.wrapping_add(ticks.max(1)))
             }
         };
-        let epoch = Epoch {
+        self.skipped.clear();
+        self.epoch = Some(Epoch {
             source,
             first_in_seq: in_seq,
             seq_offset: out_seq as i64 - in_seq as i64,
             ts_offset: out_ts.wrapping_sub(in_ts),
-        };
-        self.epoch = Some(epoch);
-        epoch
+            highest_in: in_seq,
+        });
     }
 }
 
@@ -153,6 +196,38 @@ mod tests {
         // 400 packets later, same source: output continues at 11, not 410.
         let (seq, _) = send(r.rewrite(1, 900, 91_000, t0 + Duration::from_secs(1)));
         assert_eq!(seq, 11);
+    }
+
+    #[test]
+    fn skipped_packets_leave_no_gap_and_late_packets_keep_their_place() {
+        let t0 = Instant::now();
+        let mut r = SeqTsRewriter::new(90_000, 100, 0);
+        assert_eq!(send(r.rewrite(1, 10, 0, t0)), (100, 0));
+        r.skip(1, 11);
+        r.skip(1, 12);
+        assert_eq!(send(r.rewrite(1, 14, 0, t0)).0, 102, "13 was lost: a gap");
+        // 13 arrives late: it keeps the number between 12's skip and 14.
+        assert_eq!(send(r.rewrite(1, 13, 0, t0)).0, 101);
+        r.skip(1, 15);
+        assert_eq!(send(r.rewrite(1, 16, 0, t0)).0, 103);
+        // A late packet older than the newest seen, skipped: numbering stays.
+        r.skip(1, 9);
+        r.skip(1, 15);
+        assert_eq!(send(r.rewrite(1, 17, 0, t0)).0, 104);
+        // Another source's packet is not this epoch's to skip.
+        r.skip(2, 18);
+        assert_eq!(send(r.rewrite(1, 18, 0, t0)).0, 105);
+    }
+
+    #[test]
+    fn skips_before_anything_was_forwarded_change_nothing() {
+        let t0 = Instant::now();
+        let mut r = SeqTsRewriter::new(90_000, 100, 0);
+        r.skip(1, 5);
+        assert_eq!(send(r.rewrite(1, 6, 0, t0)).0, 100);
+        r.skip(1, 7);
+        r.resume();
+        assert_eq!(send(r.rewrite(1, 9, 0, t0)).0, 101);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use str0m::bwe::Bitrate;
 use tracing::{debug, info};
 
 use crate::api::PeerRole;
-use crate::forward::{allocate, Demand, LayerSelector, Now, Priority};
+use crate::forward::{allocate, camera_steps, Demand, LayerSelector, Now, Priority};
 use crate::ids::{PeerId, TrackKind};
 
 use super::{EventSink, ShardCore, TrackKey};
@@ -102,6 +102,7 @@ impl<S: EventSink> ShardCore<S> {
                     } else {
                         Priority::Other
                     };
+                    let layers = if screen { layers } else { camera_steps(layers) };
                     keys.push(*t);
                     demands.push(Demand {
                         priority,
@@ -125,8 +126,12 @@ impl<S: EventSink> ShardCore<S> {
                 continue;
             };
             let paused = match *choice {
-                Some(rank) => {
-                    out.allocated = Now::Layer(rank);
+                Some(step) => {
+                    if out.allocated != Now::Layer(step) {
+                        debug!(%id, publisher = %t.publisher, mid = %t.mid, estimate, ?loss, reserved,
+                            rank = step.rank, tid = step.tid, steps = ?d.layers, "video allocated");
+                    }
+                    out.allocated = Now::Layer(step);
                     false
                 }
                 None => {
@@ -136,6 +141,7 @@ impl<S: EventSink> ShardCore<S> {
                         // numbers where the pause left them.
                         out.layers = LayerSelector::default();
                         out.rewriter.resume();
+                        out.picture_ids.resume();
                     }
                     true
                 }

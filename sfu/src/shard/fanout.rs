@@ -7,7 +7,9 @@ use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
 
 use crate::api::PeerRole;
 use crate::engine;
-use crate::forward::{rid_rank, starts_keyframe, Decision, Rewritten};
+use crate::forward::{
+    rid_rank, starts_keyframe, Decision, Rewritten, TemporalPacket, VideoCodec, Vp8Descriptor,
+};
 use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
 
@@ -75,12 +77,20 @@ impl<S: EventSink> ShardCore<S> {
             return;
         };
         // By this packet's own codec: a publisher may switch codecs on one m-line.
-        let keyframe = published.kind == TrackKind::Video
-            && starts_keyframe(engine::video_codec(params.spec().codec), &pkt.payload);
         let is_video = published.kind == TrackKind::Video;
+        let codec = engine::video_codec(params.spec().codec);
+        let vp8 = (is_video && codec == VideoCodec::Vp8)
+            .then(|| Vp8Descriptor::parse(&pkt.payload).ok())
+            .flatten();
+        let keyframe = match vp8 {
+            Some(d) => d.keyframe,
+            None => is_video && starts_keyframe(codec, &pkt.payload),
+        };
+        let rank = rid_rank(rid.as_deref());
+        let tid = vp8.and_then(|d| d.tid);
         published
             .activity
-            .saw(rid, rid_rank(rid.as_deref()), pkt.payload.len(), now);
+            .saw(rid, rank, tid, pkt.payload.len(), now);
         let first_packet = *published.first_packet.get_or_insert(now);
         // Until a simulcast track has flowed a moment, its better layers may not have been
         // seen yet: a subscriber waits for its layer's keyframe rather than starting on the
@@ -131,6 +141,9 @@ impl<S: EventSink> ShardCore<S> {
         };
         let nackable = is_video;
         let mut need_keyframe: Vec<Option<Rid>> = Vec::new();
+        // str0m's reading of the VP8 descriptor, which its patches are built from: read once
+        // per packet, when a subscriber first needs its picture id renumbered.
+        let mut str0m_vp8: Option<Option<str0m::rtp::Vp8Descriptor>> = None;
         let subscribers = std::mem::take(&mut published.subscribers);
         for sub in &subscribers {
             let Some(speer) = self.peers.get_mut(sub) else {
@@ -188,6 +201,25 @@ impl<S: EventSink> ShardCore<S> {
                     }
                 }
             }
+            // Temporal layers above what the subscriber gets are left out, whole frames at a
+            // time, without a gap in its sequence numbers or picture ids.
+            if let (Some(d), None) = (vp8, &out.trunk) {
+                out.temporal.set_target(out.temporal_cap(rank));
+                let p = TemporalPacket {
+                    timestamp: pkt.header.timestamp,
+                    tid: d.tid,
+                    layer_sync: d.layer_sync,
+                    keyframe,
+                };
+                if !out.temporal.forward(p) {
+                    out.rewriter.skip(*ssrc, *pkt.seq_no);
+                    if let Some(id) = d.picture_id {
+                        out.picture_ids.skip(*ssrc, id);
+                    }
+                    self.counters.temporal_skipped += 1;
+                    continue;
+                }
+            }
             let out_pt = match out.pt_map.iter().find(|(i, _)| *i == pt) {
                 Some((_, o)) => *o,
                 None => {
@@ -214,6 +246,7 @@ impl<S: EventSink> ShardCore<S> {
             } else {
                 if resumed {
                     out.rewriter.resume();
+                    out.picture_ids.resume();
                 }
                 match out
                     .rewriter
@@ -226,6 +259,24 @@ impl<S: EventSink> ShardCore<S> {
                     }
                 }
             };
+            // The picture id renumbered around frames left out: a patch of the descriptor's
+            // bytes as the engine copies the payload out (the shared payload is untouched).
+            let renumbered = match vp8.and_then(|d| d.picture_id) {
+                Some(id) if out.trunk.is_none() => {
+                    let to = out.picture_ids.rewrite(*ssrc, id);
+                    (to != id.value).then_some(to)
+                }
+                _ => None,
+            };
+            let patch = renumbered.and_then(|to| {
+                let d = str0m_vp8
+                    .get_or_insert_with(|| str0m::rtp::Vp8Descriptor::parse(&pkt.payload).ok());
+                d.as_ref()?.patch().picture_id(to).build().ok()
+            });
+            if renumbered.is_some() && patch.is_none() {
+                self.counters.drop(DropReason::Malformed);
+                continue;
+            }
             let mid = out.mid;
             // A panic in the subscriber's engine is the subscriber's.
             let publisher = self.current.replace(*sub);
@@ -247,12 +298,15 @@ impl<S: EventSink> ShardCore<S> {
                 self.counters.drop(DropReason::NoSendStream);
                 continue;
             };
-            tx.write_rtp(
+            let mut write =
                 RtpWrite::new(out_pt, seq.into(), ts, pkt.timestamp, pkt.payload.clone())
                     .marker(pkt.header.marker)
                     .ext_vals(ext.clone())
-                    .nackable(nackable),
-            );
+                    .nackable(nackable);
+            if let Some(patch) = patch {
+                write = write.vp8_patch(patch);
+            }
+            tx.write_rtp(write);
             self.current = publisher;
             self.counters.rtp_forwarded += 1;
             if speer.role == PeerRole::Trunk {

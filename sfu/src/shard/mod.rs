@@ -41,8 +41,8 @@ use str0m::Rtc;
 use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
 use crate::budget::RateBudget;
 use crate::forward::{
-    Allocator, KeyframeRequests, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter,
-    SpeakerDetector, StallWatch, TrunkLayers,
+    Allocator, KeyframeRequests, LayerActivity, LayerDemand, LayerSelector, Now, PictureIds,
+    SeqTsRewriter, SpeakerDetector, StallWatch, TemporalFilter, TrunkLayers, ALL_TEMPORAL,
 };
 use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::net::SendQueue;
@@ -123,6 +123,10 @@ struct OutTrack {
     rewriter: SeqTsRewriter,
     /// Which layer this subscriber gets; starts and switches only on keyframes.
     layers: LayerSelector<Option<Rid>>,
+    /// Which temporal layers of it (VP8), and the picture ids renumbered around the frames
+    /// left out.
+    temporal: TemporalFilter,
+    picture_ids: PictureIds,
     /// The best layer rank the subscriber's subscription allows (`u8::MAX`: any). Worked out
     /// when the track starts and when the subscription changes, so neither the first packet
     /// nor housekeeping searches the subscription list.
@@ -161,8 +165,16 @@ impl OutTrack {
     /// The best layer rank this copy may get: its size cap, lowered by allocation.
     fn layer_cap(&self) -> u8 {
         match self.allocated {
-            Now::Layer(rank) => self.cap.min(rank),
+            Now::Layer(q) => self.cap.min(q.rank),
             _ => self.cap,
+        }
+    }
+
+    /// The highest temporal layer this copy may get while it receives the layer of `rank`.
+    fn temporal_cap(&self, rank: u8) -> u8 {
+        match self.allocated {
+            Now::Layer(q) => q.temporal_cap(rank),
+            _ => ALL_TEMPORAL,
         }
     }
 

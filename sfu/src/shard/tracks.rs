@@ -8,7 +8,8 @@ use tracing::info;
 
 use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_AGE};
 use crate::forward::{
-    rid_rank, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter, TrunkLayers,
+    rid_rank, LayerActivity, LayerDemand, LayerSelector, Now, PictureIds, SeqTsRewriter,
+    TemporalFilter, TrunkLayers,
 };
 use crate::ids::{MediaId, PeerId, TrackKind};
 
@@ -142,6 +143,8 @@ impl<S: EventSink> ShardCore<S> {
                 track_id,
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
                 layers: LayerSelector::default(),
+                temporal: TemporalFilter::default(),
+                picture_ids: PictureIds::default(),
                 cap,
                 pt_map: Vec::new(),
                 tx_ssrcs: Vec::new(),

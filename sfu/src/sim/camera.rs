@@ -2,13 +2,14 @@
 //! simulcast layers, and a keyframe of a layer only when the focus asks for one (and on the
 //! first frame). With its microphone, if the participant publishes audio. Like weir's web
 //! client, it stops encoding the layers the focus says nobody needs (`io.weir.layers`), and
-//! starts a layer switched back on with a keyframe.
+//! starts a layer switched back on with a keyframe. With [`Camera::with_temporal_layers`], each
+//! layer is encoded as Chromium encodes its simulcast layers: three temporal layers (L1T3).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Publish, Received, SimNet};
+use super::{payload_tag, Publish, Received, SimNet, Vp8Temporal};
 
 /// One layer: rid (`None` without simulcast), rank (`forward::rid_rank`), and the payload
 /// sizes of the packets of one delta frame. A keyframe is three delta frames' worth.
@@ -34,7 +35,19 @@ pub struct Camera {
     pub sent: HashMap<Arc<[u8]>, u8>,
     /// Packets sent per layer rank.
     pub packets_by_rank: HashMap<u8, usize>,
+    /// Encode temporal layers: per layer (rid), where it is in the L1T3 pattern.
+    temporal: Option<HashMap<Option<&'static str>, TemporalState>>,
+    /// With temporal layers, every packet sent by its tag: payload, layer rank, descriptor.
+    pub by_tag: HashMap<u64, (Arc<[u8]>, u8, Vp8Temporal)>,
 }
+
+/// One layer's temporal encoding state: the frame's place in the L1T3 pattern, the next
+/// picture id and TL0PICIDX.
+type TemporalState = (u64, u16, u8);
+
+/// Chromium's L1T3 pattern: temporal layer of each frame in a cycle of four, and whether it is
+/// a switch point (depends on layer 0 only).
+const L1T3: [(u8, bool); 4] = [(0, false), (2, true), (1, true), (2, false)];
 
 impl Camera {
     /// Chromium's three 720p simulcast layers: q 150, h 500 and f 1500 kbit/s with the
@@ -56,7 +69,15 @@ impl Camera {
             restarted: Vec::new(),
             sent: HashMap::new(),
             packets_by_rank: HashMap::new(),
+            temporal: None,
+            by_tag: HashMap::new(),
         }
+    }
+
+    /// Encode every layer with three temporal layers, as Chromium does.
+    pub fn with_temporal_layers(mut self) -> Self {
+        self.temporal = Some(HashMap::new());
+        self
     }
 
     /// One frame on every layer (and an audio packet), then a frame's time of simulation.
@@ -90,7 +111,29 @@ impl Camera {
             } else {
                 sizes.to_vec()
             };
-            for p in net.send_frame(self.who, rid, key, &sizes) {
+            let temporal = self.temporal.as_mut().map(|layers| {
+                let (pos, picture_id, tl0) = layers.entry(rid).or_insert((0, 1000, 0));
+                if key {
+                    *pos = 0; // a keyframe starts the pattern again, on layer 0
+                }
+                let (tid, layer_sync) = L1T3[(*pos % 4) as usize];
+                if tid == 0 {
+                    *tl0 = tl0.wrapping_add(1);
+                }
+                let t = Vp8Temporal {
+                    picture_id: *picture_id,
+                    tl0_pic_idx: *tl0,
+                    tid,
+                    layer_sync,
+                };
+                *pos += 1;
+                *picture_id = (*picture_id + 1) % (1 << 15);
+                t
+            });
+            for p in net.send_frame(self.who, rid, key, &sizes, temporal) {
+                if let (Some(t), Some(tag)) = (temporal, payload_tag(&p)) {
+                    self.by_tag.insert(tag, (p.clone(), rank, t));
+                }
                 self.sent.insert(p, rank);
                 *self.packets_by_rank.entry(rank).or_default() += 1;
             }
@@ -142,7 +185,10 @@ impl Camera {
         net.clients[who]
             .received
             .iter()
-            .filter(|r| self.sent.contains_key(&r.payload))
+            .filter(|r| {
+                self.sent.contains_key(&r.payload)
+                    || payload_tag(&r.payload).is_some_and(|t| self.by_tag.contains_key(&t))
+            })
             .collect()
     }
 

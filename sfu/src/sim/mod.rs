@@ -359,18 +359,20 @@ impl SimNet {
         keyframe: bool,
         len: usize,
     ) -> Arc<[u8]> {
-        self.send_frame(i, rid, keyframe, &[len]).remove(0)
+        self.send_frame(i, rid, keyframe, &[len], None).remove(0)
     }
 
     /// Participant `i` sends one video frame on layer `rid`: a packet per entry of `sizes`
     /// (payload bytes), one RTP timestamp for all, the marker on the last, the first a VP8
-    /// keyframe start if `keyframe`. Returns the payloads sent.
+    /// keyframe start if `keyframe`, every packet's descriptor carrying `temporal` if given.
+    /// Returns the payloads sent.
     pub fn send_frame(
         &mut self,
         i: usize,
         rid: Option<&str>,
         keyframe: bool,
         sizes: &[usize],
+        temporal: Option<Vp8Temporal>,
     ) -> Vec<Arc<[u8]>> {
         let now = self.now;
         let timestamp = self.video_clock();
@@ -383,7 +385,10 @@ impl SimNet {
             // Tagged with the sender too: two cameras' payloads of one size must differ, or a
             // watcher's packets could not be told apart by camera.
             let tag = (i as u64) << 48 | c.next_tag;
-            let payload = vp8_payload(keyframe && k == 0, *len, tag);
+            let payload = match temporal {
+                Some(t) => vp8_layered_payload(keyframe && k == 0, k == 0, *len, tag, t),
+                None => vp8_payload(keyframe && k == 0, *len, tag),
+            };
             c.next_tag += 1;
             let seq = c.next_seq(mid, rid);
             let mut api = c.rtc.direct_api();
@@ -683,6 +688,51 @@ pub fn vp8_pt(rtc: &Rtc) -> Option<Pt> {
     rtc.codec_config()
         .find(|p| p.spec().codec == Codec::Vp8)
         .map(|p| p.pt())
+}
+
+/// The temporal-layer fields of a VP8 payload descriptor, as Chromium's L1T3 encoder writes
+/// them on every packet of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vp8Temporal {
+    /// 15-bit picture id.
+    pub picture_id: u16,
+    pub tl0_pic_idx: u8,
+    pub tid: u8,
+    /// Y: depends on temporal layer 0 only.
+    pub layer_sync: bool,
+}
+
+/// A VP8 payload with an extended descriptor (15-bit picture id, TL0PICIDX, TID and Y) at
+/// bytes 0..6; the frame header at 6 (on the frame's first packet, `starts`), and `tag` in the
+/// last 8 bytes as in [`vp8_payload`].
+pub fn vp8_layered_payload(
+    keyframe: bool,
+    starts: bool,
+    len: usize,
+    tag: u64,
+    t: Vp8Temporal,
+) -> Arc<[u8]> {
+    let len = len.max(20);
+    let mut p = vec![0u8; len];
+    p[0] = if starts { 0x90 } else { 0x80 }; // X, S on the first packet, partition 0
+    p[1] = 0xe0; // I, L, T
+    p[2] = 0x80 | (t.picture_id >> 8) as u8 & 0x7f;
+    p[3] = t.picture_id as u8;
+    p[4] = t.tl0_pic_idx;
+    p[5] = (t.tid & 0x03) << 6 | if t.layer_sync { 0x20 } else { 0 };
+    p[6] = if keyframe { 0x00 } else { 0x01 };
+    if keyframe {
+        p[9..12].copy_from_slice(&[0x9d, 0x01, 0x2a]);
+    }
+    p[len - 8..].copy_from_slice(&tag.to_be_bytes());
+    p.into()
+}
+
+/// The tag a simulated payload carries in its last 8 bytes (the descriptor the focus may
+/// renumber is at the front).
+pub fn payload_tag(payload: &[u8]) -> Option<u64> {
+    let tail = payload.get(payload.len().checked_sub(8)?..)?;
+    Some(u64::from_be_bytes(tail.try_into().ok()?))
 }
 
 /// A VP8 payload: the payload descriptor (start of partition 0), then a frame header whose
