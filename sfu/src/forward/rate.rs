@@ -27,7 +27,15 @@ impl RateMeter {
     pub fn add(&mut self, payload_len: usize, now: Instant) {
         let start = *self.window_start.get_or_insert(now);
         let elapsed = now.saturating_duration_since(start);
-        if elapsed >= RATE_WINDOW {
+        if elapsed >= RATE_WINDOW * 2 {
+            // The stream stopped for a while (a layer the publisher was told to stop, and
+            // started again): a window stretched over the pause would read as a trickle, and
+            // allocation would take the restarted layer for nearly free. Start measuring anew.
+            *self = RateMeter {
+                window_start: Some(now),
+                ..RateMeter::default()
+            };
+        } else if elapsed >= RATE_WINDOW {
             self.last_bps = Some(bits_per_second(self.bytes, elapsed));
             self.window_start = Some(now);
             self.bytes = 0;
@@ -85,6 +93,24 @@ mod tests {
         // 30 kB in 200 ms.
         let bps = m.bps(t0 + Duration::from_millis(200)).unwrap();
         assert_eq!(bps, 1_200_000);
+    }
+
+    #[test]
+    fn a_stream_that_stopped_and_started_again_is_measured_afresh() {
+        let t0 = Instant::now();
+        let mut m = RateMeter::default();
+        // 800 kbit/s for 2 s, then nothing for 5 s (switched off), then 800 kbit/s again.
+        for i in 0..200u64 {
+            m.add(940, t0 + Duration::from_millis(10 * i));
+        }
+        let back = t0 + Duration::from_secs(7);
+        m.add(940, back);
+        assert_eq!(m.bps(back), None, "not measured again yet, not a trickle");
+        for i in 1..=20u64 {
+            m.add(940, back + Duration::from_millis(10 * i));
+        }
+        let bps = m.bps(back + Duration::from_millis(200)).unwrap();
+        assert!((790_000..=850_000).contains(&bps), "{bps}");
     }
 
     #[test]
