@@ -42,6 +42,19 @@ fn frames<'a>(net: &'a SimNet, cam: &'a Camera, who: usize, from: usize) -> Fram
     out
 }
 
+/// A received payload is what the camera sent except, at most, the picture id and TL0PICIDX
+/// (bytes 2 to 4 of the simulated descriptor), which the focus renumbers.
+fn same_but_numbers(received: &[u8], original: &[u8]) {
+    assert_eq!(received.len(), original.len());
+    let differs: Vec<usize> = (0..original.len())
+        .filter(|&i| received[i] != original[i])
+        .collect();
+    assert!(
+        differs.iter().all(|i| (2..=4).contains(i)),
+        "only the picture id and TL0PICIDX may be renumbered, bytes {differs:?} changed"
+    );
+}
+
 /// The received payload's picture id.
 fn picture_id(p: &[u8]) -> u16 {
     u16::from(p[2] & 0x7f) << 8 | u16::from(p[3])
@@ -86,14 +99,7 @@ fn a_link_too_narrow_for_the_smallest_layer_gets_it_at_a_lower_frame_rate() {
         for (seq, r, (original, rank, t)) in packets {
             assert_eq!(*rank, 2, "only q fits her link");
             assert!(t.tid <= 1, "frame {ts} of temporal layer {}", t.tid);
-            assert_eq!(r.payload.len(), original.len());
-            let differs: Vec<usize> = (0..original.len())
-                .filter(|&i| r.payload[i] != original[i])
-                .collect();
-            assert!(
-                differs.iter().all(|i| (2..=3).contains(i)),
-                "only the picture id may be renumbered, bytes {differs:?} changed"
-            );
+            same_but_numbers(&r.payload, original);
             seqs.insert(*seq);
         }
         // The window's first and last frames may straddle its edges.
@@ -119,13 +125,14 @@ fn a_link_too_narrow_for_the_smallest_layer_gets_it_at_a_lower_frame_rate() {
         .any(|m| m.contains("io.weir.paused") && m.contains("\"paused\":true"));
     assert!(!paused, "Carol's video was never paused");
 
-    // Bob, on a free link, got every frame of f in the same time, untouched.
+    // Bob, on a free link, got every frame of f in the same time: Alice's bytes but for the
+    // numbers, which continue those of the layer he started on.
     let bob_frames = frames(&net, &cam, bob, bob_from);
     assert!(bob_frames.len() as f64 >= 29.0 * window.as_secs_f64());
     for packets in bob_frames.values() {
         for (_, r, (original, rank, _)) in packets {
             assert_eq!(*rank, 4);
-            assert_eq!(&r.payload, original, "Bob's payloads are Alice's bytes");
+            same_but_numbers(&r.payload, original);
         }
     }
     let skipped = net
@@ -156,4 +163,60 @@ fn a_link_too_narrow_for_the_smallest_layer_gets_it_at_a_lower_frame_rate() {
         back.is_some(),
         "Carol is back on f at 30 frames/s within 20 s"
     );
+
+    // Down to q and back up to f: every change of layer in what Carol received, in her
+    // sequence order, starts on a keyframe of the new layer, and the numbers run on across
+    // the changes as if from one encoder: a picture id per frame, a TL0PICIDX per layer-0
+    // frame.
+    let all = frames(&net, &cam, carol, 0);
+    let mut by_seq: Vec<(i64, u8, bool, u16, u8, u8)> = all
+        .values()
+        .flatten()
+        .filter(|(_, r, _)| r.payload[0] & 0x10 != 0) // the first packet of each frame
+        .map(|(seq, r, (original, rank, t))| {
+            let keyframe = original[6] & 0x01 == 0;
+            (
+                *seq,
+                *rank,
+                keyframe,
+                picture_id(&r.payload),
+                r.payload[4],
+                t.tid,
+            )
+        })
+        .collect();
+    by_seq.sort_unstable();
+    by_seq.dedup();
+    // (Only between frames both received: a frame lost on the narrow link is a gap. A
+    // frame may end early where the layer changes: the new layer's keyframe can overtake
+    // the rest of the old layer's frame, which is then not sent.)
+    let packets = |rank: u8, keyframe: bool| {
+        let sizes = LAYERS.iter().find(|l| l.1 == rank).map_or(0, |l| l.2.len());
+        sizes as i64 * if keyframe { 3 } else { 1 }
+    };
+    let adjacent: Vec<_> = by_seq
+        .windows(2)
+        .filter(|w| {
+            let gap = w[1].0 - w[0].0;
+            gap == packets(w[0].1, w[0].2)
+                || (w[0].1 != w[1].1 && gap >= 1 && gap < packets(w[0].1, w[0].2))
+        })
+        .collect();
+    assert!(adjacent.len() > 100);
+    let switches: Vec<_> = adjacent
+        .iter()
+        .filter(|w| w[0].1 != w[1].1)
+        .map(|w| w[1])
+        .collect();
+    assert!(switches.len() >= 2, "Carol moved down and up: {switches:?}");
+    assert!(
+        switches.iter().all(|s| s.2),
+        "every switch lands on a keyframe: {switches:?}"
+    );
+    for w in &adjacent {
+        let ((_, _, _, id0, tl0_0, _), (_, _, _, id1, tl0_1, tid1)) = (w[0], w[1]);
+        assert_eq!(id1, (id0 + 1) % (1 << 15), "picture ids run on: {w:?}");
+        let step = u8::from(tid1 == 0);
+        assert_eq!(tl0_1, tl0_0.wrapping_add(step), "TL0PICIDX runs on: {w:?}");
+    }
 }

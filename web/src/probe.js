@@ -382,6 +382,8 @@ async function inboundByTrack() {
       packetsLost: s.packetsLost ?? 0,
       bytesReceived: s.bytesReceived ?? 0,
       framesDecoded: s.framesDecoded ?? 0,
+      framesReceived: s.framesReceived ?? null,
+      framesDropped: s.framesDropped ?? null,
       framesPerSecond: s.framesPerSecond ?? null,
       frameWidth: s.frameWidth ?? null,
       frameHeight: s.frameHeight ?? null,
@@ -540,6 +542,8 @@ export function watchFrames({ owner, intervalMs = 50 }) {
       const s = vt ? (await inboundByTrack()).get(vt.id) : null;
       if (!s) return;
       const now = Date.now();
+      w.first ??= s;
+      w.last = s;
       if (w.lastFrames === null || s.framesDecoded > w.lastFrames) {
         if (w.lastChange !== null && now - w.lastChange > w.maxGapMs) {
           w.maxGapMs = now - w.lastChange;
@@ -570,6 +574,12 @@ export function frameWatch(owner) {
     gapEndedAt: ongoing > w.maxGapMs ? null : w.gapEndedAt,
     framesDecoded: w.lastFrames,
     widths: { ...w.widths },
+    // What the receiver counted meanwhile: why the picture stopped, when it did.
+    counts: Object.fromEntries(
+      ["packetsReceived", "packetsLost", "nackCount", "pliCount", "framesReceived", "framesDecoded", "framesDropped", "keyFramesDecoded"].map(
+        (k) => [k, w.first && w.last ? (w.last[k] ?? 0) - (w.first[k] ?? 0) : null],
+      ),
+    ),
   };
 }
 

@@ -28,8 +28,12 @@ const WIDTH = 1280;
 const HEIGHT = 720;
 /** The focus's LAYER_OFF_DELAY (sfu/src/forward/dynacast.rs) is 3 s; this leaves room. */
 const DYNACAST_TIMEOUT_MS = 20000;
-/** A link below q (150 kbit/s) with the audio Carol receives: only its lower frame rates fit. */
-const TEMPORAL_LINK_KBIT = Number(process.env.WEIR_TEMPORAL_LINK_KBIT ?? 250);
+/**
+ * A link on which q whole (150-230 kbit/s with this clip) and the audio Carol receives (about
+ * 56 kbit/s) do not fit the 80 % of the estimate allocation climbs to: only q's lower frame
+ * rates do. (At 250 kbit/s the estimate sometimes fell far enough for a pause.)
+ */
+const TEMPORAL_LINK_KBIT = Number(process.env.WEIR_TEMPORAL_LINK_KBIT ?? 300);
 
 let h;
 const chain = stepChain();
@@ -150,6 +154,23 @@ function limitDownlink(port, kbit) {
 
 function liftLimit() {
   tc("qdisc", "del", "dev", "lo", "root");
+}
+
+function liftIfLimited() {
+  try {
+    liftLimit();
+  } catch {
+    // lifted already
+  }
+}
+
+/** Once Carol decodes Alice's full layer: the UDP port of her side of the connection. */
+async function carolsPortOnTheFullLayer() {
+  await decodesAt("carol", 1280, 30000);
+  const local = (await h.byName("carol").snapshot()).selectedPair?.local ?? "";
+  const port = Number(/:(\d+)\/udp/.exec(local)?.[1]);
+  assert.ok(port > 0, `Carol's local candidate: ${local}`);
+  return port;
 }
 
 /**
@@ -281,19 +302,10 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
   await step(t, async () => {
     const carol = h.byName("carol");
     const alice = h.byName("alice").session.userId;
-    await decodesAt("carol", 1280);
-    const local = (await carol.snapshot()).selectedPair?.local ?? "";
-    const port = Number(/:(\d+)\/udp/.exec(local)?.[1]);
-    assert.ok(port > 0, `Carol's local candidate: ${local}`);
+    const port = await carolsPortOnTheFullLayer();
     await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
     limitDownlink(port, 500);
-    t.after(() => {
-      try {
-        liftLimit();
-      } catch {
-        // lifted already
-      }
-    });
+    t.after(liftIfLimited);
     const cut = Date.now();
     const low = await decodesBelow("carol", 1280, 20000);
     const lowerAfterMs = Date.now() - cut;
@@ -332,7 +344,12 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
     });
     const settled = await carol.eval((o) => window.Probe.frameWatch(o), alice);
     const after = await aliceAt("carol");
-    report.narrowed = { ...report.narrowed, settledLongestFreezeMs: settled.maxGapMs, settledWidths: settled.widths };
+    report.narrowed = {
+      ...report.narrowed,
+      settledLongestFreezeMs: settled.maxGapMs,
+      settledWidths: settled.widths,
+      settledCounts: settled.counts,
+    };
     log(`narrow link: ${JSON.stringify(report.narrowed)}`);
     assert.ok(after.frameWidth < 1280, `on a lower layer 5 s later (${after.frameWidth} px)`);
     // Issue 8 asks for no stop over 1 s here. Locally the longest stop was 0.25-0.5 s, but in
@@ -356,18 +373,9 @@ test("Carol's downlink cut below the smallest layer: she keeps it at a lower fra
   await step(t, async () => {
     const carol = h.byName("carol");
     const alice = h.byName("alice").session.userId;
-    await decodesAt("carol", 1280, 30000);
-    const local = (await carol.snapshot()).selectedPair?.local ?? "";
-    const port = Number(/:(\d+)\/udp/.exec(local)?.[1]);
-    assert.ok(port > 0, `Carol's local candidate: ${local}`);
+    const port = await carolsPortOnTheFullLayer();
     limitDownlink(port, TEMPORAL_LINK_KBIT);
-    t.after(() => {
-      try {
-        liftLimit();
-      } catch {
-        // lifted already
-      }
-    });
+    t.after(liftIfLimited);
     const cut = Date.now();
     await decodesAt("carol", 320, 30000);
     // Settled: the estimate has found the link; then five seconds watched every 50 ms.
@@ -386,6 +394,7 @@ test("Carol's downlink cut below the smallest layer: she keeps it at a lower fra
       fps: Math.round(fps * 10) / 10,
       longestFreezeMs: watched.maxGapMs,
       widths: watched.widths,
+      counts: watched.counts,
       pauseNotices: paused.length,
     };
     log(`below the smallest layer: ${JSON.stringify(report.belowSmallest)}`);

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
 use weir_sfu::forward::{
-    PictureId, PictureIds, Rewritten, SeqTsRewriter, TemporalFilter, TemporalPacket,
+    PictureId, Vp8Ids, Rewritten, SeqTsRewriter, TemporalFilter, TemporalPacket,
     Vp8Descriptor,
 };
 
@@ -18,13 +18,14 @@ fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let mut filter = TemporalFilter::default();
     let mut seqs = SeqTsRewriter::new(90_000, 1000, 0);
-    let mut ids = PictureIds::default();
+    let mut ids = Vp8Ids::default();
     let (mut seq, mut last_seq, mut last_id) = (70_000u64, None::<u64>, None::<u16>);
     for (n, b) in data.iter().enumerate() {
         if b & 0x40 != 0 {
             filter.set_target((b >> 4) & 0x03);
         }
         let p = TemporalPacket {
+            source: 7,
             timestamp: n as u32 * 3000,
             tid: Some(b & 0x03),
             layer_sync: b & 0x04 != 0,
@@ -48,7 +49,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(out, last + 1, "sequence numbers stay contiguous");
             }
             last_seq = Some(out);
-            let out_id = ids.rewrite(7, id);
+            let out_id = ids.rewrite(7, id, None).picture_id;
             if let Some(last) = last_id {
                 assert!(
                     out_id == last || out_id == (last + 1) % (1 << 15),

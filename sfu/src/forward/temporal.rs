@@ -20,10 +20,10 @@ pub struct TemporalFilter {
     target: u8,
     /// The highest temporal layer forwarded now.
     current: u8,
-    /// The last frame decided, by RTP timestamp, and whether it goes out.
-    frame: Option<(u32, bool)>,
+    /// The last frame decided, by source and RTP timestamp, and whether it goes out.
+    frame: Option<(FrameKey, bool)>,
     /// The frame before it: a late packet of it keeps its decision.
-    previous: Option<(u32, bool)>,
+    previous: Option<(FrameKey, bool)>,
 }
 
 impl Default for TemporalFilter {
@@ -37,9 +37,15 @@ impl Default for TemporalFilter {
     }
 }
 
+/// A frame: its source (SSRC) and RTP timestamp. Simulcast layers of one captured picture
+/// may share a timestamp, so the timestamp alone does not tell their frames apart.
+type FrameKey = (u32, u32);
+
 /// One packet as the filter sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct TemporalPacket {
+    /// The publisher's SSRC of the packet's layer.
+    pub source: u32,
     pub timestamp: u32,
     /// The packet's temporal layer; `None` for streams without temporal layers.
     pub tid: Option<u8>,
@@ -68,18 +74,22 @@ impl TemporalFilter {
     /// Whether this packet goes out.
     pub fn forward(&mut self, p: TemporalPacket) -> bool {
         let Some(tid) = p.tid else { return true };
-        for (ts, out) in [self.frame, self.previous].into_iter().flatten() {
-            if ts == p.timestamp {
+        let key = (p.source, p.timestamp);
+        for (k, out) in [self.frame, self.previous].into_iter().flatten() {
+            if k == key {
                 return out;
             }
         }
         if p.keyframe || self.target < self.current {
             self.current = self.target;
-        } else if self.target > self.current && p.layer_sync && tid > self.current {
-            self.current = tid.min(self.target);
+        } else if self.target > self.current && p.layer_sync && tid == self.current + 1 {
+            // One layer at a time: a switch point of layer k depends on layer 0 only, but
+            // the frames of layer k+1 after it may refer to layer k's frames since the last
+            // layer-0 frame, which were left out.
+            self.current = tid;
         }
         let out = tid <= self.current;
-        self.previous = self.frame.replace((p.timestamp, out));
+        self.previous = self.frame.replace((key, out));
         out
     }
 }
@@ -93,6 +103,7 @@ mod tests {
     fn frame(n: u32) -> TemporalPacket {
         let tid = [0, 2, 1, 2][n as usize % 4];
         TemporalPacket {
+            source: 1,
             timestamp: n * 3000,
             tid: Some(tid),
             layer_sync: n % 4 == 1 || n % 4 == 2,
@@ -127,21 +138,22 @@ mod tests {
         f.set_target(0);
         run(&mut f, 0..4);
         f.set_target(2);
-        // Frame 4 is layer 0, frame 5 a layer-2 switch point.
-        assert_eq!(run(&mut f, 4..8), vec![4, 5, 6, 7]);
-        f.set_target(0);
-        run(&mut f, 8..10);
+        // Frame 4 is layer 0; frame 5, a layer-2 switch point, is not layer 1's; frame 6 is,
+        // and the next layer-2 switch point, 9, completes the climb.
+        assert_eq!(run(&mut f, 4..10), vec![4, 6, 8, 9]);
+        f.set_target(1);
+        run(&mut f, 10..12);
         f.set_target(2);
-        // Frame 11 is layer 2 but no switch point: it waits; 12 is layer 0, 13 a switch.
-        let mut no_sync = frame(11);
+        // Frame 13 is layer 2 but no switch point: it waits; 14 is layer 1, 17 a switch.
+        let mut no_sync = frame(13);
         no_sync.layer_sync = false;
         assert!(!f.forward(no_sync));
-        assert_eq!(run(&mut f, 12..14), vec![12, 13]);
+        assert_eq!(run(&mut f, 14..18), vec![14, 16, 17]);
         // A keyframe lifts every limit at once.
         f.set_target(0);
-        run(&mut f, 14..16);
+        run(&mut f, 18..20);
         f.set_target(2);
-        let mut key = frame(16);
+        let mut key = frame(20);
         key.keyframe = true;
         assert!(f.forward(key));
         assert_eq!(f.current(), 2);
@@ -161,10 +173,26 @@ mod tests {
     }
 
     #[test]
+    fn a_keyframe_of_another_layer_with_the_same_timestamp_is_its_own_frame() {
+        let mut f = TemporalFilter::default();
+        run(&mut f, 0..3);
+        f.set_target(0);
+        // The old layer's frame 3 (layer 2) is left out; the new layer's keyframe, captured
+        // at the same instant, arrives after it and goes out.
+        assert!(!f.forward(frame(3)));
+        let mut key = frame(3);
+        key.source = 2;
+        key.tid = Some(0);
+        key.keyframe = true;
+        assert!(f.forward(key));
+    }
+
+    #[test]
     fn streams_without_temporal_layers_pass() {
         let mut f = TemporalFilter::default();
         f.set_target(0);
         let p = TemporalPacket {
+            source: 1,
             timestamp: 1,
             tid: None,
             layer_sync: false,

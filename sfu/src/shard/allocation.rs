@@ -141,7 +141,7 @@ impl<S: EventSink> ShardCore<S> {
                         // numbers where the pause left them.
                         out.layers = LayerSelector::default();
                         out.rewriter.resume();
-                        out.picture_ids.resume();
+                        out.vp8_ids.resume();
                     }
                     true
                 }

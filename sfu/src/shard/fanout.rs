@@ -12,6 +12,7 @@ use crate::forward::{
 };
 use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
+use tracing::debug;
 
 use super::{EventSink, ShardCore};
 
@@ -206,15 +207,23 @@ impl<S: EventSink> ShardCore<S> {
             if let (Some(d), None) = (vp8, &out.trunk) {
                 out.temporal.set_target(out.temporal_cap(rank));
                 let p = TemporalPacket {
+                    source: *ssrc,
                     timestamp: pkt.header.timestamp,
                     tid: d.tid,
                     layer_sync: d.layer_sync,
                     keyframe,
                 };
-                if !out.temporal.forward(p) {
+                let was = out.temporal.current();
+                let forward = out.temporal.forward(p);
+                if out.temporal.current() != was {
+                    debug!(subscriber = %sub, %track.publisher, mid = %out.mid, rid = ?rid, from = was,
+                        to = out.temporal.current(), target = out.temporal.target(), tid = ?d.tid,
+                        sync = d.layer_sync, keyframe, "temporal layers");
+                }
+                if !forward {
                     out.rewriter.skip(*ssrc, *pkt.seq_no);
                     if let Some(id) = d.picture_id {
-                        out.picture_ids.skip(*ssrc, id);
+                        out.vp8_ids.skip(*ssrc, id);
                     }
                     self.counters.temporal_skipped += 1;
                     continue;
@@ -246,7 +255,7 @@ impl<S: EventSink> ShardCore<S> {
             } else {
                 if resumed {
                     out.rewriter.resume();
-                    out.picture_ids.resume();
+                    out.vp8_ids.resume();
                 }
                 match out
                     .rewriter
@@ -259,19 +268,24 @@ impl<S: EventSink> ShardCore<S> {
                     }
                 }
             };
-            // The picture id renumbered around frames left out: a patch of the descriptor's
-            // bytes as the engine copies the payload out (the shared payload is untouched).
-            let renumbered = match vp8.and_then(|d| d.picture_id) {
-                Some(id) if out.trunk.is_none() => {
-                    let to = out.picture_ids.rewrite(*ssrc, id);
-                    (to != id.value).then_some(to)
+            // VP8 picture id and TL0PICIDX renumbered into one sequence per subscriber
+            // (`forward::vp8_ids`): a patch of the descriptor's bytes as the engine copies the
+            // payload out; the shared payload is untouched.
+            let renumbered = match vp8.and_then(|d| d.picture_id.map(|id| (d, id))) {
+                Some((d, id)) if out.trunk.is_none() => {
+                    let to = out.vp8_ids.rewrite(*ssrc, id, d.tl0_pic_idx);
+                    (to.picture_id != id.value || to.tl0_pic_idx != d.tl0_pic_idx).then_some(to)
                 }
                 _ => None,
             };
             let patch = renumbered.and_then(|to| {
                 let d = str0m_vp8
                     .get_or_insert_with(|| str0m::rtp::Vp8Descriptor::parse(&pkt.payload).ok());
-                d.as_ref()?.patch().picture_id(to).build().ok()
+                let mut b = d.as_ref()?.patch().picture_id(to.picture_id);
+                if let Some(tl0) = to.tl0_pic_idx {
+                    b = b.tl0_pic_idx(tl0);
+                }
+                b.build().ok()
             });
             if renumbered.is_some() && patch.is_none() {
                 self.counters.drop(DropReason::Malformed);

@@ -41,8 +41,8 @@ use str0m::Rtc;
 use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
 use crate::budget::RateBudget;
 use crate::forward::{
-    Allocator, KeyframeRequests, LayerActivity, LayerDemand, LayerSelector, Now, PictureIds,
-    SeqTsRewriter, SpeakerDetector, StallWatch, TemporalFilter, TrunkLayers, ALL_TEMPORAL,
+    Allocator, KeyframeRequests, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter,
+    SpeakerDetector, StallWatch, TemporalFilter, TrunkLayers, Vp8Ids, ALL_TEMPORAL,
 };
 use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::net::SendQueue;
@@ -126,7 +126,7 @@ struct OutTrack {
     /// Which temporal layers of it (VP8), and the picture ids renumbered around the frames
     /// left out.
     temporal: TemporalFilter,
-    picture_ids: PictureIds,
+    vp8_ids: Vp8Ids,
     /// The best layer rank the subscriber's subscription allows (`u8::MAX`: any). Worked out
     /// when the track starts and when the subscription changes, so neither the first packet
     /// nor housekeeping searches the subscription list.

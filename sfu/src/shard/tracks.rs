@@ -8,8 +8,8 @@ use tracing::info;
 
 use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_AGE};
 use crate::forward::{
-    rid_rank, LayerActivity, LayerDemand, LayerSelector, Now, PictureIds, SeqTsRewriter,
-    TemporalFilter, TrunkLayers,
+    rid_rank, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter, TemporalFilter,
+    TrunkLayers, Vp8Ids,
 };
 use crate::ids::{MediaId, PeerId, TrackKind};
 
@@ -144,7 +144,7 @@ impl<S: EventSink> ShardCore<S> {
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
                 layers: LayerSelector::default(),
                 temporal: TemporalFilter::default(),
-                picture_ids: PictureIds::default(),
+                vp8_ids: Vp8Ids::default(),
                 cap,
                 pt_map: Vec::new(),
                 tx_ssrcs: Vec::new(),

@@ -95,7 +95,13 @@ impl Camera {
             .collect();
         self.answered += asked.len();
         self.read_layer_notices(net);
-        for (rid, rank, sizes) in self.layers.clone() {
+        // A browser's layers of one captured frame reach the focus in no fixed order: every
+        // other frame, the best layer goes first.
+        let mut layers = self.layers.clone();
+        if self.frames % 2 == 1 {
+            layers.reverse();
+        }
+        for (rid, rank, sizes) in layers {
             if rid.is_some_and(|r| self.off.contains(&r)) {
                 continue;
             }
