@@ -164,8 +164,12 @@ pub struct VideoRx {
     pub paused_us: u64,
     /// Since when it is paused, if it is now.
     paused_since: Option<u64>,
-    /// Paused time inside the current gap (since the last complete frame).
-    paused_in_gap_us: u64,
+    /// Left out of this receiver's layout (unsubscribed): no frame is expected either.
+    hidden: bool,
+    /// Since when it has been paused or hidden, if it is now.
+    held_since: Option<u64>,
+    /// Time paused or hidden inside the current gap (since the last complete frame).
+    held_in_gap_us: u64,
 }
 
 impl VideoRx {
@@ -203,23 +207,43 @@ impl VideoRx {
         match (paused, self.paused_since) {
             (true, None) => self.paused_since = Some(now_us),
             (false, Some(since)) => {
-                let d = now_us.saturating_sub(since);
-                self.paused_us += d;
-                self.paused_in_gap_us += d;
+                self.paused_us += now_us.saturating_sub(since);
                 self.paused_since = None;
+            }
+            _ => {}
+        }
+        self.update_held(now_us);
+    }
+
+    /// Our layout shows this video (subscribed) or no longer does (unsubscribed): a tile
+    /// that is not on screen cannot freeze.
+    pub fn on_shown(&mut self, shown: bool, now_us: u64) {
+        self.hidden = !shown;
+        self.update_held(now_us);
+    }
+
+    fn update_held(&mut self, now_us: u64) {
+        let held = self.paused_since.is_some() || self.hidden;
+        match (held, self.held_since) {
+            (true, None) => self.held_since = Some(now_us),
+            (false, Some(since)) => {
+                let from = since.max(self.last_frame_us.unwrap_or(0));
+                self.held_in_gap_us += now_us.saturating_sub(from);
+                self.held_since = None;
             }
             _ => {}
         }
     }
 
-    /// The time since the last complete frame, less what of it the video was paused.
+    /// The time since the last complete frame, less what of it the video was paused or
+    /// hidden.
     fn gap_since(&self, last: u64, now_us: u64) -> u64 {
         let ongoing = self
-            .paused_since
+            .held_since
             .map_or(0, |since| now_us.saturating_sub(since.max(last)));
         now_us
             .saturating_sub(last)
-            .saturating_sub(self.paused_in_gap_us + ongoing)
+            .saturating_sub(self.held_in_gap_us + ongoing)
     }
 
     fn frame_complete(&mut self, layer: Layer, keyframe: bool, now_us: u64) {
@@ -237,7 +261,7 @@ impl VideoRx {
         }
         self.first_frame_us.get_or_insert(now_us);
         self.last_frame_us = Some(now_us);
-        self.paused_in_gap_us = 0;
+        self.held_in_gap_us = 0;
         if self.last_layer.is_some_and(|l| l != layer) {
             self.layer_switches += 1;
         }
@@ -539,6 +563,24 @@ mod tests {
         w.on_paused(false, t + 200_000);
         w.frame_complete(Layer::Q, true, t + 1_000_000);
         assert_eq!((w.freezes, w.longest_gap_us), (1, 900_000));
+    }
+
+    #[test]
+    fn time_a_video_was_off_our_layout_is_no_freeze() {
+        let mut v = VideoRx::default();
+        let t = 1_000_000;
+        v.frame_complete(Layer::Q, true, t);
+        // Unsubscribed for 10 s, paused meanwhile too (overlapping), shown again, and the
+        // first frame 300 ms later.
+        v.on_shown(false, t + 50_000);
+        v.on_paused(true, t + 1_000_000);
+        v.on_paused(false, t + 2_000_000);
+        v.on_shown(true, t + 10_050_000);
+        v.frame_complete(Layer::Q, true, t + 10_350_000);
+        assert_eq!((v.freezes, v.longest_gap_us), (0, 350_000));
+        // Shown, and then nothing for 2 s: that is a freeze.
+        v.frame_complete(Layer::Q, false, t + 12_350_000);
+        assert_eq!((v.freezes, v.longest_gap_us), (1, 2_000_000));
     }
 
     #[test]
