@@ -431,3 +431,56 @@ fn a_screen_gets_the_bandwidth_before_a_camera() {
         );
     }
 }
+
+/// Thirty people talk, and above 20 only the 3 loudest audio streams are forwarded. Carol, on
+/// a 700 kbit/s link, watches the one camera: the 27 streams held back are not charged against
+/// her video (all 30 would take more than her link), so she gets the half layer.
+#[test]
+fn audio_held_back_is_not_charged_against_a_subscribers_video() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        audio_loudest_n: 3,
+        audio_loudest_above: 20,
+        ..weir_sfu::SfuConfig::default()
+    });
+    let voice = Publish {
+        audio: true,
+        video: false,
+        simulcast: false,
+    };
+    let talkers: Vec<usize> = (0..30).map(|_| net.join(6, voice)).collect();
+    let camera = Publish {
+        audio: false,
+        video: true,
+        simulcast: true,
+    };
+    let alice = net.join(6, camera);
+    let carol = net.join(6, WATCH);
+    assert!(net.run_until(Duration::from_secs(30), |n| n.all_connected()));
+    net.clients[carol].link.rate_down_bps = 700_000;
+    net.clients[carol].link.delay_down = Duration::from_millis(20);
+    let mut cam = Camera::new(alice, &Camera::SIMULCAST);
+    // Each talker's audio: about 25 kbit/s with the overhead; all 30, 750 kbit/s.
+    let speak = |cam: &mut Camera, net: &mut SimNet, secs: u64| {
+        for _ in 0..secs * 30 {
+            for (k, &t) in talkers.iter().enumerate() {
+                net.send_audio(t, -10 - k as i8);
+            }
+            cam.frame(net);
+        }
+    };
+    speak(&mut cam, &mut net, 6);
+    let from = cam.video_of(&net, carol).len();
+    speak(&mut cam, &mut net, 4);
+    let got: Vec<u8> = cam.video_of(&net, carol)[from..]
+        .iter()
+        .map(|r| cam.rank(&r.payload))
+        .collect();
+    let on_h = got.iter().filter(|&&rank| rank == 3).count();
+    // h (500 kbit/s) fits 80 % of her estimate with three audio streams; with thirty it
+    // would not, and she would get q.
+    assert!(
+        on_h >= 200,
+        "Carol receives the camera's half layer ({on_h} of {} packets in 4 s)",
+        got.len()
+    );
+}

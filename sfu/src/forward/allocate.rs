@@ -28,7 +28,12 @@ pub enum Priority {
 pub enum Now {
     /// Not allocated yet: a track that just started.
     New,
-    /// Paused: no layer fitted.
+    /// Not started yet, because its lowest step did not fit: a new track starts only within
+    /// what the estimate allows (climbing share), so that joining a conference on a narrow
+    /// link does not start every video at once into it. Starting later is not an upgrade:
+    /// it is not held to [`UPGRADE_INTERVAL`].
+    Waiting,
+    /// Paused: it flowed, and then no layer fitted.
     Paused,
     /// Receiving (or switching to) this step.
     Layer(Quality),
@@ -43,6 +48,18 @@ pub struct Demand {
     /// The best rank the subscriber's screen needs (its subscription, or the grid default).
     pub cap: u8,
     pub now: Now,
+}
+
+impl Now {
+    /// Whether nothing flows: waiting to start, or paused.
+    pub fn is_held(self) -> bool {
+        matches!(self, Now::Waiting | Now::Paused)
+    }
+
+    /// Whether it has never flowed: new, or waiting to start.
+    pub fn is_unstarted(self) -> bool {
+        matches!(self, Now::New | Now::Waiting)
+    }
 }
 
 impl Demand {
@@ -183,7 +200,7 @@ impl Allocator {
             .filter(|(at, _)| now.saturating_duration_since(*at) <= WIRE_LOOKBACK)
             .map(|(_, bps)| *bps)
             .max();
-        let any_paused = demands.iter().any(|d| d.now == Now::Paused);
+        let any_paused = demands.iter().any(|d| d.now.is_held());
         let cap = self
             .loss
             .update(estimate_bps, loss, allocated, any_paused, now);
@@ -194,7 +211,7 @@ impl Allocator {
         // The lowest layers that flow now, against what the estimate leaves for video.
         let floors: u64 = demands
             .iter()
-            .filter(|d| d.now != Now::Paused)
+            .filter(|d| !d.now.is_held())
             .filter_map(|d| d.eligible().first().map(|(_, bps)| *bps))
             .sum();
         let for_video = limit.saturating_sub(reserved_bps);
@@ -272,6 +289,7 @@ impl Allocator {
 /// Whether moving from `now` to `to` raises what the subscriber gets (a new track is not an
 /// upgrade: it has nothing to keep).
 fn is_upgrade(now: Now, to: Option<Quality>) -> bool {
+    // (Waiting to start is not held: starting is not an upgrade.)
     match (now, to) {
         (Now::Paused, Some(_)) => true,
         (Now::Layer(r), Some(t)) => t > r,
@@ -312,7 +330,8 @@ pub fn next_step(demands: &[Demand], choice: &[Option<Quality>]) -> Option<u64> 
 }
 
 /// Share `budget_bps` among the tracks: every track its lowest layer first, in priority
-/// order, pausing those that do not fit; then the speaker and screens climb as high as
+/// order, pausing those that do not fit (a track that has not started yet starts only
+/// within `budget_bps`); then the speaker and screens climb as high as
 /// fits, in priority order; then the others climb together, one layer each per round, so a
 /// grid fills evenly. Returns a rank per track, or `None` for a pause.
 ///
@@ -326,8 +345,13 @@ pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Opti
     let mut at: Vec<Option<usize>> = vec![None; demands.len()];
     let mut spent = 0;
     for &i in &order {
+        let room = if demands[i].now.is_unstarted() {
+            budget_bps
+        } else {
+            floor_bps.max(budget_bps)
+        };
         if let Some((_, bps)) = demands[i].eligible().first() {
-            if spent + bps <= floor_bps.max(budget_bps) {
+            if spent + bps <= room {
                 spent += bps;
                 at[i] = Some(0);
             }
@@ -416,13 +440,19 @@ mod tests {
         );
         // Only the lowest layers fit, and not all of them: the speaker is kept.
         assert_eq!(allocate(320_000, 320_000, &d), vec![Some(Q), Some(Q), None]);
-        // The lowest layers may use the larger share, climbing only the smaller.
+        // The lowest layers of videos flowing may use the larger share, climbing only the
+        // smaller; videos not started yet start only within the smaller.
+        let flowing = d.clone().map(|mut c| {
+            c.now = Now::Layer(Q);
+            c
+        });
         assert_eq!(
-            allocate(320_000, 450_000, &d),
+            allocate(320_000, 450_000, &flowing),
             vec![Some(Q), Some(Q), Some(Q)]
         );
+        assert_eq!(allocate(320_000, 450_000, &d), vec![Some(Q), Some(Q), None]);
         assert_eq!(
-            allocate(800_000, 450_000, &d),
+            allocate(800_000, 450_000, &flowing),
             vec![Some(Q), Some(H), Some(Q)]
         );
         assert_eq!(allocate(100_000, 100_000, &d), vec![None, None, None]);
@@ -452,6 +482,37 @@ mod tests {
         on_h[0].now = Now::Layer(H);
         let t0 = Instant::now();
         assert_eq!(a.decide(110_000, None, 0, &on_h, t0), vec![Some(step(0))]);
+    }
+
+    #[test]
+    fn new_videos_start_only_within_the_estimate_and_then_at_once() {
+        let t0 = Instant::now();
+        let mut a = Allocator::default();
+        let five = |now| -> Vec<Demand> {
+            (0..5)
+                .map(|_| camera(Priority::Other, Q.rank, now))
+                .collect()
+        };
+        // 500 k climbs 400 k: two q (300 k) start, three wait; none is cut later for it.
+        assert_eq!(
+            a.decide(500_000, None, 0, &five(Now::New), t0),
+            vec![Some(Q), Some(Q), None, None, None]
+        );
+        // A flowing video keeps its lowest layer on a dip; a new one does not start into it.
+        let mut d = five(Now::Layer(Q));
+        d[4].now = Now::New;
+        assert_eq!(
+            a.decide(500_000, None, 0, &d, t0)[4],
+            None,
+            "four flowing already take the estimate"
+        );
+        // The estimate grows: every waiting video starts in the same round, with no spacing
+        // between them (a resume from a pause would wait UPGRADE_INTERVAL).
+        let mut d = five(Now::Waiting);
+        d[0].now = Now::Layer(Q);
+        d[1].now = Now::Layer(Q);
+        let soon = t0 + UPGRADE_INTERVAL / 10;
+        assert_eq!(a.decide(2_000_000, None, 0, &d, soon), vec![Some(Q); 5]);
     }
 
     #[test]

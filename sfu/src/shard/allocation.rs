@@ -49,7 +49,7 @@ impl<S: EventSink> ShardCore<S> {
         };
         let mut notices = Vec::new();
         for out in peer.out.values_mut() {
-            if out.allocated == Now::Paused {
+            if out.allocated.is_held() {
                 notices.push(pause_notice(&out.stream_id, &out.track_id, false));
             }
             out.allocated = Now::New;
@@ -77,14 +77,14 @@ impl<S: EventSink> ShardCore<S> {
             .map(|t| t.publisher);
         let mut keys: Vec<TrackKey> = Vec::new();
         let mut demands: Vec<Demand> = Vec::new();
-        let mut reserved = 0;
+        let mut audio: Vec<u64> = Vec::new();
         for (t, out) in &peer.out {
             let Some(p) = self.tracks.get(t) else {
                 continue;
             };
             match out.kind {
                 TrackKind::Audio => {
-                    reserved += p.activity.measured_bps(now).unwrap_or(AUDIO_NOMINAL_BPS);
+                    audio.push(p.activity.measured_bps(now).unwrap_or(AUDIO_NOMINAL_BPS));
                 }
                 TrackKind::Video if out.trunk.is_none() => {
                     let layers = p.activity.rates(now);
@@ -114,6 +114,18 @@ impl<S: EventSink> ShardCore<S> {
                 TrackKind::Video => {}
             }
         }
+        // Audio is reserved off the top, but only what is forwarded: where only the loudest
+        // `audio_loudest_n` are (a large conference), the n costliest of them.
+        let loudest_only = self.config.audio_loudest_n > 0
+            && self
+                .speakers
+                .get(&peer.conference)
+                .is_some_and(|d| d.len() > self.config.audio_loudest_above);
+        if loudest_only {
+            audio.sort_unstable_by(|a, b| b.cmp(a));
+            audio.truncate(self.config.audio_loudest_n);
+        }
+        let reserved: u64 = audio.iter().sum();
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -134,6 +146,11 @@ impl<S: EventSink> ShardCore<S> {
                     out.allocated = Now::Layer(step);
                     false
                 }
+                None if out.allocated.is_unstarted() && out.layers.target().is_none() => {
+                    // Never started: it starts when it fits, with nothing to resume.
+                    out.allocated = Now::Waiting;
+                    true
+                }
                 None => {
                     if out.allocated != Now::Paused {
                         out.allocated = Now::Paused;
@@ -146,7 +163,7 @@ impl<S: EventSink> ShardCore<S> {
                     true
                 }
             };
-            if paused != (d.now == Now::Paused) {
+            if paused != d.now.is_held() {
                 debug!(%id, publisher = %t.publisher, mid = %t.mid, estimate, paused, "video");
                 notices.push(pause_notice(&out.stream_id, &out.track_id, paused));
             }

@@ -5,7 +5,6 @@ use std::time::Instant;
 use str0m::channel::{ChannelData, ChannelId};
 
 use crate::api::SfuEvent;
-use crate::forward::Now;
 use crate::ids::PeerId;
 use crate::stats::DropReason;
 
@@ -31,7 +30,7 @@ impl<S: EventSink> ShardCore<S> {
                 .get(&id)
                 .into_iter()
                 .flat_map(|p| p.out.values())
-                .filter(|o| o.allocated == Now::Paused)
+                .filter(|o| o.allocated.is_held())
                 .map(|o| pause_notice(&o.stream_id, &o.track_id, true))
                 .collect();
             for text in paused {

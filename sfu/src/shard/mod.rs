@@ -151,7 +151,7 @@ impl OutTrack {
     /// estimate appeared keeps flowing until its first allocation.
     fn awaits_allocation(&self, estimating: bool) -> bool {
         match self.allocated {
-            Now::Paused => true,
+            Now::Paused | Now::Waiting => true,
             Now::New => {
                 estimating
                     && self.kind == TrackKind::Video

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 use str0m::Input;
 
 use crate::api::{CloseReason, PeerRole};
-use crate::forward::Now;
 
 use super::{EventSink, ShardCore};
 
@@ -94,7 +93,7 @@ impl<S: EventSink> ShardCore<S> {
             .peers
             .values()
             .flat_map(|p| p.out.values())
-            .filter(|o| o.allocated == Now::Paused)
+            .filter(|o| o.allocated.is_held())
             .count() as u64;
         let tracks = self.tracks.len() as u64;
         self.counters.publish(
