@@ -72,12 +72,7 @@ fn with_thirty_talkers_a_listener_receives_only_the_three_loudest() {
         audio_loudest_above: 20,
         ..weir_sfu::SfuConfig::default()
     });
-    let voice = Publish {
-        audio: true,
-        video: false,
-        simulcast: false,
-    };
-    let talkers: Vec<usize> = (0..30).map(|_| net.join(6, voice)).collect();
+    let talkers: Vec<usize> = (0..30).map(|_| net.join(6, Publish::VOICE)).collect();
     let listener = net.join(6, WATCH);
     assert!(net.run_until(Duration::from_secs(30), |n| n.all_connected()));
     net.run_for(Duration::from_millis(500));

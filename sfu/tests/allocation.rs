@@ -442,12 +442,7 @@ fn audio_held_back_is_not_charged_against_a_subscribers_video() {
         audio_loudest_above: 20,
         ..weir_sfu::SfuConfig::default()
     });
-    let voice = Publish {
-        audio: true,
-        video: false,
-        simulcast: false,
-    };
-    let talkers: Vec<usize> = (0..30).map(|_| net.join(6, voice)).collect();
+    let talkers: Vec<usize> = (0..30).map(|_| net.join(6, Publish::VOICE)).collect();
     let camera = Publish {
         audio: false,
         video: true,

@@ -156,6 +156,13 @@ function liftLimit() {
   tc("qdisc", "del", "dev", "lo", "root");
 }
 
+/** Whether loopback may be shaped here; skips `t` if not. */
+function inOwnNetns(t) {
+  if (process.env.WEIR_IN_NETNS === "1") return true;
+  t.skip("shapes loopback, so it runs only in its own network namespace (scripts/in-netns.sh)");
+  return false;
+}
+
 function liftIfLimited() {
   try {
     liftLimit();
@@ -295,10 +302,7 @@ test("dynacast: when nobody watches the upper layers Alice stops encoding them, 
 });
 
 test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that plays smoothly, and gets the full one back when lifted", async (t) => {
-  if (process.env.WEIR_IN_NETNS !== "1") {
-    t.skip("shapes loopback, so it runs only in its own network namespace (scripts/in-netns.sh)");
-    return;
-  }
+  if (!inOwnNetns(t)) return;
   await step(t, async () => {
     const carol = h.byName("carol");
     const alice = h.byName("alice").session.userId;
@@ -366,10 +370,7 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
 });
 
 test("Carol's downlink cut below the smallest layer: she keeps it at a lower frame rate (temporal layers), not paused", async (t) => {
-  if (process.env.WEIR_IN_NETNS !== "1") {
-    t.skip("shapes loopback, so it runs only in its own network namespace (scripts/in-netns.sh)");
-    return;
-  }
+  if (!inOwnNetns(t)) return;
   await step(t, async () => {
     const carol = h.byName("carol");
     const alice = h.byName("alice").session.userId;

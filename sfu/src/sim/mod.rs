@@ -67,6 +67,12 @@ impl Publish {
         video: false,
         simulcast: false,
     };
+    /// A microphone only.
+    pub const VOICE: Publish = Publish {
+        audio: true,
+        video: false,
+        simulcast: false,
+    };
 }
 
 /// An RTP packet a participant received.
