@@ -130,8 +130,20 @@ impl<S: EventSink> ShardCore<S> {
             Event::MediaEgressStats(s) => {
                 // Per forwarded stream: bytes and packets with retransmissions, and the NACKs
                 // that asked for them (beside `egress` above, where the rest goes shows).
+                // And what waits in the engine's pacer for that stream (read only when
+                // logged: finding the stream by mid walks the connection's streams).
+                let queued = if tracing::enabled!(tracing::Level::DEBUG) {
+                    self.peers.get_mut(&id).and_then(|p| {
+                        let mut api = p.rtc.direct_api();
+                        let q = api.stream_tx_by_mid(s.mid, None)?.queue_info()?;
+                        let waited = q.first_unsent().map(|t| now.saturating_duration_since(t));
+                        Some((q.byte_size(), q.packet_count(), waited))
+                    })
+                } else {
+                    None
+                };
                 debug!(%id, mid = %s.mid, bytes = s.bytes, packets = s.packets, nacks = s.nacks,
-                    "egress stream");
+                    ?queued, "egress stream");
             }
             Event::IceConnectionStateChange(s) => debug!(%id, state = ?s, "ice state"),
             _ => {}
