@@ -10,6 +10,7 @@ pub mod loss_cap;
 pub mod quality;
 pub mod rate;
 pub mod rewrite;
+pub mod share;
 pub mod speakers;
 pub mod stall;
 pub mod temporal;
