@@ -287,10 +287,9 @@ impl<S: EventSink> ShardCore<S> {
                 }
                 b.build().ok()
             });
-            if renumbered.is_some() && patch.is_none() {
-                self.counters.drop(DropReason::Malformed);
-                continue;
-            }
+            // A descriptor str0m will not patch (a field combination RFC 7741 forbids) goes out
+            // as the publisher sent it: dropping it here, after its sequence number was given,
+            // would leave the subscriber a gap nobody can fill.
             let mid = out.mid;
             // A panic in the subscriber's engine is the subscriber's.
             let publisher = self.current.replace(*sub);
