@@ -42,6 +42,7 @@ impl<S: EventSink> ShardCore<S> {
     ) -> Self {
         ShardCore {
             index,
+            ice_local: super::demux::IceLocal::new(local_addr, &config.advertise_ips),
             config,
             local_addr,
             events,

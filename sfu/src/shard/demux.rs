@@ -19,13 +19,61 @@ use super::{EventSink, ShardCore};
 /// map stays bounded whatever a peer sends.
 const MAX_ADDRS_PER_PEER: usize = 8;
 
+/// The local side of a 5-tuple as ICE knows it: one of our advertised host candidates.
+///
+/// The ICE agent answers a check only if it arrived on one of its local candidates, and those
+/// carry the advertised addresses. Behind a NAT, or bound to the wildcard address, the socket's
+/// own address is not among them: every check would be discarded and no call would connect.
+/// So a datagram is taken to have arrived on the advertised address the participant used: the
+/// socket's own when it is advertised, else the first advertised one of the sender's family.
+/// (With several advertised addresses of one family behind one NAT the choice may name
+/// another of them; the pair still works, since every candidate is the same socket.)
+#[derive(Debug, Clone)]
+pub(super) struct IceLocal {
+    bound: SocketAddr,
+    v4: Option<SocketAddr>,
+    v6: Option<SocketAddr>,
+}
+
+impl IceLocal {
+    pub(super) fn new(bound: SocketAddr, advertised: &[std::net::IpAddr]) -> Self {
+        let port = bound.port();
+        let own = advertised.contains(&bound.ip());
+        let first = |v6: bool| {
+            advertised
+                .iter()
+                .find(|ip| ip.is_ipv6() == v6)
+                .map(|ip| SocketAddr::new(*ip, port))
+        };
+        IceLocal {
+            bound,
+            v4: if own && bound.is_ipv4() {
+                Some(bound)
+            } else {
+                first(false)
+            },
+            v6: if own && bound.is_ipv6() {
+                Some(bound)
+            } else {
+                first(true)
+            },
+        }
+    }
+
+    /// The advertised address a datagram from `from` arrived on.
+    pub(super) fn toward(&self, from: SocketAddr) -> SocketAddr {
+        let mapped = if from.is_ipv4() { self.v4 } else { self.v6 };
+        mapped.unwrap_or(self.bound)
+    }
+}
+
 impl<S: EventSink> ShardCore<S> {
     /// One datagram from `from`, received at `now`: demultiplexed to its peer and fed to its
     /// engine; what that produces is drained at once (RTP is fanned out).
     pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
-        let receive = match Receive::new(Protocol::Udp, from, self.local_addr, data) {
+        let receive = match Receive::new(Protocol::Udp, from, self.ice_local.toward(from), data) {
             Ok(r) => r,
             Err(_) => {
                 self.counters.drop(DropReason::Malformed);
@@ -93,5 +141,53 @@ impl<S: EventSink> ShardCore<S> {
         // marked dirty and drained once per batch.
         self.drain_peer(id, now);
         self.current = prev;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_socket_bound_to_an_advertised_address_is_that_address() {
+        let l = IceLocal::new(addr("127.0.0.1:4000"), &[ip("10.0.0.9"), ip("127.0.0.1")]);
+        assert_eq!(l.toward(addr("127.0.0.1:5000")), addr("127.0.0.1:4000"));
+    }
+
+    #[test]
+    fn behind_a_nat_checks_arrive_on_the_public_address() {
+        let l = IceLocal::new(addr("10.0.0.2:4000"), &[ip("203.0.113.5")]);
+        assert_eq!(
+            l.toward(addr("198.51.100.7:5000")),
+            addr("203.0.113.5:4000")
+        );
+    }
+
+    #[test]
+    fn a_wildcard_socket_answers_each_family_on_its_advertised_address() {
+        let l = IceLocal::new(addr("[::]:4000"), &[ip("2001:db8::1"), ip("203.0.113.5")]);
+        assert_eq!(
+            l.toward(addr("198.51.100.7:5000")),
+            addr("203.0.113.5:4000")
+        );
+        assert_eq!(
+            l.toward(addr("[2001:db8::7]:5000")),
+            addr("[2001:db8::1]:4000")
+        );
+    }
+
+    #[test]
+    fn a_family_with_nothing_advertised_keeps_the_socket_address() {
+        let l = IceLocal::new(addr("0.0.0.0:4000"), &[ip("203.0.113.5")]);
+        assert_eq!(l.toward(addr("[2001:db8::7]:5000")), addr("0.0.0.0:4000"));
     }
 }

@@ -303,6 +303,8 @@ pub struct ShardCore<S: EventSink> {
     config: SfuConfig,
     /// The address the shard's socket is bound to (the local side of every 5-tuple).
     local_addr: SocketAddr,
+    /// The advertised address each datagram is taken to have arrived on ([`demux::IceLocal`]).
+    ice_local: demux::IceLocal,
     events: S,
     peers: FastMap<PeerId, Peer>,
     conferences: FastMap<ConferenceId, Vec<PeerId>>,

@@ -42,7 +42,8 @@ pub const TICK: Duration = Duration::from_millis(1);
 /// The shortest step, so an engine that keeps asking for "now" cannot stall the clock.
 const MIN_STEP: Duration = Duration::from_micros(50);
 
-/// The focus's address as participants see it.
+/// The focus's socket address, and the address participants see unless it is behind a NAT
+/// ([`SimNet::behind_nat`]).
 pub const FOCUS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 40_000);
 
 /// What a simulated participant publishes.
@@ -115,8 +116,8 @@ pub struct Client {
     next_timeout: Option<Instant>,
     /// It left: its engine is no longer run.
     pub left: bool,
-    /// Datagrams its engine produced, not yet handed to the core.
-    outbox: Vec<Vec<u8>>,
+    /// Datagrams its engine produced, with where they were sent, not yet handed to the core.
+    outbox: Vec<(SocketAddr, Vec<u8>)>,
     /// Its link: the share of datagrams lost from the focus to it and from it to the focus.
     pub link: Link,
     /// Datagrams on their way to it through a bottleneck or delay: when each arrives.
@@ -178,6 +179,10 @@ pub struct SimNet {
     /// When the simulation began (the video clock's zero).
     start: Instant,
     next_peer: u64,
+    /// The focus's address as participants see it (and send to).
+    public: SocketAddr,
+    /// Datagrams participants sent to an address other than the focus's public one.
+    pub unreachable: u64,
 }
 
 impl Default for SimNet {
@@ -188,6 +193,13 @@ impl Default for SimNet {
 
 impl SimNet {
     pub fn new(config: SfuConfig) -> Self {
+        Self::behind_nat(config, FOCUS_ADDR)
+    }
+
+    /// A focus whose socket is [`FOCUS_ADDR`] but which participants reach at `public`: a
+    /// NAT in between rewrites the destination of what they send, and the source of what
+    /// they receive. The core advertises only what `config` says.
+    pub fn behind_nat(config: SfuConfig, public: SocketAddr) -> Self {
         let (tx, events) = crossbeam_channel::unbounded();
         let stats = Arc::new(ShardStats::default());
         let now = Instant::now();
@@ -202,6 +214,8 @@ impl SimNet {
             now,
             start: now,
             next_peer: 1,
+            public,
+            unreachable: 0,
         }
     }
 
@@ -518,16 +532,20 @@ impl SimNet {
         let _ = c.rtc.handle_input(Input::Timeout(now));
         drain_events(c, now);
         std::mem::take(&mut c.outbox)
+            .into_iter()
+            .map(|(_, data)| data)
+            .collect()
     }
 
     /// One step at the current time: the core's events, every participant's output into the
     /// core, the core's timeout round, the core's output to the participants.
     pub fn step(&mut self) {
         let now = self.now;
+        let public = self.public;
         for c in self.clients.iter_mut().filter(|c| !c.left) {
             while c.inbound.front().is_some_and(|(at, _)| *at <= now) {
                 let (_, data) = c.inbound.pop_front().expect("checked");
-                if let Ok(r) = Receive::new(Protocol::Udp, FOCUS_ADDR, c.addr, &data) {
+                if let Ok(r) = Receive::new(Protocol::Udp, public, c.addr, &data) {
                     let _ = c.rtc.handle_input(Input::Receive(now, r));
                 }
                 drain_events(c, now);
@@ -547,6 +565,7 @@ impl SimNet {
     /// Hand what the core sent to the participants it is addressed to.
     fn deliver_to_clients(&mut self) {
         let now = self.now;
+        let public = self.public;
         let clients = &mut self.clients;
         let rng = &mut self.rng;
         let mut touched = Vec::new();
@@ -579,7 +598,7 @@ impl SimNet {
                         .push_back((start + sending + c.link.delay_down, data.to_vec()));
                     return;
                 }
-                if let Ok(r) = Receive::new(Protocol::Udp, FOCUS_ADDR, to, data) {
+                if let Ok(r) = Receive::new(Protocol::Udp, public, to, data) {
                     let _ = clients[i].rtc.handle_input(Input::Receive(now, r));
                     touched.push(i);
                 }
@@ -593,14 +612,19 @@ impl SimNet {
         }
     }
 
-    /// Move participant `i`'s output: datagrams into the core, RTP into `received`.
+    /// Move participant `i`'s output: datagrams into the core, RTP into `received`. Only what
+    /// is sent to the focus's public address reaches it.
     fn drain_client(&mut self, i: usize) {
         let now = self.now;
         drain_events(&mut self.clients[i], now);
         let out = std::mem::take(&mut self.clients[i].outbox);
         let from = self.clients[i].addr;
         let loss = self.clients[i].link.loss_up;
-        for data in out {
+        for (to, data) in out {
+            if to != self.public {
+                self.unreachable += 1;
+                continue;
+            }
             if chance(&mut self.rng) < loss {
                 continue;
             }
@@ -612,7 +636,11 @@ impl SimNet {
     fn handle_events(&mut self) {
         while let Ok(ev) = self.events.try_recv() {
             match &ev {
-                SfuEvent::PeerCreated { peer, answer, .. } => {
+                SfuEvent::PeerCreated {
+                    peer,
+                    answer,
+                    candidates,
+                } => {
                     if let Some(c) = self.clients.iter_mut().find(|c| c.peer == *peer) {
                         let pending = c.pending.take().expect("an outstanding offer");
                         let answer = SdpAnswer::from_sdp_string(answer).expect("a valid answer");
@@ -620,9 +648,12 @@ impl SimNet {
                             .sdp_api()
                             .accept_answer(pending, answer)
                             .expect("the participant accepts weir's answer");
-                        c.rtc.add_remote_candidate(
-                            Candidate::host(FOCUS_ADDR, "udp").expect("a host candidate"),
-                        );
+                        // The candidates the focus announces (`m.call.candidates`).
+                        for l in candidates {
+                            if let Ok(cand) = Candidate::from_sdp_string(&l.candidate) {
+                                c.rtc.add_remote_candidate(cand);
+                            }
+                        }
                     }
                 }
                 SfuEvent::Offer { peer, sdp, .. } => {
@@ -657,7 +688,7 @@ fn drain_events(c: &mut Client, now: Instant) {
                 c.next_timeout = Some(t);
                 break;
             }
-            Output::Transmit(t) => c.outbox.push(t.contents.to_vec()),
+            Output::Transmit(t) => c.outbox.push((t.destination, t.contents.to_vec())),
             Output::Event(Event::Connected) => c.connected = true,
             Output::Event(Event::ChannelOpen(id, _)) => c.channel = Some(id),
             Output::Event(Event::ChannelData(d)) if !d.binary => {
