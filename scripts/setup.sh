@@ -46,12 +46,13 @@ else
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y iproute2 util-linux
 fi
 
-# --- 1c. nftables (the cascade test cuts a trunk's UDP path inside its own namespace) ----------
+# --- 1c. nftables (the cascade test cuts a trunk's UDP path, the ICE-TCP test blocks all UDP,
+# each inside its own namespace) ----------------------------------------------------------------
 step "nft (firewall rules inside the test's network namespace)"
 if command -v nft >/dev/null; then
   echo "present: $(nft --version 2>/dev/null)"
 elif [[ "${WEIR_SKIP_APT:-0}" == 1 ]]; then
-  echo "WARNING: nft missing and WEIR_SKIP_APT=1: the trunk-cut test will fail" >&2
+  echo "WARNING: nft missing and WEIR_SKIP_APT=1: the trunk-cut and ICE-TCP tests will fail" >&2
 else
   SUDO=""
   [[ "$(id -u)" == 0 ]] || SUDO="sudo"

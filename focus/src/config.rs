@@ -79,6 +79,8 @@ pub struct MediaConfig {
     pub bind_ip: IpAddr,
     pub port_base: u16,
     pub advertise_ips: Vec<IpAddr>,
+    /// ICE over TCP on this port (0: off).
+    pub tcp_port: u16,
     pub connect_timeout_s: u64,
     pub silence_timeout_s: u64,
     pub socket_buffer_bytes: usize,
@@ -95,6 +97,7 @@ impl Default for MediaConfig {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             port_base: 0,
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
+            tcp_port: 0,
             connect_timeout_s: 30,
             silence_timeout_s: 15,
             socket_buffer_bytes: weir_sfu::DEFAULT_SOCKET_BUFFER_BYTES,

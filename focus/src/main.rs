@@ -109,6 +109,7 @@ async fn run(config: Config) -> Result<(), String> {
         bind_ip: config.media.bind_ip,
         port_base: config.media.port_base,
         advertise_ips: config.media.advertise_ips.clone(),
+        tcp_port: (config.media.tcp_port != 0).then_some(config.media.tcp_port),
         connect_timeout: config.connect_timeout(),
         silence_timeout: config.silence_timeout(),
         socket_buffer_bytes: config.media.socket_buffer_bytes,

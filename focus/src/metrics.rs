@@ -334,6 +334,11 @@ impl SfuCollector {
                 "Packets of temporal layers (VP8) left out for subscribers whose bandwidth allocation lowered their frame rate",
                 s.temporal_skipped,
             ),
+            gauge(
+                "weir_ice_tcp_connections",
+                "ICE-TCP connections the media shards hold (participants whose UDP is blocked; media.tcp_port)",
+                s.tcp_links,
+            ),
             counter(
                 "weir_peer_panics_total",
                 "Panics caught while a media shard handled one peer; each closed that peer only",

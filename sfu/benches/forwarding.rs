@@ -77,7 +77,7 @@ impl Pair {
         let now = Instant::now();
         let sfu_addr: SocketAddr = "127.0.0.1:10000".parse().unwrap();
         let client_addr: SocketAddr = format!("127.0.0.1:{}", 20000 + i).parse().unwrap();
-        let mut sfu = new_rtc(now);
+        let mut sfu = new_rtc(now, str0m::IceCreds::new());
         sfu.add_local_candidate(Candidate::host(sfu_addr, "udp").unwrap());
         let mut client = Rtc::builder().set_rtp_mode(true).build(now);
         client.add_local_candidate(Candidate::host(client_addr, "udp").unwrap());

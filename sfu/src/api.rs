@@ -23,6 +23,11 @@ pub struct SfuConfig {
     pub port_base: u16,
     /// Addresses put in our ICE host candidates (what participants send media to).
     pub advertise_ips: Vec<IpAddr>,
+    /// ICE over TCP: a passive host candidate on this port (bound on `bind_ip`, one port for
+    /// every shard) for participants whose UDP is blocked. `None`: UDP only; `Some(0)`: an
+    /// ephemeral port (tests). TCP carries media with head-of-line blocking, so browsers
+    /// prefer UDP whenever it works and use this only as a fallback.
+    pub tcp_port: Option<u16>,
     /// A peer that has not completed ICE+DTLS this long after creation is closed.
     pub connect_timeout: Duration,
     /// A connected peer from which nothing (not even a STUN consent check, which browsers
@@ -62,6 +67,7 @@ impl Default for SfuConfig {
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             port_base: 0,
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
+            tcp_port: None,
             connect_timeout: Duration::from_secs(30),
             silence_timeout: Duration::from_secs(15),
             socket_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,
@@ -311,6 +317,11 @@ pub struct AudioSource {
 /// Failures of the media plane as a whole (not of one peer).
 #[derive(Debug, thiserror::Error)]
 pub enum SfuError {
+    #[error("binding the ICE-TCP listener on {addr}: {source}")]
+    BindTcp {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("binding the UDP socket for shard {shard} on {addr}: {source}")]
     Bind {
         shard: usize,

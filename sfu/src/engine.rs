@@ -9,7 +9,7 @@ use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::{Codec, FormatParams};
 use str0m::media::Frequency;
 use str0m::rtp::Extension;
-use str0m::{Rtc, RtcConfig};
+use str0m::{IceCreds, Rtc, RtcConfig};
 
 use crate::forward::VideoCodec;
 
@@ -21,15 +21,16 @@ pub const MAX_SDP_BYTES: usize = 128 * 1024;
 /// initiates checks), RTP mode (weir forwards packets, never reassembles frames), and the
 /// codec set browsers send. Fewer codecs keep our offers small: to-device events are capped
 /// at 64 KiB by Synapse, and every forwarded track adds an m-line with all of them.
-pub fn new_rtc(now: Instant) -> Rtc {
-    config(true).build(now)
+pub fn new_rtc(now: Instant, creds: IceCreds) -> Rtc {
+    config(true).set_local_ice_credentials(creds).build(now)
 }
 
 /// [`new_rtc`], estimating the bandwidth toward the participant from its transport-wide
 /// congestion control feedback (and its REMB, if that is all it sends), starting from
 /// `initial`.
-pub fn new_rtc_estimating(now: Instant, initial: Bitrate) -> Rtc {
+pub fn new_rtc_estimating(now: Instant, initial: Bitrate, creds: IceCreds) -> Rtc {
     config(true)
+        .set_local_ice_credentials(creds)
         .enable_bwe(Some(initial))
         .set_stats_interval(Some(LOSS_REPORT_INTERVAL))
         .build(now)
@@ -42,8 +43,18 @@ pub const LOSS_REPORT_INTERVAL: std::time::Duration = std::time::Duration::from_
 
 /// A new engine instance for a trunk weir dials to another focus: the same as
 /// [`new_rtc`] but full ICE, since the far focus is ICE-lite and two lite agents never check.
-pub fn new_trunk_rtc(now: Instant) -> Rtc {
-    config(false).build(now)
+pub fn new_trunk_rtc(now: Instant, creds: IceCreds) -> Rtc {
+    config(false).set_local_ice_credentials(creds).build(now)
+}
+
+/// Fresh ICE credentials whose ufrag starts with `prefix` (the shard's, so that an ICE-TCP
+/// connection is routed to its shard by the ufrag its first check names: `tcp::accept`).
+pub fn ice_creds(prefix: &str) -> IceCreds {
+    let random = IceCreds::new();
+    IceCreds {
+        ufrag: format!("{prefix}{}", random.ufrag),
+        pass: random.pass,
+    }
 }
 
 /// RTP mode and the codec set browsers send, with or without ICE-lite.

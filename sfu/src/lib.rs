@@ -16,9 +16,10 @@ mod shard;
 pub mod sim;
 pub mod stats;
 pub mod stun;
+pub mod tcp;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -52,7 +53,19 @@ pub struct Sfu {
     /// Which shard each conference and peer lives on (control plane only; never on the hot path).
     placement: Mutex<Placement>,
     stop: Arc<AtomicBool>,
+    /// The ICE-TCP listener's address, its thread and its counters (`tcp::accept`).
+    tcp: Option<TcpAcceptor>,
 }
+
+struct TcpAcceptor {
+    addr: SocketAddr,
+    stats: Arc<ShardStats>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Connections handed from the ICE-TCP acceptor to one shard, not yet taken. A shard takes
+/// them every loop turn; a full queue means it is stuck, and the connection is refused.
+const TCP_HANDOFF_QUEUE: usize = 256;
 
 /// Which shard each conference and peer lives on. New conferences go to the shard with the
 /// fewest peers, counted here as they are placed: the shards' own published counts lag by
@@ -112,7 +125,23 @@ impl Placement {
 impl Sfu {
     /// Bind the shards' sockets and start their threads. Events from every shard go to `events`.
     pub fn start<S: EventSink + Clone>(config: SfuConfig, events: S) -> Result<Sfu, SfuError> {
+        let mut config = config;
         let stop = Arc::new(AtomicBool::new(false));
+        // ICE-TCP: bound first, so every shard announces the port actually bound.
+        let listener = match config.tcp_port {
+            Some(port) => {
+                let addr = SocketAddr::new(config.bind_ip, port);
+                let l = TcpListener::bind(addr).map_err(|source| SfuError::BindTcp {
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                l.set_nonblocking(true).map_err(SfuError::Thread)?;
+                config.tcp_port = Some(l.local_addr().map_err(SfuError::Thread)?.port());
+                Some(l)
+            }
+            None => None,
+        };
+        let mut inboxes = Vec::new();
         let mut shards = Vec::new();
         for i in 0..config.shards.max(1) {
             let port = if config.port_base == 0 {
@@ -143,11 +172,17 @@ impl Sfu {
             let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
             let waker = Arc::new(net::Waker::new().map_err(SfuError::Thread)?);
             let stats = Arc::new(ShardStats::default());
+            let (tcp_tx, tcp_rx) = crossbeam_channel::bounded(TCP_HANDOFF_QUEUE);
+            inboxes.push(tcp::accept::ShardInbox {
+                connections: tcp_tx,
+                waker: waker.clone(),
+            });
             let shard = shard::Shard::new(
                 i,
                 config.clone(),
                 socket,
                 rx,
+                tcp_rx,
                 waker.clone(),
                 events.clone(),
                 stop.clone(),
@@ -166,16 +201,39 @@ impl Sfu {
                 thread: Mutex::new(Some(thread)),
             });
         }
+        let tcp = match listener {
+            Some(l) => {
+                let addr = l.local_addr().map_err(SfuError::Thread)?;
+                let stats = Arc::new(ShardStats::default());
+                let (st, stop) = (stats.clone(), stop.clone());
+                let thread = std::thread::Builder::new()
+                    .name("weir-ice-tcp".into())
+                    .spawn(move || tcp::accept::run(l, inboxes, st, stop))
+                    .map_err(SfuError::Thread)?;
+                Some(TcpAcceptor {
+                    addr,
+                    stats,
+                    thread: Mutex::new(Some(thread)),
+                })
+            }
+            None => None,
+        };
         Ok(Sfu {
             shards,
             placement: Mutex::new(Placement::new(config.shards)),
             stop,
+            tcp,
         })
     }
 
     /// The UDP addresses the shards listen on.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
         self.shards.iter().map(|s| s.addr).collect()
+    }
+
+    /// The ICE-TCP listener's address, when ICE-TCP is on.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().map(|t| t.addr)
     }
 
     /// Route a command to the shard that owns its peer (placing new conferences on the shard
@@ -235,7 +293,8 @@ impl Sfu {
 
     /// Counters summed over all shards.
     pub fn stats(&self) -> StatsSnapshot {
-        StatsSnapshot::sum(self.shards.iter().map(|s| s.stats.as_ref()))
+        let acceptor = self.tcp.iter().map(|t| t.stats.as_ref());
+        StatsSnapshot::sum(self.shards.iter().map(|s| s.stats.as_ref()).chain(acceptor))
     }
 
     /// Stop every shard (closing its peers) and wait for the threads.
@@ -244,6 +303,12 @@ impl Sfu {
         for s in &self.shards {
             s.waker.wake();
             let thread = s.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(t) = thread {
+                let _ = t.join();
+            }
+        }
+        if let Some(tcp) = &self.tcp {
+            let thread = tcp.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(t) = thread {
                 let _ = t.join();
             }

@@ -253,7 +253,8 @@ impl SendQueue {
     }
 
     /// Hand every queued datagram to `deliver` in order and empty the queue (for a core run
-    /// without a socket: simulations, fuzzing and benchmarks).
+    /// without a socket: simulations, fuzzing and benchmarks; and packets for ICE-TCP
+    /// connections, which are written one frame at a time).
     pub fn drain_each(&mut self, mut deliver: impl FnMut(SocketAddr, &[u8])) -> SendStats {
         let mut st = SendStats::default();
         for &(to, start, len) in &self.items {
@@ -445,25 +446,32 @@ impl Waker {
 
 /// Block until the socket is readable, the waker fires, or the timeout passes.
 pub fn wait_readable(socket: &UdpSocket, waker: &Waker, timeout: Option<Duration>) {
-    let mut fds = [
-        libc::pollfd {
-            fd: socket.as_raw_fd(),
+    wait_readable_with(socket, waker, &mut Vec::new(), timeout);
+}
+
+/// [`wait_readable`], also waking for the descriptors in `extra` (left as they were given).
+pub fn wait_readable_with(
+    socket: &UdpSocket,
+    waker: &Waker,
+    extra: &mut Vec<libc::pollfd>,
+    timeout: Option<Duration>,
+) {
+    let given = extra.len();
+    for fd in [socket.as_raw_fd(), waker.raw_fd()] {
+        extra.push(libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        },
-        libc::pollfd {
-            fd: waker.raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+        });
+    }
     let ms = match timeout {
         None => -1,
         // Round up so a deadline 0.3 ms away does not spin.
         Some(t) => t.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32,
     };
-    // SAFETY: two valid pollfd entries.
-    unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
+    // SAFETY: `extra` holds valid pollfd entries for live descriptors.
+    unsafe { libc::poll(extra.as_mut_ptr(), extra.len() as libc::nfds_t, ms) };
+    extra.truncate(given);
 }
 
 fn sockaddr_to_std(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {

@@ -41,10 +41,16 @@ pub enum DropReason {
     /// An audio packet of a source not among the conference's loudest, while only the
     /// loudest are forwarded (`SfuConfig::audio_loudest_n`).
     NotLoudest,
+    /// An ICE-TCP connection closed before it reached a peer: its first frame was no check
+    /// for one of our peers, it broke RFC 4571 framing, it sent nothing in time, or there
+    /// were too many.
+    TcpRefused,
+    /// A packet toward an ICE-TCP participant whose connection had a full queue or was gone.
+    TcpCongested,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -62,6 +68,8 @@ impl DropReason {
         DropReason::StaleAnswer,
         DropReason::DataChannelFlood,
         DropReason::NotLoudest,
+        DropReason::TcpRefused,
+        DropReason::TcpCongested,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +91,8 @@ impl DropReason {
             DropReason::StaleAnswer => "stale_answer",
             DropReason::DataChannelFlood => "data_channel_flood",
             DropReason::NotLoudest => "not_loudest",
+            DropReason::TcpRefused => "tcp_refused",
+            DropReason::TcpCongested => "tcp_congested",
         }
     }
 
@@ -174,6 +184,8 @@ pub(crate) struct ShardCounters {
     pub estimator_restarts: u64,
     /// Packets of temporal layers left out for a subscriber (`forward::temporal`).
     pub temporal_skipped: u64,
+    /// Gauge: ICE-TCP connections the shard holds.
+    pub tcp_links: u64,
     /// Batch read → copies handed to the kernel, per loop turn that forwarded something.
     pub forward_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
@@ -217,6 +229,7 @@ impl ShardCounters {
         to.layers_off.store(self.layers_off, r);
         to.estimator_restarts.store(self.estimator_restarts, r);
         to.temporal_skipped.store(self.temporal_skipped, r);
+        to.tcp_links.store(self.tcp_links, r);
         for (i, n) in self.forward_delay.buckets.iter().enumerate() {
             to.forward_delay_buckets[i].store(*n, r);
         }
@@ -254,6 +267,7 @@ pub struct ShardStats {
     pub layers_off: AtomicU64,
     pub estimator_restarts: AtomicU64,
     pub temporal_skipped: AtomicU64,
+    pub tcp_links: AtomicU64,
     pub forward_delay_buckets: [AtomicU64; DELAY_BUCKETS_US.len() + 1],
     pub forward_delay_sum_us: AtomicU64,
     pub forward_delay_count: AtomicU64,
@@ -261,6 +275,14 @@ pub struct ShardStats {
     pub peers: AtomicU64,
     pub conferences: AtomicU64,
     pub tracks: AtomicU64,
+}
+
+impl ShardStats {
+    /// Count a drop from outside a shard's loop (the ICE-TCP acceptor keeps its own
+    /// `ShardStats`, summed with the shards').
+    pub(crate) fn count_drop(&self, reason: DropReason) {
+        self.drops[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A point-in-time sum over all shards.
@@ -290,6 +312,8 @@ pub struct StatsSnapshot {
     pub estimator_restarts: u64,
     /// Packets of temporal layers left out for subscribers on narrow links.
     pub temporal_skipped: u64,
+    /// ICE-TCP connections held, now.
+    pub tcp_links: u64,
     /// The shards' forwarding delay (batch read → copies handed to the kernel).
     pub forward_delay: DelayHistogram,
     pub drops: Vec<(DropReason, u64)>,
@@ -326,6 +350,7 @@ impl StatsSnapshot {
             s.layers_off += sh.layers_off.load(r);
             s.estimator_restarts += sh.estimator_restarts.load(r);
             s.temporal_skipped += sh.temporal_skipped.load(r);
+            s.tcp_links += sh.tcp_links.load(r);
             let mut d = DelayHistogram {
                 sum_us: sh.forward_delay_sum_us.load(r),
                 count: sh.forward_delay_count.load(r),

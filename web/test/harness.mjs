@@ -371,9 +371,9 @@ export class Focus {
    * Write a config for `user` (registered on `syn`, with its password) and start the focus.
    * `deviceId`/`sessionId`: the focus device participants call (default WEIRFOCUS / sfu).
    * `name`: the stem of its files in `dir` (NAME.toml, NAME.log, NAME-state/); give each focus
-   * sharing a dir its own.
+   * sharing a dir its own. `media`: more lines for its [media] section.
    */
-  static async start({ syn, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus" }) {
+  static async start({ syn, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [] }) {
     const bin = Focus.binPath();
     if (!existsSync(bin)) throw new Error(`focus binary not found at ${bin} (build it with cargo build -p weir-focus, or set WEIR_FOCUS_BIN)`);
     const stateDir = join(dir, `${name}-state`);
@@ -395,6 +395,7 @@ export class Focus {
         "[media]",
         'bind_ip = "127.0.0.1"',
         'advertise_ips = ["127.0.0.1"]',
+        ...media,
         "",
         "[http]",
         `listen = ${q(`127.0.0.1:${httpPort}`)}`,
@@ -629,15 +630,18 @@ export class Harness {
    *   probe.js setup)
    * @param {boolean} [o.withFocus] start a focus (else the caller plays the focus's Matrix side)
    * @param {string[]} [o.chromiumArgs] switches added to CHROMIUM_ARGS
+   * @param {string[]} [o.focusMedia] lines added to the focus's [media] section
    */
   constructor({
     people = PEOPLE,
     withFocus = true,
     keepDir = !!process.env.WEIR_KEEP_TMP,
     chromiumArgs = [],
+    focusMedia = [],
   } = {}) {
     this.people = people;
     this.chromiumArgs = chromiumArgs;
+    this.focusMedia = focusMedia;
     this.withFocus = withFocus;
     this.keepDir = keepDir;
     this.participants = [];
@@ -682,7 +686,7 @@ export class Harness {
 
     if (this.withFocus) {
       const tf = Date.now();
-      this.focus = await Focus.start({ syn: this.syn, user: this.focusUser, dir: this.dir });
+      this.focus = await Focus.start({ syn: this.syn, user: this.focusUser, dir: this.dir, media: this.focusMedia });
       log(`focus pid ${this.focus.pid}, http ${this.focus.baseUrl}, log ${this.focus.logPath}`);
       this.cleanups.push(() => this.focus.stop());
       await this.focus.waitHealthy();

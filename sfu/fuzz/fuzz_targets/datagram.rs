@@ -18,7 +18,7 @@ a=setup:actpass\r\na=mid:0\r\na=sendrecv\r\na=msid:s a\r\na=rtcp-mux\r\na=rtpmap
 
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
-    let mut rtc = new_rtc(now);
+    let mut rtc = new_rtc(now, str0m::IceCreds::new());
     let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
     let offer = parse_offer(OFFER, &HashSet::new()).unwrap();

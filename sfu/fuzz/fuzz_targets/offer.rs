@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let own: HashSet<String> = ["1".to_string()].into();
     if let Ok(offer) = parse_offer(text, &own) {
-        let mut rtc = new_rtc(Instant::now());
+        let mut rtc = new_rtc(Instant::now(), str0m::IceCreds::new());
         let _ = rtc.sdp_api().accept_offer(offer);
     }
 });

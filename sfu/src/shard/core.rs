@@ -54,6 +54,7 @@ impl<S: EventSink> ShardCore<S> {
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             transmits: SendQueue::default(),
+            tcp_transmits: SendQueue::without_gso(),
             counters: ShardCounters::default(),
             stats,
             next_housekeeping: now,
@@ -160,6 +161,38 @@ impl<S: EventSink> ShardCore<S> {
     }
 
     /// Datagrams sent so far (to tell whether a turn forwarded anything).
+    /// Hand the packets queued for ICE-TCP connections to `send`, which returns false for one
+    /// it could not queue (counted `tcp_congested`).
+    pub fn flush_tcp(&mut self, mut send: impl FnMut(SocketAddr, &[u8]) -> bool) {
+        if self.tcp_transmits.is_empty() {
+            return;
+        }
+        let (mut sent, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
+        self.tcp_transmits.drain_each(|to, data| {
+            if send(to, data) {
+                sent += 1;
+                bytes += data.len() as u64;
+            } else {
+                dropped += 1;
+            }
+        });
+        self.counters.datagrams_out += sent;
+        self.counters.bytes_out += bytes;
+        for _ in 0..dropped {
+            self.counters.drop(DropReason::TcpCongested);
+        }
+    }
+
+    /// Count a drop the shard's thread made around the core.
+    pub(crate) fn count_drop(&mut self, reason: DropReason) {
+        self.counters.drop(reason);
+    }
+
+    /// Set the gauge of ICE-TCP connections the shard's thread holds.
+    pub(crate) fn set_tcp_links(&mut self, n: usize) {
+        self.counters.tcp_links = n as u64;
+    }
+
     pub(crate) fn datagrams_out(&self) -> u64 {
         self.counters.datagrams_out
     }

@@ -71,9 +71,22 @@ impl<S: EventSink> ShardCore<S> {
     /// One datagram from `from`, received at `now`: demultiplexed to its peer and fed to its
     /// engine; what that produces is drained at once (RTP is fanned out).
     pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+        self.handle_packet(Protocol::Udp, from, data, now);
+    }
+
+    /// One frame from the ICE-TCP connection of `from`: handled as a datagram would be.
+    pub fn handle_tcp(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+        self.handle_packet(Protocol::Tcp, from, data, now);
+    }
+
+    fn handle_packet(&mut self, proto: Protocol, from: SocketAddr, data: &[u8], now: Instant) {
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
-        let receive = match Receive::new(Protocol::Udp, from, self.ice_local.toward(from), data) {
+        let mut local = self.ice_local.toward(from);
+        if proto == Protocol::Tcp {
+            local.set_port(self.config.tcp_port.unwrap_or(0));
+        }
+        let receive = match Receive::new(proto, from, local, data) {
             Ok(r) => r,
             Err(_) => {
                 self.counters.drop(DropReason::Malformed);
@@ -81,7 +94,7 @@ impl<S: EventSink> ShardCore<S> {
             }
         };
         let input = Input::Receive(now, receive);
-        let id = match self.by_addr.get(&from) {
+        let id = match self.by_addr.get(&(proto, from)) {
             Some(id) => *id,
             None => {
                 // A new 5-tuple: only a STUN message a peer's engine accepts (a check with its
@@ -108,9 +121,9 @@ impl<S: EventSink> ShardCore<S> {
                 };
                 match found {
                     Some(id) => {
-                        self.by_addr.insert(from, id);
+                        self.by_addr.insert((proto, from), id);
                         if let Some(p) = self.peers.get_mut(&id) {
-                            p.addrs.push(from);
+                            p.addrs.push((proto, from));
                             // A peer that keeps moving (or forges checks from many ports
                             // with its own credentials) keeps only its latest addresses.
                             if p.addrs.len() > MAX_ADDRS_PER_PEER {

@@ -67,7 +67,7 @@ impl<S: EventSink> ShardCore<S> {
                     return;
                 }
                 Output::Transmit(t) => {
-                    self.transmits.push(t.destination, &t.contents);
+                    super::queue_transmit(&mut self.transmits, &mut self.tcp_transmits, &t);
                 }
                 Output::Event(e) => self.handle_event(id, e, now),
             }

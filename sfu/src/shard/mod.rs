@@ -35,6 +35,7 @@ use std::time::Instant;
 use str0m::change::SdpPendingOffer;
 use str0m::channel::ChannelId;
 use str0m::media::{Mid, Pt, Rid};
+use str0m::net::{Protocol, Transmit};
 use str0m::rtp::Ssrc;
 use str0m::Rtc;
 
@@ -215,7 +216,7 @@ struct Peer {
     /// What is negotiated and forwarded, by track.
     out: FastMap<TrackKey, OutTrack>,
     out_by_mid: FastMap<Mid, TrackKey>,
-    addrs: Vec<SocketAddr>,
+    addrs: Vec<(Protocol, SocketAddr)>,
     /// The engine's next deadline, as queued in the shard's timer heap.
     timeout: Option<Instant>,
     /// Queued in the shard's dirty list.
@@ -309,7 +310,8 @@ pub struct ShardCore<S: EventSink> {
     peers: FastMap<PeerId, Peer>,
     conferences: FastMap<ConferenceId, Vec<PeerId>>,
     tracks: FastMap<TrackKey, Published>,
-    by_addr: HashMap<SocketAddr, PeerId>,
+    /// Each peer by the addresses it was introduced from (UDP, or ICE-TCP connections).
+    by_addr: HashMap<(Protocol, SocketAddr), PeerId>,
     /// Each peer by its local ICE ufrag: a check from a new address names the one peer it is
     /// for (`stun::local_ufrag`), instead of every peer being asked about it.
     by_ufrag: FastMap<String, PeerId>,
@@ -317,6 +319,8 @@ pub struct ShardCore<S: EventSink> {
     dirty: Vec<PeerId>,
     /// Datagrams to send, batched until the thread flushes them to the socket.
     transmits: SendQueue,
+    /// Packets to send on ICE-TCP connections, until the thread writes them.
+    tcp_transmits: SendQueue,
     counters: ShardCounters,
     stats: std::sync::Arc<ShardStats>,
     next_housekeeping: Instant,
@@ -327,4 +331,12 @@ pub struct ShardCore<S: EventSink> {
     /// The peer being handled right now (innermost), to blame a panic on: set around every
     /// touch of one peer's engine and restored after, so a panic leaves it naming the peer.
     current: Option<PeerId>,
+}
+
+/// Queue what an engine sends: on the UDP socket, or on the ICE-TCP connection it names.
+fn queue_transmit(udp: &mut SendQueue, tcp: &mut SendQueue, t: &Transmit) {
+    match t.proto {
+        Protocol::Tcp => tcp.push(t.destination, &t.contents),
+        _ => udp.push(t.destination, &t.contents),
+    }
 }

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use str0m::bwe::Bitrate;
 use str0m::media::{Direction, MediaKind, Rid, Rids, Simulcast, SimulcastLayer};
+use str0m::net::TcpType;
 use str0m::{Candidate, Rtc};
 use tracing::{debug, info, warn};
 
@@ -78,11 +79,11 @@ impl<S: EventSink> ShardCore<S> {
         // only hold its media back.
         let mut rtc = match self.config.estimate_from_bps {
             Some(bps) if role == PeerRole::Participant => {
-                engine::new_rtc_estimating(now, Bitrate::from(bps))
+                engine::new_rtc_estimating(now, Bitrate::from(bps), self.ice_creds())
             }
-            _ => engine::new_rtc(now),
+            _ => engine::new_rtc(now, self.ice_creds()),
         };
-        let candidates = self.add_host_candidates(&mut rtc);
+        let candidates = self.add_host_candidates(&mut rtc, role == PeerRole::Participant);
         let answer = match rtc.sdp_api().accept_offer(offer) {
             Ok(a) => a,
             Err(e) => {
@@ -129,21 +130,41 @@ impl<S: EventSink> ShardCore<S> {
         self.maybe_offer(id);
     }
 
-    /// Our host candidates (one per advertised address, on this shard's port) added to `rtc`.
-    pub(super) fn add_host_candidates(&self, rtc: &mut Rtc) -> Vec<String> {
+    /// Our host candidates added to `rtc`: one per advertised address on this shard's UDP
+    /// port and, `with_tcp` and when ICE-TCP is on, a passive one on the TCP port.
+    pub(super) fn add_host_candidates(&self, rtc: &mut Rtc, with_tcp: bool) -> Vec<String> {
         let mut candidates = Vec::new();
         for ip in &self.config.advertise_ips {
-            let addr = SocketAddr::new(*ip, self.local_addr.port());
-            match Candidate::host(addr, "udp") {
-                Ok(c) => {
-                    if let Some(c) = rtc.add_local_candidate(c) {
-                        candidates.push(c.to_sdp_string());
+            let udp = SocketAddr::new(*ip, self.local_addr.port());
+            let tcp = self
+                .config
+                .tcp_port
+                .filter(|_| with_tcp)
+                .map(|port| SocketAddr::new(*ip, port));
+            let made = std::iter::once(Candidate::host(udp, "udp")).chain(tcp.map(|addr| {
+                Candidate::builder()
+                    .tcp()
+                    .host(addr)
+                    .tcptype(TcpType::Passive)
+                    .build()
+            }));
+            for c in made {
+                match c {
+                    Ok(c) => {
+                        if let Some(c) = rtc.add_local_candidate(c) {
+                            candidates.push(c.to_sdp_string());
+                        }
                     }
+                    Err(e) => warn!(%ip, error = %e, "unusable advertise address"),
                 }
-                Err(e) => warn!(%addr, error = %e, "unusable advertise address"),
             }
         }
         candidates
+    }
+
+    /// ICE credentials for a new peer of this shard (`tcp::ufrag_prefix`).
+    fn ice_creds(&self) -> str0m::IceCreds {
+        engine::ice_creds(&crate::tcp::ufrag_prefix(self.index))
     }
 
     /// Dial a trunk: a full-ICE engine whose first offer carries only the data channel (media
@@ -156,8 +177,8 @@ impl<S: EventSink> ShardCore<S> {
             });
             return;
         }
-        let mut rtc = engine::new_trunk_rtc(now);
-        self.add_host_candidates(&mut rtc);
+        let mut rtc = engine::new_trunk_rtc(now, self.ice_creds());
+        self.add_host_candidates(&mut rtc, false);
         let mut api = rtc.sdp_api();
         api.add_channel(TRUNK_CHANNEL_LABEL.to_string());
         let Some((offer, pending)) = api.apply() else {

@@ -1,4 +1,5 @@
-//! The shard's thread: the UDP socket, the clock and batching around a [`ShardCore`].
+//! The shard's thread: the UDP socket, its ICE-TCP connections, the clock and batching around
+//! a [`ShardCore`].
 
 use std::net::UdpSocket;
 use std::panic::AssertUnwindSafe;
@@ -11,7 +12,9 @@ use tracing::{info, warn};
 
 use crate::api::{Command, SfuConfig};
 use crate::net::{self, RecvBatch, Waker};
-use crate::stats::ShardStats;
+use crate::stats::{DropReason, ShardStats};
+use crate::tcp::links::Links;
+use crate::tcp::Handoff;
 
 use super::{EventSink, ShardCore};
 
@@ -19,6 +22,11 @@ pub(crate) struct Shard<S: EventSink> {
     index: usize,
     socket: UdpSocket,
     commands: Receiver<Command>,
+    /// ICE-TCP connections the acceptor routed here, and those taken.
+    tcp_handoffs: Receiver<Handoff>,
+    links: Links,
+    /// Poll entries of the connections, rebuilt before each wait (kept to reuse).
+    poll_fds: Vec<libc::pollfd>,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
     core: ShardCore<S>,
@@ -31,6 +39,7 @@ impl<S: EventSink> Shard<S> {
         config: SfuConfig,
         socket: UdpSocket,
         commands: Receiver<Command>,
+        tcp_handoffs: Receiver<Handoff>,
         waker: Arc<Waker>,
         events: S,
         stop: Arc<AtomicBool>,
@@ -43,6 +52,9 @@ impl<S: EventSink> Shard<S> {
             index,
             socket,
             commands,
+            tcp_handoffs,
+            links: Links::default(),
+            poll_fds: Vec::new(),
             waker,
             stop,
             core,
@@ -69,7 +81,9 @@ impl<S: EventSink> Shard<S> {
                 .next_deadline()
                 .saturating_duration_since(Instant::now());
             if !wait.is_zero() {
-                net::wait_readable(&self.socket, &self.waker, Some(wait));
+                self.poll_fds.clear();
+                self.links.poll_fds(&mut self.poll_fds);
+                net::wait_readable_with(&self.socket, &self.waker, &mut self.poll_fds, Some(wait));
             }
         }
         self.core.close_all(Instant::now());
@@ -83,6 +97,11 @@ impl<S: EventSink> Shard<S> {
         self.waker.drain();
         while let Ok(cmd) = self.commands.try_recv() {
             self.core.handle_command(cmd, Instant::now());
+        }
+        while let Ok(h) = self.tcp_handoffs.try_recv() {
+            if !self.links.add(h, Instant::now()) {
+                self.core.count_drop(DropReason::TcpRefused);
+            }
         }
         let received = match net::recv_batch(&self.socket, batch) {
             Ok(n) => n,
@@ -101,6 +120,11 @@ impl<S: EventSink> Shard<S> {
                 self.core.handle_datagram(from, data, now);
             }
         }
+        if !self.links.is_empty() {
+            let core = &mut self.core;
+            self.links
+                .read(now, |from, data| core.handle_tcp(from, data, now));
+        }
         self.core.handle_timeout(Instant::now());
         self.flush();
         if received > 0 && self.core.datagrams_out() > sent_before {
@@ -113,5 +137,9 @@ impl<S: EventSink> Shard<S> {
     fn flush(&mut self) {
         let socket = &self.socket;
         self.core.flush(|q| q.flush(socket));
+        let links = &mut self.links;
+        self.core.flush_tcp(|to, data| links.send(to, data));
+        links.flush();
+        self.core.set_tcp_links(links.len());
     }
 }

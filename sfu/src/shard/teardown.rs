@@ -26,7 +26,9 @@ impl<S: EventSink> ShardCore<S> {
             let _ = peer.rtc.handle_input(Input::Timeout(now));
             for _ in 0..CLOSE_DRAIN_OUTPUTS {
                 match peer.rtc.poll_output() {
-                    Ok(Output::Transmit(t)) => self.transmits.push(t.destination, &t.contents),
+                    Ok(Output::Transmit(t)) => {
+                        super::queue_transmit(&mut self.transmits, &mut self.tcp_transmits, &t)
+                    }
                     Ok(Output::Event(_)) => {}
                     Ok(Output::Timeout(_)) | Err(_) => break,
                 }
