@@ -81,6 +81,9 @@ pub struct MediaConfig {
     pub advertise_ips: Vec<IpAddr>,
     /// ICE over TCP on this port (0: off).
     pub tcp_port: u16,
+    /// A STUN server (`host:port`) asked for the focus's public address: at startup when
+    /// `advertise_ips` is empty, and by `--check-network`. Empty: none.
+    pub stun_server: String,
     pub connect_timeout_s: u64,
     pub silence_timeout_s: u64,
     pub socket_buffer_bytes: usize,
@@ -98,6 +101,7 @@ impl Default for MediaConfig {
             port_base: 0,
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
             tcp_port: 0,
+            stun_server: String::new(),
             connect_timeout_s: 30,
             silence_timeout_s: 15,
             socket_buffer_bytes: weir_sfu::DEFAULT_SOCKET_BUFFER_BYTES,
@@ -223,10 +227,23 @@ impl Config {
                 "matrix.session_id must not be empty".into(),
             ));
         }
-        if self.media.advertise_ips.is_empty() {
+        if self.media.advertise_ips.is_empty() && self.media.stun_server.is_empty() {
             return Err(ConfigError::Invalid(
-                "media.advertise_ips must list at least one address".into(),
+                "media.advertise_ips must list at least one address, or media.stun_server \
+                 must name a STUN server to ask for it"
+                    .into(),
             ));
+        }
+        if let Some(ip) = self
+            .media
+            .advertise_ips
+            .iter()
+            .find(|ip| ip.is_unspecified())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "media.advertise_ips lists {ip}: participants cannot send to the unspecified \
+                 address; list the address they reach this host at"
+            )));
         }
         Ok(())
     }

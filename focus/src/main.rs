@@ -5,6 +5,7 @@ mod config;
 mod direct;
 mod http;
 mod metrics;
+mod network_check;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,15 +33,20 @@ struct Cli {
     /// Validate the configuration, print it (without secrets) and exit.
     #[arg(long)]
     check_config: bool,
+    /// Check what participants would see of the focus's network (ports, advertised
+    /// addresses, the STUN server's view, reachability), print it and exit: 0 if nothing is
+    /// wrong, 1 if something is. Run it before starting the focus: it binds the media ports.
+    #[arg(long)]
+    check_network: bool,
 }
 
 /// Events queued from the media shards to the conductor. Events are per signalling action (not
 /// per packet), so this only fills if the conductor is stuck; shards count what they drop.
 const SFU_EVENT_QUEUE: usize = 16_384;
-/// How long shutdown waits for the hangups to reach the homeserver.
 /// How often the conductor's timers (trunk redials) are checked: the granularity of the
 /// shortest redial delay; cheap, since it only looks at owed redials.
 const CONDUCTOR_TICK: Duration = Duration::from_millis(250);
+/// How long shutdown waits for the hangups to reach the homeserver.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +72,16 @@ fn main() -> std::process::ExitCode {
         }
         println!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
         return std::process::ExitCode::SUCCESS;
+    }
+    if cli.check_network {
+        let found = network_check::check(&config);
+        for f in &found {
+            println!("{f}");
+        }
+        let bad = found
+            .iter()
+            .any(|f| f.level == network_check::Level::Problem);
+        return std::process::ExitCode::from(u8::from(bad));
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -102,13 +118,25 @@ fn init_tracing(config: &Config) {
 }
 
 async fn run(config: Config) -> Result<(), String> {
+    let mut advertise_ips = config.media.advertise_ips.clone();
+    if advertise_ips.is_empty() {
+        // Config validation guarantees a STUN server then.
+        let bind = std::net::SocketAddr::new(config.media.bind_ip, 0);
+        let server = config.media.stun_server.clone();
+        let seen = tokio::task::spawn_blocking(move || network_check::discover(bind, &server))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("media.advertise_ips is empty and the STUN server failed: {e}"))?;
+        info!(address = %seen.ip(), stun_server = %config.media.stun_server, "public address from the STUN server: advertised");
+        advertise_ips.push(seen.ip());
+    }
     let metrics = Arc::new(Metrics::new());
     let (sfu_tx, mut sfu_rx) = tokio::sync::mpsc::channel(SFU_EVENT_QUEUE);
     let sfu_config = weir_sfu::SfuConfig {
         shards: config.shards(),
         bind_ip: config.media.bind_ip,
         port_base: config.media.port_base,
-        advertise_ips: config.media.advertise_ips.clone(),
+        advertise_ips,
         tcp_port: (config.media.tcp_port != 0).then_some(config.media.tcp_port),
         connect_timeout: config.connect_timeout(),
         silence_timeout: config.silence_timeout(),

@@ -1,4 +1,5 @@
-//! The STUN `USERNAME` reader routes checks from unknown addresses: untrusted bytes.
+//! The STUN `USERNAME` reader routes checks from unknown addresses, and the mapped-address
+//! reader takes a STUN server's answer: both read untrusted bytes.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 
@@ -7,5 +8,10 @@ fuzz_target!(|data: &[u8]| {
         // What it returns is part of the input, before a ':'.
         assert!(!ufrag.contains(':'));
         assert!(ufrag.len() < data.len());
+    }
+    if data.len() >= 20 {
+        let mut txid = [0u8; 12];
+        txid.copy_from_slice(&data[8..20]);
+        let _ = weir_sfu::stun::mapped_address(data, txid);
     }
 });
