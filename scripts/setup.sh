@@ -60,6 +60,19 @@ else
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y nftables
 fi
 
+# --- 1d. coturn (a real STUN server for the NAT check, scripts/nat-check.sh) -------------------
+step "coturn (STUN server)"
+if command -v turnserver >/dev/null; then
+  echo "present: $(command -v turnserver)"
+elif [[ "${WEIR_SKIP_APT:-0}" == 1 ]]; then
+  echo "WARNING: coturn missing and WEIR_SKIP_APT=1: scripts/nat-check.sh will fail" >&2
+else
+  SUDO=""
+  [[ "$(id -u)" == 0 ]] || SUDO="sudo"
+  $SUDO apt-get update
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends coturn
+fi
+
 # --- 2. Synapse ----------------------------------------------------------------------------
 step "Synapse in .venv/synapse"
 VENV="$REPO/.venv/synapse"

@@ -32,6 +32,9 @@ export WEIR_NETNS_REQUIRED="${WEIR_NETNS_REQUIRED:-${CI:+1}}"
 step "cargo test (in a loopback-only network namespace)"
 scripts/in-netns.sh cargo test --workspace --locked --offline
 
+step "a focus behind a NAT (scripts/nat-check.sh: namespaces, nftables, coturn, weir-loadtest)"
+scripts/nat-check.sh
+
 step "browser interop (node --test web/test/*.test.mjs, in a loopback-only network namespace)"
 WEIR_FOCUS_BIN="$REPO/target/debug/weir-focus" \
   scripts/in-netns.sh node --test --test-concurrency=1 web/test/*.test.mjs

@@ -95,6 +95,11 @@ struct RunArgs {
     /// Bearer token of the direct endpoint.
     #[arg(long)]
     direct_token: Option<String>,
+    /// Address the participants' UDP sockets bind to (their media's source). Loopback by
+    /// default; a focus elsewhere (another host, a network namespace) needs an address that
+    /// routes there.
+    #[arg(long, default_value = "127.0.0.1")]
+    local_ip: std::net::IpAddr,
     /// Rooms (one conference each).
     #[arg(long, default_value_t = 1)]
     rooms: usize,
@@ -278,6 +283,7 @@ async fn run_cmd(a: RunArgs) -> ExitCode {
         focus_user: a.focus_user,
         focus_device: a.focus_device,
         focus_session: a.focus_session,
+        local_ip: a.local_ip,
         rooms: a.rooms,
         publishers: a.publishers,
         audio_publishers: a.audio_publishers,

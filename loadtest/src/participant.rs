@@ -75,6 +75,8 @@ pub struct Plan {
     pub seed: u64,
     pub focus: FocusAddress,
     pub focus_session: String,
+    /// Where our media socket binds.
+    pub local_ip: std::net::IpAddr,
     /// Our to-device session id (also in our `m.call.member` device entry).
     pub session_id: String,
     /// Publishers of this room that call another focus (a cascade): their media reaches us
@@ -293,7 +295,7 @@ pub async fn run(
         user_id.clone(),
         plan.downlink.rate_bps,
     );
-    let socket = match UdpSocket::bind("127.0.0.1:0").await {
+    let socket = match UdpSocket::bind((plan.local_ip, 0)).await {
         Ok(s) => s,
         Err(e) => {
             report.error = Some(format!("binding a UDP socket: {e}"));

@@ -102,6 +102,8 @@ pub struct RunConfig {
     pub focus_user: String,
     pub focus_device: String,
     pub focus_session: String,
+    /// Where participants' media sockets bind.
+    pub local_ip: std::net::IpAddr,
     pub rooms: usize,
     /// Per room: publishers of audio and simulcast video.
     pub publishers: usize,
@@ -408,6 +410,7 @@ pub async fn run(cfg: RunConfig, cancel_rx: watch::Receiver<bool>) -> Result<Run
                 seed: cfg.seed ^ u64::from(m.publisher.0).wrapping_mul(0x9e37_79b9),
                 focus: site_focus(&cfg, mi).unwrap_or_else(|| focus.clone()),
                 focus_session: cfg.focus_session.clone(),
+                local_ip: cfg.local_ip,
                 session_id: m.session_id.clone(),
                 far_publishers: far_publishers(&cfg, room, mi),
             };
