@@ -155,6 +155,33 @@ impl Command {
     }
 }
 
+/// One peer as an operator sees it ([`crate::Sfu::peer_reports`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerReport {
+    pub peer: PeerId,
+    pub conference: ConferenceId,
+    pub trunk: bool,
+    /// ICE and DTLS completed.
+    pub connected: bool,
+    /// Its media runs over ICE-TCP.
+    pub over_tcp: bool,
+    /// Every datagram from it and to it, since it was created.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// The same over the last whole second, in bits/s.
+    pub rx_bps: u64,
+    pub tx_bps: u64,
+    /// The bandwidth estimated toward it, when estimating.
+    pub estimate_bps: Option<u64>,
+    /// The share of packets toward it lost over the last second, when estimating.
+    pub loss: Option<f32>,
+    /// Tracks it publishes, and tracks forwarded to it.
+    pub publishes: usize,
+    pub receives: usize,
+    /// Videos paused toward it for want of bandwidth.
+    pub videos_paused: usize,
+}
+
 /// What the far end of a connection is. Forwarding treats both alike except for the origin
 /// rule: a track that arrived on a trunk is never sent onto another trunk (in a full mesh of
 /// foci every track then crosses exactly one trunk, so no loop can form), and a trunk

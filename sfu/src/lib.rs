@@ -27,8 +27,8 @@ use std::thread::JoinHandle;
 use tracing::warn;
 
 pub use api::{
-    AudioSource, CloseReason, Command, ForwardedTrack, LocalCandidate, PeerRole, PublishedTrack,
-    SfuConfig, SfuError, SfuEvent, Subscription, DEFAULT_ESTIMATE_FROM_BPS,
+    AudioSource, CloseReason, Command, ForwardedTrack, LocalCandidate, PeerReport, PeerRole,
+    PublishedTrack, SfuConfig, SfuError, SfuEvent, Subscription, DEFAULT_ESTIMATE_FROM_BPS,
     DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
@@ -39,8 +39,13 @@ pub use stats::{DelayHistogram, DropReason, ShardStats, StatsSnapshot, TrunkCoun
 /// queue means a shard is stuck; the caller gets [`SfuError::QueueFull`] rather than blocking.
 const COMMAND_QUEUE: usize = 4096;
 
+/// Where a shard sends its answer to a report request.
+type ReportReply = crossbeam_channel::Sender<Vec<PeerReport>>;
+
 struct ShardHandle {
     commands: crossbeam_channel::Sender<Command>,
+    /// Report requests (`Sfu::peer_reports`), answered on the sender each carries.
+    reports: crossbeam_channel::Sender<ReportReply>,
     waker: Arc<net::Waker>,
     stats: Arc<ShardStats>,
     addr: SocketAddr,
@@ -66,6 +71,10 @@ struct TcpAcceptor {
 /// Connections handed from the ICE-TCP acceptor to one shard, not yet taken. A shard takes
 /// them every loop turn; a full queue means it is stuck, and the connection is refused.
 const TCP_HANDOFF_QUEUE: usize = 256;
+
+/// Report requests waiting for one shard. Operators ask now and then; more at once are
+/// refused (the caller gets what the other shards said).
+const REPORT_QUEUE: usize = 8;
 
 /// Which shard each conference and peer lives on. New conferences go to the shard with the
 /// fewest peers, counted here as they are placed: the shards' own published counts lag by
@@ -173,6 +182,7 @@ impl Sfu {
             let waker = Arc::new(net::Waker::new().map_err(SfuError::Thread)?);
             let stats = Arc::new(ShardStats::default());
             let (tcp_tx, tcp_rx) = crossbeam_channel::bounded(TCP_HANDOFF_QUEUE);
+            let (report_tx, report_rx) = crossbeam_channel::bounded(REPORT_QUEUE);
             inboxes.push(tcp::accept::ShardInbox {
                 connections: tcp_tx,
                 waker: waker.clone(),
@@ -183,6 +193,7 @@ impl Sfu {
                 socket,
                 rx,
                 tcp_rx,
+                report_rx,
                 waker.clone(),
                 events.clone(),
                 stop.clone(),
@@ -195,6 +206,7 @@ impl Sfu {
                 .map_err(SfuError::Thread)?;
             shards.push(ShardHandle {
                 commands: tx,
+                reports: report_tx,
                 waker,
                 stats,
                 addr: local,
@@ -289,6 +301,29 @@ impl Sfu {
                     .is_some_and(|t| !t.is_finished())
             })
             .collect()
+    }
+
+    /// What every peer is doing now (state, traffic, estimate), from every shard that answers
+    /// within `wait`. For an operator's view: each shard builds its list between two turns.
+    pub fn peer_reports(&self, wait: std::time::Duration) -> Vec<PeerReport> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut pending = Vec::new();
+        for s in &self.shards {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if s.reports.try_send(tx).is_ok() {
+                s.waker.wake();
+                pending.push(rx);
+            }
+        }
+        let mut out = Vec::new();
+        for rx in pending {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if let Ok(v) = rx.recv_timeout(left) {
+                out.extend(v);
+            }
+        }
+        out.sort_by_key(|r| r.peer);
+        out
     }
 
     /// Counters summed over all shards.

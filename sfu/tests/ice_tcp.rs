@@ -120,6 +120,18 @@ fn a_participant_without_udp_calls_over_ice_tcp_and_media_flows_both_ways() {
         world.clients[0].udp_sent, 0,
         "Alice still sent nothing over UDP"
     );
+
+    // An operator's view of the two: Alice on TCP publishing two tracks, Bob on UDP.
+    let reports = world.sfu.peer_reports(std::time::Duration::from_secs(5));
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    let (a, b) = (&reports[0], &reports[1]);
+    assert_eq!((a.peer, b.peer), (PeerId(0), PeerId(1)));
+    assert!(a.over_tcp && !b.over_tcp, "{reports:?}");
+    assert_eq!((a.publishes, b.publishes), (2, 1));
+    assert!(reports
+        .iter()
+        .all(|r| r.connected && r.rx_bytes > 0 && r.tx_bytes > 0));
+    assert!(b.tx_bytes > 35 * 200, "Bob was sent at least Alice's video");
 }
 
 #[test]

@@ -222,3 +222,31 @@ impl<S: EventSink> ShardCore<S> {
         }
     }
 }
+
+impl<S: EventSink> ShardCore<S> {
+    /// What each peer of this shard is doing now, for an operator (`Sfu::peer_reports`).
+    pub fn peer_reports(&self) -> Vec<crate::api::PeerReport> {
+        self.peers
+            .iter()
+            .map(|(id, p)| crate::api::PeerReport {
+                peer: *id,
+                conference: p.conference,
+                trunk: p.role == crate::api::PeerRole::Trunk,
+                connected: p.connected,
+                over_tcp: p
+                    .addrs
+                    .iter()
+                    .any(|(proto, _)| *proto == str0m::net::Protocol::Tcp),
+                rx_bytes: p.traffic.rx_bytes,
+                tx_bytes: p.traffic.tx_bytes,
+                rx_bps: p.traffic.rx_bps,
+                tx_bps: p.traffic.tx_bps,
+                estimate_bps: p.estimate,
+                loss: p.loss,
+                publishes: p.published.len(),
+                receives: p.out.len(),
+                videos_paused: p.out.values().filter(|o| o.allocated.is_held()).count(),
+            })
+            .collect()
+    }
+}

@@ -144,6 +144,7 @@ impl<S: EventSink> ShardCore<S> {
             return;
         };
         peer.last_rx = now;
+        peer.traffic.rx_bytes += data.len() as u64;
         let prev = self.current.replace(id);
         if let Err(e) = peer.rtc.handle_input(input) {
             debug!(%id, error = %e, "engine rejected input");

@@ -67,6 +67,7 @@ impl<S: EventSink> ShardCore<S> {
                     return;
                 }
                 Output::Transmit(t) => {
+                    peer.traffic.tx_bytes += t.contents.len() as u64;
                     super::queue_transmit(&mut self.transmits, &mut self.tcp_transmits, &t);
                 }
                 Output::Event(e) => self.handle_event(id, e, now),

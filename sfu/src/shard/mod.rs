@@ -255,6 +255,42 @@ struct Peer {
     /// (`allocation::PROBE_INTERVAL`), and when that last happened.
     probe_dip: bool,
     probed_at: Instant,
+    /// Bytes received from it and sent to it, all datagrams included, and their rates over
+    /// the last whole second (for an operator's view: `Sfu::peer_reports`).
+    traffic: Traffic,
+}
+
+/// A peer's traffic: totals, and the rates over the last whole second.
+#[derive(Debug, Clone, Copy)]
+struct Traffic {
+    rx_bytes: u64,
+    tx_bytes: u64,
+    /// Totals at the start of the current second.
+    mark: (Instant, u64, u64),
+    rx_bps: u64,
+    tx_bps: u64,
+}
+
+impl Traffic {
+    fn new(now: Instant) -> Self {
+        Traffic {
+            rx_bytes: 0,
+            tx_bytes: 0,
+            mark: (now, 0, 0),
+            rx_bps: 0,
+            tx_bps: 0,
+        }
+    }
+
+    /// Close the current second if it has passed (housekeeping).
+    fn roll(&mut self, now: Instant) {
+        let secs = now.saturating_duration_since(self.mark.0).as_secs_f64();
+        if secs >= 1.0 {
+            self.rx_bps = ((self.rx_bytes - self.mark.1) as f64 * 8.0 / secs) as u64;
+            self.tx_bps = ((self.tx_bytes - self.mark.2) as f64 * 8.0 / secs) as u64;
+            self.mark = (now, self.rx_bytes, self.tx_bytes);
+        }
+    }
 }
 
 impl Peer {
@@ -293,6 +329,7 @@ impl Peer {
             probing: (0, 0),
             probe_dip: false,
             probed_at: now,
+            traffic: Traffic::new(now),
         }
     }
 }
@@ -338,5 +375,29 @@ fn queue_transmit(udp: &mut SendQueue, tcp: &mut SendQueue, t: &Transmit) {
     match t.proto {
         Protocol::Tcp => tcp.push(t.destination, &t.contents),
         _ => udp.push(t.destination, &t.contents),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Traffic;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn traffic_rates_are_over_the_last_whole_second() {
+        let t0 = Instant::now();
+        let mut t = Traffic::new(t0);
+        t.rx_bytes += 1000;
+        t.tx_bytes += 3000;
+        t.roll(t0 + Duration::from_millis(900));
+        assert_eq!((t.rx_bps, t.tx_bps), (0, 0), "no second has passed");
+        t.roll(t0 + Duration::from_secs(1));
+        assert_eq!((t.rx_bps, t.tx_bps), (8000, 24000));
+        t.roll(t0 + Duration::from_secs(3));
+        assert_eq!(
+            (t.rx_bps, t.tx_bps),
+            (0, 0),
+            "nothing in the two seconds since"
+        );
     }
 }

@@ -24,6 +24,8 @@ pub(crate) struct Shard<S: EventSink> {
     commands: Receiver<Command>,
     /// ICE-TCP connections the acceptor routed here, and those taken.
     tcp_handoffs: Receiver<Handoff>,
+    /// Operators' report requests, answered between turns.
+    reports: Receiver<crossbeam_channel::Sender<Vec<crate::api::PeerReport>>>,
     links: Links,
     /// Poll entries of the connections, rebuilt before each wait (kept to reuse).
     poll_fds: Vec<libc::pollfd>,
@@ -40,6 +42,7 @@ impl<S: EventSink> Shard<S> {
         socket: UdpSocket,
         commands: Receiver<Command>,
         tcp_handoffs: Receiver<Handoff>,
+        reports: Receiver<crossbeam_channel::Sender<Vec<crate::api::PeerReport>>>,
         waker: Arc<Waker>,
         events: S,
         stop: Arc<AtomicBool>,
@@ -53,6 +56,7 @@ impl<S: EventSink> Shard<S> {
             socket,
             commands,
             tcp_handoffs,
+            reports,
             links: Links::default(),
             poll_fds: Vec::new(),
             waker,
@@ -97,6 +101,9 @@ impl<S: EventSink> Shard<S> {
         self.waker.drain();
         while let Ok(cmd) = self.commands.try_recv() {
             self.core.handle_command(cmd, Instant::now());
+        }
+        while let Ok(reply) = self.reports.try_recv() {
+            let _ = reply.try_send(self.core.peer_reports());
         }
         while let Ok(h) = self.tcp_handoffs.try_recv() {
             if !self.links.add(h, Instant::now()) {

@@ -63,6 +63,9 @@ impl<S: EventSink> ShardCore<S> {
                 .collect();
         }
         let mut dead = Vec::new();
+        for p in self.peers.values_mut() {
+            p.traffic.roll(now);
+        }
         for (id, p) in &self.peers {
             if !p.connected
                 && now.saturating_duration_since(p.created_at) > self.config.connect_timeout
