@@ -35,6 +35,9 @@ scripts/in-netns.sh cargo test --workspace --locked --offline
 step "a focus behind a NAT (scripts/nat-check.sh: namespaces, nftables, coturn, weir-loadtest)"
 scripts/nat-check.sh
 
+step "graceful drain through the admin API (scripts/drain-check.sh: weir-loadtest, direct mode)"
+scripts/drain-check.sh
+
 step "browser interop (node --test web/test/*.test.mjs, in a loopback-only network namespace)"
 WEIR_FOCUS_BIN="$REPO/target/debug/weir-focus" \
   scripts/in-netns.sh node --test --test-concurrency=1 web/test/*.test.mjs

@@ -4,9 +4,11 @@
 //! Conferences are keyed by (room, conf_id); participants by (user, device) within a
 //! conference. A new call from the same device replaces the old leg.
 
+mod admin;
 mod cascade;
 #[cfg(test)]
 mod cascade_tests;
+mod drain;
 mod screens;
 mod speakers;
 
@@ -109,7 +111,12 @@ pub struct Conductor<L: LegSender, M: MediaPlane> {
     forwarded: HashMap<PeerId, Vec<ForwardedTrack>>,
     next_peer: u64,
     next_conference: u64,
+    /// Draining (drain.rs): no new conferences, stop when the last participant leaves.
+    draining: Option<drain::Drain>,
 }
+
+pub use admin::{AdminReply, AdminRequest};
+pub use drain::DrainStatus;
 
 impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
     pub fn new(
@@ -131,6 +138,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             forwarded: HashMap::new(),
             next_peer: 1,
             next_conference: 1,
+            draining: None,
         }
     }
 
@@ -239,6 +247,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
     }
 
     fn invite(&mut self, leg: Leg, sdp: String, metadata: SdpStreamMetadata) {
+        if self.refuse_while_draining(&leg) {
+            return;
+        }
         let key = (leg.room_id.clone(), leg.conf_id.clone());
         let member = (leg.user_id.clone(), leg.device_id.clone());
         if let Some(conf) = self.conferences.get(&key) {
@@ -811,7 +822,7 @@ fn hangup_reason(reason: &str) -> &'static str {
     match reason {
         "replaced" => "replaced",
         "answered_elsewhere" => "answered_elsewhere",
-        "shutdown" | "member_gone" => "user_hangup",
+        "shutdown" | "member_gone" | "drained" | "ended_by_operator" => "user_hangup",
         _ => "unknown_error",
     }
 }
@@ -823,6 +834,8 @@ fn reason_label(reason: &str) -> &'static str {
         "answered_elsewhere" => "answered_elsewhere",
         "member_gone" => "member_gone",
         "shutdown" => "shutdown",
+        "drained" => "drained",
+        "ended_by_operator" => "ended_by_operator",
         "bad_offer" => "bad_offer",
         "media_plane_busy" => "media_plane_busy",
         "ConnectTimeout" => "connect_timeout",

@@ -35,7 +35,28 @@ pub struct Config {
     #[serde(default)]
     pub http: HttpConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// The operator's API (`focus/src/admin.rs`): off unless `listen` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port` of a private listener; empty: no admin API.
+    pub listen: String,
+    /// Bearer token every request must carry.
+    pub token: String,
+    /// How long a drain started without a deadline may take, in seconds.
+    pub drain_deadline_s: u64,
+}
+
+impl AdminConfig {
+    /// The listener's address, when the admin API is on.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -197,6 +218,21 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let a = &self.admin;
+        if !a.listen.is_empty() {
+            if a.listen_addr().is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "admin.listen {:?} is not ip:port",
+                    a.listen
+                )));
+            }
+            if a.token.len() < 16 {
+                return Err(ConfigError::Invalid(
+                    "admin.listen needs admin.token, at least 16 characters: the admin API ends calls"
+                        .into(),
+                ));
+            }
+        }
         let m = &self.matrix;
         if m.enabled {
             if m.user_id.is_empty() {

@@ -1,5 +1,6 @@
 //! `weir-focus`: a Matrix focus (MSC3401 SFU). Wires Matrix signalling to the media plane.
 
+mod admin;
 mod conductor;
 mod config;
 mod direct;
@@ -200,16 +201,46 @@ async fn run(config: Config) -> Result<(), String> {
 
     let ready_handle = signalling.clone();
     let media = sfu.clone();
+    let drain_gauge = metrics.draining.clone();
     let http = http::serve(
         config.http.listen,
         http::HttpState {
             metrics: metrics.clone(),
-            health: Arc::new(move || health(ready_handle.as_deref(), &media)),
+            health: Arc::new(move || {
+                health(ready_handle.as_deref(), &media)?;
+                // Draining: alive, but not to be sent new calls (a readiness probe fails).
+                if drain_gauge.get() > 0 {
+                    return Err("draining: no new conferences".into());
+                }
+                Ok(())
+            }),
         },
         direct.clone().map(direct::routes),
     )
     .await
     .map_err(|e| format!("binding http listener {}: {e}", config.http.listen))?;
+
+    // The operator's API, on its own private listener, when configured.
+    let (admin_tx, mut admin_rx) = tokio::sync::mpsc::channel(64);
+    let admin = match config.admin.listen_addr() {
+        Some(addr) => Some(
+            admin::serve(
+                addr,
+                admin::AdminState::new(
+                    &config.admin.token,
+                    admin_tx,
+                    sfu.clone(),
+                    config.admin.drain_deadline_s,
+                ),
+            )
+            .await
+            .map_err(|e| format!("binding admin listener {addr}: {e}"))?,
+        ),
+        None => {
+            drop(admin_tx);
+            None
+        }
+    };
 
     let mut conductor = Conductor::new(
         SharedLegs {
@@ -229,16 +260,29 @@ async fn run(config: Config) -> Result<(), String> {
             Some(ev) = legs.recv() => conductor.on_leg_event(ev),
             Some(ev) = sfu_rx.recv() => conductor.on_sfu_event(ev),
             Some(ev) = direct_rx.recv() => conductor.on_leg_event(ev),
-            _ = ticker.tick() => conductor.tick(std::time::Instant::now()),
+            Some(req) = admin_rx.recv() => conductor.admin(req, std::time::Instant::now()),
+            _ = ticker.tick() => {
+                let now = std::time::Instant::now();
+                conductor.tick(now);
+                conductor.drain_tick(now);
+            }
             _ = sigterm.recv() => { info!("SIGTERM: hanging up every call"); break; }
             _ = sigint.recv() => { info!("SIGINT: hanging up every call"); break; }
             else => { warn!("signalling and media plane both stopped"); break; }
+        }
+        if conductor.drained() {
+            info!("drained: the last participant has left");
+            break;
         }
     }
     info!(legs = conductor.participant_count(), "hanging up");
     conductor.hang_up_all();
     http.abort();
     let _ = http.await; // the server's state holds a handle on signalling
+    if let Some(a) = admin {
+        a.abort();
+        let _ = a.await;
+    }
     let sfu_stop = sfu.clone();
     let _ = tokio::task::spawn_blocking(move || sfu_stop.shutdown()).await;
     drop(conductor);

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub speaker_changes: IntCounter,
     /// Audio sources speaking now, over all conferences.
     pub speaking: IntGauge,
+    /// 1 while the focus drains (no new conferences), else 0.
+    pub draining: IntGauge,
 }
 
 impl Metrics {
@@ -115,8 +117,14 @@ impl Metrics {
             "Audio sources speaking now, over all conferences",
         )
         .unwrap();
+        let draining = IntGauge::new(
+            "weir_draining",
+            "1 while the focus drains: it takes no new conferences and stops when the last participant leaves or at the deadline",
+        )
+        .unwrap();
         for c in [
             Box::new(data_messages.clone()) as Box<dyn Collector>,
+            Box::new(draining.clone()),
             Box::new(speaker_changes.clone()),
             Box::new(speaking.clone()),
             Box::new(trunks.clone()),
@@ -146,6 +154,7 @@ impl Metrics {
             trunk_dials,
             speaker_changes,
             speaking,
+            draining,
         }
     }
 
