@@ -58,3 +58,75 @@ pub async fn serve(
         }
     }))
 }
+
+/// GET `/healthz` of a focus listening on `listen` (its wildcard address asked on loopback),
+/// with a plain blocking socket: `weir-focus --healthcheck`. `Err` says why it is not healthy.
+pub fn probe_health(listen: SocketAddr, wait: std::time::Duration) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut addr = listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let mut s = std::net::TcpStream::connect_timeout(&addr, wait)
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(wait)).map_err(|e| e.to_string())?;
+    write!(s, "GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    s.take(4096)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("reading from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.split_whitespace().nth(1).unwrap_or("");
+    if status == "200" {
+        Ok(())
+    } else {
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").trim();
+        Err(format!("{addr} answered {status:?}: {body}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn serve_health(
+        health: Arc<dyn Fn() -> Result<(), String> + Send + Sync>,
+    ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let state = HttpState {
+            metrics: Arc::new(Metrics::new()),
+            health,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router(state, None)).await;
+        });
+        (addr, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_probe_tells_healthy_from_not() {
+        let (ok, a) = serve_health(Arc::new(|| Ok(()))).await;
+        let (bad, b) = serve_health(Arc::new(|| Err("draining: no new conferences".into()))).await;
+        let wait = std::time::Duration::from_secs(5);
+        let r =
+            tokio::task::spawn_blocking(move || (probe_health(ok, wait), probe_health(bad, wait)))
+                .await
+                .unwrap();
+        assert_eq!(r.0, Ok(()));
+        let e = r.1.unwrap_err();
+        assert!(e.contains("503") && e.contains("draining"), "{e}");
+        a.abort();
+        b.abort();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        assert!(probe_health(closed, wait).is_err(), "nothing listening");
+    }
+}

@@ -39,6 +39,10 @@ struct Cli {
     /// wrong, 1 if something is. Run it before starting the focus: it binds the media ports.
     #[arg(long)]
     check_network: bool,
+    /// Ask the running focus's /healthz (on http.listen) and exit 0 if it is healthy, 1 if
+    /// not: a container health check that needs no HTTP client in the image.
+    #[arg(long)]
+    healthcheck: bool,
 }
 
 /// Events queued from the media shards to the conductor. Events are per signalling action (not
@@ -73,6 +77,15 @@ fn main() -> std::process::ExitCode {
         }
         println!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
         return std::process::ExitCode::SUCCESS;
+    }
+    if cli.healthcheck {
+        return match http::probe_health(config.http.listen, Duration::from_secs(3)) {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("weir-focus: unhealthy: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     if cli.check_network {
         let found = network_check::check(&config);
