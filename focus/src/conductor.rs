@@ -9,6 +9,8 @@ mod cascade;
 #[cfg(test)]
 mod cascade_tests;
 mod drain;
+#[cfg(test)]
+mod log_tests;
 mod screens;
 mod speakers;
 
@@ -160,6 +162,11 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
     // ------------------------------------------------------------ signalling → media
 
     pub fn on_leg_event(&mut self, event: LegEvent) {
+        let span = match event.leg() {
+            Some(leg) => leg_span(leg, self.find_leg(leg)),
+            None => tracing::Span::none(),
+        };
+        let _in = span.enter();
         match event {
             LegEvent::Invite {
                 leg, sdp, metadata, ..
@@ -422,6 +429,11 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
     // ------------------------------------------------------------ media → signalling
 
     pub fn on_sfu_event(&mut self, event: SfuEvent) {
+        let span = event
+            .peer()
+            .and_then(|peer| Some(leg_span(&self.participants.get(&peer)?.leg, Some(peer))))
+            .unwrap_or_else(tracing::Span::none);
+        let _in = span.enter();
         match event {
             SfuEvent::PeerCreated {
                 peer,
@@ -816,6 +828,22 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
         let speaking: usize = self.conferences.values().map(|c| c.speaking).sum();
         self.metrics.speaking.set(speaking as i64);
     }
+}
+
+/// A span naming the conference and the participant an event concerns: every line logged
+/// while handling it carries them as fields (`span` in JSON logs), so one participant's story
+/// can be followed by filtering on its user, device or call.
+fn leg_span(leg: &Leg, peer: Option<PeerId>) -> tracing::Span {
+    tracing::info_span!(
+        "leg",
+        conf = %leg.conf_id,
+        room = %leg.room_id,
+        user = %leg.user_id,
+        device = %leg.device_id,
+        call = %leg.call_id,
+        peer = peer.map(|p| p.0),
+        trunk = leg.trunk,
+    )
 }
 
 fn hangup_reason(reason: &str) -> &'static str {

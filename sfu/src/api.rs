@@ -334,6 +334,27 @@ pub enum SfuEvent {
     },
 }
 
+impl SfuEvent {
+    /// The peer the event concerns (every event but a conference's speakers).
+    pub fn peer(&self) -> Option<PeerId> {
+        match self {
+            SfuEvent::PeerCreated { peer, .. }
+            | SfuEvent::TrunkOffer { peer, .. }
+            | SfuEvent::ChannelOpen { peer, .. }
+            | SfuEvent::PeerFailed { peer, .. }
+            | SfuEvent::Answer { peer, .. }
+            | SfuEvent::Offer { peer, .. }
+            | SfuEvent::NegotiationFailed { peer, .. }
+            | SfuEvent::Connected { peer, .. }
+            | SfuEvent::TrackPublished { peer, .. }
+            | SfuEvent::TrackUnpublished { peer, .. }
+            | SfuEvent::DataMessage { peer, .. }
+            | SfuEvent::PeerClosed { peer, .. } => Some(*peer),
+            SfuEvent::Speakers { .. } => None,
+        }
+    }
+}
+
 /// An audio track as the control plane knows it: its publisher and its stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AudioSource {

@@ -189,7 +189,7 @@ impl<S: EventSink> ShardCore<S> {
         let constrained = round(allocated) < round(wanted) && estimate < desired;
         if peer.stall.stalled(constrained, loss, now) {
             // str0m's estimator locked itself (forward::stall): start it again from here.
-            info!(%id, estimate, "bandwidth estimate stuck while holding the subscriber back: estimator restarted");
+            info!(shard = self.index, %id, conference = %peer.conference, estimate, "bandwidth estimate stuck while holding the subscriber back: estimator restarted");
             let blamed = self.current.replace(id);
             peer.rtc.bwe().reset(Bitrate::bps(estimate));
             self.current = blamed;

@@ -78,10 +78,11 @@ impl<S: EventSink> ShardCore<S> {
     fn handle_event(&mut self, id: PeerId, event: Event, now: Instant) {
         match event {
             Event::Connected => {
-                if let Some(p) = self.peers.get_mut(&id) {
+                let conference = self.peers.get_mut(&id).map(|p| {
                     p.connected = true;
-                }
-                info!(shard = self.index, %id, "peer connected");
+                    p.conference
+                });
+                info!(shard = self.index, %id, conference = ?conference.map(|c| c.0), "peer connected");
                 self.emit(SfuEvent::Connected { peer: id });
             }
             Event::MediaAdded(m) if m.direction.is_receiving() => {

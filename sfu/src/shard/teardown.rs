@@ -73,7 +73,7 @@ impl<S: EventSink> ShardCore<S> {
                 self.offer_soon(other);
             }
         }
-        info!(shard = self.index, %id, ?reason, "peer closed");
+        info!(shard = self.index, %id, conference = %peer.conference, ?reason, "peer closed");
         self.emit(SfuEvent::PeerClosed { peer: id, reason });
     }
 
@@ -91,7 +91,8 @@ impl<S: EventSink> ShardCore<S> {
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "unknown".into());
         self.counters.peer_panics += 1;
-        warn!(shard = self.index, %id, panic = %what, "panic while handling a peer; closing that peer only");
+        let conference = self.peers.get(&id).map(|p| p.conference.0);
+        warn!(shard = self.index, %id, ?conference, panic = %what, "panic while handling a peer; closing that peer only");
         if let Some(p) = self.peers.get_mut(&id) {
             p.poisoned = true;
         }

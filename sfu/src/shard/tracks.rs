@@ -250,7 +250,7 @@ impl<S: EventSink> ShardCore<S> {
                 dynacast,
             },
         );
-        info!(shard = self.index, %id, mid = %mid, %kind, stream = %track.stream_id, "track published");
+        info!(shard = self.index, %id, %conference, mid = %mid, %kind, stream = %track.stream_id, "track published");
         self.emit(SfuEvent::TrackPublished { peer: id, track });
         let others: Vec<PeerId> = self.conferences[&conference]
             .iter()
