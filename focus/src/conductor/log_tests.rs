@@ -24,7 +24,18 @@ impl Write for Captured {
     }
 }
 
+/// Log lines written while `f` runs on this thread.
+///
+/// tracing caches, per log statement, whether anyone listens, process-wide, the first time the
+/// statement runs anywhere. A sibling test running conductor code with no subscriber would
+/// cache "nobody" and silence it here too. So a silent global subscriber is installed first
+/// (nothing then computes "nobody"), and the cache is rebuilt once this thread's capture is in
+/// place.
 fn capture(f: impl FnOnce()) -> Vec<serde_json::Value> {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
     let out = Captured::default();
     let writer = out.clone();
     let sub = tracing_subscriber::fmt()
@@ -32,7 +43,10 @@ fn capture(f: impl FnOnce()) -> Vec<serde_json::Value> {
         .with_writer(move || writer.clone())
         .with_max_level(tracing::Level::INFO)
         .finish();
-    tracing::subscriber::with_default(sub, f);
+    tracing::subscriber::with_default(sub, || {
+        tracing::callsite::rebuild_interest_cache();
+        f()
+    });
     let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
     text.lines()
         .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
