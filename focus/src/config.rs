@@ -102,6 +102,8 @@ pub struct MediaConfig {
     pub advertise_ips: Vec<IpAddr>,
     /// ICE over TCP on this port (0: off).
     pub tcp_port: u16,
+    /// Every shard's UDP socket on `port_base` alone.
+    pub single_port: bool,
     /// A STUN server (`host:port`) asked for the focus's public address: at startup when
     /// `advertise_ips` is empty, and by `--check-network`. Empty: none.
     pub stun_server: String,
@@ -122,6 +124,7 @@ impl Default for MediaConfig {
             port_base: 0,
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
             tcp_port: 0,
+            single_port: false,
             stun_server: String::new(),
             connect_timeout_s: 30,
             silence_timeout_s: 15,

@@ -152,6 +152,7 @@ async fn run(config: Config) -> Result<(), String> {
         port_base: config.media.port_base,
         advertise_ips,
         tcp_port: (config.media.tcp_port != 0).then_some(config.media.tcp_port),
+        single_port: config.media.single_port,
         connect_timeout: config.connect_timeout(),
         silence_timeout: config.silence_timeout(),
         socket_buffer_bytes: config.media.socket_buffer_bytes,

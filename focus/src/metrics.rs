@@ -343,6 +343,11 @@ impl SfuCollector {
                 "Packets of temporal layers (VP8) left out for subscribers whose bandwidth allocation lowered their frame rate",
                 s.temporal_skipped,
             ),
+            counter(
+                "weir_datagrams_handed_over_total",
+                "Datagrams one media shard received for another shard's participant and handed over (media.single_port)",
+                s.handed_over,
+            ),
             gauge(
                 "weir_ice_tcp_connections",
                 "ICE-TCP connections the media shards hold (participants whose UDP is blocked; media.tcp_port)",

@@ -23,6 +23,12 @@ pub struct SfuConfig {
     pub port_base: u16,
     /// Addresses put in our ICE host candidates (what participants send media to).
     pub advertise_ips: Vec<IpAddr>,
+    /// Every shard's UDP socket on the one port `port_base` (`SO_REUSEPORT`), so a firewall
+    /// needs one rule. The kernel spreads clients over the sockets by address, so a shard hands
+    /// datagrams for another shard's peers over to it (`shard::single_port`): a copy and a
+    /// queue per datagram for most participants when there are many shards. Off: shard i on
+    /// `port_base + i`, each receiving only its own peers' datagrams.
+    pub single_port: bool,
     /// ICE over TCP: a passive host candidate on this port (bound on `bind_ip`, one port for
     /// every shard) for participants whose UDP is blocked. `None`: UDP only; `Some(0)`: an
     /// ephemeral port (tests). TCP carries media with head-of-line blocking, so browsers
@@ -68,6 +74,7 @@ impl Default for SfuConfig {
             port_base: 0,
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
             tcp_port: None,
+            single_port: false,
             connect_timeout: Duration::from_secs(30),
             silence_timeout: Duration::from_secs(15),
             socket_buffer_bytes: DEFAULT_SOCKET_BUFFER_BYTES,

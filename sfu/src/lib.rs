@@ -32,7 +32,7 @@ pub use api::{
     DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
-pub use shard::{CoreSizes, EventSink, ShardCore};
+pub use shard::{CoreSizes, EventSink, ShardCore, ShardMessage};
 pub use stats::{DelayHistogram, DropReason, ShardStats, StatsSnapshot, TrunkCounts};
 
 /// Capacity of each shard's command queue. Commands are rare (per signalling event), so a full
@@ -71,6 +71,11 @@ struct TcpAcceptor {
 /// Connections handed from the ICE-TCP acceptor to one shard, not yet taken. A shard takes
 /// them every loop turn; a full queue means it is stuck, and the connection is refused.
 const TCP_HANDOFF_QUEUE: usize = 256;
+
+/// Datagrams and claims waiting for one shard from the others when they share one port
+/// (`SfuConfig::single_port`). About 50 ms of a busy shard's traffic; beyond it the sender
+/// drops and counts (`hand_over_full`).
+const SHARD_MESSAGE_QUEUE: usize = 4096;
 
 /// Report requests waiting for one shard. Operators ask now and then; more at once are
 /// refused (the caller gets what the other shards said).
@@ -152,19 +157,41 @@ impl Sfu {
         };
         let mut inboxes = Vec::new();
         let mut shards = Vec::new();
-        for i in 0..config.shards.max(1) {
-            let port = if config.port_base == 0 {
-                0
-            } else {
-                config.port_base + i as u16
+        let n = config.shards.max(1);
+        config.shards = n;
+        // Each shard's waker and queue of messages from the others (one port for all).
+        let mut wakers = Vec::new();
+        let mut message_queues = Vec::new();
+        for _ in 0..n {
+            wakers.push(Arc::new(net::Waker::new().map_err(SfuError::Thread)?));
+            message_queues.push(crossbeam_channel::bounded(SHARD_MESSAGE_QUEUE));
+        }
+        let siblings: Vec<_> = message_queues
+            .iter()
+            .zip(&wakers)
+            .map(|((tx, _), w)| (tx.clone(), w.clone()))
+            .collect();
+        let mut single_port = None;
+        for (i, (waker, (_, messages))) in wakers.into_iter().zip(message_queues).enumerate() {
+            let port = match (config.single_port, single_port, config.port_base) {
+                (true, Some(p), _) => p,
+                (true, None, p) => p,
+                (false, _, 0) => 0,
+                (false, _, p) => p + i as u16,
             };
             let addr = SocketAddr::new(config.bind_ip, port);
-            let socket = UdpSocket::bind(addr).map_err(|source| SfuError::Bind {
+            let bound = if config.single_port {
+                net::bind_reuseport(addr)
+            } else {
+                UdpSocket::bind(addr)
+            };
+            let socket = bound.map_err(|source| SfuError::Bind {
                 shard: i,
                 addr: addr.to_string(),
                 source,
             })?;
             let local = socket.local_addr().map_err(SfuError::Thread)?;
+            single_port.get_or_insert(local.port());
             match net::size_buffers(&socket, config.socket_buffer_bytes) {
                 Ok((rcv, _)) if rcv / 2 < config.socket_buffer_bytes => warn!(
                     shard = i,
@@ -179,7 +206,6 @@ impl Sfu {
                 warn!(shard = i, error = %e, "kernel receive drops will not be counted");
             }
             let (tx, rx) = crossbeam_channel::bounded(COMMAND_QUEUE);
-            let waker = Arc::new(net::Waker::new().map_err(SfuError::Thread)?);
             let stats = Arc::new(ShardStats::default());
             let (tcp_tx, tcp_rx) = crossbeam_channel::bounded(TCP_HANDOFF_QUEUE);
             let (report_tx, report_rx) = crossbeam_channel::bounded(REPORT_QUEUE);
@@ -187,13 +213,18 @@ impl Sfu {
                 connections: tcp_tx,
                 waker: waker.clone(),
             });
+            let inputs = shard::Inputs {
+                commands: rx,
+                tcp_handoffs: tcp_rx,
+                reports: report_rx,
+                messages,
+                siblings: siblings.clone(),
+            };
             let shard = shard::Shard::new(
                 i,
                 config.clone(),
                 socket,
-                rx,
-                tcp_rx,
-                report_rx,
+                inputs,
                 waker.clone(),
                 events.clone(),
                 stop.clone(),

@@ -58,6 +58,30 @@ impl RecvBatch {
     }
 }
 
+/// A UDP socket bound to `addr` with `SO_REUSEPORT`, so several shards can share one port.
+pub fn bind_reuseport(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain syscall; the descriptor is owned by the UdpSocket below or closed on error.
+    let fd = unsafe { libc::socket(family, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own from here on.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    set_int(&socket, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
+    let (ss, len) = std_to_sockaddr(&addr);
+    // SAFETY: `ss` holds a sockaddr of `len` bytes for this family.
+    let r = unsafe { libc::bind(fd, (&ss as *const libc::sockaddr_storage).cast(), len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
 /// Ask the kernel to report, with each datagram, how many it dropped on this socket for want
 /// of receive buffer (`SO_RXQ_OVFL`).
 pub fn count_drops(socket: &UdpSocket) -> io::Result<()> {

@@ -41,6 +41,9 @@ pub enum DropReason {
     /// An audio packet of a source not among the conference's loudest, while only the
     /// loudest are forwarded (`SfuConfig::audio_loudest_n`).
     NotLoudest,
+    /// A datagram for another shard's peer (one port for all shards) that could not be handed
+    /// over: that shard's queue was full.
+    HandOverFull,
     /// An ICE-TCP connection closed before it reached a peer: its first frame was no check
     /// for one of our peers, it broke RFC 4571 framing, it sent nothing in time, or there
     /// were too many.
@@ -50,7 +53,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -70,6 +73,7 @@ impl DropReason {
         DropReason::NotLoudest,
         DropReason::TcpRefused,
         DropReason::TcpCongested,
+        DropReason::HandOverFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -93,6 +97,7 @@ impl DropReason {
             DropReason::NotLoudest => "not_loudest",
             DropReason::TcpRefused => "tcp_refused",
             DropReason::TcpCongested => "tcp_congested",
+            DropReason::HandOverFull => "hand_over_full",
         }
     }
 
@@ -186,6 +191,8 @@ pub(crate) struct ShardCounters {
     pub temporal_skipped: u64,
     /// Gauge: ICE-TCP connections the shard holds.
     pub tcp_links: u64,
+    /// Datagrams received for another shard's peer and handed to it (one port for all).
+    pub handed_over: u64,
     /// Batch read → copies handed to the kernel, per loop turn that forwarded something.
     pub forward_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
@@ -230,6 +237,7 @@ impl ShardCounters {
         to.estimator_restarts.store(self.estimator_restarts, r);
         to.temporal_skipped.store(self.temporal_skipped, r);
         to.tcp_links.store(self.tcp_links, r);
+        to.handed_over.store(self.handed_over, r);
         for (i, n) in self.forward_delay.buckets.iter().enumerate() {
             to.forward_delay_buckets[i].store(*n, r);
         }
@@ -268,6 +276,7 @@ pub struct ShardStats {
     pub estimator_restarts: AtomicU64,
     pub temporal_skipped: AtomicU64,
     pub tcp_links: AtomicU64,
+    pub handed_over: AtomicU64,
     pub forward_delay_buckets: [AtomicU64; DELAY_BUCKETS_US.len() + 1],
     pub forward_delay_sum_us: AtomicU64,
     pub forward_delay_count: AtomicU64,
@@ -314,6 +323,8 @@ pub struct StatsSnapshot {
     pub temporal_skipped: u64,
     /// ICE-TCP connections held, now.
     pub tcp_links: u64,
+    /// Datagrams one shard received for another's peer and handed over (one port for all).
+    pub handed_over: u64,
     /// The shards' forwarding delay (batch read → copies handed to the kernel).
     pub forward_delay: DelayHistogram,
     pub drops: Vec<(DropReason, u64)>,
@@ -351,6 +362,7 @@ impl StatsSnapshot {
             s.estimator_restarts += sh.estimator_restarts.load(r);
             s.temporal_skipped += sh.temporal_skipped.load(r);
             s.tcp_links += sh.tcp_links.load(r);
+            s.handed_over += sh.handed_over.load(r);
             let mut d = DelayHistogram {
                 sum_us: sh.forward_delay_sum_us.load(r),
                 count: sh.forward_delay_count.load(r),

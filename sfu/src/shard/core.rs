@@ -55,6 +55,8 @@ impl<S: EventSink> ShardCore<S> {
             dirty: Vec::new(),
             transmits: SendQueue::default(),
             tcp_transmits: SendQueue::without_gso(),
+            foreign: HashMap::new(),
+            outgoing: Vec::new(),
             counters: ShardCounters::default(),
             stats,
             next_housekeeping: now,

@@ -71,17 +71,31 @@ impl<S: EventSink> ShardCore<S> {
     /// One datagram from `from`, received at `now`: demultiplexed to its peer and fed to its
     /// engine; what that produces is drained at once (RTP is fanned out).
     pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
-        self.handle_packet(Protocol::Udp, from, data, now);
+        self.handle_packet(Protocol::Udp, from, data, now, true);
     }
 
     /// One frame from the ICE-TCP connection of `from`: handled as a datagram would be.
     pub fn handle_tcp(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
-        self.handle_packet(Protocol::Tcp, from, data, now);
+        self.handle_packet(Protocol::Tcp, from, data, now, false);
     }
 
-    fn handle_packet(&mut self, proto: Protocol, from: SocketAddr, data: &[u8], now: Instant) {
+    /// `may_hand_over`: a datagram from an unknown address may belong to another shard
+    /// sharing our port (`single_port`); one handed to us is never handed on.
+    pub(super) fn handle_packet(
+        &mut self,
+        proto: Protocol,
+        from: SocketAddr,
+        data: &[u8],
+        now: Instant,
+        may_hand_over: bool,
+    ) {
         self.counters.datagrams_in += 1;
         self.counters.bytes_in += data.len() as u64;
+        let known = self.by_addr.get(&(proto, from)).copied();
+        // Another shard's, sharing our port: handed over unparsed (`single_port`).
+        if known.is_none() && may_hand_over && self.hand_over(from, data, now) {
+            return;
+        }
         let mut local = self.ice_local.toward(from);
         if proto == Protocol::Tcp {
             local.set_port(self.config.tcp_port.unwrap_or(0));
@@ -94,8 +108,8 @@ impl<S: EventSink> ShardCore<S> {
             }
         };
         let input = Input::Receive(now, receive);
-        let id = match self.by_addr.get(&(proto, from)) {
-            Some(id) => *id,
+        let id = match known {
+            Some(id) => id,
             None => {
                 // A new 5-tuple: only a STUN message a peer's engine accepts (a check with its
                 // credentials, or an answer to one of its own checks) introduces it. A check

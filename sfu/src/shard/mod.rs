@@ -22,6 +22,7 @@ mod fanout;
 mod layers;
 mod negotiation;
 mod run;
+mod single_port;
 mod speakers;
 mod teardown;
 mod timers;
@@ -55,7 +56,8 @@ use crate::stats::{ShardCounters, ShardStats};
 type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 
 pub use self::core::CoreSizes;
-pub(crate) use run::Shard;
+pub(crate) use run::{Inputs, Shard};
+pub use single_port::ShardMessage;
 
 /// Sends events to the control plane without ever blocking the shard.
 pub trait EventSink: Send + 'static {
@@ -358,6 +360,10 @@ pub struct ShardCore<S: EventSink> {
     transmits: SendQueue,
     /// Packets to send on ICE-TCP connections, until the thread writes them.
     tcp_transmits: SendQueue,
+    /// With one port for every shard: addresses whose peer lives on another shard (and when
+    /// they last sent), and messages for the other shards ([`single_port`]).
+    foreign: HashMap<SocketAddr, (usize, Instant)>,
+    outgoing: Vec<single_port::Outgoing>,
     counters: ShardCounters,
     stats: std::sync::Arc<ShardStats>,
     next_housekeeping: Instant,

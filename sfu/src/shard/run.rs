@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, Sender};
 use tracing::{info, warn};
 
 use crate::api::{Command, SfuConfig};
@@ -16,16 +16,30 @@ use crate::stats::{DropReason, ShardStats};
 use crate::tcp::links::Links;
 use crate::tcp::Handoff;
 
+use super::ShardMessage;
+
+/// Messages from other shards taken per loop turn (one port for all shards).
+const SIBLING_MESSAGES_PER_TURN: usize = 4096;
+
 use super::{EventSink, ShardCore};
+
+/// What reaches a shard from other threads.
+pub(crate) struct Inputs {
+    pub commands: Receiver<Command>,
+    /// ICE-TCP connections the acceptor routed here.
+    pub tcp_handoffs: Receiver<Handoff>,
+    /// Operators' report requests, answered between turns.
+    pub reports: Receiver<crossbeam_channel::Sender<Vec<crate::api::PeerReport>>>,
+    /// Datagrams and claims from the shards sharing our port, and where to send ours (every
+    /// shard, this one included, by index).
+    pub messages: Receiver<ShardMessage>,
+    pub siblings: Vec<(Sender<ShardMessage>, Arc<Waker>)>,
+}
 
 pub(crate) struct Shard<S: EventSink> {
     index: usize,
     socket: UdpSocket,
-    commands: Receiver<Command>,
-    /// ICE-TCP connections the acceptor routed here, and those taken.
-    tcp_handoffs: Receiver<Handoff>,
-    /// Operators' report requests, answered between turns.
-    reports: Receiver<crossbeam_channel::Sender<Vec<crate::api::PeerReport>>>,
+    inputs: Inputs,
     links: Links,
     /// Poll entries of the connections, rebuilt before each wait (kept to reuse).
     poll_fds: Vec<libc::pollfd>,
@@ -40,9 +54,7 @@ impl<S: EventSink> Shard<S> {
         index: usize,
         config: SfuConfig,
         socket: UdpSocket,
-        commands: Receiver<Command>,
-        tcp_handoffs: Receiver<Handoff>,
-        reports: Receiver<crossbeam_channel::Sender<Vec<crate::api::PeerReport>>>,
+        inputs: Inputs,
         waker: Arc<Waker>,
         events: S,
         stop: Arc<AtomicBool>,
@@ -54,9 +66,7 @@ impl<S: EventSink> Shard<S> {
         Ok(Shard {
             index,
             socket,
-            commands,
-            tcp_handoffs,
-            reports,
+            inputs,
             links: Links::default(),
             poll_fds: Vec::new(),
             waker,
@@ -99,13 +109,21 @@ impl<S: EventSink> Shard<S> {
     /// batched send. Returns how many datagrams were read.
     fn turn(&mut self, batch: &mut RecvBatch) -> usize {
         self.waker.drain();
-        while let Ok(cmd) = self.commands.try_recv() {
+        while let Ok(cmd) = self.inputs.commands.try_recv() {
             self.core.handle_command(cmd, Instant::now());
         }
-        while let Ok(reply) = self.reports.try_recv() {
+        while let Ok(reply) = self.inputs.reports.try_recv() {
             let _ = reply.try_send(self.core.peer_reports());
         }
-        while let Ok(h) = self.tcp_handoffs.try_recv() {
+        // What the shards sharing our port received for our peers (bounded per turn, so a
+        // flood handed over cannot hold this shard's own socket back).
+        for _ in 0..SIBLING_MESSAGES_PER_TURN {
+            let Ok(m) = self.inputs.messages.try_recv() else {
+                break;
+            };
+            self.core.handle_shard_message(m, Instant::now());
+        }
+        while let Ok(h) = self.inputs.tcp_handoffs.try_recv() {
             if !self.links.add(h, Instant::now()) {
                 self.core.count_drop(DropReason::TcpRefused);
             }
@@ -148,5 +166,38 @@ impl<S: EventSink> Shard<S> {
         self.core.flush_tcp(|to, data| links.send(to, data));
         links.flush();
         self.core.set_tcp_links(links.len());
+        self.hand_over();
+    }
+
+    /// Deliver what the core has for the shards sharing our port.
+    fn hand_over(&mut self) {
+        if !self.core.has_outgoing() {
+            return;
+        }
+        let n = self.inputs.siblings.len();
+        let mut woken = vec![false; n];
+        let mut failed = 0;
+        let mut send = |i: usize, m: ShardMessage| match self.inputs.siblings.get(i) {
+            Some((tx, _)) if tx.try_send(m).is_ok() => woken[i] = true,
+            _ => failed += 1,
+        };
+        for o in self.core.take_outgoing() {
+            match o.to {
+                Some(i) => send(i, o.message),
+                None => {
+                    for i in (0..n).filter(|i| *i != self.index) {
+                        send(i, o.message.clone());
+                    }
+                }
+            }
+        }
+        for _ in 0..failed {
+            self.core.undelivered();
+        }
+        for (i, w) in woken.iter().enumerate() {
+            if *w {
+                self.inputs.siblings[i].1.wake();
+            }
+        }
     }
 }

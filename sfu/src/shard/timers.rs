@@ -66,6 +66,7 @@ impl<S: EventSink> ShardCore<S> {
         for p in self.peers.values_mut() {
             p.traffic.roll(now);
         }
+        self.prune_foreign(now);
         for (id, p) in &self.peers {
             if !p.connected
                 && now.saturating_duration_since(p.created_at) > self.config.connect_timeout

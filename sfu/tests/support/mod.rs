@@ -313,7 +313,11 @@ impl World {
         sink: impl FnOnce(crossbeam_channel::Sender<SfuEvent>) -> S,
     ) -> World {
         let clients = names.iter().map(|n| Client::new(n)).collect();
-        Self::with_clients(clients, SfuConfig::default(), sink)
+        let config = SfuConfig {
+            shards: 1,
+            ..SfuConfig::default()
+        };
+        Self::with_clients(clients, config, sink)
     }
 
     /// A media plane configured by `config` (one shard, no bandwidth allocation) and these
@@ -329,7 +333,6 @@ impl World {
         // and the load tests and browser tests run with it on).
         let sfu = Sfu::start(
             SfuConfig {
-                shards: 1,
                 estimate_from_bps: None,
                 ..config
             },
@@ -347,10 +350,15 @@ impl World {
 
     /// Client `i` calls into conference 1 with `offer`.
     pub fn call(&self, i: u64, offer: String) {
+        self.call_in(i, ConferenceId(1), offer)
+    }
+
+    /// Client `i` calls into `conference` with `offer`.
+    pub fn call_in(&self, i: u64, conference: ConferenceId, offer: String) {
         self.sfu
             .send(Command::CreatePeer {
                 peer: PeerId(i),
-                conference: ConferenceId(1),
+                conference,
                 offer,
                 role: PeerRole::Participant,
             })
