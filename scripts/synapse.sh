@@ -179,6 +179,21 @@ federation:
   max_short_retry_delay: 1s"
   fi
 
+  # Application services (the focus as one: WEIR_SYNAPSE_APPSERVICES=reg1.yaml,reg2.yaml), with
+  # to-device messages pushed to them (MSC2409/MSC4203, still experimental in Synapse).
+  local as_settings=""
+  if [[ -n "${WEIR_SYNAPSE_APPSERVICES:-}" ]]; then
+    local files="" f
+    IFS=',' read -ra regs <<<"$WEIR_SYNAPSE_APPSERVICES"
+    for f in "${regs[@]}"; do
+      [[ -f "$f" ]] || die "appservice registration $f not found"
+      files+="${files:+, }'$f'"
+    done
+    as_settings="app_service_config_files: [$files]
+experimental_features:
+  msc2409_to_device_messages_enabled: true"
+  fi
+
   # A high per-second rate and burst for every limiter Synapse has: tests register, join and send
   # to-device bursts much faster than a human would.
   local hi='{per_second: 10000, burst_count: 100000}'
@@ -211,6 +226,7 @@ enable_registration: false
 trusted_key_servers: []
 suppress_key_server_warning: true
 $fed_settings
+$as_settings
 presence:
   enabled: false
 enable_metrics: false

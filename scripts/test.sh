@@ -42,5 +42,9 @@ step "browser interop (node --test web/test/*.test.mjs, in a loopback-only netwo
 WEIR_FOCUS_BIN="$REPO/target/debug/weir-focus" \
   scripts/in-netns.sh node --test --test-concurrency=1 web/test/*.test.mjs
 
+step "browser interop with the focus as an application service (WEIR_FOCUS_APPSERVICE=1)"
+WEIR_FOCUS_BIN="$REPO/target/debug/weir-focus" WEIR_FOCUS_APPSERVICE=1 \
+  scripts/in-netns.sh node --test web/test/interop.test.mjs
+
 echo
 echo "all tests passed in $(( $(date +%s) - started )) s"

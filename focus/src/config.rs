@@ -74,6 +74,9 @@ pub struct MatrixConfig {
     pub state_dir: PathBuf,
     pub allowed_servers: Vec<String>,
     pub reorder_timeout_ms: u64,
+    /// Run as an application service with these tokens (both set, or neither).
+    pub appservice_as_token: String,
+    pub appservice_hs_token: String,
 }
 
 impl Default for MatrixConfig {
@@ -89,7 +92,19 @@ impl Default for MatrixConfig {
             state_dir: PathBuf::from("var/focus-state"),
             allowed_servers: Vec::new(),
             reorder_timeout_ms: 1000,
+            appservice_as_token: String::new(),
+            appservice_hs_token: String::new(),
         }
+    }
+}
+
+impl MatrixConfig {
+    /// The appservice tokens, when the focus runs as one.
+    pub fn appservice(&self) -> Option<weir_signalling::AppserviceTokens> {
+        (!self.appservice_as_token.is_empty()).then(|| weir_signalling::AppserviceTokens {
+            as_token: self.appservice_as_token.clone(),
+            hs_token: self.appservice_hs_token.clone(),
+        })
     }
 }
 
@@ -241,9 +256,17 @@ impl Config {
             if m.user_id.is_empty() {
                 return Err(ConfigError::Invalid("matrix.user_id is required".into()));
             }
-            if m.password.is_empty() && m.access_token.is_empty() {
+            if m.appservice_as_token.is_empty() != m.appservice_hs_token.is_empty() {
                 return Err(ConfigError::Invalid(
-                    "one of matrix.password or matrix.access_token is required".into(),
+                    "matrix.appservice_as_token and matrix.appservice_hs_token go together".into(),
+                ));
+            }
+            if m.password.is_empty()
+                && m.access_token.is_empty()
+                && m.appservice_as_token.is_empty()
+            {
+                return Err(ConfigError::Invalid(
+                    "one of matrix.password, matrix.access_token or the appservice tokens is required".into(),
                 ));
             }
         } else if self.http.direct_token.is_empty() {

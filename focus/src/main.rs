@@ -1,6 +1,7 @@
 //! `weir-focus`: a Matrix focus (MSC3401 SFU). Wires Matrix signalling to the media plane.
 
 mod admin;
+mod appservice;
 mod conductor;
 mod config;
 mod direct;
@@ -43,6 +44,11 @@ struct Cli {
     /// not: a container health check that needs no HTTP client in the image.
     #[arg(long)]
     healthcheck: bool,
+    /// Print the application-service registration for this focus (matrix.user_id, the
+    /// appservice tokens, http.listen as its URL) and exit; the homeserver loads it from
+    /// `app_service_config_files`.
+    #[arg(long)]
+    appservice_registration: bool,
 }
 
 /// Events queued from the media shards to the conductor. Events are per signalling action (not
@@ -76,6 +82,32 @@ fn main() -> std::process::ExitCode {
             }
         }
         println!("{}", toml::to_string_pretty(&shown).unwrap_or_default());
+        return std::process::ExitCode::SUCCESS;
+    }
+    if cli.appservice_registration {
+        let Some(tokens) = config.matrix.appservice() else {
+            eprintln!(
+                "weir-focus: set matrix.appservice_as_token and matrix.appservice_hs_token first"
+            );
+            return std::process::ExitCode::from(2);
+        };
+        let Ok(user) = weir_signalling::UserId::try_from(config.matrix.user_id.as_str()) else {
+            eprintln!("weir-focus: matrix.user_id is not a user id");
+            return std::process::ExitCode::from(2);
+        };
+        let mut listen = config.http.listen;
+        if listen.ip().is_unspecified() {
+            listen.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        print!(
+            "{}",
+            weir_signalling::registration_yaml(
+                "weir-focus",
+                &format!("http://{listen}"),
+                &tokens,
+                &user
+            )
+        );
         return std::process::ExitCode::SUCCESS;
     }
     if cli.healthcheck {
@@ -229,7 +261,22 @@ async fn run(config: Config) -> Result<(), String> {
                 Ok(())
             }),
         },
-        direct.clone().map(direct::routes),
+        {
+            // Extra routes: direct mode, and the homeserver's transactions as an appservice.
+            let direct_routes = direct.clone().map(direct::routes);
+            let as_routes = signalling.as_ref().and_then(|s| {
+                let inbox = s.appservice_inbox()?;
+                Some(appservice::routes(
+                    &config.matrix.appservice_hs_token,
+                    s.user_id().as_str(),
+                    inbox,
+                ))
+            });
+            match (direct_routes, as_routes) {
+                (Some(d), Some(a)) => Some(d.merge(a)),
+                (d, a) => d.or(a),
+            }
+        },
     )
     .await
     .map_err(|e| format!("binding http listener {}: {e}", config.http.listen))?;
@@ -377,5 +424,6 @@ fn signalling_config(config: &Config) -> weir_signalling::SignallingConfig {
     c.session_id = m.session_id.as_str().into();
     c.allowed_servers = m.allowed_servers.clone();
     c.reorder_timeout = Duration::from_millis(m.reorder_timeout_ms);
+    c.appservice = m.appservice();
     c
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 use ruma::api::client::{
     account::whoami,
     filter::{create_filter, FilterDefinition},
-    membership::{join_room_by_id, joined_members, leave_room},
+    membership::{join_room_by_id, joined_members, joined_rooms, leave_room},
     room::create_room,
     session::login,
     state::{get_state_events, send_state_event},
@@ -55,6 +55,8 @@ pub struct MatrixClient {
     http: reqwest::Client,
     base: String,
     token: Arc<RwLock<Option<String>>>,
+    /// The token is an application service's `as_token` (the focus as an appservice).
+    appservice: bool,
 }
 
 impl std::fmt::Debug for MatrixClient {
@@ -98,6 +100,7 @@ impl MatrixClient {
             http,
             base: homeserver_url.trim_end_matches('/').to_owned(),
             token: Arc::new(RwLock::new(None)),
+            appservice: false,
         }
     }
 
@@ -108,6 +111,18 @@ impl MatrixClient {
             http: self.http.clone(),
             base: self.base.clone(),
             token: Arc::new(RwLock::new(Some(token.into()))),
+            appservice: false,
+        }
+    }
+
+    /// A client acting as an application service: every request carries `as_token`, as the
+    /// registration's sender user.
+    pub fn as_appservice(&self, as_token: impl Into<String>) -> Self {
+        Self {
+            http: self.http.clone(),
+            base: self.base.clone(),
+            token: Arc::new(RwLock::new(Some(as_token.into()))),
+            appservice: true,
         }
     }
 
@@ -135,8 +150,15 @@ impl MatrixClient {
         timeout: Duration,
     ) -> Result<R::IncomingResponse, ClientError> {
         let token = self.token();
+        let token = token.as_deref().map(|t| {
+            if self.appservice {
+                key_blind::Token::Appservice(t)
+            } else {
+                key_blind::Token::User(t)
+            }
+        });
         let request = request
-            .into_http(&self.base, token.as_deref())
+            .into_http(&self.base, token)
             .map_err(|e| ClientError::Request(format!("{what}: {e}")))?;
         let mut request = reqwest::Request::try_from(request)?;
         *request.timeout_mut() = Some(timeout);
@@ -197,6 +219,39 @@ impl MatrixClient {
             device_id: r.device_id,
             access_token: r.access_token,
         })
+    }
+
+    /// `POST /login` as an application service (`m.login.application_service`, with the
+    /// as_token): creates (or keeps) `device_id` for the service's `user`, so to-device
+    /// messages addressed to that device are stored and pushed to the service.
+    pub async fn login_appservice(
+        &self,
+        user: &str,
+        device_id: Option<&DeviceId>,
+        device_display_name: &str,
+    ) -> Result<Session, ClientError> {
+        let mut req = login::v3::Request::new(login::v3::LoginInfo::ApplicationService(
+            login::v3::ApplicationService::new(UserIdentifier::Matrix(MatrixUserIdentifier::new(
+                user.to_owned(),
+            ))),
+        ));
+        req.device_id = device_id.map(ToOwned::to_owned);
+        req.initial_device_display_name = Some(device_display_name.to_owned());
+        let r = self.send(req, "appservice login", REQUEST_TIMEOUT).await?;
+        Ok(Session {
+            user_id: r.user_id,
+            device_id: r.device_id,
+            access_token: r.access_token,
+        })
+    }
+
+    /// `GET /joined_rooms`.
+    pub async fn joined_rooms(&self) -> Result<Vec<OwnedRoomId>, ClientError> {
+        let req = joined_rooms::v3::Request::new();
+        Ok(self
+            .send(req, "joined rooms", REQUEST_TIMEOUT)
+            .await?
+            .joined_rooms)
     }
 
     /// `GET /account/whoami`.

@@ -6,6 +6,7 @@
 //!
 //! No media, no end-to-end encryption: the focus device never uploads keys (see design.md).
 
+pub mod appservice;
 pub mod client;
 pub mod ids;
 pub mod leg;
@@ -18,6 +19,7 @@ mod runtime;
 pub mod store;
 pub mod wire;
 
+pub use appservice::{registration_yaml, AppserviceTokens, Transaction};
 pub use ids::{CallId, ConfId, DeviceId, PartyId, RoomId, SessionId, StreamId, TrackId, UserId};
 pub use leg::{Leg, LegCommand, LegEvent};
 pub use metadata::{SdpStreamMetadata, StreamMetadata, TrackMetadata};

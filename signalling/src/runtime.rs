@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
+use crate::appservice::{AppserviceTask, AppserviceTokens, Transaction};
 use crate::client::{ClientError, MatrixClient, SyncFilter, SyncResponse};
 use crate::ids::{CallId, DeviceId, RoomId, SessionId, UserId};
 use crate::leg::{LegCommand, LegEvent};
@@ -73,6 +74,9 @@ pub struct SignallingConfig {
     pub startup_timeout: Duration,
     /// Longest wait between retries of a failing `/sync`; default 30 s.
     pub max_backoff: Duration,
+    /// Run as an application service with these tokens: the homeserver pushes transactions
+    /// (fed through [`SignallingHandle::appservice_inbox`]) instead of the focus syncing.
+    pub appservice: Option<AppserviceTokens>,
 }
 
 impl std::fmt::Debug for SignallingConfig {
@@ -121,6 +125,7 @@ impl SignallingConfig {
             auto_join: true,
             startup_timeout: Duration::from_secs(30),
             max_backoff: Duration::from_secs(30),
+            appservice: None,
         }
     }
 }
@@ -149,9 +154,20 @@ pub struct SignallingHandle {
     user_id: UserId,
     device_id: DeviceId,
     metrics: Metrics,
+    /// Where the homeserver's transactions go, in appservice mode.
+    appservice: Option<mpsc::Sender<Transaction>>,
 }
 
+/// Transactions from the homeserver waiting for the appservice task. Each is acknowledged
+/// only once handled, so the homeserver rarely has more than one in flight.
+const TRANSACTION_QUEUE: usize = 16;
+
 impl SignallingHandle {
+    /// In appservice mode: where the HTTP endpoint hands the homeserver's transactions.
+    pub fn appservice_inbox(&self) -> Option<mpsc::Sender<Transaction>> {
+        self.appservice.clone()
+    }
+
     /// Queues a command. Never blocks: when the queue is full the command is dropped and
     /// counted (`weir_todevice_dropped_total{reason="queue_full"}`).
     pub fn send(&self, cmd: LegCommand) {
@@ -343,6 +359,9 @@ pub async fn start(
         return Err(SignallingError::Config("queue sizes must be > 0".into()));
     }
     let metrics = Metrics::new(registry)?;
+    if let Some(tokens) = config.appservice.clone() {
+        return start_appservice(config, tokens, metrics).await;
+    }
     let store = Store::open(&config.state_dir)?;
     let stored = store
         .load_lenient()?
@@ -387,7 +406,65 @@ pub async fn start(
     store.save(&persisted)?;
     info!(user = %user_id, device = %device_id, session = %config.session_id,
         resume = persisted.next_batch.is_some(), "signalling starting");
+    Ok(spawn(
+        config,
+        client,
+        user_id,
+        device_id,
+        metrics,
+        Source::Sync { store, persisted },
+    ))
+}
 
+/// Where the core's batches come from.
+enum Source {
+    /// `/sync`, resuming from the stored position.
+    Sync { store: Store, persisted: Persisted },
+    /// The homeserver's transactions (appservice mode).
+    Appservice(mpsc::Receiver<Transaction>),
+}
+
+/// The focus as an application service: its device made (or kept) with the as_token, then
+/// the same core, fed by transactions instead of `/sync`.
+async fn start_appservice(
+    config: SignallingConfig,
+    tokens: AppserviceTokens,
+    metrics: Metrics,
+) -> Result<(SignallingHandle, mpsc::Receiver<LegEvent>), SignallingError> {
+    let client = MatrixClient::new(&config.homeserver_url)?.as_appservice(tokens.as_token.clone());
+    let deadline = Instant::now() + config.startup_timeout;
+    let session = retry_until(deadline, "appservice login", || {
+        client.login_appservice(
+            config.user_id.as_str(),
+            config.device_id.as_deref(),
+            DEVICE_NAME,
+        )
+    })
+    .await?;
+    info!(user = %session.user_id, device = %session.device_id, session = %config.session_id,
+        "signalling starting as an application service");
+    let (tx, rx) = mpsc::channel(TRANSACTION_QUEUE);
+    let (mut handle, events) = spawn(
+        config,
+        client,
+        session.user_id,
+        session.device_id,
+        metrics,
+        Source::Appservice(rx),
+    );
+    handle.appservice = Some(tx);
+    Ok((handle, events))
+}
+
+/// The router and the three tasks around it, fed by `source`.
+fn spawn(
+    config: SignallingConfig,
+    client: MatrixClient,
+    user_id: UserId,
+    device_id: DeviceId,
+    metrics: Metrics,
+    source: Source,
+) -> (SignallingHandle, mpsc::Receiver<LegEvent>) {
     let me = Identity {
         user_id: user_id.clone(),
         device_id: device_id.clone(),
@@ -407,19 +484,38 @@ pub async fn start(
     let (shutdown_tx, shutdown_rx) = oneshot::channel();
     let ready = Arc::new(AtomicBool::new(false));
 
-    let sync = SyncTask {
-        client: client.clone(),
-        store,
-        persisted,
-        cfg: config.clone(),
-        user_id: user_id.clone(),
-        metrics: metrics.clone(),
-        batch_tx,
-        stop: stop_rx.clone(),
-        joins: HashMap::new(),
-        known_rooms: HashSet::new(),
+    let sync_handle = match source {
+        Source::Sync { store, persisted } => tokio::spawn(
+            SyncTask {
+                client: client.clone(),
+                store,
+                persisted,
+                cfg: config.clone(),
+                user_id: user_id.clone(),
+                metrics: metrics.clone(),
+                batch_tx,
+                stop: stop_rx.clone(),
+                joins: HashMap::new(),
+                known_rooms: HashSet::new(),
+            }
+            .run(),
+        ),
+        Source::Appservice(transactions) => tokio::spawn(
+            AppserviceTask {
+                client: client.clone(),
+                user_id: user_id.clone(),
+                device_id: device_id.clone(),
+                allowed_servers: config.allowed_servers.clone(),
+                auto_join: config.auto_join,
+                batch_tx,
+                stop: stop_rx.clone(),
+                transactions,
+                seen: VecDeque::new(),
+                joined: HashSet::new(),
+            }
+            .run(),
+        ),
     };
-    let sync_handle = tokio::spawn(sync.run());
     let sender = SenderTask::new(
         client.clone(),
         metrics.clone(),
@@ -450,7 +546,7 @@ pub async fn start(
         sync_handle,
         sender_handle,
     ));
-    Ok((
+    (
         SignallingHandle {
             cmd_tx,
             shutdown_tx: Some(shutdown_tx),
@@ -459,26 +555,27 @@ pub async fn start(
             user_id,
             device_id,
             metrics,
+            appservice: None,
         },
         event_rx,
-    ))
+    )
 }
 
 /// One `/sync` response as the core reads it: each event as JSON, judged on its own by the
 /// router's parsers (a malformed event is dropped and counted there, never the batch).
 #[derive(Default)]
-struct SyncBatch {
-    joined: Vec<JoinedBatch>,
-    left: Vec<RoomId>,
-    to_device: Vec<Value>,
-    full_state: bool,
+pub(crate) struct SyncBatch {
+    pub joined: Vec<JoinedBatch>,
+    pub left: Vec<RoomId>,
+    pub to_device: Vec<Value>,
+    pub full_state: bool,
 }
 
 /// A joined room's part of a batch: its state section, then its timeline.
-struct JoinedBatch {
-    room: RoomId,
-    state: Vec<Value>,
-    timeline: Vec<Value>,
+pub(crate) struct JoinedBatch {
+    pub room: RoomId,
+    pub state: Vec<Value>,
+    pub timeline: Vec<Value>,
 }
 
 /// The events of a response as JSON values. ruma already holds each as valid JSON, so the

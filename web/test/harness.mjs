@@ -163,9 +163,12 @@ export class Synapse {
     this.started = false;
   }
 
-  /** A server with no federation at all (server name `localhost`). */
-  static async start(dir) {
-    return Synapse.launch(dir, null);
+  /**
+   * A server with no federation at all (server name `localhost`). `appservices`: registration
+   * files it loads (the focus as an application service).
+   */
+  static async start(dir, { appservices = [] } = {}) {
+    return Synapse.launch(dir, null, undefined, appservices);
   }
 
   /**
@@ -180,7 +183,7 @@ export class Synapse {
     return Synapse.launch(dir, fedPort, port);
   }
 
-  static async launch(dir, fedPort, clientPort) {
+  static async launch(dir, fedPort, clientPort, appservices = []) {
     const port = clientPort ?? (await freePort());
     const s = new Synapse(dir, port, fedPort);
     const t0 = Date.now();
@@ -189,7 +192,8 @@ export class Synapse {
       : [join(REPO, "scripts/synapse.sh"), "start", dir, String(port)];
     // A first start creates the sqlite schema: slow on a busy machine, so give the federating
     // servers (started two at a time) the same margin scripts/federation-check.sh does.
-    const env = fedPort ? { ...process.env, SYNAPSE_START_TIMEOUT: process.env.SYNAPSE_START_TIMEOUT ?? "180" } : process.env;
+    let env = fedPort ? { ...process.env, SYNAPSE_START_TIMEOUT: process.env.SYNAPSE_START_TIMEOUT ?? "180" } : process.env;
+    if (appservices.length) env = { ...env, WEIR_SYNAPSE_APPSERVICES: appservices.join(",") };
     const timeoutMs = fedPort ? 240000 : 120000;
     const r = await runBounded("bash", args, { env, timeoutMs });
     if (r.status !== 0) {
@@ -371,23 +375,49 @@ export class Focus {
    * Write a config for `user` (registered on `syn`, with its password) and start the focus.
    * `deviceId`/`sessionId`: the focus device participants call (default WEIRFOCUS / sfu).
    * `name`: the stem of its files in `dir` (NAME.toml, NAME.log, NAME-state/); give each focus
-   * sharing a dir its own. `media`: more lines for its [media] section.
+   * sharing a dir its own. `media`: more lines for its [media] section. `appservice`
+   * ({asToken, hsToken}): the focus runs as an application service (no password; Synapse must
+   * load the registration `Focus.registration` makes), on `httpPort`.
    */
-  static async start({ syn, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [] }) {
+  static async start({ syn, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [], appservice = null, httpPort = null }) {
+    const bin = Focus.binPath();
+    const { configPath, port } = await Focus.writeConfig({ homeserverUrl: syn.baseUrl, user, dir, deviceId, sessionId, name, media, appservice, httpPort });
+    const f = new Focus({ bin, configPath, dir, httpPort: port, user, deviceId, sessionId, name });
+    f.spawn();
+    return f;
+  }
+
+  /**
+   * The application-service registration of a focus configured as `start` would (printed by
+   * `weir-focus --appservice-registration`), written to DIR/NAME-appservice.yaml: its path.
+   */
+  static async registration({ homeserverUrl, user, dir, name = "focus", appservice, httpPort }) {
+    const { configPath } = await Focus.writeConfig({ homeserverUrl, user, dir, name, appservice, httpPort });
+    const r = spawnSync(Focus.binPath(), ["--config", configPath, "--appservice-registration"], { encoding: "utf8", timeout: 10000 });
+    if (r.status !== 0) throw new Error(`weir-focus --appservice-registration failed: ${r.stderr}`);
+    const path = join(dir, `${name}-appservice.yaml`);
+    writeFileSync(path, r.stdout);
+    return path;
+  }
+
+  static async writeConfig({ homeserverUrl, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [], appservice = null, httpPort = null }) {
     const bin = Focus.binPath();
     if (!existsSync(bin)) throw new Error(`focus binary not found at ${bin} (build it with cargo build -p weir-focus, or set WEIR_FOCUS_BIN)`);
     const stateDir = join(dir, `${name}-state`);
     mkdirSync(stateDir, { recursive: true });
-    const httpPort = await freePort();
+    const port = httpPort ?? (await freePort());
     const configPath = join(dir, `${name}.toml`);
     const q = (s) => JSON.stringify(s); // TOML basic strings accept JSON string escapes for our values
+    const credentials = appservice
+      ? [`appservice_as_token = ${q(appservice.asToken)}`, `appservice_hs_token = ${q(appservice.hsToken)}`]
+      : [`password = ${q(user.password)}`];
     writeFileSync(
       configPath,
       [
         "[matrix]",
-        `homeserver_url = ${q(syn.baseUrl)}`,
+        `homeserver_url = ${q(homeserverUrl)}`,
         `user_id = ${q(user.userId)}`,
-        `password = ${q(user.password)}`,
+        ...credentials,
         `device_id = ${q(deviceId)}`,
         `session_id = ${q(sessionId)}`,
         `state_dir = ${q(stateDir)}`,
@@ -398,13 +428,11 @@ export class Focus {
         ...media,
         "",
         "[http]",
-        `listen = ${q(`127.0.0.1:${httpPort}`)}`,
+        `listen = ${q(`127.0.0.1:${port}`)}`,
         "",
       ].join("\n"),
     );
-    const f = new Focus({ bin, configPath, dir, httpPort, user, deviceId, sessionId, name });
-    f.spawn();
-    return f;
+    return { configPath, port };
   }
 
   /** What a participant calls: {userId, deviceId, sessionId}. */
@@ -631,6 +659,8 @@ export class Harness {
    * @param {boolean} [o.withFocus] start a focus (else the caller plays the focus's Matrix side)
    * @param {string[]} [o.chromiumArgs] switches added to CHROMIUM_ARGS
    * @param {string[]} [o.focusMedia] lines added to the focus's [media] section
+   * @param {boolean} [o.appservice] run the focus as an application service (the homeserver
+   *   pushes its events; default: WEIR_FOCUS_APPSERVICE=1)
    */
   constructor({
     people = PEOPLE,
@@ -638,7 +668,9 @@ export class Harness {
     keepDir = !!process.env.WEIR_KEEP_TMP,
     chromiumArgs = [],
     focusMedia = [],
+    appservice = process.env.WEIR_FOCUS_APPSERVICE === "1",
   } = {}) {
+    this.appservice = appservice && withFocus;
     this.people = people;
     this.chromiumArgs = chromiumArgs;
     this.focusMedia = focusMedia;
@@ -655,13 +687,31 @@ export class Harness {
     this.dir = mkdtempSync(join(tmpdir(), "weir-interop-"));
     log(`work dir ${this.dir}`);
 
-    this.syn = await Synapse.start(join(this.dir, "synapse"));
+    const sfx = suffix();
+    if (this.appservice) {
+      // The focus as an application service: its registration (made by the focus binary)
+      // is loaded by Synapse at start, so both ports are chosen first.
+      const synPort = await freePort();
+      this.focusHttpPort = await freePort();
+      this.asTokens = { asToken: `as${suffix()}${suffix()}`, hsToken: `hs${suffix()}${suffix()}` };
+      this.focusUser = { userId: `@focus-${sfx}:localhost`, password: null };
+      const reg = await Focus.registration({
+        homeserverUrl: `http://127.0.0.1:${synPort}`,
+        user: this.focusUser,
+        dir: this.dir,
+        appservice: this.asTokens,
+        httpPort: this.focusHttpPort,
+      });
+      this.syn = await Synapse.launch(join(this.dir, "synapse"), null, synPort, [reg]);
+      log(`focus runs as an application service (${reg})`);
+    } else {
+      this.syn = await Synapse.start(join(this.dir, "synapse"));
+    }
     this.cleanups.push(() => this.syn.stop());
     this.timings.synapseStartMs = this.syn.startMs;
     log(`synapse up at ${this.syn.baseUrl} in ${this.syn.startMs} ms`);
 
-    const sfx = suffix();
-    this.focusUser = await this.syn.register(`focus-${sfx}`, `pw-${suffix()}`);
+    if (!this.appservice) this.focusUser = await this.syn.register(`focus-${sfx}`, `pw-${suffix()}`);
     this.users = {};
     for (const p of this.people) this.users[p.name] = await this.syn.register(`${p.name}-${sfx}`, `pw-${suffix()}`);
     const [creator, ...others] = this.people.map((p) => this.users[p.name]);
@@ -686,7 +736,14 @@ export class Harness {
 
     if (this.withFocus) {
       const tf = Date.now();
-      this.focus = await Focus.start({ syn: this.syn, user: this.focusUser, dir: this.dir, media: this.focusMedia });
+      this.focus = await Focus.start({
+        syn: this.syn,
+        user: this.focusUser,
+        dir: this.dir,
+        media: this.focusMedia,
+        appservice: this.asTokens ?? null,
+        httpPort: this.focusHttpPort ?? null,
+      });
       log(`focus pid ${this.focus.pid}, http ${this.focus.baseUrl}, log ${this.focus.logPath}`);
       this.cleanups.push(() => this.focus.stop());
       await this.focus.waitHealthy();

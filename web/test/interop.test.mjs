@@ -7,6 +7,9 @@
 // keep going; a new call from the same client is received by all; audio/video mute is seen by
 // the others. Prints time to first decoded frame per client and the focus's CPU time and RSS.
 //
+// With WEIR_FOCUS_APPSERVICE=1 the focus runs as an application service (its registration loaded
+// by Synapse, events pushed to it), and the same checks must pass; scripts/test.sh runs both.
+//
 // Run: scripts/in-netns.sh node --test web/test/   (after scripts/setup.sh and cargo build -p weir-focus)
 // (plain `node --test web/test/` works too; in-netns.sh makes loopback the only interface)
 
@@ -108,6 +111,11 @@ test("three clients join and each receives both others' audio and video", { time
       // Where loopback is the only interface (scripts/in-netns.sh), our end must be too.
       if (onlyLoopback()) assert.match(s.selectedPair.local, /^127\.0\.0\.1:/, `${s.name}: media from ${s.selectedPair.local}`);
     }
+    // As an application service (WEIR_FOCUS_APPSERVICE=1) everything above came through the
+    // homeserver's transactions: the focus never polled /sync.
+    const m = await h.focus.metricValues(["weir_sync_requests_total"]);
+    if (h.appservice) assert.equal(m.weir_sync_requests_total, 0, "an appservice focus does not sync");
+    else assert.ok(m.weir_sync_requests_total > 0, "a focus that is no appservice syncs");
   }));
 
 test("every to-device event from the focus has the full envelope and no seq", { timeout: 30000 }, (t) =>

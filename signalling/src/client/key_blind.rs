@@ -12,7 +12,7 @@ use ruma::api::auth_scheme::SendAccessToken;
 use ruma::api::client::{
     account::whoami,
     filter::create_filter,
-    membership::{join_room_by_id, joined_members, leave_room},
+    membership::{join_room_by_id, joined_members, joined_rooms, leave_room},
     room::create_room,
     session::login,
     state::{get_state_events, send_state_event},
@@ -29,6 +29,15 @@ static VERSIONS: LazyLock<SupportedVersions> = LazyLock::new(|| SupportedVersion
     features: Default::default(),
 });
 
+/// Whose token a request carries.
+#[derive(Debug, Clone, Copy)]
+pub enum Token<'a> {
+    /// A device's access token.
+    User(&'a str),
+    /// An application service's `as_token` (the focus as an appservice, issue 10).
+    Appservice(&'a str),
+}
+
 mod sealed {
     pub trait Sealed {}
 }
@@ -39,11 +48,12 @@ pub trait KeyBlind: OutgoingRequest<EndpointError = MatrixError> + sealed::Seale
     #[cfg(test)]
     fn paths() -> Vec<&'static str>;
 
-    /// Builds the HTTP request with `token` as bearer where the endpoint needs one.
+    /// Builds the HTTP request with `token` as bearer where the endpoint needs one (or, for
+    /// an application service's token, also where the endpoint accepts one: its login).
     fn into_http(
         self,
         base_url: &str,
-        token: Option<&str>,
+        token: Option<Token<'_>>,
     ) -> Result<http::Request<Vec<u8>>, IntoHttpError>;
 }
 
@@ -62,10 +72,11 @@ macro_rules! key_blind {
                 fn into_http(
                     self,
                     base_url: &str,
-                    token: Option<&str>,
+                    token: Option<Token<'_>>,
                 ) -> Result<http::Request<Vec<u8>>, IntoHttpError> {
                     let auth = match token {
-                        Some(t) => SendAccessToken::IfRequired(t),
+                        Some(Token::User(t)) => SendAccessToken::IfRequired(t),
+                        Some(Token::Appservice(t)) => SendAccessToken::Appservice(t),
                         None => SendAccessToken::None,
                     };
                     self.try_into_http_request(base_url, auth, Cow::Borrowed(&*VERSIONS))
@@ -91,6 +102,7 @@ key_blind!(
     join_room_by_id::v3::Request,
     leave_room::v3::Request,
     joined_members::v3::Request,
+    joined_rooms::v3::Request,
     create_room::v3::Request,
     send_state_event::v3::Request,
     send_event_to_device::v3::Request,
@@ -114,7 +126,7 @@ mod tests {
     #[test]
     fn requests_use_v3_paths_and_the_token_only_where_needed() {
         let req = whoami::v3::Request::new()
-            .into_http("http://hs.test/", Some("tok"))
+            .into_http("http://hs.test/", Some(Token::User("tok")))
             .unwrap();
         assert_eq!(
             req.uri().to_string(),
@@ -129,8 +141,21 @@ mod tests {
                 ),
                 "pw".into(),
             )))
-            .into_http("http://hs.test", Some("tok"))
+            .into_http("http://hs.test", Some(Token::User("tok")))
             .unwrap();
         assert!(!login.headers().contains_key("authorization"));
+    }
+
+    #[test]
+    fn an_appservice_logs_its_device_in_with_its_token() {
+        let login = login::v3::Request::new(login::v3::LoginInfo::ApplicationService(
+            login::v3::ApplicationService::new(ruma::api::client::uiaa::UserIdentifier::Matrix(
+                ruma::api::client::uiaa::MatrixUserIdentifier::new("focus".into()),
+            )),
+        ))
+        .into_http("http://hs.test", Some(Token::Appservice("as")))
+        .unwrap();
+        assert_eq!(login.headers()["authorization"], "Bearer as");
+        assert!(String::from_utf8_lossy(login.body()).contains("m.login.application_service"));
     }
 }
