@@ -245,6 +245,34 @@ impl MatrixClient {
         })
     }
 
+    /// `POST /register` as an application service, for a user of its namespace (`localpart`),
+    /// without logging in. Synapse does not give an appservice's sender user a row of its own,
+    /// and a device token of a user without one is refused; registering makes it. A user that
+    /// exists already is not an error.
+    /// (Sent as plain JSON: ruma's registration request answers with user-interactive auth,
+    /// which the key-blind list's requests never need.)
+    pub async fn register_appservice_user(&self, localpart: &str) -> Result<(), ClientError> {
+        let token = self.token().unwrap_or_default();
+        let request = self
+            .http
+            .post(format!("{}/_matrix/client/v3/register", self.base))
+            .bearer_auth(token)
+            .timeout(REQUEST_TIMEOUT)
+            .json(&serde_json::json!({
+                "type": "m.login.application_service",
+                "username": localpart,
+                "inhibit_login": true,
+            }));
+        match self
+            .raw_json::<serde_json::Value>(request, "appservice register")
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(ClientError::Status { errcode, .. }) if errcode == "M_USER_IN_USE" => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `GET /joined_rooms`.
     pub async fn joined_rooms(&self) -> Result<Vec<OwnedRoomId>, ClientError> {
         let req = joined_rooms::v3::Request::new();

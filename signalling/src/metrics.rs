@@ -14,6 +14,8 @@ pub struct Metrics {
     pub refused: IntCounterVec,
     pub sync_errors: IntCounter,
     pub sync_requests: IntCounter,
+    /// Transactions the homeserver pushed (the focus as an application service).
+    pub appservice_transactions: IntCounter,
     pub seq_gaps: IntCounter,
     pub unknown_call_hangups: IntCounter,
     pub legs: IntGauge,
@@ -29,6 +31,7 @@ impl Metrics {
         registry.register(Box::new(m.refused.clone()))?;
         registry.register(Box::new(m.sync_errors.clone()))?;
         registry.register(Box::new(m.sync_requests.clone()))?;
+        registry.register(Box::new(m.appservice_transactions.clone()))?;
         registry.register(Box::new(m.seq_gaps.clone()))?;
         registry.register(Box::new(m.unknown_call_hangups.clone()))?;
         registry.register(Box::new(m.legs.clone()))?;
@@ -68,6 +71,10 @@ impl Metrics {
             )?,
             sync_errors: IntCounter::new("weir_sync_errors_total", "Failed /sync requests")?,
             sync_requests: IntCounter::new("weir_sync_requests_total", "/sync requests made")?,
+            appservice_transactions: IntCounter::new(
+                "weir_appservice_transactions_total",
+                "Transactions the homeserver pushed to the focus as an application service",
+            )?,
             seq_gaps: IntCounter::new(
                 "weir_todevice_seq_gaps_total",
                 "seq numbers skipped after the reorder timeout expired",

@@ -239,6 +239,23 @@ pub fn sync_filter() -> Value {
     })
 }
 
+/// The `/sync` filter of the focus as an application service: its device's to-device messages
+/// only (room events are pushed).
+pub fn to_device_filter() -> Value {
+    json!({
+        "presence": {"not_types": ["*"]},
+        "account_data": {"not_types": ["*"]},
+        "room": {
+            "rooms": [],
+            "state": {"not_types": ["*"]},
+            "timeline": {"not_types": ["*"]},
+            "ephemeral": {"not_types": ["*"]},
+            "account_data": {"not_types": ["*"]},
+            "include_leave": false
+        }
+    })
+}
+
 /// Retries `f` on transient errors until `deadline`.
 async fn retry_until<T, F, Fut>(deadline: Instant, what: &str, mut f: F) -> Result<T, ClientError>
 where
@@ -420,8 +437,14 @@ pub async fn start(
 enum Source {
     /// `/sync`, resuming from the stored position.
     Sync { store: Store, persisted: Persisted },
-    /// The homeserver's transactions (appservice mode).
-    Appservice(mpsc::Receiver<Transaction>),
+    /// The homeserver's transactions (appservice mode), and a to-device-only `/sync` of the
+    /// focus's device beside them.
+    Appservice {
+        transactions: mpsc::Receiver<Transaction>,
+        store: Store,
+        persisted: Persisted,
+        device_client: MatrixClient,
+    },
 }
 
 /// The focus as an application service: its device made (or kept) with the as_token, then
@@ -433,6 +456,18 @@ async fn start_appservice(
 ) -> Result<(SignallingHandle, mpsc::Receiver<LegEvent>), SignallingError> {
     let client = MatrixClient::new(&config.homeserver_url)?.as_appservice(tokens.as_token.clone());
     let deadline = Instant::now() + config.startup_timeout;
+    let localpart = config
+        .user_id
+        .as_str()
+        .trim_start_matches('@')
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    retry_until(deadline, "appservice register", || {
+        client.register_appservice_user(&localpart)
+    })
+    .await?;
     let session = retry_until(deadline, "appservice login", || {
         client.login_appservice(
             config.user_id.as_str(),
@@ -443,6 +478,45 @@ async fn start_appservice(
     .await?;
     info!(user = %session.user_id, device = %session.device_id, session = %config.session_id,
         "signalling starting as an application service");
+    // The device's own token, for the to-device-only /sync, resuming where it stopped.
+    let device_client = MatrixClient::new(&config.homeserver_url)?;
+    device_client.set_token(Some(session.access_token.clone()));
+    let store = Store::open(&config.state_dir)?;
+    let stored = store
+        .load_lenient()?
+        .filter(|p| {
+            p.homeserver_url == config.homeserver_url
+                && p.user_id.as_ref() == Some(&session.user_id)
+                && p.device_id.as_ref() == Some(&session.device_id)
+        })
+        .unwrap_or_default();
+    let filter = to_device_filter();
+    let filter_json = filter.to_string();
+    let mut persisted = Persisted {
+        homeserver_url: config.homeserver_url.clone(),
+        user_id: Some(session.user_id.clone()),
+        device_id: Some(session.device_id.clone()),
+        access_token: Some(session.access_token.clone()),
+        next_batch: stored.next_batch.clone(),
+        ..Default::default()
+    };
+    if stored.filter_json.as_deref() == Some(filter_json.as_str()) {
+        persisted.filter_id = stored.filter_id.clone();
+        persisted.filter_json = stored.filter_json.clone();
+    } else {
+        let user = session.user_id.clone();
+        let id = retry_until(deadline, "filter", || {
+            let f = serde_json::from_value(filter.clone())
+                .map_err(|e| ClientError::Request(format!("to-device filter: {e}")));
+            let (c, u) = (&device_client, &user);
+            async move { c.create_filter(u, f?).await }
+        })
+        .await?;
+        persisted.filter_id = Some(id);
+        persisted.filter_json = Some(filter_json);
+        persisted.next_batch = None;
+    }
+    store.save(&persisted)?;
     let (tx, rx) = mpsc::channel(TRANSACTION_QUEUE);
     let (mut handle, events) = spawn(
         config,
@@ -450,7 +524,12 @@ async fn start_appservice(
         session.user_id,
         session.device_id,
         metrics,
-        Source::Appservice(rx),
+        Source::Appservice {
+            transactions: rx,
+            store,
+            persisted,
+            device_client,
+        },
     );
     handle.appservice = Some(tx);
     Ok((handle, events))
@@ -500,21 +579,51 @@ fn spawn(
             }
             .run(),
         ),
-        Source::Appservice(transactions) => tokio::spawn(
-            AppserviceTask {
-                client: client.clone(),
-                user_id: user_id.clone(),
-                device_id: device_id.clone(),
-                allowed_servers: config.allowed_servers.clone(),
-                auto_join: config.auto_join,
-                batch_tx,
-                stop: stop_rx.clone(),
-                transactions,
-                seen: VecDeque::new(),
-                joined: HashSet::new(),
-            }
-            .run(),
-        ),
+        Source::Appservice {
+            transactions,
+            store,
+            persisted,
+            device_client,
+        } => {
+            let pushed = tokio::spawn(
+                AppserviceTask {
+                    client: client.clone(),
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                    allowed_servers: config.allowed_servers.clone(),
+                    auto_join: config.auto_join,
+                    batch_tx: batch_tx.clone(),
+                    stop: stop_rx.clone(),
+                    transactions,
+                    seen: VecDeque::new(),
+                    joined: HashSet::new(),
+                    metrics: metrics.clone(),
+                }
+                .run(),
+            );
+            // Rooms are pushed; this sync carries the device's to-device messages only, and
+            // joins nothing.
+            let mut cfg = config.clone();
+            cfg.auto_join = false;
+            let synced = tokio::spawn(
+                SyncTask {
+                    client: device_client,
+                    store,
+                    persisted,
+                    cfg,
+                    user_id: user_id.clone(),
+                    metrics: metrics.clone(),
+                    batch_tx,
+                    stop: stop_rx.clone(),
+                    joins: HashMap::new(),
+                    known_rooms: HashSet::new(),
+                }
+                .run(),
+            );
+            tokio::spawn(async move {
+                let _ = tokio::join!(pushed, synced);
+            })
+        }
     };
     let sender = SenderTask::new(
         client.clone(),

@@ -111,11 +111,13 @@ test("three clients join and each receives both others' audio and video", { time
       // Where loopback is the only interface (scripts/in-netns.sh), our end must be too.
       if (onlyLoopback()) assert.match(s.selectedPair.local, /^127\.0\.0\.1:/, `${s.name}: media from ${s.selectedPair.local}`);
     }
-    // As an application service (WEIR_FOCUS_APPSERVICE=1) everything above came through the
-    // homeserver's transactions: the focus never polled /sync.
-    const m = await h.focus.metricValues(["weir_sync_requests_total"]);
-    if (h.appservice) assert.equal(m.weir_sync_requests_total, 0, "an appservice focus does not sync");
-    else assert.ok(m.weir_sync_requests_total > 0, "a focus that is no appservice syncs");
+    // As an application service (WEIR_FOCUS_APPSERVICE=1) the room's events (the invite the
+    // focus joined by, the call state it authorised these calls against) were pushed to it.
+    const m = await h.focus.metricValues(["weir_appservice_transactions_total", "weir_todevice_seq_gaps_total"]);
+    // Nothing the clients sent the focus went missing (a lost event shows as a seq gap).
+    assert.equal(m.weir_todevice_seq_gaps_total, 0, "no to-device event from the clients was lost");
+    if (h.appservice) assert.ok(m.weir_appservice_transactions_total > 0, "an appservice focus is pushed transactions");
+    else assert.equal(m.weir_appservice_transactions_total, 0, "a syncing focus is pushed nothing");
   }));
 
 test("every to-device event from the focus has the full envelope and no seq", { timeout: 30000 }, (t) =>
