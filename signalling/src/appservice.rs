@@ -11,8 +11,11 @@
 //! once the core has taken its events, so a focus that falls behind makes the homeserver
 //! hold (and retry) the rest.
 //!
-//! To-device messages also come by a to-device-only `/sync` of the focus's device (no room
-//! in it: light). Synapse 1.163's push of to-device messages to appservices is experimental
+//! The focus's user is a user of the service's namespace, not the service's own sender user:
+//! Synapse lets no sender user `/sync`. The service registers it and logs its device in
+//! (`m.login.application_service`); the device's token then serves every request the focus
+//! makes, as for a logged-in client. To-device messages also come by a to-device-only `/sync`
+//! of that device (no room in it: light). Synapse 1.163's push of to-device messages to appservices is experimental
 //! and lost 3 of 20 in one test run (three clients sending at once; the messages stayed in
 //! the device's inbox but were never pushed). Whichever copy comes first is taken; the router
 //! drops the other as a duplicate (same call, same `seq`).
@@ -293,7 +296,9 @@ pub fn registration_yaml(id: &str, url: &str, tokens: &AppserviceTokens, user: &
          url: {url}\n\
          as_token: {as_token}\n\
          hs_token: {hs_token}\n\
-         sender_localpart: {localpart}\n\
+         # The service's own user, which the focus never acts as: Synapse lets no\n\
+         # appservice sender user /sync, and the focus syncs its device's to-device messages.\n\
+         sender_localpart: {localpart}-appservice\n\
          rate_limited: false\n\
          # Ephemeral events and to-device messages (MSC2409; Synapse also needs\n\
          # experimental_features: {{msc2409_to_device_messages_enabled: true}}).\n\
@@ -385,7 +390,7 @@ mod tests {
             &t,
             &UserId::try_from("@focus.x:hs.example").unwrap(),
         );
-        assert!(y.contains("sender_localpart: focus.x\n"));
+        assert!(y.contains("sender_localpart: focus.x-appservice\n"));
         assert!(y.contains("regex: '^@focus\\.x:hs\\.example$'"));
         assert!(y.contains("as_token: AS\n") && y.contains("hs_token: HS\n"));
     }

@@ -454,7 +454,7 @@ async fn start_appservice(
     tokens: AppserviceTokens,
     metrics: Metrics,
 ) -> Result<(SignallingHandle, mpsc::Receiver<LegEvent>), SignallingError> {
-    let client = MatrixClient::new(&config.homeserver_url)?.as_appservice(tokens.as_token.clone());
+    let service = MatrixClient::new(&config.homeserver_url)?.as_appservice(tokens.as_token.clone());
     let deadline = Instant::now() + config.startup_timeout;
     let localpart = config
         .user_id
@@ -465,11 +465,11 @@ async fn start_appservice(
         .unwrap_or_default()
         .to_owned();
     retry_until(deadline, "appservice register", || {
-        client.register_appservice_user(&localpart)
+        service.register_appservice_user(&localpart)
     })
     .await?;
     let session = retry_until(deadline, "appservice login", || {
-        client.login_appservice(
+        service.login_appservice(
             config.user_id.as_str(),
             config.device_id.as_deref(),
             DEVICE_NAME,
@@ -478,9 +478,11 @@ async fn start_appservice(
     .await?;
     info!(user = %session.user_id, device = %session.device_id, session = %config.session_id,
         "signalling starting as an application service");
-    // The device's own token, for the to-device-only /sync, resuming where it stopped.
-    let device_client = MatrixClient::new(&config.homeserver_url)?;
-    device_client.set_token(Some(session.access_token.clone()));
+    // From here on the focus is its device, as a logged-in client is: its token serves the
+    // joins, state reads, sends and the to-device-only /sync (resuming where it stopped).
+    let client = MatrixClient::new(&config.homeserver_url)?;
+    client.set_token(Some(session.access_token.clone()));
+    let device_client = client.clone();
     let store = Store::open(&config.state_dir)?;
     let stored = store
         .load_lenient()?

@@ -113,10 +113,19 @@ test("three clients join and each receives both others' audio and video", { time
     }
     // As an application service (WEIR_FOCUS_APPSERVICE=1) the room's events (the invite the
     // focus joined by, the call state it authorised these calls against) were pushed to it.
-    const m = await h.focus.metricValues(["weir_appservice_transactions_total", "weir_todevice_seq_gaps_total"]);
+    const m = await h.focus.metricValues([
+      "weir_appservice_transactions_total",
+      "weir_todevice_seq_gaps_total",
+      "weir_sync_requests_total",
+      "weir_sync_errors_total",
+    ]);
     // Nothing the clients sent the focus went missing (a lost event shows as a seq gap).
     assert.equal(m.weir_todevice_seq_gaps_total, 0, "no to-device event from the clients was lost");
-    if (h.appservice) assert.ok(m.weir_appservice_transactions_total > 0, "an appservice focus is pushed transactions");
+    if (h.appservice) {
+      assert.ok(m.weir_appservice_transactions_total > 0, "an appservice focus is pushed transactions");
+      // Its to-device-only /sync (the safety net for what the push loses) works.
+      assert.ok(m.weir_sync_requests_total > 0 && m.weir_sync_errors_total === 0, `to-device sync: ${JSON.stringify(m)}`);
+    }
     else assert.equal(m.weir_appservice_transactions_total, 0, "a syncing focus is pushed nothing");
   }));
 
