@@ -58,19 +58,7 @@ impl AdminState {
     }
 
     fn authorised(&self, headers: &HeaderMap) -> bool {
-        let Some(t) = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        else {
-            return false;
-        };
-        // Constant-time comparison: the token is the only credential.
-        t.len() == self.token.len()
-            && t.bytes()
-                .zip(self.token.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
+        crate::http::token_matches(crate::http::bearer(headers), &self.token)
     }
 
     async fn ask(

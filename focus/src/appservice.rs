@@ -32,20 +32,9 @@ impl AsState {
         headers: &HeaderMap,
         query: &std::collections::HashMap<String, String>,
     ) -> bool {
-        let given = headers
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .or_else(|| query.get("access_token").map(String::as_str));
-        let Some(t) = given else {
-            return false;
-        };
-        // Constant-time comparison: the token is the only credential.
-        t.len() == self.hs_token.len()
-            && t.bytes()
-                .zip(self.hs_token.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
+        let given =
+            crate::http::bearer(headers).or_else(|| query.get("access_token").map(String::as_str));
+        crate::http::token_matches(given, &self.hs_token)
     }
 }
 

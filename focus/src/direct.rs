@@ -103,18 +103,7 @@ impl DirectHub {
     }
 
     fn authorised(&self, headers: &HeaderMap) -> bool {
-        let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) else {
-            return false;
-        };
-        let Some(t) = v.strip_prefix("Bearer ") else {
-            return false;
-        };
-        // Constant-time comparison: the token is the only credential.
-        t.len() == self.token.len()
-            && t.bytes()
-                .zip(self.token.bytes())
-                .fold(0u8, |a, (x, y)| a | (x ^ y))
-                == 0
+        crate::http::token_matches(crate::http::bearer(headers), &self.token)
     }
 
     /// A direct-mode client's event, as if it had arrived by to-device.

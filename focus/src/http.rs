@@ -44,6 +44,26 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
+/// The bearer token of a request's `Authorization` header, if it has one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whether `given` is `secret`, compared in constant time (a token is the only credential of
+/// the direct, admin and appservice endpoints).
+pub fn token_matches(given: Option<&str>, secret: &str) -> bool {
+    given.is_some_and(|t| {
+        t.len() == secret.len()
+            && t.bytes()
+                .zip(secret.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0
+    })
+}
+
 /// Bind and serve until the returned task is aborted.
 pub async fn serve(
     addr: SocketAddr,

@@ -168,19 +168,9 @@ fn connections_that_are_not_ice_tcp_for_our_peers_are_refused_and_counted() {
     assert_eq!(world.sfu.stats().tcp_links, 0);
 }
 
-/// A STUN binding request with this USERNAME (no integrity: it never gets that far).
+/// A STUN check naming `username`, framed as ICE-TCP sends it.
 fn stun_check(username: &str) -> Vec<u8> {
-    let name = username.as_bytes();
-    let padded = name.len().div_ceil(4) * 4;
-    let mut m = vec![0x00, 0x01];
-    m.extend_from_slice(&((4 + padded) as u16).to_be_bytes());
-    m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
-    m.extend_from_slice(&[7; 12]);
-    m.extend_from_slice(&[0x00, 0x06]);
-    m.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    m.extend_from_slice(name);
-    m.resize(20 + 4 + padded, 0);
     let mut framed = Vec::new();
-    weir_sfu::tcp::frame(&mut framed, &m).unwrap();
+    weir_sfu::tcp::frame(&mut framed, &support::stun_check(username)).unwrap();
     framed
 }

@@ -15,7 +15,7 @@ use weir_sfu::{ConferenceId, SfuConfig, ShardMessage};
 
 mod support;
 
-use support::{vp8_frame, Client, World};
+use support::{stun_check as check, vp8_frame, Client, World};
 
 fn two_shards_one_port() -> SfuConfig {
     SfuConfig {
@@ -24,21 +24,6 @@ fn two_shards_one_port() -> SfuConfig {
         estimate_from_bps: None,
         ..SfuConfig::default()
     }
-}
-
-/// A STUN binding request (no integrity: routing reads only the USERNAME).
-fn check(username: &str) -> Vec<u8> {
-    let name = username.as_bytes();
-    let padded = name.len().div_ceil(4) * 4;
-    let mut m = vec![0x00, 0x01];
-    m.extend_from_slice(&((4 + padded) as u16).to_be_bytes());
-    m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
-    m.extend_from_slice(&[7; 12]);
-    m.extend_from_slice(&[0x00, 0x06]);
-    m.extend_from_slice(&(name.len() as u16).to_be_bytes());
-    m.extend_from_slice(name);
-    m.resize(20 + 4 + padded, 0);
-    m
 }
 
 /// A STUN binding success response (no USERNAME: it answers a check we sent).

@@ -437,3 +437,19 @@ fn write_all_nonblocking(stream: &mut TcpStream, mut data: &[u8]) {
         }
     }
 }
+
+/// A STUN binding request with this USERNAME and no integrity: enough for routing, which reads
+/// only the USERNAME (the engine would refuse it).
+pub fn stun_check(username: &str) -> Vec<u8> {
+    let name = username.as_bytes();
+    let padded = name.len().div_ceil(4) * 4;
+    let mut m = vec![0x00, 0x01];
+    m.extend_from_slice(&((4 + padded) as u16).to_be_bytes());
+    m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    m.extend_from_slice(&[7; 12]);
+    m.extend_from_slice(&[0x00, 0x06]);
+    m.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    m.extend_from_slice(name);
+    m.resize(20 + 4 + padded, 0);
+    m
+}
