@@ -567,18 +567,16 @@ fn spawn(
 
     let sync_handle = match source {
         Source::Sync { store, persisted } => tokio::spawn(
-            SyncTask {
-                client: client.clone(),
+            SyncTask::new(
+                client.clone(),
                 store,
                 persisted,
-                cfg: config.clone(),
-                user_id: user_id.clone(),
-                metrics: metrics.clone(),
+                config.clone(),
+                user_id.clone(),
+                metrics.clone(),
                 batch_tx,
-                stop: stop_rx.clone(),
-                joins: HashMap::new(),
-                known_rooms: HashSet::new(),
-            }
+                stop_rx.clone(),
+            )
             .run(),
         ),
         Source::Appservice {
@@ -608,18 +606,16 @@ fn spawn(
             let mut cfg = config.clone();
             cfg.auto_join = false;
             let synced = tokio::spawn(
-                SyncTask {
-                    client: device_client,
+                SyncTask::new(
+                    device_client,
                     store,
                     persisted,
                     cfg,
-                    user_id: user_id.clone(),
-                    metrics: metrics.clone(),
+                    user_id.clone(),
+                    metrics.clone(),
                     batch_tx,
-                    stop: stop_rx.clone(),
-                    joins: HashMap::new(),
-                    known_rooms: HashSet::new(),
-                }
+                    stop_rx.clone(),
+                )
                 .run(),
             );
             tokio::spawn(async move {
@@ -756,6 +752,31 @@ const MAX_JOIN_ATTEMPTS: u32 = 5;
 const JOIN_RETRY_SYNC_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl SyncTask {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        client: MatrixClient,
+        store: Store,
+        persisted: Persisted,
+        cfg: SignallingConfig,
+        user_id: UserId,
+        metrics: Metrics,
+        batch_tx: mpsc::Sender<(SyncBatch, oneshot::Sender<()>)>,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        SyncTask {
+            client,
+            store,
+            persisted,
+            cfg,
+            user_id,
+            metrics,
+            batch_tx,
+            stop,
+            joins: HashMap::new(),
+            known_rooms: HashSet::new(),
+        }
+    }
+
     async fn run(mut self) {
         let mut first = true;
         let mut backoff = Duration::from_millis(500);
