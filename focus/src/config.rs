@@ -38,6 +38,8 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub web: WebConfig,
 }
 
 /// The operator's API (`focus/src/admin.rs`): off unless `listen` is set.
@@ -184,6 +186,24 @@ impl Default for LogConfig {
     }
 }
 
+/// The web app served on the HTTP listener (`focus/src/web.rs`): off unless `root` is set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// Directory of the built app (`web/dist/app`), served at `/`; empty: no web app.
+    pub root: PathBuf,
+    /// The homeserver URL browsers are told to use in `/config.json`; empty:
+    /// `matrix.homeserver_url`.
+    pub homeserver_url: String,
+}
+
+impl WebConfig {
+    /// Whether the web app is served.
+    pub fn enabled(&self) -> bool {
+        !self.root.as_os_str().is_empty()
+    }
+}
+
 impl Config {
     /// Read the file (if any), apply `WEIR_*` environment overrides, validate.
     pub fn load(
@@ -306,6 +326,26 @@ impl Config {
                 "media.advertise_ips lists {ip}: participants cannot send to the unspecified \
                  address; list the address they reach this host at"
             )));
+        }
+        if self.web.enabled() {
+            let root = &self.web.root;
+            match std::fs::metadata(root) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "web.root {} is not a directory: set it to the built web app \
+                         (web/dist/app), or leave it empty to serve no app",
+                        root.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "web.root {}: {e}: set it to the built web app's directory \
+                         (web/dist/app), or leave it empty to serve no app",
+                        root.display()
+                    )))
+                }
+            }
         }
         Ok(())
     }
@@ -441,5 +481,45 @@ mod tests {
         .unwrap();
         let c = Config::load(Some(&file), no_env).unwrap();
         assert!(!c.matrix.enabled);
+    }
+
+    #[test]
+    fn web_root_must_be_an_existing_directory() {
+        let dir = std::env::temp_dir().join(format!("weir-config-web-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        let with_root = |root: &Path| {
+            std::fs::write(
+                &file,
+                format!(
+                    "[matrix]\nuser_id = \"@f:hs\"\npassword = \"x\"\n[web]\nroot = {:?}\n",
+                    root.display().to_string()
+                ),
+            )
+            .unwrap();
+            Config::load(Some(&file), no_env)
+        };
+        let c = with_root(&dir).unwrap();
+        assert!(c.web.enabled());
+        assert_eq!(c.web.root, dir);
+        let missing = dir.join("no-such-app");
+        let err = with_root(&missing).unwrap_err().to_string();
+        assert!(
+            err.contains("web.root") && err.contains("no-such-app"),
+            "{err}"
+        );
+        let err = with_root(&file).unwrap_err().to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        // Off by default, and settable from the environment.
+        let c = Config::load(None, |k| match k {
+            "WEIR_MATRIX_USER_ID" => Some("@f:hs".into()),
+            "WEIR_MATRIX_PASSWORD" => Some("x".into()),
+            "WEIR_WEB_ROOT" => Some(dir.display().to_string()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.web.root, dir);
+        assert!(!Config::default().web.enabled());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

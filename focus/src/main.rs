@@ -8,6 +8,7 @@ mod direct;
 mod http;
 mod metrics;
 mod network_check;
+mod web;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -262,7 +263,8 @@ async fn run(config: Config) -> Result<(), String> {
             }),
         },
         {
-            // Extra routes: direct mode, and the homeserver's transactions as an appservice.
+            // Extra routes: direct mode, the homeserver's transactions as an appservice, and
+            // the web app (its files a fallback, so every other route keeps precedence).
             let direct_routes = direct.clone().map(direct::routes);
             let as_routes = signalling.as_ref().and_then(|s| {
                 let inbox = s.appservice_inbox()?;
@@ -272,10 +274,30 @@ async fn run(config: Config) -> Result<(), String> {
                     inbox,
                 ))
             });
-            match (direct_routes, as_routes) {
-                (Some(d), Some(a)) => Some(d.merge(a)),
-                (d, a) => d.or(a),
-            }
+            let web_routes = if config.web.enabled() {
+                let app = web::AppConfig {
+                    homeserver_url: if config.web.homeserver_url.is_empty() {
+                        config.matrix.homeserver_url.clone()
+                    } else {
+                        config.web.homeserver_url.clone()
+                    },
+                    focus: web::FocusIdentity {
+                        user_id: own_user.to_string(),
+                        device_id: own_device.to_string(),
+                        session_id: config.matrix.session_id.clone(),
+                    },
+                };
+                let routes = web::routes(&config.web.root, &app)
+                    .map_err(|e| format!("web.root {}: {e}", config.web.root.display()))?;
+                info!(root = %config.web.root.display(), homeserver = %app.homeserver_url, "serving the web app");
+                Some(routes)
+            } else {
+                None
+            };
+            [direct_routes, as_routes, web_routes]
+                .into_iter()
+                .flatten()
+                .reduce(axum::Router::merge)
         },
     )
     .await
