@@ -13,6 +13,7 @@ mod drain;
 mod log_tests;
 mod screens;
 mod speakers;
+mod streams;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -83,6 +84,8 @@ struct Conference {
     /// Audio sources speaking now, and the dominant speaker, as last announced.
     speaking: usize,
     dominant: Option<serde_json::Value>,
+    /// The streams last announced to its participants (`io.weir.streams`).
+    announced_streams: Option<SdpStreamMetadata>,
 }
 
 impl Conference {
@@ -93,6 +96,7 @@ impl Conference {
             streams: HashMap::new(),
             speaking: 0,
             dominant: None,
+            announced_streams: None,
         }
     }
 }
@@ -352,6 +356,16 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             })
             .collect();
         let mut changed = SdpStreamMetadata::new();
+        // A client describes all its streams each time (MSC3077): one it no longer describes
+        // has ended (a screen share stopped). An empty description is a client that describes
+        // nothing, not one that stopped everything.
+        let ended = if owned.is_empty() {
+            0
+        } else {
+            let before = p.metadata.len();
+            p.metadata.retain(|id, _| owned.contains_key(id));
+            before - p.metadata.len()
+        };
         for (id, m) in owned {
             // Keep what we learned of the tracks (kind) when a client sends a bare update.
             let merged = match p.metadata.get(&id) {
@@ -366,7 +380,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             }
             p.metadata.insert(id, merged);
         }
-        if changed.is_empty() {
+        if changed.is_empty() && ended == 0 {
             return;
         }
         let key = p.conference.clone();
@@ -551,6 +565,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 if let Some(p) = self.participants.get_mut(&peer) {
                     p.channel_open = true;
                 }
+                self.announce_streams_to(peer);
                 self.channel_open(peer)
             }
             SfuEvent::Speakers {
@@ -809,6 +824,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             // What the far side is asked for, and what it is offered, may have shrunk.
             self.sync_trunk_subscriptions(&p.conference);
             self.publish_catalogue(&p.conference);
+        } else {
+            // The far participants it carried are gone for ours.
+            self.announce_streams(&p.conference);
         }
     }
 

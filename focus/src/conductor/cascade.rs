@@ -299,12 +299,14 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             self.relay_metadata(peer, &changed);
             self.tell_screens(peer, false);
         }
+        // Far streams added or gone (announce_streams sends only what changed).
+        self.announce_streams(&key);
         self.sync_trunk_subscriptions(&key);
     }
 
     /// Every local participant's streams in a conference, with their real owners: what the far
     /// foci may pull. Streams with no known track yet are left out.
-    fn catalogue(&self, key: &(RoomId, ConfId)) -> SdpStreamMetadata {
+    pub(super) fn catalogue(&self, key: &(RoomId, ConfId)) -> SdpStreamMetadata {
         let mut out = SdpStreamMetadata::new();
         let Some(conf) = self.conferences.get(key) else {
             return out;
@@ -343,6 +345,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
 
     /// Send the catalogue to every trunk of the conference whose copy is out of date.
     pub(super) fn publish_catalogue(&mut self, key: &(RoomId, ConfId)) {
+        self.announce_streams(key);
         let trunks = self.trunks_of(key);
         if trunks.is_empty() {
             return;
