@@ -21,6 +21,9 @@ cargo fmt --all -- --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "web app type check (tsc --noEmit)"
+(cd web && node_modules/.bin/tsc -p tsconfig.json)
+
 step "cargo build (dev profile, all targets)"
 cargo build --workspace --all-targets --locked
 

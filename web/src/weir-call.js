@@ -135,6 +135,28 @@ export async function waitForJoinedMember(client, roomId, userId, timeoutMs = 30
 }
 
 /**
+ * The devices in a call now: unexpired device entries for confId in the room's `m.call.member`
+ * state. [{userId, deviceId, sessionId}]
+ */
+export function callMemberDevices(client, roomId, confId) {
+  const room = client.getRoom(roomId);
+  if (!room) return [];
+  const now = Date.now();
+  const out = [];
+  for (const ev of room.currentState.getStateEvents(CALL_MEMBER_TYPE)) {
+    const calls = ev.getContent()?.["m.calls"];
+    if (!Array.isArray(calls)) continue;
+    const call = calls.find((c) => c?.["m.call_id"] === confId);
+    const devices = Array.isArray(call?.["m.devices"]) ? call["m.devices"] : [];
+    for (const d of devices) {
+      if (typeof d?.device_id !== "string" || typeof d?.expires_ts !== "number" || d.expires_ts <= now) continue;
+      out.push({ userId: ev.getStateKey(), deviceId: d.device_id, sessionId: d.session_id ?? null });
+    }
+  }
+  return out;
+}
+
+/**
  * One participant's connection to a weir focus.
  *
  * Events (EventTarget; `detail` carries the payload):
@@ -145,6 +167,8 @@ export async function waitForJoinedMember(client, roomId, userId, timeoutMs = 30
  *   "mute"     a remote feed's mute state changed (detail: the remote feed record)
  *   "channel"  the data channel to the focus opened
  *   "speakers" the focus announced who speaks (detail: the `io.weir.speakers` content)
+ *   "streams"  the focus announced every stream of the conference (detail: the `io.weir.streams`
+ *              content, `{streams}` in `sdp_stream_metadata` form, ours included)
  *   "paused"   the focus paused or resumed a video toward us for want of bandwidth (detail: the
  *              `io.weir.paused` content)
  *   "layers"   the focus told us which simulcast layers of our camera anyone needs, and we
@@ -166,6 +190,9 @@ export class WeirCall extends EventTarget {
    * @param {RTCDegradationPreference} [o.degradationPreference] for the camera's sender
    * @param {boolean} [o.dataChannel] open the data channel to the focus (default true): needed
    *   for subscriptions, speaker and pause notices, and dynacast
+   * @param {import("./e2ee/media-encryption.js").MediaEncryption|null} [o.encryption] encrypts
+   *   every frame we send and decrypts what we receive (end-to-end encryption; the focus only
+   *   forwards); null sends media as the encoder made it
    * @param {(...args) => void} [o.log]
    */
   constructor({
@@ -178,6 +205,7 @@ export class WeirCall extends EventTarget {
     simulcast = SIMULCAST_LAYERS,
     degradationPreference,
     dataChannel = true,
+    encryption = null,
     log,
   }) {
     super();
@@ -198,6 +226,7 @@ export class WeirCall extends EventTarget {
     this.simulcast = simulcast ? simulcast.map((e) => ({ ...e })) : null;
     this.degradationPreference = degradationPreference ?? null;
     this.wantsDataChannel = dataChannel;
+    this.encryption = encryption;
     this.channel = null;
     /** The latest `io.weir.layers` content per mid of ours (what the focus asked us to encode). */
     this.layerRequests = new Map();
@@ -334,6 +363,7 @@ export class WeirCall extends EventTarget {
     });
     call.on(CallEvent.FeedsChanged, () => {
       this.watchFeeds();
+      this.updateReceiverOwners();
       this.dispatchEvent(new CustomEvent("feeds", { detail: this.remoteFeeds() }));
     });
     call.on(CallEvent.Hangup, () => {
@@ -369,6 +399,8 @@ export class WeirCall extends EventTarget {
    * the data channel.
    */
   preparePeerConnection(pc) {
+    // first, so that every sender added below (simulcast included) gets its transform
+    if (this.encryption) this.encryption.attachPeerConnection(pc, (streamId) => this.ownerParticipant(streamId));
     if (this.simulcast) {
       const addTrack = pc.addTrack.bind(pc);
       pc.addTrack = (track, ...streams) => {
@@ -417,6 +449,9 @@ export class WeirCall extends EventTarget {
     switch (msg?.type) {
       case "io.weir.speakers":
         this.dispatchEvent(new CustomEvent("speakers", { detail: content }));
+        break;
+      case "io.weir.streams":
+        this.dispatchEvent(new CustomEvent("streams", { detail: content }));
         break;
       case "io.weir.paused":
         this.dispatchEvent(new CustomEvent("paused", { detail: content }));
@@ -513,6 +548,96 @@ export class WeirCall extends EventTarget {
         if (rec) this.dispatchEvent(new CustomEvent("mute", { detail: rec }));
       });
     }
+  }
+
+  /** "userId|deviceId" of a received stream's owner, from the focus's metadata, or null. */
+  ownerParticipant(streamId) {
+    const md = this.streamMetadata(streamId);
+    return md?.user_id && md?.device_id ? `${md.user_id}|${md.device_id}` : null;
+  }
+
+  /** Tell the frame decryption whose media each receiver carries now (the focus reuses m-lines). */
+  updateReceiverOwners() {
+    const pc = this.peerConnection;
+    if (!this.encryption || !pc) return;
+    for (const feed of this.call.getRemoteFeeds()) {
+      const owner = this.ownerParticipant(feed.stream.id);
+      if (!owner) continue;
+      for (const track of feed.stream.getTracks()) {
+        const receiver = pc.getReceivers().find((r) => r.track === track);
+        if (receiver) this.encryption.attachReceiver(receiver, owner);
+      }
+    }
+  }
+
+  /**
+   * The devices in this call now: every unexpired device entry for our conf id in the room's
+   * `m.call.member` state (ours included). [{userId, deviceId, sessionId}]
+   */
+  memberDevices() {
+    return callMemberDevices(this.client, this.roomId, this.confId);
+  }
+
+  /**
+   * Send from another camera or microphone (device selection): the new stream's tracks replace
+   * ours on the existing senders, so simulcast, encryption and the focus's m-lines stay.
+   */
+  async setInputStream(stream) {
+    this.sourceStream = stream;
+    if (!this.call) return;
+    await this.call.updateLocalUsermediaStream(this.cloneSource(true, true));
+  }
+
+  /**
+   * Share a screen: an `m.screenshare` feed the focus forwards like a camera (and serves first
+   * when bandwidth is short). Returns whether we share now.
+   *
+   * js-sdk 43's own `setScreensharingEnabled` gives the new feed the *opponent's* device id
+   * (the focus's), so the feed does not count as local: it is left out of the stream metadata
+   * of the offer that adds it, and the focus sees an undescribed stream. So the feed is made
+   * here, with our own device id, and handed to js-sdk, which adds its tracks and renegotiates.
+   */
+  async setScreensharing(enabled) {
+    const call = this.call;
+    if (!call) throw new Error("not in a call");
+    const mh = this.client.getMediaHandler();
+    if (enabled) {
+      if (call.isScreensharing()) return true;
+      const stream = await mh.getScreensharingStream();
+      if (!stream) return false;
+      // the browser's own "stop sharing" ends the track
+      for (const t of stream.getVideoTracks()) {
+        t.addEventListener("ended", () => {
+          if (call.localScreensharingStream === stream) this.setScreensharing(false).catch(() => undefined);
+        });
+      }
+      call.pushLocalFeed(
+        new CallFeed({
+          client: this.client,
+          roomId: this.roomId,
+          userId: this.client.getUserId(),
+          deviceId: this.client.getDeviceId(),
+          stream,
+          purpose: "m.screenshare",
+          audioMuted: false,
+          videoMuted: false,
+        }),
+      );
+      return true;
+    }
+    const stream = call.localScreensharingStream;
+    if (!stream) return false;
+    for (const kind of ["audio", "video"]) {
+      const sender = call.transceivers?.get(`m.screenshare:${kind}`)?.sender;
+      if (sender) call.peerConn.removeTrack(sender);
+    }
+    mh.stopScreensharingStream(stream);
+    call.deleteFeedByStream(stream);
+    return false;
+  }
+
+  isScreensharing() {
+    return this.call?.isScreensharing() ?? false;
   }
 
   /** The focus's metadata for a stream id (private js-sdk field, read at runtime). */

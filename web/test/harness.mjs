@@ -379,9 +379,9 @@ export class Focus {
    * ({asToken, hsToken}): the focus runs as an application service (no password; Synapse must
    * load the registration `Focus.registration` makes), on `httpPort`.
    */
-  static async start({ syn, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [], appservice = null, httpPort = null }) {
+  static async start({ syn, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [], appservice = null, httpPort = null, extra = [] }) {
     const bin = Focus.binPath();
-    const { configPath, port } = await Focus.writeConfig({ homeserverUrl: syn.baseUrl, user, dir, deviceId, sessionId, name, media, appservice, httpPort });
+    const { configPath, port } = await Focus.writeConfig({ homeserverUrl: syn.baseUrl, user, dir, deviceId, sessionId, name, media, appservice, httpPort, extra });
     const f = new Focus({ bin, configPath, dir, httpPort: port, user, deviceId, sessionId, name });
     f.spawn();
     return f;
@@ -400,7 +400,7 @@ export class Focus {
     return path;
   }
 
-  static async writeConfig({ homeserverUrl, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [], appservice = null, httpPort = null }) {
+  static async writeConfig({ homeserverUrl, user, dir, deviceId = FOCUS_DEVICE_ID, sessionId = FOCUS_SESSION_ID, name = "focus", media = [], appservice = null, httpPort = null, extra = [] }) {
     const bin = Focus.binPath();
     if (!existsSync(bin)) throw new Error(`focus binary not found at ${bin} (build it with cargo build -p weir-focus, or set WEIR_FOCUS_BIN)`);
     const stateDir = join(dir, `${name}-state`);
@@ -429,6 +429,8 @@ export class Focus {
         "",
         "[http]",
         `listen = ${q(`127.0.0.1:${port}`)}`,
+        "",
+        ...extra,
         "",
       ].join("\n"),
     );
