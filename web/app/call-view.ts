@@ -119,7 +119,7 @@ export class CallView {
     });
     c.addEventListener("encryption", (e) => {
       const { enabled, unreachable } = (e as CustomEvent).detail;
-      encryptionEl.textContent = enabled ? "🔒 End-to-end encrypted" : "Not encrypted";
+      encryptionEl.textContent = enabled ? "End-to-end encrypted" : "Not encrypted";
       encryptionEl.dataset.encrypted = String(enabled);
       encryptionEl.title = unreachable.length
         ? `Our key could not be sent to: ${unreachable.map((u: { userId: string; deviceId: string }) => `${u.userId} (${u.deviceId})`).join(", ")}`
@@ -213,7 +213,8 @@ export class CallView {
     }
     // order: screens first, then the dominant speaker, then everyone as they came
     const spotlight = this.spotlightKey(states);
-    const ordered = [...states].sort((a, b) => rank(a, spotlight) - rank(b, spotlight));
+    // ties by name, so the grid keeps its order from one update to the next
+    const ordered = [...states].sort((a, b) => rank(a, spotlight) - rank(b, spotlight) || a.name.localeCompare(b.name));
     const nodes = ordered.map((s) => this.tiles.get(keyOf(s))!.element);
     for (const [k, t] of this.tiles) t.element.classList.toggle("spotlight", this.layout === "speaker" && k === spotlight);
     const same = nodes.length === this.grid.children.length && nodes.every((n, i) => this.grid.children[i] === n);

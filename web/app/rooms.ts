@@ -47,7 +47,7 @@ export function roomsView(
           "li",
           { class: "room", "data-room-id": r.roomId },
           h("span", { class: "room-name" }, r.name || r.roomId),
-          h("span", { class: "room-meta" }, d.encrypted ? "🔒 encrypted" : "not encrypted", d.inCall ? ` · ${d.inCall} in call` : ""),
+          h("span", { class: "room-meta" }, d.encrypted ? "encrypted" : "not encrypted", d.inCall ? ` · ${d.inCall} in call` : ""),
           h("button", { type: "button", class: "primary", "aria-label": `Join the call in ${r.name || r.roomId}`, onclick: () => onJoin(r.roomId) }, d.inCall ? "Join call" : "Start call"),
         );
       }),

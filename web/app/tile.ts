@@ -66,7 +66,7 @@ export class Tile {
     const label = state.purpose === "m.screenshare" ? `${state.name} (screen)` : state.local ? `${state.name} (you)` : state.name;
     this.nameEl.textContent = label;
     this.element.setAttribute("aria-label", this.describe(label));
-    this.micEl.textContent = state.audioMuted ? "🔇" : "";
+    this.micEl.textContent = state.audioMuted ? "muted" : "";
     this.micEl.setAttribute("aria-label", state.audioMuted ? "microphone off" : "microphone on");
     this.micEl.hidden = !state.audioMuted;
     this.badges.replaceChildren(

@@ -20,121 +20,25 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 import { Synapse, Focus, CHROMIUM, CHROMIUM_ARGS, DIST, REPO, log, waitFor, stepChain, suffix, freePort } from "./harness.mjs";
+import { PEOPLE, SCREEN_RGB, openApp, signIn, clickControl, tiles, near, screenshotDistance } from "./app-harness.mjs";
 
-const PEOPLE = [
-  { name: "alice", colour: "red", rgb: [230, 20, 20], tone: 440 },
-  { name: "bob", colour: "green", rgb: [20, 200, 20], tone: 660 },
-  { name: "carol", colour: "blue", rgb: [20, 20, 230], tone: 880 },
-];
-const SCREEN_RGB = [230, 230, 20]; // a shared screen is yellow
 const ADMIN_TOKEN = `admin-${suffix()}`;
-
-// Runs in every page before the app: cameras and microphones are a canvas of the person's colour
-// and an oscillator; a shared screen is a yellow canvas.
-function fakeMedia({ rgb, tone, screenRgb }) {
-  const canvasStream = (w, h, fill) => {
-    const c = document.createElement("canvas");
-    c.width = w;
-    c.height = h;
-    const g = c.getContext("2d");
-    let x = 0;
-    setInterval(() => {
-      g.fillStyle = `rgb(${fill.join(",")})`;
-      g.fillRect(0, 0, w, h);
-      g.fillStyle = "#fff";
-      g.fillRect(x, h - 12, 24, 12); // something moves, so the encoder always has work
-      x = (x + 4) % w;
-    }, 33);
-    return c.captureStream(30);
-  };
-  const mic = () => {
-    const ctx = new AudioContext();
-    const osc = ctx.createOscillator();
-    osc.frequency.value = tone;
-    const dst = ctx.createMediaStreamDestination();
-    osc.connect(dst);
-    osc.start();
-    return dst.stream.getAudioTracks()[0];
-  };
-  navigator.mediaDevices.getUserMedia = async (c = {}) => {
-    const tracks = [];
-    if (c.audio) tracks.push(mic());
-    if (c.video) tracks.push(canvasStream(640, 360, rgb).getVideoTracks()[0]);
-    return new MediaStream(tracks);
-  };
-  navigator.mediaDevices.getDisplayMedia = async () => canvasStream(1280, 720, screenRgb);
-}
-
-// In a page: every tile with what it shows (sampled colour) and what its receiver counted.
-async function tiles() {
-  const app = window.weirApp;
-  const pc = app.call?.conference.call?.peerConnection;
-  const byTrack = new Map();
-  if (pc) (await pc.getStats()).forEach((s) => s.type === "inbound-rtp" && s.trackIdentifier && byTrack.set(s.trackIdentifier, s));
-  const canvas = document.createElement("canvas");
-  canvas.width = 16;
-  canvas.height = 16;
-  const g = canvas.getContext("2d", { willReadFrequently: true });
-  return [...document.querySelectorAll("figure.tile")].map((el) => {
-    const v = el.querySelector("video");
-    const track = v.srcObject?.getVideoTracks?.()[0];
-    const s = track ? byTrack.get(track.id) : null;
-    let rgb = null;
-    if (v.videoWidth > 0) {
-      g.drawImage(v, v.videoWidth / 4, v.videoHeight / 4, v.videoWidth / 2, v.videoHeight / 2, 0, 0, 16, 16);
-      const d = g.getImageData(0, 0, 16, 16).data;
-      rgb = [0, 1, 2].map((i) => {
-        let sum = 0;
-        for (let p = i; p < d.length; p += 4) sum += d[p];
-        return Math.round(sum / (d.length / 4));
-      });
-    }
-    const r = el.getBoundingClientRect();
-    return {
-      participant: el.dataset.participant,
-      purpose: el.dataset.purpose,
-      local: el.classList.contains("local"),
-      problem: el.dataset.problem ?? "",
-      status: el.querySelector(".status")?.textContent ?? "",
-      label: el.getAttribute("aria-label"),
-      spotlight: el.classList.contains("spotlight"),
-      area: Math.round(r.width * r.height),
-      rgb,
-      framesDecoded: s?.framesDecoded ?? 0,
-      packetsReceived: s?.packetsReceived ?? 0,
-    };
-  });
-}
-
-function near(rgb, want) {
-  return rgb !== null && rgb.every((c, i) => Math.abs(c - want[i]) < 60);
-}
 
 const h = { dir: null, syn: null, focus: null, browser: null, pages: [], focusUser: null };
 const chain = stepChain();
 
-async function openApp(person) {
-  const context = await h.browser.newContext({ viewport: { width: 960, height: 600 } });
-  await context.addInitScript(fakeMedia, { rgb: person.rgb, tone: person.tone, screenRgb: SCREEN_RGB });
-  const page = await context.newPage();
-  const p = { ...person, context, page, console: [] };
-  page.on("console", (m) => {
-    p.console.push(`${m.type()}: ${m.text()}`);
-    if (p.console.length > 2000) p.console.shift();
-  });
-  page.on("pageerror", (e) => p.console.push(`pageerror: ${e.stack ?? e}`));
-  await page.goto(h.appUrl);
-  return p;
-}
-
-async function signIn(p) {
-  const { page } = p;
-  await page.getByLabel("Username").fill(p.user.localpart);
-  await page.getByLabel("Password").fill(p.user.password);
-  assert.equal(await page.getByLabel("Homeserver").inputValue(), h.syn.baseUrl, "the homeserver comes prefilled from the focus's config.json");
-  await page.getByRole("button", { name: "Sign in" }).click();
-  await page.getByRole("heading", { name: "Rooms" }).waitFor({ timeout: 60000 });
-  p.id = await page.evaluate(() => `${window.weirApp.client.getUserId()}|${window.weirApp.client.getDeviceId()}`);
+/**
+ * The page looks like the screenshot committed in docs/ (same layout, tiles filled with the same
+ * pictures; names and moving bars aside). WEIR_APP_SCREENSHOTS=1 rewrites the file first.
+ */
+async function matchesCommittedScreenshot(page, path) {
+  const live = await page.screenshot();
+  if (process.env.WEIR_APP_SCREENSHOTS === "1") writeFileSync(join(REPO, path), live);
+  const d = await screenshotDistance(page, live, readFileSync(join(REPO, path)));
+  log(`${path}: the page is ${d.toFixed(1)}/255 away from the committed screenshot`);
+  // A tile missing or black, or the other layout, is 30 or more away; the same layout with new
+  // names and bars is within 10.
+  assert.ok(d < 15, `the page does not look like ${path} (distance ${d.toFixed(1)})`);
 }
 
 const others = (p) => h.pages.filter((q) => q !== p);
@@ -161,9 +65,6 @@ async function everyoneDecodesEveryone(what, pages = h.pages) {
   );
 }
 
-async function clickControl(p, name) {
-  await p.page.getByRole("toolbar", { name: "Call controls" }).getByRole("button", { name, exact: true }).click();
-}
 
 async function tileOf(p, q, purpose = "m.usermedia") {
   return (await p.page.evaluate(tiles)).find((t) => t.participant === q.id && t.purpose === purpose) ?? null;
@@ -194,7 +95,7 @@ before(async () => {
     await h.focus.waitHealthy();
     h.appUrl = `${h.focus.baseUrl}/`;
     h.browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
-    for (const person of PEOPLE) h.pages.push(await openApp(person));
+    for (const person of PEOPLE) h.pages.push(await openApp(h.browser, h.appUrl, person));
   } catch (e) {
     chain.fail();
     throw e;
@@ -226,7 +127,7 @@ after(async () => {
 
 test("each person signs in through the app's form, served by the focus", async (t) => {
   await chain.step(t, async () => {
-    for (const p of h.pages) await signIn(p);
+    for (const p of h.pages) await signIn(p, h.syn.baseUrl);
   });
 });
 
@@ -356,7 +257,7 @@ test("grid and speaker views: laid out, filled, captured for docs/", async (t) =
     const areas = grid.map((x) => x.area);
     assert.ok(Math.max(...areas) / Math.min(...areas) < 1.5, `grid tiles are about the same size: ${areas}`);
     assert.ok(grid.every((x) => x.rgb !== null && x.rgb.some((c) => c > 100)), "every grid tile shows a picture");
-    if (process.env.WEIR_APP_SCREENSHOTS === "1") await alice.page.screenshot({ path: join(REPO, "docs/app-grid.png") });
+    await matchesCommittedScreenshot(alice.page, "docs/app-grid.png");
 
     await clickControl(alice, "Speaker view");
     const speaker = await waitFor("a spotlight tile", async () => {
@@ -367,7 +268,7 @@ test("grid and speaker views: laid out, filled, captured for docs/", async (t) =
     assert.ok(!spot.local, "the spotlight shows someone else");
     for (const x of speaker) if (x !== spot) assert.ok(spot.area > 3 * x.area, `the spotlight (${spot.area}) is much larger than ${x.participant} (${x.area})`);
     assert.ok(speaker.every((x) => x.rgb !== null), "every speaker-view tile shows a picture");
-    if (process.env.WEIR_APP_SCREENSHOTS === "1") await alice.page.screenshot({ path: join(REPO, "docs/app-speaker.png") });
+    await matchesCommittedScreenshot(alice.page, "docs/app-speaker.png");
     await clickControl(alice, "Grid view");
   });
 });
