@@ -31,6 +31,8 @@ export class CallView {
   private readonly grid: HTMLElement;
   private readonly stage: HTMLElement;
   private readonly connectionEl: HTMLElement;
+  private readonly alertEl: HTMLElement;
+  private alertTimer: number | undefined;
   private readonly controls: Record<string, HTMLButtonElement> = {};
   private readonly deviceDialog: HTMLDialogElement;
   private layout: "grid" | "speaker" = "grid";
@@ -51,15 +53,19 @@ export class CallView {
       roomId: o.roomId,
       focus: o.focus,
       workerUrl: o.workerUrl,
+      blockKeyExchange: Boolean(o.blockKeys),
       log: (...a: unknown[]) => console.log("[weir]", ...a),
     });
     this.connectionEl = h("span", { class: "connection", role: "status", "aria-live": "polite" }, "Connecting…");
+    this.alertEl = h("p", { class: "call-alert", role: "alert", hidden: true });
     const encryptionEl = h("span", { class: "encryption", id: "encryption-state" }, "");
-    this.grid = h("div", { class: "tiles", "aria-label": "Participants" });
+    this.grid = h("div", { class: "tiles", role: "region", "aria-label": "Participants" });
     this.stage = h("div", { class: "stage layout-grid" }, this.grid);
 
-    const button = (key: string, label: string, onclick: () => void, pressed?: boolean) => {
-      const b = h("button", { type: "button", class: `control control-${key}`, onclick }, label);
+    const button = (key: string, label: string, onclick: () => void | Promise<void>, pressed?: boolean) => {
+      // a control that fails says so instead of doing nothing
+      const run = () => void Promise.resolve(onclick()).catch((e) => this.alert(`${label}: ${(e as Error)?.message ?? e}`));
+      const b = h("button", { type: "button", class: `control control-${key}`, onclick: run }, label);
       if (pressed !== undefined) b.setAttribute("aria-pressed", String(pressed));
       this.controls[key] = b;
       return b;
@@ -81,6 +87,7 @@ export class CallView {
       "main",
       { class: "call-view" },
       h("header", { class: "call-header" }, h("h1", {}, room?.name ?? o.roomId), encryptionEl, this.connectionEl),
+      this.alertEl,
       this.stage,
       toolbar,
       this.deviceDialog,
@@ -127,15 +134,17 @@ export class CallView {
     });
   }
 
+  /** Show a problem for a few seconds (announced to screen readers). */
+  alert(text: string): void {
+    this.alertEl.textContent = text;
+    this.alertEl.hidden = false;
+    clearTimeout(this.alertTimer);
+    this.alertTimer = window.setTimeout(() => (this.alertEl.hidden = true), 8000);
+  }
+
   async start(): Promise<void> {
     this.render();
-    const join = this.conference.join();
-    if (this.o.blockKeys) {
-      // the key exchange exists once encryption is set up, before any key can arrive
-      const wait = () => (this.conference.keys ? ((this.conference.keys.blocked = true), undefined) : setTimeout(wait, 10));
-      wait();
-    }
-    await join;
+    await this.conference.join();
     const enc = this.element.querySelector<HTMLElement>("#encryption-state");
     if (enc && !this.conference.encrypted) {
       enc.textContent = "Not encrypted";
@@ -272,11 +281,12 @@ export class CallView {
       b.setAttribute("aria-pressed", String(pressed));
       b.textContent = label;
     };
-    set("mic", c.isAudioMuted(), c.isAudioMuted() ? "Unmute" : "Mute");
-    set("camera", c.isVideoMuted(), c.isVideoMuted() ? "Camera on" : "Camera off");
-    set("screen", c.isScreensharing(), c.isScreensharing() ? "Stop sharing" : "Share screen");
-    set("layout", this.layout === "speaker", this.layout === "speaker" ? "Grid view" : "Speaker view");
-    set("stats", this.statsOn, this.statsOn ? "Hide numbers" : "Show numbers");
+    // toggle buttons keep their name; aria-pressed (and the look) says whether they are on
+    set("mic", c.isAudioMuted(), "Mute");
+    set("camera", c.isVideoMuted(), "Camera off");
+    set("screen", c.isScreensharing(), "Share screen");
+    set("layout", this.layout === "speaker", "Speaker view");
+    set("stats", this.statsOn, "Show numbers");
     const connected = c.connection === "connected";
     this.controls.screen.disabled = !connected;
   }
@@ -363,7 +373,11 @@ export class CallView {
         {
           method: "dialog",
           onsubmit: async () => {
-            await this.conference.setDevices({ audioInput: mic.value || undefined, videoInput: cam.value || undefined });
+            try {
+              await this.conference.setDevices({ audioInput: mic.value || undefined, videoInput: cam.value || undefined });
+            } catch (e) {
+              this.alert(`Could not use these devices: ${(e as Error)?.message ?? e}`);
+            }
             this.render();
           },
         },

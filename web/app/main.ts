@@ -131,6 +131,8 @@ async function showCall(roomId: string): Promise<void> {
   try {
     await view.start();
   } catch (e) {
+    // stop the camera, the worker and the member entry of the attempt
+    await view.conference.leave().catch(() => undefined);
     showError("Could not join the call", e);
   }
 }

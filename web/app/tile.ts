@@ -44,7 +44,8 @@ export class Tile {
     this.micEl = h("span", { class: "mic", role: "img" });
     this.badges = h("span", { class: "badges" });
     this.caption = h("figcaption", {}, this.micEl, this.nameEl, this.badges);
-    this.status = h("div", { class: "status", role: "status" });
+    // not a live region: a reconnect would make every tile speak at once (the tile's label says it)
+    this.status = h("div", { class: "status" });
     this.avatar = h("div", { class: "avatar", "aria-hidden": "true" });
     this.stats = h("pre", { class: "stats", hidden: true, "aria-label": "Connection numbers" });
     this.element = h(
@@ -112,8 +113,11 @@ export class Tile {
 
   private describe(label: string): string {
     const parts = [label];
+    const problem = this.problem(this.state);
+    if (problem) parts.push(problem);
     if (this.state.dominant) parts.push("speaking now");
     if (this.state.audioMuted) parts.push("muted");
+    if (this.state.verified === false) parts.push("device not verified");
     return parts.join(", ");
   }
 

@@ -15,7 +15,7 @@
 import { RoomStateEvent } from "matrix-js-sdk";
 import { WeirCall, CALL_STATE_TYPE, callStateContent, callMemberDevices, waitForJoinedMember } from "./weir-call.js";
 import { KeyExchange, participantId } from "./e2ee/key-exchange.js";
-import { MediaEncryption, encodedTransformsSupported } from "./e2ee/media-encryption.js";
+import { MediaEncryption, encodedTransformsSupported, requestInsertableStreams } from "./e2ee/media-encryption.js";
 
 /**
  * Waits between reconnection attempts after the call to the focus ended without us leaving.
@@ -33,6 +33,15 @@ export const ICE_DISCONNECTED_GRACE_MS = 4000;
 
 /** How long a WeirCall's join may take before we give up on it and try again. */
 const JOIN_TIMEOUT_MS = 30000;
+
+/**
+ * A call must stay connected this long before the reconnection delays start over: a call that
+ * connects and drops again at once keeps backing off instead of retrying every 0.5 s.
+ */
+export const STABLE_AFTER_MS = 10000;
+
+/** Thrown inside join() when leave() was called meanwhile. */
+class Left extends Error {}
 
 /** A js-sdk 43 conf id (`genCallID`): the time and 16 random letters and digits. */
 export function newConfId() {
@@ -78,9 +87,11 @@ export class WeirConference extends EventTarget {
    * @param {boolean|"auto"} [o.encryption] "auto" (default): encrypt when the room is encrypted
    * @param {string} [o.confId] the call's conf id; default: the room's current call, or a new one
    * @param {Array<RTCRtpEncodingParameters>|null} [o.simulcast] as WeirCall
+   * @param {boolean} [o.blockKeyExchange] drop every key other devices send (tests: a
+   *   participant without the key)
    * @param {(...a) => void} [o.log]
    */
-  constructor({ client, roomId, focus, workerUrl, encryption = "auto", confId, simulcast, log }) {
+  constructor({ client, roomId, focus, workerUrl, encryption = "auto", confId, simulcast, blockKeyExchange = false, log }) {
     super();
     this.client = client;
     this.roomId = roomId;
@@ -89,6 +100,8 @@ export class WeirConference extends EventTarget {
     this.encryptionSetting = encryption;
     this.confId = confId ?? null;
     this.simulcast = simulcast;
+    this.blockKeyExchange = blockKeyExchange;
+    this.stableTimer = null;
     this.log = log ?? ((...a) => console.log("[weir-conf]", ...a));
     this.me = participantId(client.getUserId(), client.getDeviceId());
     this.call = null;
@@ -111,11 +124,14 @@ export class WeirConference extends EventTarget {
     this.audioMuted = false;
     this.videoMuted = false;
     this.unreachable = [];
+    /** "userId|deviceId" → whether that device is verified (filled asynchronously). */
+    this.verified = new Map();
     this.onMembers = (ev) => {
       if (ev.getType() === "org.matrix.msc3401.call.member") this.membersChanged();
     };
     this.onOnline = () => {
-      if (this.connection === "reconnecting") this.reconnectNow();
+      // only while waiting to retry: an attempt under way is not started twice
+      if (this.reconnectTimer !== null) this.reconnectNow();
     };
   }
 
@@ -132,18 +148,35 @@ export class WeirConference extends EventTarget {
   async join({ stream, audio = true, video = true } = {}) {
     if (this.call || this.connection !== "idle") throw new Error("join() called twice");
     this.setConnection("connecting");
-    this.stream = stream ?? (await navigator.mediaDevices.getUserMedia({ audio, video }));
-    this.ownsStream = !stream;
-    await this.client.waitUntilRoomReadyForGroupCalls(this.roomId);
-    this.confId ??= currentConfId(this.client, this.roomId);
-    if (!this.confId) {
-      // Two people starting a call in the same second may each create one; js-sdk then sticks to
-      // the first it saw. Start a call first and let the others join it.
-      this.confId = newConfId();
-      await this.client.sendStateEvent(this.roomId, CALL_STATE_TYPE, callStateContent(), this.confId);
+    const stillJoining = () => {
+      if (this.leaving) throw new Left();
+    };
+    try {
+      const got = stream ?? (await navigator.mediaDevices.getUserMedia({ audio, video }));
+      if (this.leaving) {
+        if (!stream) for (const t of got.getTracks()) t.stop();
+        throw new Left();
+      }
+      this.stream = got;
+      this.ownsStream = !stream;
+      await this.client.waitUntilRoomReadyForGroupCalls(this.roomId);
+      stillJoining();
+      this.confId ??= currentConfId(this.client, this.roomId);
+      if (!this.confId) {
+        // Two people starting a call in the same second may each create one; js-sdk then sticks
+        // to the first it saw. Start a call first and let the others join it.
+        this.confId = newConfId();
+        await this.client.sendStateEvent(this.roomId, CALL_STATE_TYPE, callStateContent(), this.confId);
+        stillJoining();
+      }
+      await this.ensureFocusInRoom();
+      stillJoining();
+      await this.setUpEncryption();
+      stillJoining();
+    } catch (e) {
+      if (e instanceof Left) return;
+      throw e;
     }
-    await this.ensureFocusInRoom();
-    await this.setUpEncryption();
     this.client.on(RoomStateEvent.Events, this.onMembers);
     window.addEventListener("online", this.onOnline);
     this.emitLocal();
@@ -167,12 +200,17 @@ export class WeirConference extends EventTarget {
     if (!this.client.getCrypto()) throw new Error("this room is encrypted: the client needs crypto (initRustCrypto)");
     if (!encodedTransformsSupported()) throw new Error("this browser cannot encrypt media (no encoded transforms)");
     if (!this.workerUrl) throw new Error("encrypted calls need workerUrl (the e2ee worker)");
+    requestInsertableStreams(); // a no-op where RTCRtpScriptTransform exists
     this.media = new MediaEncryption({ workerUrl: this.workerUrl, enabled: true, localParticipant: this.me, log: this.log });
     this.keys = new KeyExchange({ client: this.client, roomId: this.roomId, log: this.log });
+    this.keys.blocked = this.blockKeyExchange;
     this.keys.addEventListener("key", (e) => {
       const k = e.detail;
       this.media.setKey(k.participant, k.index, k.key);
-      if (!k.local) this.emitParticipants();
+      if (!k.local) {
+        this.emitParticipants();
+        void this.refreshVerification();
+      }
     });
     this.keys.addEventListener("use", (e) => this.media.useKey(e.detail.index));
     this.keys.addEventListener("reachability", (e) => {
@@ -187,6 +225,29 @@ export class WeirConference extends EventTarget {
   membersChanged() {
     this.keys?.setMembers(this.memberDevices());
     this.emitParticipants();
+    void this.refreshVerification();
+  }
+
+  /**
+   * Whether each member device is verified (cross-signed by a user we verified, or verified
+   * locally). An encrypted call names unverified devices: their key is Olm-encrypted to a
+   * device whose owner we have not confirmed.
+   */
+  async refreshVerification() {
+    const crypto = this.client.getCrypto();
+    if (!crypto || !this.keys) return;
+    let changed = false;
+    for (const d of this.memberDevices()) {
+      const id = participantId(d.userId, d.deviceId);
+      if (id === this.me) continue;
+      const status = await crypto.getDeviceVerificationStatus(d.userId, d.deviceId).catch(() => null);
+      const verified = status ? status.isVerified() : false;
+      if (this.verified.get(id) !== verified) {
+        this.verified.set(id, verified);
+        changed = true;
+      }
+    }
+    if (changed) this.emitParticipants();
   }
 
   memberDevices() {
@@ -194,7 +255,14 @@ export class WeirConference extends EventTarget {
   }
 
   async connect() {
+    this.reconnectTimer = null;
     if (this.leaving) return;
+    // never two calls from this device: end any earlier one (its member entry stays ours)
+    this.call?.abandon();
+    // what the focus told the previous call is stale; the new one is told afresh
+    this.streams = {};
+    this.paused.clear();
+    this.speakers = { dominant: null, speaking: [] };
     const call = new WeirCall({
       client: this.client,
       roomId: this.roomId,
@@ -234,9 +302,12 @@ export class WeirConference extends EventTarget {
     call.addEventListener("state", (e) => {
       if (call !== this.call) return;
       if (e.detail.state === "connected") {
-        this.attempt = 0;
         this.setConnection("connected");
         this.watchIce(call);
+        clearTimeout(this.stableTimer);
+        this.stableTimer = setTimeout(() => {
+          if (call === this.call && this.connection === "connected") this.attempt = 0;
+        }, STABLE_AFTER_MS);
       }
     });
     call.addEventListener("hangup", (e) => {
@@ -248,6 +319,7 @@ export class WeirConference extends EventTarget {
     });
     try {
       await call.join({ timeoutMs: JOIN_TIMEOUT_MS });
+      if (this.leaving || call !== this.call) return; // leave() hangs it up
       // a reconnection keeps what the user had muted
       if (this.audioMuted) await call.setAudioMuted(true);
       if (this.videoMuted) await call.setVideoMuted(true);
@@ -280,17 +352,14 @@ export class WeirConference extends EventTarget {
   dropCall(call, reason) {
     if (call !== this.call || this.leaving) return;
     this.log(`connection lost (${reason}): calling the focus again`);
-    this.call = null;
-    try {
-      call.call?.hangup("ice_failed", false);
-    } catch {
-      // already ended
-    }
+    call.abandon();
     this.scheduleReconnect(reason);
   }
 
   scheduleReconnect(reason) {
+    this.call?.abandon();
     this.call = null;
+    clearTimeout(this.stableTimer);
     this.setConnection("reconnecting", reason);
     this.emitParticipants();
     clearTimeout(this.reconnectTimer);
@@ -383,6 +452,7 @@ export class WeirConference extends EventTarget {
       p.speaking = this.speakers.speaking.includes(p.id);
       p.dominant = this.speakers.dominant === p.id;
       if (this.keys) {
+        p.verified = this.verified.get(p.id) ?? null;
         if (this.unreachable.some((u) => participantId(u.userId, u.deviceId) === p.id)) p.key = "unreachable";
         else if (this.keys.hasKeyFrom(p.userId, p.deviceId)) p.key = "ok";
       }
@@ -491,13 +561,20 @@ export class WeirConference extends EventTarget {
   async leave() {
     this.leaving = true;
     clearTimeout(this.reconnectTimer);
+    this.reconnectTimer = null;
     clearTimeout(this.iceTimer);
+    clearTimeout(this.stableTimer);
     this.client.off(RoomStateEvent.Events, this.onMembers);
     window.removeEventListener("online", this.onOnline);
     const call = this.call;
     this.call = null;
     try {
       if (call) await call.hangup();
+      else if (this.confId && this.stream) {
+        // between two attempts there is no call, but our member entry is still up: withdraw it
+        const gone = new WeirCall({ client: this.client, roomId: this.roomId, confId: this.confId, focus: this.focus, stream: this.stream, log: this.log });
+        await gone.updateMemberState(false);
+      }
     } finally {
       this.keys?.stop();
       this.media?.close();

@@ -144,6 +144,9 @@ export function callMemberDevices(client, roomId, confId) {
   const now = Date.now();
   const out = [];
   for (const ev of room.currentState.getStateEvents(CALL_MEMBER_TYPE)) {
+    // only a joined member's own entry counts: not one left behind by someone who left or was
+    // removed, and not one written for someone else
+    if (ev.getSender() !== ev.getStateKey() || room.getMember(ev.getStateKey())?.membership !== "join") continue;
     const calls = ev.getContent()?.["m.calls"];
     if (!Array.isArray(calls)) continue;
     const call = calls.find((c) => c?.["m.call_id"] === confId);
@@ -329,13 +332,23 @@ export class WeirCall extends EventTarget {
   async join({ timeoutMs = 30000, publishMember = true } = {}) {
     if (this.call) throw new Error("join() called twice; make a new WeirCall to call again");
     const { client, roomId, confId, focus } = this;
+    const stillJoining = () => {
+      if (this.ended) throw new Error("hung up while joining");
+    };
     await waitForGroupCall(client, roomId, confId, timeoutMs);
     // The focus must be a room member, or js-sdk crashes on its streams (protocol.md §c.11 item 2).
     await waitForJoinedMember(client, roomId, focus.userId, timeoutMs);
+    stillJoining();
 
     if (publishMember) {
       await this.updateMemberState(true);
+      if (this.ended) {
+        // hangup() ran meanwhile and withdrew the entry before we wrote it: withdraw it again
+        await this.updateMemberState(false);
+        stillJoining();
+      }
       await this.waitForOwnMemberEntry(timeoutMs);
+      stillJoining();
       this.refreshTimer = setInterval(() => {
         this.updateMemberState(true).catch((e) => this.log("refreshing m.call.member failed", e));
       }, DEVICE_REFRESH_MS);
@@ -697,6 +710,21 @@ export class WeirCall extends EventTarget {
 
   isVideoMuted() {
     return this.call?.isLocalVideoMuted() ?? false;
+  }
+
+  /**
+   * End this call to the focus but keep our `m.call.member` entry: the caller is about to call
+   * again (a reconnection), and the others should not see us leave.
+   */
+  abandon(reason = CallErrorCode.IceFailed) {
+    clearInterval(this.refreshTimer);
+    this.refreshTimer = null;
+    this.ended = true;
+    try {
+      if (this.call && this.call.state !== CallState.Ended) this.call.hangup(reason, false);
+    } catch {
+      // already ended
+    }
   }
 
   /** Hang up (sends m.call.hangup to the focus) and remove our m.call.member device entry. */

@@ -83,6 +83,8 @@ export async function tiles() {
       area: Math.round(r.width * r.height),
       rgb,
       framesDecoded: s?.framesDecoded ?? 0,
+      frameWidth: s?.frameWidth ?? 0,
+      stats: el.querySelector(".stats")?.hidden === false ? el.querySelector(".stats").textContent : null,
       packetsReceived: s?.packetsReceived ?? 0,
     };
   });
@@ -124,9 +126,19 @@ export async function signIn(p, homeserverUrl) {
   p.id = await page.evaluate(() => `${window.weirApp.client.getUserId()}|${window.weirApp.client.getDeviceId()}`);
 }
 
-/** Click a button of the call's toolbar. */
-export async function clickControl(p, name) {
-  await p.page.getByRole("toolbar", { name: "Call controls" }).getByRole("button", { name, exact: true }).click();
+/**
+ * Click a button of the call's toolbar; for a toggle, `pressed` is the state it must show after
+ * (its name stays; aria-pressed changes).
+ */
+export async function clickControl(p, name, pressed) {
+  const button = p.page.getByRole("toolbar", { name: "Call controls" }).getByRole("button", { name, exact: true });
+  await button.click();
+  if (pressed !== undefined) {
+    await p.page
+      .getByRole("toolbar", { name: "Call controls" })
+      .getByRole("button", { name, exact: true, pressed })
+      .waitFor({ timeout: 10000 });
+  }
 }
 
 /**

@@ -15,7 +15,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, writeFileSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync, rmSync, openSync, readSync, closeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
@@ -39,6 +39,40 @@ async function matchesCommittedScreenshot(page, path) {
   // A tile missing or black, or the other layout, is 30 or more away; the same layout with new
   // names and bars is within 10.
   assert.ok(d < 15, `the page does not look like ${path} (distance ${d.toFixed(1)})`);
+}
+
+/**
+ * Search every readable mapping of process `pid` for any of `needles` (Buffers). Needs the
+ * right to read /proc/PID/mem (root, or ptrace rights over it). {bytes, regions, found}.
+ */
+function scanMemory(pid, needles) {
+  const maps = readFileSync(`/proc/${pid}/maps`, "utf8").trim().split("\n");
+  const fd = openSync(`/proc/${pid}/mem`, "r");
+  let bytes = 0;
+  let regions = 0;
+  try {
+    for (const line of maps) {
+      const [range, perms, , , , path = ""] = line.split(/\s+/);
+      if (!perms.startsWith("r") || path === "[vvar]" || path === "[vsyscall]" || path === "[vvar_vclock]") continue;
+      const [start, end] = range.split("-").map((x) => BigInt(`0x${x}`));
+      const size = Number(end - start);
+      if (size > 512 * 1048576) continue;
+      const buf = Buffer.alloc(size);
+      let n;
+      try {
+        n = readSync(fd, buf, 0, size, start);
+      } catch {
+        continue; // a guard page or a mapping gone meanwhile
+      }
+      bytes += n;
+      regions += 1;
+      const region = buf.subarray(0, n);
+      for (const k of needles) if (region.indexOf(k) !== -1) return { bytes, regions, found: `${k.toString("hex")} in ${line}` };
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return { bytes, regions, found: null };
 }
 
 const others = (p) => h.pages.filter((q) => q !== p);
@@ -169,6 +203,11 @@ test("all three join the call; everyone decodes everyone, encrypted end to end",
           `${p.name} decrypts ${q.name}'s video: ${JSON.stringify(recv)}`,
         );
       }
+      // nobody verified anybody's device here: every other tile says so
+      await waitFor(`${p.name}'s tiles to name the unverified devices`, async () => {
+        const ts = await p.page.evaluate(tiles);
+        return others(p).every((q) => ts.find((x) => x.participant === q.id && x.purpose === "m.usermedia")?.label.includes("device not verified"));
+      });
     }
   });
 });
@@ -214,18 +253,18 @@ test("byte identity: what leaves each sender's encrypt step arrives unchanged at
 test("mute and camera off show on the others' tiles, and the picture comes back", async (t) => {
   await chain.step(t, async () => {
     const [alice, bob, carol] = h.pages;
-    await clickControl(alice, "Mute");
+    await clickControl(alice, "Mute", true);
     await waitFor("bob and carol to see alice muted", async () => {
       for (const p of [bob, carol]) if (!(await tileOf(p, alice))?.label.includes("muted")) return false;
       return true;
     });
-    await clickControl(alice, "Unmute");
-    await clickControl(alice, "Camera off");
+    await clickControl(alice, "Mute", false);
+    await clickControl(alice, "Camera off", true);
     await waitFor("bob and carol to see alice's camera off", async () => {
       for (const p of [bob, carol]) if ((await tileOf(p, alice))?.problem !== "camera-off") return false;
       return true;
     });
-    await clickControl(alice, "Camera on");
+    await clickControl(alice, "Camera off", false);
     await everyoneDecodesEveryone("alice's picture to come back everywhere", [alice, bob, carol]);
   });
 });
@@ -233,7 +272,7 @@ test("mute and camera off show on the others' tiles, and the picture comes back"
 test("bob shares his screen: the others see it in its own tile, and it goes when he stops", async (t) => {
   await chain.step(t, async () => {
     const [alice, bob, carol] = h.pages;
-    await clickControl(bob, "Share screen");
+    await clickControl(bob, "Share screen", true);
     await waitFor("alice and carol to decode bob's yellow screen", async () => {
       for (const p of [alice, carol]) {
         const s = await tileOf(p, bob, "m.screenshare");
@@ -241,7 +280,7 @@ test("bob shares his screen: the others see it in its own tile, and it goes when
       }
       return true;
     }, { timeoutMs: 60000, intervalMs: 500 });
-    await clickControl(bob, "Stop sharing");
+    await clickControl(bob, "Share screen", false);
     await waitFor("bob's screen tile to go", async () => {
       for (const p of [alice, carol]) if (await tileOf(p, bob, "m.screenshare")) return false;
       return true;
@@ -259,7 +298,7 @@ test("grid and speaker views: laid out, filled, captured for docs/", async (t) =
     assert.ok(grid.every((x) => x.rgb !== null && x.rgb.some((c) => c > 100)), "every grid tile shows a picture");
     await matchesCommittedScreenshot(alice.page, "docs/app-grid.png");
 
-    await clickControl(alice, "Speaker view");
+    await clickControl(alice, "Speaker view", true);
     const speaker = await waitFor("a spotlight tile", async () => {
       const ts = await alice.page.evaluate(tiles);
       return ts.some((x) => x.spotlight) ? ts : null;
@@ -269,7 +308,69 @@ test("grid and speaker views: laid out, filled, captured for docs/", async (t) =
     for (const x of speaker) if (x !== spot) assert.ok(spot.area > 3 * x.area, `the spotlight (${spot.area}) is much larger than ${x.participant} (${x.area})`);
     assert.ok(speaker.every((x) => x.rgb !== null), "every speaker-view tile shows a picture");
     await matchesCommittedScreenshot(alice.page, "docs/app-speaker.png");
-    await clickControl(alice, "Grid view");
+    await clickControl(alice, "Speaker view", false);
+  });
+});
+
+test("each tile asks for the size it shows; tiles off screen are not received; the numbers overlay", async (t) => {
+  await chain.step(t, async () => {
+    const [alice] = h.pages;
+    // speaker view: the spotlight is large and gets a large layer, the thumbnails the smallest
+    await clickControl(alice, "Speaker view", true);
+    const sized = await waitFor(
+      "alice to receive a larger layer in the spotlight than in the thumbnails",
+      async () => {
+        const ts = (await alice.page.evaluate(tiles)).filter((x) => !x.local);
+        const spot = ts.find((x) => x.spotlight);
+        const thumbs = ts.filter((x) => !x.spotlight);
+        // (Chromium sends a 640×360 camera as 160 and 320 px layers, and 640 px only when the
+        // estimate allows it: the spotlight must get a larger layer than every thumbnail)
+        return spot && thumbs.length > 0 && thumbs.every((x) => x.frameWidth > 0 && x.frameWidth <= 160 && spot.frameWidth > x.frameWidth) ? ts : null;
+      },
+      { timeoutMs: 45000, intervalMs: 500 },
+    );
+    log(`alice's tiles in speaker view: ${sized.map((x) => `${x.participant.split(":")[0]} ${x.spotlight ? "spotlight" : "thumbnail"} ${x.frameWidth} px wide`).join(", ")}`);
+    await clickControl(alice, "Speaker view", false);
+
+    // the numbers overlay shows each tile's resolution, frame rate, bitrate and loss
+    await clickControl(alice, "Show numbers", true);
+    await waitFor("the numbers on alice's tiles", async () => {
+      const ts = (await alice.page.evaluate(tiles)).filter((x) => !x.local);
+      return ts.every((x) => /\d+×\d+ @ \d+ fps\n\d+ kbit\/s\nloss \d+\.\d %/.test(x.stats ?? ""));
+    });
+    await clickControl(alice, "Show numbers", false);
+
+    // a small window shows one tile at a time: the others are not asked for, so not received
+    await alice.page.setViewportSize({ width: 420, height: 260 });
+    let last = null;
+    const off = await waitFor(
+      "the videos scrolled out of alice's small window to stop arriving while the one on screen flows",
+      async () => {
+        const ts = (await alice.page.evaluate(tiles)).filter((x) => !x.local);
+        const visible = await alice.page.evaluate(() =>
+          [...document.querySelectorAll("figure.tile")].filter((el) => {
+            const r = el.getBoundingClientRect();
+            const stage = document.querySelector(".tiles").getBoundingClientRect();
+            return r.bottom > stage.top && r.top < stage.bottom;
+          }).map((el) => el.dataset.participant),
+        );
+        const now = Object.fromEntries(ts.map((x) => [x.participant, x.packetsReceived]));
+        const prev = last;
+        last = { now, visible };
+        if (!prev) return null;
+        const hidden = ts.filter((x) => !visible.includes(x.participant));
+        const shown = ts.filter((x) => visible.includes(x.participant));
+        // a video no longer received has no receiver stats left, or counts no more packets
+        const stopped = hidden.length > 0 && hidden.every((x) => x.packetsReceived <= (prev.now[x.participant] ?? 0));
+        if (process.env.WEIR_TEST_DEBUG) log(JSON.stringify({ visible, now, prev: prev.now }));
+        const flowing = shown.length > 0 && shown.every((x) => x.packetsReceived > (prev.now[x.participant] ?? 0));
+        return stopped && flowing ? { hidden: hidden.map((x) => x.participant), shown: shown.map((x) => x.participant) } : null;
+      },
+      { timeoutMs: 30000, intervalMs: 1500 },
+    );
+    log(`in a 420×260 window alice receives ${off.shown.join(", ")} and not ${off.hidden.join(", ")}`);
+    await alice.page.setViewportSize({ width: 960, height: 600 });
+    await everyoneDecodesEveryone("alice to receive everyone again in her full window", [alice]);
   });
 });
 
@@ -310,17 +411,28 @@ test("the focus restarts: every page reconnects by itself and decodes everyone a
   });
 });
 
+test("bob reloads his page in the middle of the call: he joins again and everyone decodes everyone", async (t) => {
+  await chain.step(t, async () => {
+    const [, bob] = h.pages;
+    // no Leave: the page is simply reloaded (a crash, a browser restart); his keys are gone
+    await bob.page.reload();
+    await bob.page.getByRole("button", { name: "Join the call in Weekly" }).click({ timeout: 60000 });
+    await everyoneDecodesEveryone("everyone to decode everyone after bob's reload");
+  });
+});
+
 test("carol leaves and rejoins: the others drop her tile and make new keys; she decodes everyone again", async (t) => {
   await chain.step(t, async () => {
     const [alice, bob, carol] = h.pages;
-    const indexBefore = await alice.page.evaluate(() => window.weirApp.call.conference.keys.index);
+    const indexOf = (p) => p.page.evaluate(() => window.weirApp.call.conference.keys.index);
+    const before = { alice: await indexOf(alice), bob: await indexOf(bob) };
     await clickControl(carol, "Leave");
     await carol.page.getByRole("heading", { name: "Rooms" }).waitFor();
     await waitFor("carol's tile to go from alice's and bob's calls", async () => {
       for (const p of [alice, bob]) if (await tileOf(p, carol)) return false;
       return true;
     });
-    await waitFor("alice to rotate her key", async () => (await alice.page.evaluate(() => window.weirApp.call.conference.keys.index)) !== indexBefore);
+    await waitFor("alice and bob to make new keys", async () => (await indexOf(alice)) !== before.alice && (await indexOf(bob)) !== before.bob);
     await carol.page.getByRole("button", { name: "Join the call in Weekly" }).click();
     await everyoneDecodesEveryone("everyone to decode everyone after carol rejoined");
   });
@@ -355,7 +467,7 @@ test("a page whose key exchange is blocked receives the packets but decodes noth
   });
 });
 
-test("no key ever reaches the focus: not in its log, its metrics or its admin API", async (t) => {
+test("no key ever reaches the focus: not in its log, its metrics, its admin API or its memory", async (t) => {
   await chain.step(t, async () => {
     const keys = new Set();
     for (const p of h.pages) {
@@ -369,15 +481,25 @@ test("no key ever reaches the focus: not in its log, its metrics or its admin AP
       }
     }
     assert.ok(keys.size >= 6, `keys collected from the pages: ${keys.size}`);
-    const log = readFileSync(h.focus.logPath, "utf8");
+    const logText = readFileSync(h.focus.logPath, "utf8");
     const metrics = await (await fetch(`${h.focus.baseUrl}/metrics`)).text();
     const admin = await (await fetch(`http://127.0.0.1:${h.adminPort}/admin/v1/conferences`, { headers: { Authorization: `Bearer ${ADMIN_TOKEN}` } })).text();
     assert.match(admin, /participants/, "the admin API answered");
     for (const k of keys) {
-      for (const [where, text] of [["log", log], ["metrics", metrics], ["admin API", admin]]) {
+      for (const [where, text] of [["log", logText], ["metrics", metrics], ["admin API", admin]]) {
         assert.ok(!text.includes(k), `a call key appears in the focus's ${where}`);
       }
     }
-    writeFileSync(join(h.dir, "keys-checked.txt"), `${keys.size} key encodings checked against ${log.length} bytes of log\n`);
+    // and not in the focus process's memory: every readable mapping of it, raw bytes and base64
+    const raw = [];
+    for (const p of h.pages) {
+      const all = await p.page.evaluate(() => window.weirApp.call.conference.keys.allKeys().map((k) => Array.from(k.key)));
+      for (const bytes of all) raw.push(Buffer.from(bytes));
+    }
+    const needles = [...raw, ...raw.map((b) => Buffer.from(b.toString("base64").replace(/=+$/, "")))];
+    const scanned = scanMemory(h.focus.pid, needles);
+    log(`focus memory: ${(scanned.bytes / 1048576).toFixed(1)} MiB in ${scanned.regions} mappings scanned for ${needles.length} key encodings`);
+    assert.ok(scanned.bytes > 4 * 1048576, `too little of the focus's memory could be read (${scanned.bytes} bytes)`);
+    assert.equal(scanned.found, null, `a call key is in the focus's memory: ${scanned.found}`);
   });
 });

@@ -10,11 +10,12 @@ use weir_signalling::{ConfId, RoomId, SdpStreamMetadata};
 
 use super::{Conductor, LegSender, MediaPlane};
 
-/// Most streams one announcement lists. A stream's entry is about 300 bytes, so this keeps a
-/// message under 300 KiB (SCTP carries it in one message; browsers accept 256 KiB and more).
-/// Past it, the streams of the participants who joined last are left out: a conference that
-/// large needs paging, which no client asks for yet.
-const MAX_ANNOUNCED_STREAMS: usize = 1000;
+/// Largest announcement, in bytes. Chromium advertises 256 KiB as the largest data-channel
+/// message it takes; this leaves room for the envelope. A stream's entry is 250–350 bytes, so
+/// about 650 streams fit. Past it, the streams with the highest ids are left out (an arbitrary
+/// cut: a conference that large needs paging, which no client asks for yet). Larger: fewer
+/// conferences cut short; smaller: less sent to everyone at each change.
+const MAX_ANNOUNCEMENT_BYTES: usize = 200 * 1024;
 
 impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
     /// Every stream published in the conference now, with its owner: the local participants'
@@ -37,27 +38,38 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
                 }
             }
         }
-        while out.len() > MAX_ANNOUNCED_STREAMS {
-            out.pop_last();
-        }
         out
     }
 
-    fn streams_message(streams: &SdpStreamMetadata) -> String {
-        json!({"type": "io.weir.streams", "content": {"streams": streams}}).to_string()
+    /// The announcement of `streams`, cut to MAX_ANNOUNCEMENT_BYTES (`streams` is cut too, so
+    /// that what is remembered as sent is what was sent).
+    fn streams_message(streams: &mut SdpStreamMetadata) -> String {
+        loop {
+            let text =
+                json!({"type": "io.weir.streams", "content": {"streams": &*streams}}).to_string();
+            if text.len() <= MAX_ANNOUNCEMENT_BYTES || streams.is_empty() {
+                return text;
+            }
+            // drop about as many streams as the excess is worth, at least one
+            let excess = text.len() - MAX_ANNOUNCEMENT_BYTES;
+            let per_stream = text.len() / streams.len();
+            for _ in 0..(excess / per_stream.max(1)).max(1) {
+                streams.pop_last();
+            }
+        }
     }
 
     /// Tell every local participant with an open channel about the conference's streams, if
     /// they changed since the last announcement.
     pub(super) fn announce_streams(&mut self, key: &(RoomId, ConfId)) {
-        let streams = self.conference_streams(key);
+        let mut streams = self.conference_streams(key);
+        let text = Self::streams_message(&mut streams);
         let Some(conf) = self.conferences.get_mut(key) else {
             return;
         };
         if conf.announced_streams.as_ref() == Some(&streams) {
             return;
         }
-        let text = Self::streams_message(&streams);
         conf.announced_streams = Some(streams);
         let recipients: Vec<PeerId> = self
             .participants
@@ -82,11 +94,9 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             return;
         }
         let key = p.conference.clone();
-        let streams = self.conference_streams(&key);
-        let text = Self::streams_message(&streams);
-        if let Some(conf) = self.conferences.get_mut(&key) {
-            conf.announced_streams = Some(streams);
-        }
+        let mut streams = self.conference_streams(&key);
+        let text = Self::streams_message(&mut streams);
+        // what everyone else was told last is unchanged: only this one learns it now
         let _ = self.media.command(Command::SendData { peer, text });
     }
 }
@@ -126,6 +136,39 @@ mod tests {
                 track_id: track.into(),
             },
         });
+    }
+
+    #[test]
+    fn an_announcement_is_cut_to_what_a_data_channel_message_carries() {
+        use weir_signalling::{SdpStreamMetadata, StreamMetadata};
+        let mut streams = SdpStreamMetadata::new();
+        for i in 0..2000 {
+            let mut m = StreamMetadata::new("m.usermedia");
+            m.user_id = Some(
+                format!("@user{i:04}:example.org")
+                    .as_str()
+                    .try_into()
+                    .unwrap(),
+            );
+            streams.insert(
+                format!("stream-{i:04}-0123456789abcdef0123456789").into(),
+                m,
+            );
+        }
+        let text = Conductor::<super::super::tests::Rec, super::super::tests::Rec>::streams_message(
+            &mut streams,
+        );
+        assert!(text.len() <= MAX_ANNOUNCEMENT_BYTES, "{} bytes", text.len());
+        assert!(
+            streams.len() > 500 && streams.len() < 2000,
+            "{} streams kept",
+            streams.len()
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            v["content"]["streams"].as_object().unwrap().len(),
+            streams.len()
+        );
     }
 
     #[test]

@@ -92,9 +92,9 @@ export class KeyExchange extends EventTarget {
     /** Our keys by index. */
     this.ownKeys = new Map();
     this.index = 0;
-    /** Member devices ("user|device") we have sent the current key to. */
+    /** Member device sessions ("user|device|session") we have sent the current key to. */
     this.sentTo = new Set();
-    /** Member devices now in the call ("user|device" → {userId, deviceId}). */
+    /** Member device sessions now in the call ("user|device|session" → {userId, deviceId}). */
     this.members = new Map();
     /** Member devices we failed to reach ("user|device" → {userId, deviceId, reason}). */
     this.unreachable = new Map();
@@ -145,19 +145,22 @@ export class KeyExchange extends EventTarget {
 
   /**
    * The call's member devices now (ours included or not; it is left out). New devices get our
-   * current key; a device that left makes us rotate.
-   * @param {Array<{userId: string, deviceId: string}>} devices
+   * current key; a device that left makes us rotate. A device is known by its session too: a
+   * page reloaded on the same device is a new session, which left and joined (its keys are
+   * gone with the page), so it gets a key again.
+   * @param {Array<{userId: string, deviceId: string, sessionId?: string|null}>} devices
    */
   setMembers(devices) {
     if (this.stopped) return;
     const next = new Map();
     for (const d of devices) {
       if (d.userId === this.userId && d.deviceId === this.deviceId) continue;
-      next.set(participantId(d.userId, d.deviceId), { userId: d.userId, deviceId: d.deviceId });
+      next.set(`${participantId(d.userId, d.deviceId)}|${d.sessionId ?? ""}`, { userId: d.userId, deviceId: d.deviceId });
     }
     const left = [...this.members.keys()].filter((p) => !next.has(p));
     this.members = next;
-    for (const p of [...this.unreachable.keys()]) if (!next.has(p)) this.unreachable.delete(p);
+    const present = new Set([...next.values()].map((d) => participantId(d.userId, d.deviceId)));
+    for (const p of [...this.unreachable.keys()]) if (!present.has(p)) this.unreachable.delete(p);
     if (left.length > 0) {
       this.log(`${left.join(", ")} left the call: rotating our key`);
       this.rotate();
@@ -184,14 +187,16 @@ export class KeyExchange extends EventTarget {
   }
 
   sendCurrentToNew() {
-    const targets = [...this.members.entries()].filter(([p]) => !this.sentTo.has(p)).map(([, d]) => d);
-    if (targets.length === 0) return;
+    const entries = [...this.members.entries()].filter(([k]) => !this.sentTo.has(k));
+    if (entries.length === 0) return;
     const index = this.index;
-    this.sending = this.sending.then(() => this.sendKey(index, targets)).catch((e) => this.log("sending keys failed", e));
+    this.sending = this.sending.then(() => this.sendKey(index, entries)).catch((e) => this.log("sending keys failed", e));
   }
 
-  async sendKey(index, targets) {
+  /** @param {Array<[string, {userId: string, deviceId: string}]>} entries member sessions and their devices */
+  async sendKey(index, entries) {
     if (this.stopped || index !== this.index) return;
+    const targets = entries.map(([, d]) => d);
     const cryptoApi = this.client.getCrypto();
     const users = [...new Set(targets.map((t) => t.userId))];
     // A device that logged in moments ago may not be in our device list yet: ask the homeserver.
@@ -215,10 +220,10 @@ export class KeyExchange extends EventTarget {
       for (const t of reachable) this.markUnreachable(t, `sending failed: ${e?.message ?? e}`);
       return this.scheduleRetry();
     }
-    for (const t of reachable) {
-      const p = participantId(t.userId, t.deviceId);
-      this.sentTo.add(p);
-      if (this.unreachable.delete(p)) this.emitReachability();
+    for (const [k, t] of entries) {
+      if (!reachable.includes(t)) continue;
+      this.sentTo.add(k);
+      if (this.unreachable.delete(participantId(t.userId, t.deviceId))) this.emitReachability();
     }
     this.log(`key ${index} sent to ${reachable.map((t) => `${t.userId}/${t.deviceId}`).join(", ")}`);
     this.scheduleRetry();
@@ -226,7 +231,7 @@ export class KeyExchange extends EventTarget {
 
   markUnreachable(t, reason) {
     const p = participantId(t.userId, t.deviceId);
-    if (!this.members.has(p)) return;
+    if (![...this.members.values()].some((d) => d.userId === t.userId && d.deviceId === t.deviceId)) return;
     const had = this.unreachable.get(p);
     this.unreachable.set(p, { userId: t.userId, deviceId: t.deviceId, reason });
     if (!had || had.reason !== reason) {

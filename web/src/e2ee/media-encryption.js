@@ -49,13 +49,12 @@ export class MediaEncryption {
     this.senders = new WeakSet();
     /** transform id → participant, as last told to the worker */
     this.owners = new Map();
+    /** Callers waiting for a reply, by reply type, oldest first (the worker answers in order). */
     this.replies = new Map();
     this.worker.addEventListener("message", (e) => {
       const waiting = this.replies.get(e.data?.type);
-      if (waiting) {
-        this.replies.delete(e.data.type);
-        waiting(e.data);
-      }
+      const next = waiting?.shift();
+      if (next) next(e.data);
     });
     this.worker.addEventListener("error", (e) => this.log("transform worker error", e.message ?? e));
     this.worker.postMessage({ type: "setEnabled", enabled });
@@ -153,13 +152,18 @@ export class MediaEncryption {
   }
 
   ask(type) {
+    if (this.closed) return Promise.resolve({});
     return new Promise((resolve) => {
-      this.replies.set(type, (d) => resolve(d.transforms ?? {}));
+      if (!this.replies.has(type)) this.replies.set(type, []);
+      this.replies.get(type).push((d) => resolve(d.transforms ?? {}));
       this.worker.postMessage({ type });
     });
   }
 
   close() {
+    this.closed = true;
     this.worker.terminate();
+    // nobody waits for a worker that is gone
+    for (const waiting of this.replies.values()) for (const r of waiting.splice(0)) r({});
   }
 }
