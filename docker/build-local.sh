@@ -17,6 +17,8 @@ docker/base-image.sh
 BASE=weir/debian:bookworm-slim
 
 cargo build --release --locked -p weir-focus
+# the web app the image serves (npm packages from scripts/setup.sh)
+(cd web && node build.mjs)
 mkdir -p target/docker
 strip -o target/docker/weir-focus target/release/weir-focus
 docker build -f docker/Dockerfile --target prebuilt --build-arg RUNTIME_IMAGE="$BASE" -t weir/focus .

@@ -85,6 +85,13 @@ done
 echo "  focus container: $state"
 [[ "$state" == healthy ]] || fail "the focus container's health check says $state"
 
+echo "== the web app, served by the focus from the image"
+curl -fs http://127.0.0.1:9090/ | grep -q '<script type="module" src="app.js">' || fail "the focus does not serve the app's page"
+curl -fs http://127.0.0.1:9090/config.json | grep -q '"focus"' || fail "the focus does not serve config.json"
+wasm_type="$(curl -fsI http://127.0.0.1:9090/pkg/matrix_sdk_crypto_wasm_bg.wasm | tr -d '\r' | awk -F': ' 'tolower($1)=="content-type"{print $2}')"
+[[ "$wasm_type" == application/wasm ]] || fail "the crypto module is served as '$wasm_type'"
+echo "  page, config.json and the crypto module: ok"
+
 echo "== load: weir-loadtest through the stack's Synapse"
 timeout 180 "$BIN/weir-loadtest" run --homeserver http://127.0.0.1:8008 --registration-secret-file "$TMP/secret" \
   --focus-user @focus:localhost --focus-device WEIRFOCUS --focus-metrics http://127.0.0.1:9090/metrics \

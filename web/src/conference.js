@@ -165,8 +165,13 @@ export class WeirConference extends EventTarget {
       if (!this.confId) {
         // Two people starting a call in the same second may each create one; js-sdk then sticks
         // to the first it saw. Start a call first and let the others join it.
-        this.confId = newConfId();
-        await this.client.sendStateEvent(this.roomId, CALL_STATE_TYPE, callStateContent(), this.confId);
+        const mine = newConfId();
+        await this.client.sendStateEvent(this.roomId, CALL_STATE_TYPE, callStateContent(), mine);
+        // js-sdk takes up one call per room and routes call events by it: ours, or one it
+        // learned of meanwhile (a client that has just started may not have taken up the
+        // room's call yet). Its choice is the call.
+        this.confId = await this.takenCall(JOIN_TIMEOUT_MS);
+        if (this.confId !== mine) this.log(`joining the room's call ${this.confId}, not the one just made`);
         stillJoining();
       }
       await this.ensureFocusInRoom();
@@ -181,6 +186,17 @@ export class WeirConference extends EventTarget {
     window.addEventListener("online", this.onOnline);
     this.emitLocal();
     await this.connect();
+  }
+
+  /** The conf id of the call js-sdk takes up for the room, once it has one. */
+  async takenCall(timeoutMs) {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const id = this.client.getGroupCallForRoom(this.roomId)?.groupCallId;
+      if (id) return id;
+      if (Date.now() > deadline || this.leaving) throw new Error("js-sdk took up no call for the room");
+      await new Promise((r) => setTimeout(r, 100));
+    }
   }
 
   async ensureFocusInRoom() {

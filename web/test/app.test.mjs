@@ -146,7 +146,14 @@ after(async () => {
       const known = await p.page
         .evaluate(() => {
           const c = window.weirApp.call?.conference;
-          return c ? { streams: c.streams, participants: c.participants().map((x) => ({ ...x, usermedia: !!x.usermedia, screen: !!x.screen })) } : null;
+          if (!c) return null;
+          return c.encryptionStats().then((enc) => ({
+            streams: c.streams,
+            metadata: c.call?.call?.remoteSDPStreamMetadata ?? null,
+            receivers: (c.call?.peerConnection?.getTransceivers() ?? []).map((t) => ({ mid: t.mid, dir: t.currentDirection, track: t.receiver.track?.id })),
+            encryption: enc,
+            participants: c.participants().map((x) => ({ ...x, usermedia: x.usermedia?.id ?? null, screen: x.screen?.id ?? null })),
+          }));
         })
         .catch((e) => String(e));
       writeFileSync(join(h.dir, `${p.name}-state.json`), JSON.stringify(known, null, 1));
@@ -438,11 +445,56 @@ test("carol leaves and rejoins: the others drop her tile and make new keys; she 
   });
 });
 
+test("the embedding example: carol joins from embed.html, a page that embeds the call with the library", async (t) => {
+  await chain.step(t, async () => {
+    const [alice, bob, carol] = h.pages;
+    const roomId = await alice.page.evaluate(() => window.weirApp.call.conference.roomId);
+    await clickControl(carol, "Leave");
+    await carol.page.getByRole("heading", { name: "Rooms" }).waitFor();
+    // the same origin, so the example uses the session the app saved
+    await carol.page.goto(`${h.appUrl}embed.html#room=${encodeURIComponent(roomId)}`);
+    await carol.page.getByText("Call: connected").waitFor({ timeout: 60000 });
+    const colours = await waitFor(
+      "carol's embedded call to show alice's and bob's pictures",
+      async () => {
+        const seen = await carol.page.evaluate(() => {
+          const c = document.createElement("canvas");
+          c.width = 8;
+          c.height = 8;
+          const g = c.getContext("2d", { willReadFrequently: true });
+          return [...document.querySelectorAll("#call video")].map((v) => {
+            if (v.videoWidth === 0) return null;
+            g.drawImage(v, v.videoWidth / 4, v.videoHeight / 4, v.videoWidth / 2, v.videoHeight / 2, 0, 0, 8, 8);
+            const d = g.getImageData(0, 0, 8, 8).data;
+            return [0, 1, 2].map((i) => Math.round([...d].filter((_, k) => k % 4 === i).reduce((a, b) => a + b, 0) / 64));
+          });
+        });
+        return [alice, bob].every((q) => seen.some((rgb) => near(rgb, q.rgb))) ? seen : null;
+      },
+      { timeoutMs: 60000, intervalMs: 500 },
+    );
+    log(`carol's embedded call shows ${JSON.stringify(colours)}`);
+    // and alice and bob see her (the embedded page encrypts with its own key, sent as the app does)
+    await waitFor("alice and bob to decode carol from the embedded page", async () => {
+      for (const p of [alice, bob]) {
+        const tile = await tileOf(p, carol);
+        if (!tile || !near(tile.rgb, carol.rgb) || tile.problem !== "") return false;
+      }
+      return true;
+    }, { timeoutMs: 60000, intervalMs: 500 });
+    await carol.page.getByRole("button", { name: "Leave" }).click();
+    await waitFor("carol's tile to go after she leaves the embedded call", async () => {
+      for (const p of [alice, bob]) if (await tileOf(p, carol)) return false;
+      return true;
+    });
+    await carol.page.goto(h.appUrl);
+    await carol.page.getByRole("heading", { name: "Rooms" }).waitFor({ timeout: 60000 });
+  });
+});
+
 test("a page whose key exchange is blocked receives the packets but decodes nothing, and says why", async (t) => {
   await chain.step(t, async () => {
     const [alice, bob, carol] = h.pages;
-    await clickControl(carol, "Leave");
-    await carol.page.getByRole("heading", { name: "Rooms" }).waitFor();
     await carol.context.addInitScript(() => (window.__weirBlockKeyExchange = true));
     await carol.page.reload();
     await carol.page.getByRole("button", { name: "Join the call in Weekly" }).click({ timeout: 60000 });
