@@ -152,6 +152,9 @@ after(async () => {
             metadata: c.call?.call?.remoteSDPStreamMetadata ?? null,
             receivers: (c.call?.peerConnection?.getTransceivers() ?? []).map((t) => ({ mid: t.mid, dir: t.currentDirection, track: t.receiver.track?.id })),
             encryption: enc,
+            subscription: c.sentSubscription,
+            layers: c.call ? Object.fromEntries(c.call.layerRequests) : null,
+            paused: [...c.paused],
             participants: c.participants().map((x) => ({ ...x, usermedia: x.usermedia?.id ?? null, screen: x.screen?.id ?? null })),
           }));
         })
@@ -159,6 +162,13 @@ after(async () => {
       writeFileSync(join(h.dir, `${p.name}-state.json`), JSON.stringify(known, null, 1));
     }
     if (h.focus) log(`--- focus log tail ---\n${h.focus.tailText(60)}`);
+    if (h.focus && !h.focus.exit) {
+      const admin = await fetch(`http://127.0.0.1:${h.adminPort}/admin/v1/conferences`, { headers: { Authorization: `Bearer ${ADMIN_TOKEN}` } })
+        .then((r) => r.text())
+        .catch((e) => String(e));
+      writeFileSync(join(h.dir, "admin.json"), admin);
+      writeFileSync(join(h.dir, "metrics.txt"), await h.focus.metrics().catch((e) => String(e)));
+    }
   }
   await h.browser?.close().catch(() => undefined);
   await h.focus?.stop();
