@@ -415,6 +415,24 @@ fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
 }
 
 /// The offers the media plane made to `peer`, in order.
+/// The `a=msid` values that more than one live (not stopped: port ≠ 0) m-section of `sdp`
+/// carries. Chromium refuses such an offer ("Duplicate a=msid lines detected").
+fn repeated_msids(sdp: &str) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut repeated = Vec::new();
+    let mut live = false;
+    for line in sdp.lines() {
+        if let Some(m) = line.strip_prefix("m=") {
+            live = m.split(' ').nth(1) != Some("0");
+        } else if let Some(msid) = line.strip_prefix("a=msid:") {
+            if live && !seen.insert(msid.trim().to_string()) {
+                repeated.push(msid.trim().to_string());
+            }
+        }
+    }
+    repeated
+}
+
 fn offers_to(w: &World, peer: PeerId) -> Vec<String> {
     w.log
         .iter()
@@ -592,8 +610,21 @@ fn a_subscription_toggled_a_thousand_times_ends_with_the_track_asked_for_last() 
             .count()
             >= 10
     });
-    let offers = offers_to(&world, PeerId(1)).len();
-    assert!(offers > 2, "the flips did renegotiate: {offers} offers");
+    let offers = offers_to(&world, PeerId(1));
+    assert!(
+        offers.len() > 2,
+        "the flips did renegotiate: {} offers",
+        offers.len()
+    );
+    // A flip that withdrew the track while an offer adding it was out must not leave that
+    // m-line live: the next offer would carry the track twice, which Chromium refuses.
+    for (i, sdp) in offers.iter().enumerate() {
+        let repeated = repeated_msids(sdp);
+        assert!(
+            repeated.is_empty(),
+            "offer {i} carries a track twice: {repeated:?}"
+        );
+    }
     assert!(
         !world.log.iter().any(|e| matches!(
             e,
@@ -604,6 +635,71 @@ fn a_subscription_toggled_a_thousand_times_ends_with_the_track_asked_for_last() 
         )),
         "every answer matched its offer"
     );
+}
+
+/// Story: Bob asks for Alice's video and takes it back while the focus's offer adding it is
+/// still out; then he answers that offer. When he asks again, the video is offered once: the
+/// m-line of the first offer was stopped, not left live under the same msid. (Chromium
+/// refuses an offer that repeats an msid, and with it every track that offer changes: seen in
+/// the web app's test as a rejoining participant who received no video.)
+#[test]
+fn a_track_withdrawn_while_its_offer_is_out_is_not_offered_twice() {
+    let mut world = simulcast_call();
+    let video = Subscription {
+        stream_id: "alice-stream".into(),
+        track_id: "alice-video".into(),
+        max_height: None,
+        source_height: Some(720),
+    };
+    let subscribe = |w: &mut World, subscriptions: Vec<Subscription>| {
+        w.sfu
+            .send(Command::Subscribe {
+                peer: PeerId(1),
+                subscriptions,
+            })
+            .unwrap();
+    };
+    let offer_count = |w: &World| offers_to(w, PeerId(1)).len();
+    // Nothing, then the video with its offer held: the offer adding the video is out.
+    subscribe(&mut world, vec![]);
+    let n = offer_count(&world);
+    world.run_until("the video withdrawn", |w| offer_count(w) > n);
+    world.hold_offers_to.push(PeerId(1));
+    subscribe(&mut world, vec![video.clone()]);
+    let n = offer_count(&world);
+    world.run_until("an offer adding the video", |w| offer_count(w) > n);
+    let held = offers_to(&world, PeerId(1)).pop().unwrap();
+    assert!(held.contains("a=msid:alice-stream alice-video"), "{held}");
+    // Bob takes it back, then answers the offer that adds it.
+    subscribe(&mut world, vec![]);
+    world.hold_offers_to.clear();
+    let answer = world.clients[1].answer(&held);
+    world
+        .sfu
+        .send(Command::RemoteAnswer {
+            peer: PeerId(1),
+            sdp: answer,
+        })
+        .unwrap();
+    // He asks again and gets the video.
+    subscribe(&mut world, vec![video]);
+    let mut alice = SimulcastSender::default();
+    let before = world.clients[1].received.len();
+    world.run_until("bob receives alice's video", |w| {
+        alice.round(w, &["q", "h", "f"]);
+        w.clients[1].received[before..]
+            .iter()
+            .filter(|r| r.2.len() > 100)
+            .count()
+            >= 10
+    });
+    for (i, sdp) in offers_to(&world, PeerId(1)).iter().enumerate() {
+        let repeated = repeated_msids(sdp);
+        assert!(
+            repeated.is_empty(),
+            "offer {i} carries a track twice: {repeated:?}\n{sdp}"
+        );
+    }
 }
 
 /// Story: the focus hangs up on Bob. His engine learns it at once from the DTLS close_notify

@@ -45,6 +45,16 @@ export function fakeMedia({ rgb, tone, screenRgb }) {
     return new MediaStream(tracks);
   };
   navigator.mediaDevices.getDisplayMedia = async () => canvasStream(1280, 720, screenRgb);
+  // an SDP the browser refuses is printed whole, for the test's failure report
+  const srd = RTCPeerConnection.prototype.setRemoteDescription;
+  RTCPeerConnection.prototype.setRemoteDescription = async function (desc, ...rest) {
+    try {
+      return await srd.call(this, desc, ...rest);
+    } catch (e) {
+      console.log(`setRemoteDescription refused (${e?.message}):\n${desc?.sdp}`);
+      throw e;
+    }
+  };
 }
 
 // In a page: every tile with what it shows (sampled colour) and what its receiver counted.

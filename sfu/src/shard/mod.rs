@@ -218,6 +218,10 @@ struct Peer {
     /// What is negotiated and forwarded, by track.
     out: FastMap<TrackKey, OutTrack>,
     out_by_mid: FastMap<Mid, TrackKey>,
+    /// M-lines an answer accepted for tracks withdrawn while the offer was out: no OutTrack
+    /// carries them, so the next offer stops them (else they stay sendonly under the track's
+    /// msid, and a later m-line for the same track repeats it: Chromium refuses that SDP).
+    orphan_mids: Vec<Mid>,
     addrs: Vec<(Protocol, SocketAddr)>,
     /// The engine's next deadline, as queued in the shard's timer heap.
     timeout: Option<Instant>,
@@ -312,6 +316,7 @@ impl Peer {
             desired: BTreeMap::new(),
             out: FastMap::default(),
             out_by_mid: FastMap::default(),
+            orphan_mids: Vec::new(),
             addrs: Vec::new(),
             timeout: None,
             dirty: false,

@@ -299,6 +299,9 @@ impl<S: EventSink> ShardCore<S> {
             self.maybe_offer(id);
             return;
         }
+        // The orphaned m-lines were stopped by the offer just answered (one offer is out at a
+        // time, and only answers make orphans); a rolled-back offer stops them next time.
+        peer.orphan_mids.clear();
         for (track, mid, rids) in pending.added {
             self.start_forwarding(id, track, mid, rids, now);
         }
@@ -369,6 +372,9 @@ impl<S: EventSink> ShardCore<S> {
                 api.stop_media(out.mid);
                 withdrawn.push(*track);
             }
+        }
+        for mid in &peer.orphan_mids {
+            api.stop_media(*mid);
         }
         if !api.has_changes() {
             return;

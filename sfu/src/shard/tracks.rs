@@ -125,7 +125,9 @@ impl<S: EventSink> ShardCore<S> {
             return;
         };
         let Some((kind, stream_id, track_id)) = peer.desired.get(&track).cloned() else {
-            return; // withdrawn while the offer was out; the next offer deactivates it
+            // withdrawn while the offer was out: the next offer stops its m-line
+            peer.orphan_mids.push(mid);
+            return;
         };
         let clock_rate = if kind == TrackKind::Audio {
             48_000
