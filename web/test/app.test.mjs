@@ -7,7 +7,8 @@
 // captured (docs/app-*.png) and checked, the controls are labelled and reachable by keyboard,
 // the call survives a restart of the focus, someone leaves and comes back (keys rotate), and a
 // page whose key exchange is blocked receives packets but decodes nothing and says why. No key
-// ever appears in the focus's log, metrics or admin API.
+// ever appears in the focus's log, metrics, admin API or memory. And an unencrypted room gets
+// an unencrypted call, which the page says.
 //
 //   scripts/in-netns.sh node --test web/test/app.test.mjs
 //
@@ -77,15 +78,18 @@ function scanMemory(pid, needles) {
 
 const others = (p) => h.pages.filter((q) => q !== p);
 
-/** Every page shows every other person's picture in their colour, and its frames keep coming. */
-async function everyoneDecodesEveryone(what, pages = h.pages) {
+/**
+ * Every page of `pages` shows every other person of `among` in their colour, and the frames
+ * keep coming.
+ */
+async function everyoneDecodesEveryone(what, pages = h.pages, among = h.pages) {
   const before = new Map();
   await waitFor(
     what,
     async () => {
       for (const p of pages) {
         const ts = await p.page.evaluate(tiles);
-        for (const q of others(p)) {
+        for (const q of among.filter((x) => x !== p)) {
           const t = ts.find((x) => x.participant === q.id && x.purpose === "m.usermedia");
           if (!t || !near(t.rgb, q.rgb) || t.problem !== "") return false;
           const k = `${p.name}>${q.name}`;
@@ -565,3 +569,31 @@ test("no key ever reaches the focus: not in its log, its metrics, its admin API 
     assert.equal(scanned.found, null, `a call key is in the focus's memory: ${scanned.found}`);
   });
 });
+
+test("an unencrypted room gets an unencrypted call, and the app says so", async (t) => {
+  await chain.step(t, async () => {
+    const [alice, bob] = h.pages;
+    for (const p of [alice, bob]) {
+      await clickControl(p, "Leave");
+      await p.page.getByRole("heading", { name: "Rooms" }).waitFor();
+    }
+    await alice.page.getByLabel("Name", { exact: true }).fill("Open");
+    await alice.page.getByLabel("Invite (Matrix ids, optional)").fill(bob.user.userId);
+    await alice.page.getByLabel("End-to-end encrypted calls").uncheck();
+    await alice.page.getByRole("button", { name: "Create room" }).click();
+    await bob.page.getByRole("button", { name: "Accept the invitation to Open" }).click({ timeout: 30000 });
+    for (const p of [alice, bob]) {
+      await p.page.getByRole("button", { name: "Join the call in Open" }).click({ timeout: 30000 });
+      await p.page.locator('.connection[data-state="connected"]').waitFor({ timeout: 60000 });
+    }
+    await everyoneDecodesEveryone("alice and bob to decode each other in the unencrypted call", [alice, bob], [alice, bob]);
+    for (const p of [alice, bob]) {
+      assert.equal(await p.page.locator("#encryption-state").textContent(), "Not encrypted", `${p.name}'s page says the call is not encrypted`);
+      const stats = await p.page.evaluate(() => window.weirApp.call.conference.encryptionStats());
+      assert.deepEqual(stats, {}, `${p.name} runs no frame transform`);
+      const tile = (await p.page.evaluate(tiles)).find((x) => !x.local);
+      assert.ok(!tile.label.includes("device not verified"), "no verification is asked of an unencrypted call");
+    }
+  });
+});
+
