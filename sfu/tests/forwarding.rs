@@ -415,6 +415,30 @@ fn a_subscription_chooses_tracks_and_caps_the_layer_by_displayed_size() {
 }
 
 /// The offers the media plane made to `peer`, in order.
+/// Bob's subscription to Alice's whole simulcast video.
+fn alice_video() -> Subscription {
+    Subscription {
+        stream_id: "alice-stream".into(),
+        track_id: "alice-video".into(),
+        max_height: None,
+        source_height: Some(720),
+    }
+}
+
+/// Alice sends her three layers until Bob has received ten video packets more.
+fn bob_receives_alices_video(world: &mut World, what: &str) {
+    let mut alice = SimulcastSender::default();
+    let before = world.clients[1].received.len();
+    world.run_until(what, |w| {
+        alice.round(w, &["q", "h", "f"]);
+        w.clients[1].received[before..]
+            .iter()
+            .filter(|r| r.2.len() > 100)
+            .count()
+            >= 10
+    });
+}
+
 /// The `a=msid` values that more than one live (not stopped: port ≠ 0) m-section of `sdp`
 /// carries. Chromium refuses such an offer ("Duplicate a=msid lines detected").
 fn repeated_msids(sdp: &str) -> Vec<String> {
@@ -572,12 +596,7 @@ fn a_late_answer_to_a_rolled_back_offer_is_ignored_and_negotiation_stays_in_step
 #[test]
 fn a_subscription_toggled_a_thousand_times_ends_with_the_track_asked_for_last() {
     let mut world = simulcast_call();
-    let video = Subscription {
-        stream_id: "alice-stream".into(),
-        track_id: "alice-video".into(),
-        max_height: None,
-        source_height: Some(720),
-    };
+    let video = alice_video();
     for i in 0..1000 {
         let subscriptions = if i % 2 == 0 {
             vec![]
@@ -600,16 +619,7 @@ fn a_subscription_toggled_a_thousand_times_ends_with_the_track_asked_for_last() 
         }
     }
     // The last flip (i = 999) asked for the video.
-    let mut alice = SimulcastSender::default();
-    let before = world.clients[1].received.len();
-    world.run_until("bob receives alice's video after the last flip", |w| {
-        alice.round(w, &["q", "h", "f"]);
-        w.clients[1].received[before..]
-            .iter()
-            .filter(|r| r.2.len() > 100)
-            .count()
-            >= 10
-    });
+    bob_receives_alices_video(&mut world, "bob receives alice's video after the last flip");
     let offers = offers_to(&world, PeerId(1));
     assert!(
         offers.len() > 2,
@@ -645,12 +655,7 @@ fn a_subscription_toggled_a_thousand_times_ends_with_the_track_asked_for_last() 
 #[test]
 fn a_track_withdrawn_while_its_offer_is_out_is_not_offered_twice() {
     let mut world = simulcast_call();
-    let video = Subscription {
-        stream_id: "alice-stream".into(),
-        track_id: "alice-video".into(),
-        max_height: None,
-        source_height: Some(720),
-    };
+    let video = alice_video();
     let subscribe = |w: &mut World, subscriptions: Vec<Subscription>| {
         w.sfu
             .send(Command::Subscribe {
@@ -683,16 +688,7 @@ fn a_track_withdrawn_while_its_offer_is_out_is_not_offered_twice() {
         .unwrap();
     // He asks again and gets the video.
     subscribe(&mut world, vec![video]);
-    let mut alice = SimulcastSender::default();
-    let before = world.clients[1].received.len();
-    world.run_until("bob receives alice's video", |w| {
-        alice.round(w, &["q", "h", "f"]);
-        w.clients[1].received[before..]
-            .iter()
-            .filter(|r| r.2.len() > 100)
-            .count()
-            >= 10
-    });
+    bob_receives_alices_video(&mut world, "bob receives alice's video");
     for (i, sdp) in offers_to(&world, PeerId(1)).iter().enumerate() {
         let repeated = repeated_msids(sdp);
         assert!(

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 use weir_sfu::{AudioSource, Command, ConferenceId};
-use weir_signalling::StreamId;
+use weir_signalling::{ConfId, RoomId, StreamId};
 
 use super::{Conductor, LegSender, MediaPlane};
 
@@ -41,17 +41,19 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             "content": {"dominant": dominant, "speaking": speaking},
         })
         .to_string();
-        let recipients: Vec<_> = self
-            .participants
-            .iter()
-            .filter(|(_, p)| p.conference == key && !p.leg.trunk && p.channel_open)
-            .map(|(peer, _)| *peer)
-            .collect();
-        for peer in recipients {
-            let _ = self.media.command(Command::SendData {
-                peer,
-                text: text.clone(),
-            });
+        self.tell_participants(&key, &text);
+    }
+
+    /// Send `text` on the data channel of every local participant of the conference whose
+    /// channel is open (trunks are told through their own messages).
+    pub(super) fn tell_participants(&self, key: &(RoomId, ConfId), text: &str) {
+        for (peer, p) in &self.participants {
+            if p.conference == *key && !p.leg.trunk && p.channel_open {
+                let _ = self.media.command(Command::SendData {
+                    peer: *peer,
+                    text: text.to_string(),
+                });
+            }
         }
     }
 

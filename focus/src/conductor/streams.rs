@@ -71,18 +71,7 @@ impl<L: LegSender, M: MediaPlane> Conductor<L, M> {
             return;
         }
         conf.announced_streams = Some(streams);
-        let recipients: Vec<PeerId> = self
-            .participants
-            .iter()
-            .filter(|(_, p)| p.conference == *key && !p.leg.trunk && p.channel_open)
-            .map(|(peer, _)| *peer)
-            .collect();
-        for peer in recipients {
-            let _ = self.media.command(Command::SendData {
-                peer,
-                text: text.clone(),
-            });
-        }
+        self.tell_participants(key, &text);
     }
 
     /// A participant's channel just opened: it gets the streams as they are now.
