@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use weir_sfu::sim::{Camera, Publish, SimNet};
+use weir_sfu::sim::{longest_stop, Camera, Publish, SimNet};
 use weir_sfu::SfuEvent;
 
 const VIDEO: Publish = Publish::CAMERA;
@@ -220,4 +220,46 @@ fn five_percent_loss_is_repaired_by_retransmission() {
         shares[1] * 100.0
     );
     assert!(shares.iter().all(|s| *s > 0.995), "recovered: {shares:?}");
+}
+
+/// The simulation's view of a viewer's picture (`Camera::shown`), which the `move_down`
+/// example measures stops with: on a clean link Bob is shown every frame Alice sends; when
+/// his link loses everything for 600 ms, his picture stops for at least that long.
+#[test]
+fn the_picture_model_shows_every_frame_and_sees_a_stop() {
+    let mut net = SimNet::default();
+    let alice = net.join(13, VIDEO);
+    let bob = net.join(13, WATCH);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    let mut cam = Camera::new(alice, &[(None, 0, &[1000; 3])]);
+    cam.run(&mut net, Duration::from_secs(3));
+    let started = cam
+        .shown(&net, bob)
+        .first()
+        .map(|(at, _)| *at)
+        .expect("Bob shows Alice");
+    let clean_until = net.now();
+    let shown = cam.shown(&net, bob);
+    let stop = longest_stop(&shown, started, clean_until);
+    assert!(
+        stop < Duration::from_millis(100),
+        "on a clean link the picture never stops: {stop:?}"
+    );
+    assert!(
+        shown.len() >= 80,
+        "about 30 pictures a second: {}",
+        shown.len()
+    );
+
+    let cut = net.now();
+    net.clients[bob].link.loss_down = 1.0;
+    cam.run(&mut net, Duration::from_millis(600));
+    net.clients[bob].link.loss_down = 0.0;
+    cam.run(&mut net, Duration::from_secs(2));
+    let shown = cam.shown(&net, bob);
+    let stop = longest_stop(&shown, cut, net.now());
+    assert!(
+        stop >= Duration::from_millis(600),
+        "600 ms of lost packets stop the picture that long at least: {stop:?}"
+    );
 }

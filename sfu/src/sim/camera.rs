@@ -5,9 +5,9 @@
 //! starts a layer switched back on with a keyframe. With [`Camera::with_temporal_layers`], each
 //! layer is encoded as Chromium encodes its simulcast layers: three temporal layers (L1T3).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{payload_tag, Publish, Received, SimNet, Vp8Temporal};
 
@@ -39,6 +39,18 @@ pub struct Camera {
     temporal: Option<HashMap<Option<&'static str>, TemporalState>>,
     /// With temporal layers, every packet sent by its tag: payload, layer rank, descriptor.
     pub by_tag: HashMap<u64, (Arc<[u8]>, u8, Vp8Temporal)>,
+    /// Which frame each payload sent belongs to ([`Camera::shown`]).
+    frame_of: HashMap<Arc<[u8]>, FrameOf>,
+}
+
+/// The frame a packet belongs to: its layer, the captured picture's number (one per frame
+/// time, shared by the layers), how many packets the frame has, and whether it is a keyframe.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameOf {
+    pub rank: u8,
+    pub number: u64,
+    pub packets: usize,
+    pub keyframe: bool,
 }
 
 /// One layer's temporal encoding state: the frame's place in the L1T3 pattern, the next
@@ -71,6 +83,7 @@ impl Camera {
             packets_by_rank: HashMap::new(),
             temporal: None,
             by_tag: HashMap::new(),
+            frame_of: HashMap::new(),
         }
     }
 
@@ -136,10 +149,17 @@ impl Camera {
                 *picture_id = (*picture_id + 1) % (1 << 15);
                 t
             });
+            let frame = FrameOf {
+                rank,
+                number: self.frames,
+                packets: sizes.len(),
+                keyframe: key,
+            };
             for p in net.send_frame(self.who, rid, key, &sizes, temporal) {
                 if let (Some(t), Some(tag)) = (temporal, payload_tag(&p)) {
                     self.by_tag.insert(tag, (p.clone(), rank, t));
                 }
+                self.frame_of.insert(p.clone(), frame);
                 self.sent.insert(p, rank);
                 *self.packets_by_rank.entry(rank).or_default() += 1;
             }
@@ -198,10 +218,89 @@ impl Camera {
             .collect()
     }
 
+    /// When participant `who` could show a new picture of this camera, and of which layer: a
+    /// decoder's view of what it received. A frame is shown once all its packets have arrived
+    /// (retransmissions included), if it is a keyframe or the frame before it on its layer was
+    /// decodable, and if no later picture was shown already. Cameras without temporal layers
+    /// only: with them, a frame's reference is not the frame before.
+    pub fn shown(&self, net: &SimNet, who: usize) -> Vec<(Instant, u8)> {
+        assert!(
+            self.temporal.is_none(),
+            "a model of frames without temporal layers"
+        );
+        let mut seen: HashSet<&Arc<[u8]>> = HashSet::new();
+        let mut arrived: HashMap<(u8, u64), usize> = HashMap::new();
+        let mut complete: HashSet<(u8, u64)> = HashSet::new();
+        let mut frames: HashMap<(u8, u64), FrameOf> = HashMap::new();
+        // The last decodable frame of each layer, and the last picture shown.
+        let mut decodable: HashMap<u8, u64> = HashMap::new();
+        let mut last_shown: Option<u64> = None;
+        let mut shown = Vec::new();
+        for r in &net.clients[who].received {
+            let Some(f) = self.frame_of.get(&r.payload) else {
+                continue;
+            };
+            if !seen.insert(&r.payload) {
+                continue; // a retransmission of a packet already here
+            }
+            let key = (f.rank, f.number);
+            frames.insert(key, *f);
+            let n = arrived.entry(key).or_default();
+            *n += 1;
+            if *n < f.packets {
+                continue;
+            }
+            complete.insert(key);
+            // This frame, and the frames after it on its layer that were waiting for it.
+            let mut next = Some(*f);
+            while let Some(f) = next.take() {
+                let chained = decodable.get(&f.rank) == Some(&(f.number.wrapping_sub(1)));
+                if !(f.keyframe || chained) {
+                    break;
+                }
+                decodable.insert(f.rank, f.number);
+                if last_shown.is_none_or(|l| f.number > l) {
+                    last_shown = Some(f.number);
+                    shown.push((r.at, f.rank));
+                }
+                let after = (f.rank, f.number + 1);
+                if complete.contains(&after) {
+                    next = frames.get(&after).copied();
+                }
+            }
+        }
+        shown
+    }
+
+    #[doc(hidden)]
+    pub fn frame_debug(&self, payload: &Arc<[u8]>) -> Option<(u8, u64, usize, bool)> {
+        self.frame_of
+            .get(payload)
+            .map(|f| (f.rank, f.number, f.packets, f.keyframe))
+    }
+
+    /// The frame a payload the camera sent belongs to.
+    pub fn frame_of(&self, payload: &Arc<[u8]>) -> Option<FrameOf> {
+        self.frame_of.get(payload).copied()
+    }
+
     /// The rank of the layer a received payload came from.
     pub fn rank(&self, payload: &Arc<[u8]>) -> u8 {
         *self.sent.get(payload).expect("a payload the camera sent")
     }
+}
+
+/// The longest time between two pictures shown (`Camera::shown`) from `from` to `to`: the
+/// longest freeze a viewer saw in that window, counting from `from` to the first picture and
+/// from the last picture to `to`.
+pub fn longest_stop(shown: &[(Instant, u8)], from: Instant, to: Instant) -> Duration {
+    let mut last = from;
+    let mut longest = Duration::ZERO;
+    for (at, _) in shown.iter().filter(|(at, _)| *at > from && *at <= to) {
+        longest = longest.max(at.duration_since(last));
+        last = *at;
+    }
+    longest.max(to.saturating_duration_since(last))
 }
 
 /// Several cameras, each publishing with its microphone, and one participant watching them

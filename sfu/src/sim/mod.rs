@@ -12,7 +12,9 @@
 mod camera;
 mod seqs;
 
-pub use camera::{cameras_to_one_watcher, media_bytes, run_together, Camera, CameraLayer};
+pub use camera::{
+    cameras_to_one_watcher, longest_stop, media_bytes, run_together, Camera, CameraLayer, FrameOf,
+};
 pub use seqs::{sequence_loss, unwrap_seqs};
 
 use std::collections::HashSet;

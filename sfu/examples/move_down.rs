@@ -1,0 +1,79 @@
+//! A subscriber's link narrows under a simulcast camera, in the simulated network: Bob shows
+//! Alice's f layer over 3 Mbit/s, then his link carries 500 kbit/s (200 ms queue, tail drop).
+//! For each run: the longest stop of his picture in the 10 s after the cut (`Camera::shown`:
+//! a frame is shown once all its packets are in and its reference was decodable), the layer
+//! shown last, what his link carried from 3 s to 10 s (on the wire, and as media payload),
+//! and the keyframes of the new layers with how many of their packets arrived.
+//!
+//! A measurement, not a test (docs/adaptation.md, "Moving down: where the stops come from").
+//! The simulated receiver never asks for a keyframe itself, where Chromium asks after 3 s
+//! without a decodable frame: a packet lost for good here freezes the picture to the end of
+//! the run, as it would for 3 s in a browser. Runs differ: the engines draw SSRCs and keys at
+//! random. `RUNS=8 cargo run -p weir-sfu --example move_down`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use weir_sfu::sim::{longest_stop, media_bytes, Camera, Publish, SimNet};
+
+fn main() {
+    let runs: usize = std::env::var("RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    println!("longest stop  shown last  wire kbit/s  media kbit/s  keyframes after the cut (rank: packets in/of)");
+    for _ in 0..runs {
+        once();
+    }
+}
+
+fn once() {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: Some(1_000_000),
+        ..weir_sfu::SfuConfig::default()
+    });
+    let simulcast = Publish {
+        audio: true,
+        video: true,
+        simulcast: true,
+    };
+    let alice = net.join(12, simulcast);
+    let bob = net.join(12, Publish::NOTHING);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.clients[bob].link.rate_down_bps = 3_000_000;
+    net.clients[bob].link.delay_down = Duration::from_millis(20);
+    let mut cam = Camera::new(alice, &Camera::SIMULCAST);
+    cam.run(&mut net, Duration::from_secs(10));
+
+    let cut = net.now();
+    let received_before = net.clients[bob].received.len();
+    net.clients[bob].link.rate_down_bps = 500_000;
+    cam.run(&mut net, Duration::from_secs(3));
+    let (wire, media) = (net.clients[bob].bytes_in, media_bytes(&net, bob));
+    cam.run(&mut net, Duration::from_secs(7));
+    let wire = (net.clients[bob].bytes_in - wire) * 8 / 7000;
+    let media = (media_bytes(&net, bob) - media) * 8 / 7000;
+
+    let shown = cam.shown(&net, bob);
+    let stop = longest_stop(&shown, cut, net.now());
+    let last = shown.last().map(|(_, rank)| *rank);
+    let mut keyframes: BTreeMap<(u64, u8), (usize, usize)> = BTreeMap::new();
+    for r in &net.clients[bob].received[received_before..] {
+        if let Some(f) = cam.frame_of(&r.payload).filter(|f| f.keyframe) {
+            keyframes
+                .entry((f.number, f.rank))
+                .or_insert((0, f.packets))
+                .0 += 1;
+        }
+    }
+    let keyframes: Vec<String> = keyframes
+        .iter()
+        .map(|((_, rank), (got, of))| format!("{rank}: {got}/{of}"))
+        .collect();
+    println!(
+        "{:>9} ms  {:>10}  {wire:>11}  {media:>12}  {}",
+        stop.as_millis(),
+        last.map_or("-".to_string(), |r| r.to_string()),
+        keyframes.join(", ")
+    );
+}
