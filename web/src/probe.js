@@ -528,11 +528,13 @@ export function subscribeTo({ owner, height }) {
 /**
  * Watch the video of `owner` (a user id): every `intervalMs` its inbound stats are read, and
  * the longest time without a newly decoded frame (a freeze, as a viewer sees it) is kept, with
- * how many samples saw each decoded width. Read it with frameWatch(owner).
+ * how many samples saw each decoded width, and each stop over `gapOverMs` (when it began, since
+ * the watch started, how long it was, and the decoded width before and after; the first 20).
+ * Read it with frameWatch(owner).
  */
-export function watchFrames({ owner, intervalMs = 50 }) {
+export function watchFrames({ owner, intervalMs = 50, gapOverMs = 200 }) {
   stopWatch(owner);
-  const w = { startedAt: Date.now(), lastFrames: null, lastChange: null, maxGapMs: 0, gapEndedAt: null, widths: {}, busy: false };
+  const w = { startedAt: Date.now(), lastFrames: null, lastChange: null, lastWidth: null, maxGapMs: 0, gapEndedAt: null, gaps: [], widths: {}, busy: false };
   w.timer = setInterval(async () => {
     if (w.busy) return;
     w.busy = true;
@@ -549,8 +551,12 @@ export function watchFrames({ owner, intervalMs = 50 }) {
           w.maxGapMs = now - w.lastChange;
           w.gapEndedAt = now;
         }
+        if (w.lastChange !== null && now - w.lastChange > gapOverMs && w.gaps.length < 20) {
+          w.gaps.push({ atMs: w.lastChange - w.startedAt, ms: now - w.lastChange, from: w.lastWidth, to: s.frameWidth });
+        }
         w.lastFrames = s.framesDecoded;
         w.lastChange = now;
+        w.lastWidth = s.frameWidth;
       }
       w.widths[s.frameWidth] = (w.widths[s.frameWidth] ?? 0) + 1;
     } catch {
@@ -574,6 +580,7 @@ export function frameWatch(owner) {
     gapEndedAt: ongoing > w.maxGapMs ? null : w.gapEndedAt,
     framesDecoded: w.lastFrames,
     widths: { ...w.widths },
+    gaps: [...w.gaps],
     // What the receiver counted meanwhile: why the picture stopped, when it did.
     counts: Object.fromEntries(
       ["packetsReceived", "packetsLost", "nackCount", "pliCount", "framesReceived", "framesDecoded", "framesDropped", "keyFramesDecoded"].map(

@@ -338,6 +338,8 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
       // link and until each lower layer's keyframe gets through: measured, not yet within
       // issue 8's 1 s.
       transitionFreezeMs: moved.maxGapMs,
+      // Each stop over 200 ms from the cut: when (ms after it), how long, widths around it.
+      transitionGaps: moved.gaps,
     };
     // Settled: five seconds on the lower layer, watched every 50 ms.
     await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
