@@ -141,8 +141,12 @@ const WIRE_SAMPLES: usize = 4;
 /// the new one's keyframe, and retransmissions follow the loss, so the reports that come
 /// next still show loss. Pausing on those paused, in Chromium, a quarter layer that a link
 /// cut from 3 Mbit/s to 500 kbit/s carried easily, for 4 s. If the lowest layers alone lose
-/// as much, the next report pauses. Higher pauses on loss that more than the lowest layers
-/// caused; lower lets a link that cannot carry even them lose for one report longer.
+/// as much, the next report pauses. A loss cap cut from a report this margin rules out is
+/// held at what the lowest layers and the audio need (the cut is taken from what is allocated
+/// now, which after a move down is already the lower layer: cut below it, the cap paused it
+/// seconds later, once the old layer's measurements had left [`WIRE_LOOKBACK`]). Higher
+/// pauses on loss that more than the lowest layers caused; lower lets a link that cannot
+/// carry even them lose for one report longer.
 pub const LOSS_PAUSE_MARGIN: f64 = 1.5;
 
 /// The allocation state of one subscriber.
@@ -202,19 +206,27 @@ impl Allocator {
             .map(|(_, bps)| *bps)
             .max();
         let any_paused = demands.iter().any(|d| d.now.is_held());
-        let cap = self
-            .loss
-            .update(estimate_bps, loss, allocated, any_paused, now);
-        let limit = cap.map_or(estimate_bps, |c| c.min(estimate_bps));
-        let share =
-            |bps: u64, fraction: f64| ((bps as f64 * fraction) as u64).saturating_sub(reserved_bps);
-        let (climb, keep) = (share(limit, UP_FRACTION), share(limit, KEEP_FRACTION));
         // The lowest layers that flow now, against what the estimate leaves for video.
         let floors: u64 = demands
             .iter()
             .filter(|d| !d.now.is_held())
             .filter_map(|d| d.eligible().first().map(|(_, bps)| *bps))
             .sum();
+        let loss_may_pause =
+            wire.unwrap_or(allocated) as f64 <= (reserved_bps + floors) as f64 * LOSS_PAUSE_MARGIN;
+        let mut cap = self
+            .loss
+            .update(estimate_bps, loss, allocated, any_paused, now);
+        if cap.is_some() && !loss_may_pause {
+            // Loss that more than the lowest layers caused never cuts below them.
+            let lowest = ((reserved_bps + floors) as f64 / KEEP_FRACTION).ceil() as u64;
+            self.loss.hold_at_least(lowest);
+            cap = cap.map(|c| c.max(lowest));
+        }
+        let limit = cap.map_or(estimate_bps, |c| c.min(estimate_bps));
+        let share =
+            |bps: u64, fraction: f64| ((bps as f64 * fraction) as u64).saturating_sub(reserved_bps);
+        let (climb, keep) = (share(limit, UP_FRACTION), share(limit, KEEP_FRACTION));
         let for_video = limit.saturating_sub(reserved_bps);
         if floors as f64 * PAUSE_SHORTFALL > for_video as f64 {
             self.floors_short_since.get_or_insert(now);
@@ -224,8 +236,6 @@ impl Allocator {
         let estimate_binds = self
             .floors_short_since
             .is_some_and(|since| now.saturating_duration_since(since) >= PAUSE_AFTER);
-        let loss_may_pause =
-            wire.unwrap_or(allocated) as f64 <= (reserved_bps + floors) as f64 * LOSS_PAUSE_MARGIN;
         let floor = match cap {
             _ if estimate_binds => keep,
             Some(c) if loss_may_pause => share(c, KEEP_FRACTION),
@@ -562,6 +572,44 @@ pub(super) mod tests {
             b.decide(600_000, Some(0.61), 0, &one(Now::Layer(Q)), late),
             vec![None]
         );
+    }
+
+    #[test]
+    fn a_cut_from_the_old_layers_loss_does_not_pause_the_layer_moved_to_later() {
+        let t0 = Instant::now();
+        let mut a = Allocator::default();
+        let one = |now| [camera(Priority::Other, u8::MAX, now)];
+        assert_eq!(
+            a.decide(3_000_000, Some(0.0), 0, &one(Now::New), t0),
+            vec![Some(F)]
+        );
+        // The link narrows: the estimate moves the video to q, and loss cuts f.
+        let t1 = t0 + Duration::from_millis(300);
+        a.on_wire(1_600_000, t1);
+        assert_eq!(
+            a.decide(470_000, Some(0.13), 0, &one(Now::Layer(F)), t1),
+            vec![Some(Q)]
+        );
+        // f flows until q's keyframe, and the next report says 45 % lost. The cut is taken
+        // from what is allocated now (q), but q did not cause that loss.
+        for (k, bps) in [(1, 1_200_000), (2, 400_000), (3, 140_000)] {
+            a.on_wire(bps, t1 + Duration::from_millis(500 * k));
+        }
+        assert_eq!(
+            a.decide(470_000, Some(0.45), 0, &one(Now::Layer(Q)), t1 + LOSS_REACT),
+            vec![Some(Q)]
+        );
+        // Seconds later only q has left, with no loss, and f's samples are out of the
+        // lookback: q goes on (a cap cut below it would pause it now).
+        for k in 1..=6 {
+            let t = t1 + LOSS_REACT + Duration::from_millis(500 * k);
+            a.on_wire(140_000, t);
+            assert_eq!(
+                a.decide(470_000, Some(0.0), 0, &one(Now::Layer(Q)), t),
+                vec![Some(Q)],
+                "{k}"
+            );
+        }
     }
 
     #[test]

@@ -103,6 +103,19 @@ impl LossCap {
     }
 }
 
+impl LossCap {
+    /// Raise a cap in force to at least `bps`. For a cap cut from a loss report that more
+    /// than the lowest layers caused (see `forward::allocate::LOSS_PAUSE_MARGIN`): the cut is
+    /// taken from what is allocated now, which after a move down is already the lower layer,
+    /// so a report still counting the old layer's loss would cut it below what the lower
+    /// layer needs, and the cap would pause it once that loss had left the lookback.
+    pub fn hold_at_least(&mut self, bps: u64) {
+        if let Some(c) = self.cut.as_mut() {
+            c.bps = c.bps.max(bps as f64);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,6 +166,27 @@ mod tests {
             None,
             "no new loss for 10 s"
         );
+    }
+
+    #[test]
+    fn a_cap_held_at_least_never_falls_below_it_and_grows_from_there() {
+        let t0 = Instant::now();
+        let mut c = LossCap::default();
+        assert_eq!(
+            c.update(2_000_000, Some(0.5), 200_000, true, t0),
+            Some(150_000)
+        );
+        c.hold_at_least(180_000);
+        assert_eq!(c.update(2_000_000, None, 0, true, t0), Some(180_000));
+        c.hold_at_least(100_000);
+        assert_eq!(
+            c.update(2_000_000, None, 0, true, t0),
+            Some(180_000),
+            "holding lower changes nothing"
+        );
+        let later = t0 + Duration::from_secs(1);
+        let grown = c.update(2_000_000, Some(0.0), 0, true, later).unwrap();
+        assert!((194_000..=195_000).contains(&grown), "{grown}");
     }
 
     #[test]

@@ -186,9 +186,11 @@ impl<S: EventSink> ShardCore<S> {
                     fresh_target = needs_keyframe.then_some(layer);
                 }
             }
+            let mut switched = false;
             if out.trunk.is_none() {
                 match out.layers.on_packet(rid, keyframe || !is_video) {
-                    Decision::Forward | Decision::Switch => {}
+                    Decision::Forward => {}
+                    Decision::Switch => switched = is_video,
                     Decision::Skip => {
                         // Ask at once for the keyframe a new subscriber waits for.
                         need_keyframe.extend(fresh_target);
@@ -311,6 +313,9 @@ impl<S: EventSink> ShardCore<S> {
                 self.counters.drop(DropReason::NoSendStream);
                 continue;
             };
+            if switched {
+                super::tracks::fresh_retransmissions(tx, self.config.rtx_history_packets);
+            }
             let mut write =
                 RtpWrite::new(out_pt, seq.into(), ts, pkt.timestamp, pkt.payload.clone())
                     .marker(pkt.header.marker)

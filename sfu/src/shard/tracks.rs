@@ -19,6 +19,18 @@ use super::{EventSink, OutTrack, Peer, Published, ShardCore, TrackKey};
 /// engine's default): past it, resending competes with fresh media on a link already losing.
 const RTX_RATIO_CAP: f32 = 0.15;
 
+/// Give a video send stream an empty retransmission history, and forget the bytes counted
+/// against [`RTX_RATIO_CAP`]: when a track starts, and when a subscriber switches layers
+/// ([`super::fanout`]). After a switch, the history holds only packets of the layer left,
+/// which the new layer's keyframe makes useless; and the resends that layer caused (a move down
+/// is a link losing) would otherwise keep the ratio over the cap for a second, so that lost
+/// packets of the keyframe were never resent and the subscriber's picture stayed frozen until
+/// it asked for another keyframe (Chromium: after 3 s).
+pub(super) fn fresh_retransmissions(tx: &mut str0m::rtp::StreamTx, history: usize) {
+    tx.set_rtx_cache(history, RTX_HISTORY_AGE, None);
+    tx.set_rtx_cache(history, RTX_HISTORY_AGE, Some(RTX_RATIO_CAP));
+}
+
 impl<S: EventSink> ShardCore<S> {
     /// Record that `track` should be forwarded to `subscriber`.
     pub(super) fn want(&mut self, subscriber: PeerId, track: TrackKey) {
@@ -169,7 +181,7 @@ impl<S: EventSink> ShardCore<S> {
             };
             for rid in layers {
                 if let Some(tx) = api.stream_tx_by_mid(mid, rid) {
-                    tx.set_rtx_cache(history, RTX_HISTORY_AGE, Some(RTX_RATIO_CAP));
+                    fresh_retransmissions(tx, history);
                 }
             }
         }
