@@ -1,33 +1,42 @@
 //! The I/O edge: login, `/sync`, joins, `sendToDevice`, persistence, clocks. Three tasks:
 //!
-//! - **sync**: long-polls `/sync`, joins rooms it is invited to, hands each batch to the core
-//!   and persists `next_batch` only once the core says the batch's events were handed over.
-//! - **core**: owns the [`Router`]; feeds it batches, focus commands and timer ticks; delivers
-//!   events to the focus (bounded channel; while the focus lags, no further batch is taken, so
-//!   the backlog stays on the homeserver) and passes sends to the sender.
-//! - **sender**: `PUT /sendToDevice`, one request at a time per leg (a negotiate never overtakes
-//!   the answer of the same leg), several legs in parallel, bounded retries with backoff.
+//! - **sync** ([`sync_task`]): long-polls `/sync`, joins rooms it is invited to, hands each
+//!   batch to the core and persists `next_batch` only once the core says the batch's events
+//!   were handed over.
+//! - **core** ([`core`]): owns the [`Router`]; feeds it batches, focus commands and timer
+//!   ticks; delivers events to the focus (bounded channel; while the focus lags, no further
+//!   batch is taken, so the backlog stays on the homeserver) and passes sends to the sender.
+//! - **sender** ([`sender`]): `PUT /sendToDevice`, one request at a time per leg (a negotiate
+//!   never overtakes the answer of the same leg), several legs in parallel, bounded retries
+//!   with backoff.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+mod core;
+mod sender;
+mod sync_task;
+
+use self::core::Core;
+use sender::SenderTask;
+use sync_task::SyncTask;
+
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ruma::api::client::sync::sync_events::v3::{InvitedRoom, State};
+use ruma::api::client::sync::sync_events::v3::State;
 use ruma::serde::Raw;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::appservice::{AppserviceTask, AppserviceTokens, Transaction};
-use crate::client::{ClientError, MatrixClient, SyncFilter, SyncResponse};
-use crate::ids::{CallId, DeviceId, RoomId, SessionId, UserId};
+use crate::client::{ClientError, MatrixClient, SyncResponse};
+use crate::ids::{DeviceId, RoomId, SessionId, UserId};
 use crate::leg::{LegCommand, LegEvent};
 use crate::metrics::Metrics;
 use crate::room::{CALL_TYPES, MEMBER_TYPES, ROOM_MEMBER};
-use crate::router::{Output, Router, RouterConfig};
+use crate::router::{Router, RouterConfig};
 use crate::store::{Persisted, Store};
 use crate::wire::{DropReason, Identity, OutgoingToDevice};
 
@@ -630,21 +639,15 @@ fn spawn(
         config.send_queue,
     );
     let sender_handle = tokio::spawn(sender.run(send_rx));
-    let (refresh_tx, refresh_rx) = mpsc::channel(REFRESH_QUEUE);
-    let core = Core {
+    let core = Core::new(
         router,
-        client: client.clone(),
-        refresh_tx,
-        refresh_rx: Some(refresh_rx),
-        generations: HashMap::new(),
-        metrics: metrics.clone(),
+        client.clone(),
+        metrics.clone(),
         event_tx,
         send_tx,
-        pending: VecDeque::new(),
-        acks: Vec::new(),
-        ready: ready.clone(),
-        cfg: config,
-    };
+        ready.clone(),
+        config,
+    );
     let core_handle = tokio::spawn(core.run(
         cmd_rx,
         batch_rx,
@@ -728,597 +731,6 @@ impl SyncBatch {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// sync task
-
-struct SyncTask {
-    client: MatrixClient,
-    store: Store,
-    persisted: Persisted,
-    cfg: SignallingConfig,
-    user_id: UserId,
-    metrics: Metrics,
-    batch_tx: mpsc::Sender<(SyncBatch, oneshot::Sender<()>)>,
-    stop: watch::Receiver<bool>,
-    /// Rooms we were invited to and failed to join yet → attempts.
-    joins: HashMap<RoomId, u32>,
-    /// Joined rooms whose full state we fetched once (see [`SyncTask::complete_new_rooms`]).
-    known_rooms: HashSet<RoomId>,
-}
-
-const MAX_JOIN_ATTEMPTS: u32 = 5;
-/// The sync long-poll while joins wait for a retry: the retry pace (a second apart, five tries
-/// at most), instead of the usual 30 s park.
-const JOIN_RETRY_SYNC_TIMEOUT: Duration = Duration::from_secs(1);
-
-impl SyncTask {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        client: MatrixClient,
-        store: Store,
-        persisted: Persisted,
-        cfg: SignallingConfig,
-        user_id: UserId,
-        metrics: Metrics,
-        batch_tx: mpsc::Sender<(SyncBatch, oneshot::Sender<()>)>,
-        stop: watch::Receiver<bool>,
-    ) -> Self {
-        SyncTask {
-            client,
-            store,
-            persisted,
-            cfg,
-            user_id,
-            metrics,
-            batch_tx,
-            stop,
-            joins: HashMap::new(),
-            known_rooms: HashSet::new(),
-        }
-    }
-
-    async fn run(mut self) {
-        let mut first = true;
-        let mut backoff = Duration::from_millis(500);
-        while !*self.stop.borrow() {
-            self.metrics.sync_requests.inc();
-            let timeout = if first {
-                Duration::ZERO
-            } else if !self.joins.is_empty() {
-                JOIN_RETRY_SYNC_TIMEOUT // joins are retried after each sync: don't park
-            } else {
-                self.cfg.sync_timeout
-            };
-            let since = self.persisted.next_batch.clone();
-            let req = self.client.sync(
-                since.as_deref(),
-                self.persisted.filter_id.clone().map(SyncFilter::FilterId),
-                timeout,
-                first,
-            );
-            let res = tokio::select! {
-                r = req => r,
-                _ = self.stop.changed() => break,
-            };
-            let response = match res {
-                Ok(v) => v,
-                Err(e) => {
-                    self.metrics.sync_errors.inc();
-                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "sync failed");
-                    if e.is_unknown_token() {
-                        self.relogin().await;
-                    }
-                    let wait = e.retry_after().unwrap_or(backoff).min(self.cfg.max_backoff);
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = self.stop.changed() => break,
-                    }
-                    backoff = (backoff * 2).min(self.cfg.max_backoff);
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(500);
-            if self.cfg.auto_join {
-                self.handle_invites(&response.rooms.invite).await;
-            }
-            let next_batch = response.next_batch.clone();
-            let mut batch = SyncBatch::from_response(response, first);
-            if !first {
-                self.complete_new_rooms(&mut batch.joined).await;
-            } else {
-                self.known_rooms
-                    .extend(batch.joined.iter().map(|j| j.room.clone()));
-            }
-            let (done_tx, done_rx) = oneshot::channel();
-            if self.batch_tx.send((batch, done_tx)).await.is_err() {
-                break;
-            }
-            tokio::select! {
-                r = done_rx => if r.is_err() { break },
-                _ = self.stop.changed() => break,
-            }
-            first = false;
-            self.persisted.next_batch = Some(next_batch);
-            let store = self.store.clone();
-            let state = self.persisted.clone();
-            match tokio::task::spawn_blocking(move || store.save(&state)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => error!(error = %e, "could not persist sync token"),
-                Err(e) => error!(error = %e, "persist task failed"),
-            }
-        }
-        debug!("sync task stopped");
-    }
-
-    /// A room that appears joined for the first time after the first sync is one we just
-    /// joined: its full state is fetched and added to its `state` events. Over federation
-    /// Synapse joins with partial state and completes it by state resolution, so members that
-    /// joined before us (another focus, for instance) may never reach us through `/sync`.
-    /// The fetched events go before the sync's own, so anything newer in the batch still wins.
-    async fn complete_new_rooms(&mut self, joined: &mut [JoinedBatch]) {
-        for j in joined.iter_mut() {
-            if self.known_rooms.contains(&j.room) {
-                continue;
-            }
-            match self.client.room_state(&j.room).await {
-                Ok(events) => {
-                    info!(id = %j.room, n = events.len(), "fetched the state of a newly joined room");
-                    let mut state = to_values(events);
-                    state.append(&mut j.state);
-                    j.state = state;
-                    self.known_rooms.insert(j.room.clone());
-                }
-                Err(e) => {
-                    warn!(id = %j.room, error = %e, "could not fetch a new room's state; relying on sync")
-                }
-            }
-        }
-    }
-
-    async fn relogin(&mut self) {
-        let Some(password) = &self.cfg.password else {
-            error!("access token rejected and no password configured; sync keeps failing");
-            return;
-        };
-        match self
-            .client
-            .login_password(
-                self.user_id.as_str(),
-                password,
-                self.persisted.device_id.as_deref(),
-                DEVICE_NAME,
-            )
-            .await
-        {
-            Ok(r) => {
-                info!(device = %r.device_id, "logged in again after token loss");
-                self.client.set_token(Some(r.access_token.clone()));
-                self.persisted.access_token = Some(r.access_token);
-                if self.persisted.device_id.as_ref() != Some(&r.device_id) {
-                    self.persisted.device_id = Some(r.device_id);
-                    self.persisted.next_batch = None;
-                }
-                let _ = self.store.save(&self.persisted);
-            }
-            Err(e) => warn!(error = %e, "re-login failed"),
-        }
-    }
-
-    /// Joins rooms from `rooms.invite` (only from allowed servers, if restricted) and retries
-    /// earlier failed joins a bounded number of times.
-    async fn handle_invites(&mut self, invites: &BTreeMap<RoomId, InvitedRoom>) {
-        for (room, inv) in invites {
-            let room = room.clone();
-            // Who invited us: the sender of our own member event in the stripped state.
-            let inviter = inv.invite_state.events.iter().find_map(|e| {
-                let ty = e.get_field::<String>("type").ok().flatten();
-                let key = e.get_field::<String>("state_key").ok().flatten();
-                (ty.as_deref() == Some(ROOM_MEMBER)
-                    && key.as_deref() == Some(self.user_id.as_str()))
-                .then(|| e.get_field::<UserId>("sender").ok().flatten())
-                .flatten()
-            });
-            let allowed = self.cfg.allowed_servers.is_empty()
-                || inviter.as_ref().is_some_and(|u| {
-                    let server = u.server_name().as_str();
-                    self.cfg.allowed_servers.iter().any(|a| a == server)
-                });
-            if allowed {
-                self.joins.entry(room).or_insert(0);
-            } else {
-                info!(%room, inviter = ?inviter.as_ref().map(|u| u.as_str()), "declining invite from a server not allowed");
-                if let Err(e) = self.client.leave(&room).await {
-                    warn!(%room, error = %e, "could not decline invite");
-                }
-            }
-        }
-        let pending: Vec<RoomId> = self.joins.keys().cloned().collect();
-        for room in pending {
-            match self.client.join(&room).await {
-                Ok(()) => {
-                    info!(%room, "joined room");
-                    self.joins.remove(&room);
-                }
-                Err(e) => {
-                    let attempts = self.joins.get_mut(&room).map(|a| {
-                        *a += 1;
-                        *a
-                    });
-                    warn!(%room, error = %e, ?attempts, "join failed");
-                    // Over federation the resident server the homeserver asks may not have
-                    // our invite yet and answers 403: worth a few more tries too.
-                    let retry = e.is_transient() || e.is_forbidden();
-                    if !retry || attempts.unwrap_or(0) >= MAX_JOIN_ATTEMPTS {
-                        self.joins.remove(&room);
-                    }
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// core task
-
-/// Room-state refreshes in flight at once; more are dropped (the held invite is then judged on
-/// what sync brought).
-const REFRESH_QUEUE: usize = 16;
-/// A refresh whose room changed in `/sync` while it was in flight may be older than what the
-/// router knows; it is fetched again, at most this many times in a row.
-const MAX_REFRESH_TRIES: u32 = 3;
-
-/// A room's full state, fetched when the room's sync generation was `generation`.
-struct Refreshed {
-    room: RoomId,
-    events: Vec<Value>,
-    generation: u64,
-    tries: u32,
-}
-
-struct Core {
-    router: Router,
-    /// For room-state refreshes the router asks for.
-    client: MatrixClient,
-    refresh_tx: mpsc::Sender<Refreshed>,
-    /// Taken by `run` (its results come back here).
-    refresh_rx: Option<mpsc::Receiver<Refreshed>>,
-    /// Per room, how many sync batches touched it: a refresh result is applied only if none
-    /// did while it was fetched, so an older `/state` never overwrites newer sync events
-    /// (a member's `invite` replacing their `join` would end their call).
-    generations: HashMap<RoomId, u64>,
-    metrics: Metrics,
-    event_tx: mpsc::Sender<LegEvent>,
-    send_tx: mpsc::Sender<OutgoingToDevice>,
-    /// Events the focus has not taken yet (bounded by one sync batch).
-    pending: VecDeque<LegEvent>,
-    /// Batches whose events are all in `pending` or delivered; acknowledged when it drains.
-    acks: Vec<oneshot::Sender<()>>,
-    ready: Arc<AtomicBool>,
-    cfg: SignallingConfig,
-}
-
-impl Core {
-    async fn run(
-        mut self,
-        mut cmd_rx: mpsc::Receiver<LegCommand>,
-        mut batch_rx: mpsc::Receiver<(SyncBatch, oneshot::Sender<()>)>,
-        mut shutdown_rx: oneshot::Receiver<()>,
-        stop_tx: watch::Sender<bool>,
-        sync_handle: tokio::task::JoinHandle<()>,
-        sender_handle: tokio::task::JoinHandle<()>,
-    ) {
-        let mut batches_open = true;
-        let (_, idle) = mpsc::channel(1);
-        let mut refresh_rx = self.refresh_rx.take().unwrap_or(idle);
-        let event_tx = self.event_tx.clone();
-        loop {
-            let deadline = self.router.poll_timeout();
-            let sleep_until = deadline.map(tokio::time::Instant::from_std);
-            tokio::select! {
-                biased;
-                _ = &mut shutdown_rx => break,
-                permit = event_tx.reserve(), if !self.pending.is_empty() => {
-                    match permit {
-                        Ok(p) => {
-                            if let Some(ev) = self.pending.pop_front() {
-                                p.send(ev);
-                            }
-                        }
-                        Err(_) => {
-                            warn!(dropped = self.pending.len(), "focus event receiver closed");
-                            self.pending.clear();
-                        }
-                    }
-                    self.ack_if_drained();
-                }
-                cmd = cmd_rx.recv() => match cmd {
-                    Some(cmd) => {
-                        self.router.handle_command(cmd, Instant::now());
-                        self.drain_outputs();
-                    }
-                    // Every handle is gone: nobody can send commands or shut us down.
-                    None => break,
-                },
-                Some(r) = refresh_rx.recv() => {
-                    let now_gen = self.generations.get(&r.room).copied().unwrap_or(0);
-                    if now_gen != r.generation {
-                        debug!(room = %r.room, "room changed while its state was fetched: fetching again");
-                        if r.tries < MAX_REFRESH_TRIES {
-                            self.spawn_refresh(r.room, r.tries + 1);
-                        }
-                    } else if self.router.rooms().joined_rooms().any(|j| j == &r.room) {
-                        debug!(room = %r.room, n = r.events.len(), "room state refreshed");
-                        self.router.handle_room_state(&r.room, &r.events, Instant::now());
-                        self.drain_outputs();
-                    }
-                }
-                batch = batch_rx.recv(), if self.pending.is_empty() && batches_open => match batch {
-                    Some(b) => self.apply_batch(b),
-                    None => batches_open = false,
-                },
-                _ = async { if let Some(t) = sleep_until { tokio::time::sleep_until(t).await } }, if sleep_until.is_some() => {
-                    self.router.handle_timeout(Instant::now());
-                    self.drain_outputs();
-                }
-            }
-        }
-        // Shutdown.
-        let _ = stop_tx.send(true);
-        let now = Instant::now();
-        while let Ok(cmd) = cmd_rx.try_recv() {
-            self.router.handle_command(cmd, now);
-        }
-        if self.cfg.hangup_on_shutdown {
-            let n = self.router.hangup_all("user_hangup", now);
-            if n > 0 {
-                info!(legs = n, "hung up open legs on shutdown");
-            }
-        }
-        self.drain_outputs();
-        drop(self.send_tx);
-        if tokio::time::timeout(self.cfg.shutdown_flush_timeout, sender_handle)
-            .await
-            .is_err()
-        {
-            warn!("sends still queued at shutdown were abandoned");
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(5), sync_handle).await;
-        info!("signalling stopped");
-    }
-
-    fn apply_batch(&mut self, (batch, done): (SyncBatch, oneshot::Sender<()>)) {
-        let now = Instant::now();
-        let full_state = batch.full_state;
-        for j in batch.joined {
-            *self.generations.entry(j.room.clone()).or_default() += 1;
-            self.router
-                .handle_joined_room(&j.room, &j.state, &j.timeline, full_state, now);
-        }
-        for room in batch.left {
-            self.generations.remove(&room);
-            self.router.handle_room_left(&room, now);
-        }
-        for ev in batch.to_device {
-            self.router.handle_to_device(ev, now);
-        }
-        self.drain_outputs();
-        if full_state {
-            self.ready.store(true, Ordering::Release);
-            info!(
-                rooms = self.router.rooms().joined_rooms().count(),
-                "first sync processed; ready"
-            );
-        }
-        self.acks.push(done);
-        self.ack_if_drained();
-    }
-
-    /// Fetch a room's full state in the background; the result comes back through
-    /// `refresh_rx` tagged with the room's sync generation at the time of asking.
-    fn spawn_refresh(&self, room: RoomId, tries: u32) {
-        let (client, tx) = (self.client.clone(), self.refresh_tx.clone());
-        if tx.capacity() == 0 {
-            return;
-        }
-        let generation = self.generations.get(&room).copied().unwrap_or(0);
-        tokio::spawn(async move {
-            match client.room_state(&room).await {
-                Ok(events) => {
-                    let _ = tx.try_send(Refreshed {
-                        room,
-                        events: to_values(events),
-                        generation,
-                        tries,
-                    });
-                }
-                Err(e) => warn!(%room, error = %e, "room state refresh failed"),
-            }
-        });
-    }
-
-    fn ack_if_drained(&mut self) {
-        if self.pending.is_empty() {
-            for a in self.acks.drain(..) {
-                let _ = a.send(());
-            }
-        }
-    }
-
-    fn drain_outputs(&mut self) {
-        while let Some(out) = self.router.poll_output() {
-            match out {
-                Output::Event(ev) => {
-                    if self.pending.is_empty() {
-                        match self.event_tx.try_send(ev) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(ev)) => self.pending.push_back(ev),
-                            Err(mpsc::error::TrySendError::Closed(_)) => {}
-                        }
-                    } else {
-                        self.pending.push_back(ev);
-                    }
-                }
-                Output::RefreshRoom(room) => self.spawn_refresh(room, 1),
-                Output::Send(s) => {
-                    if let Err(e) = self.send_tx.try_send(s) {
-                        let s = match e {
-                            mpsc::error::TrySendError::Full(s)
-                            | mpsc::error::TrySendError::Closed(s) => s,
-                        };
-                        warn!(event_type = s.event_type, call = %s.call_id, "send queue full; dropped");
-                        self.metrics.drop(DropReason::QueueFull);
-                    }
-                }
-            }
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// sender task
-
-struct SenderTask {
-    client: MatrixClient,
-    metrics: Metrics,
-    max_parallel: usize,
-    max_queued: usize,
-    boot: String,
-    txn_counter: u64,
-    queues: HashMap<CallId, VecDeque<(OutgoingToDevice, String)>>,
-    in_flight: HashSet<CallId>,
-    ready: VecDeque<CallId>,
-    queued: usize,
-}
-
-const SEND_ATTEMPTS: u32 = 5;
-
-impl SenderTask {
-    fn new(client: MatrixClient, metrics: Metrics, max_parallel: usize, max_queued: usize) -> Self {
-        Self {
-            client,
-            metrics,
-            max_parallel,
-            max_queued,
-            boot: format!("{:016x}", rand::random::<u64>()),
-            txn_counter: 0,
-            queues: HashMap::new(),
-            in_flight: HashSet::new(),
-            ready: VecDeque::new(),
-            queued: 0,
-        }
-    }
-
-    fn enqueue(&mut self, out: OutgoingToDevice) {
-        if self.queued >= self.max_queued {
-            warn!(event_type = out.event_type, call = %out.call_id, "send queue full; dropped");
-            self.metrics.drop(DropReason::QueueFull);
-            return;
-        }
-        self.txn_counter += 1;
-        let txn = format!("weir.{}.{}", self.boot, self.txn_counter);
-        let call = out.call_id.clone();
-        let q = self.queues.entry(call.clone()).or_default();
-        let was_idle = q.is_empty() && !self.in_flight.contains(&call);
-        q.push_back((out, txn));
-        self.queued += 1;
-        if was_idle {
-            self.ready.push_back(call);
-        }
-    }
-
-    async fn run(mut self, mut rx: mpsc::Receiver<OutgoingToDevice>) {
-        let mut jobs: JoinSet<CallId> = JoinSet::new();
-        let mut open = true;
-        loop {
-            while jobs.len() < self.max_parallel {
-                let Some(call) = self.ready.pop_front() else {
-                    break;
-                };
-                let Some((out, txn)) = self.queues.get_mut(&call).and_then(VecDeque::pop_front)
-                else {
-                    continue;
-                };
-                self.queued -= 1;
-                self.in_flight.insert(call.clone());
-                let client = self.client.clone();
-                let metrics = self.metrics.clone();
-                jobs.spawn(async move {
-                    send_with_retries(&client, &metrics, &out, &txn).await;
-                    out.call_id
-                });
-            }
-            if !open && jobs.is_empty() && self.queued == 0 {
-                break;
-            }
-            tokio::select! {
-                msg = rx.recv(), if open => match msg {
-                    Some(out) => self.enqueue(out),
-                    None => open = false,
-                },
-                Some(done) = jobs.join_next(), if !jobs.is_empty() => {
-                    let call = match done {
-                        Ok(c) => c,
-                        Err(e) => { error!(error = %e, "send job failed"); continue; }
-                    };
-                    self.in_flight.remove(&call);
-                    if self.queues.get(&call).is_some_and(|q| !q.is_empty()) {
-                        self.ready.push_back(call);
-                    } else {
-                        self.queues.remove(&call);
-                    }
-                }
-            }
-        }
-    }
-}
-
-async fn send_with_retries(
-    client: &MatrixClient,
-    metrics: &Metrics,
-    out: &OutgoingToDevice,
-    txn: &str,
-) {
-    let messages = match out.messages() {
-        Ok(m) => m,
-        Err(e) => {
-            error!(event_type = out.event_type, call = %out.call_id, error = %e, "could not serialise; not sent");
-            return metrics.drop(DropReason::SendFailed);
-        }
-    };
-    let mut backoff = Duration::from_millis(250);
-    for attempt in 1..=SEND_ATTEMPTS {
-        match client
-            .send_to_device(out.event_type, txn, messages.clone())
-            .await
-        {
-            Ok(()) => {
-                metrics.sent.with_label_values(&[out.event_type]).inc();
-                debug!(event_type = out.event_type, call = %out.call_id, to = %out.to_user, "sent");
-                return;
-            }
-            Err(e) if e.is_transient() && attempt < SEND_ATTEMPTS => {
-                warn!(event_type = out.event_type, call = %out.call_id, attempt, error = %e, "send failed; retrying");
-                tokio::time::sleep(
-                    e.retry_after()
-                        .unwrap_or(backoff)
-                        .min(Duration::from_secs(10)),
-                )
-                .await;
-                backoff *= 2;
-            }
-            Err(e) => {
-                error!(event_type = out.event_type, call = %out.call_id, error = %e, "send failed; giving up");
-                metrics.drop(if e.status() == Some(413) {
-                    DropReason::TooLarge
-                } else {
-                    DropReason::SendFailed
-                });
-                return;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1357,35 +769,5 @@ mod tests {
         assert!(!s.contains("hunter2") && !s.contains("syt_secret"), "{s}");
         assert_eq!(c.session_id.as_str(), "sfu");
         assert_eq!(c.reorder_timeout, Duration::from_secs(1));
-    }
-
-    #[test]
-    fn sender_keeps_per_leg_order_and_bounds_the_queue() {
-        let client = MatrixClient::new("http://127.0.0.1:9").unwrap();
-        let mut s = SenderTask::new(client, Metrics::unregistered().unwrap(), 2, 3);
-        let out = |call: &str, ty: &'static str| OutgoingToDevice {
-            event_type: ty,
-            to_user: "@u:hs".try_into().unwrap(),
-            to_device: "D".into(),
-            call_id: call.into(),
-            content: json!({}),
-        };
-        s.enqueue(out("a", "m.call.answer"));
-        s.enqueue(out("a", "m.call.negotiate"));
-        s.enqueue(out("b", "m.call.answer"));
-        s.enqueue(out("c", "m.call.answer"));
-        assert_eq!(s.metrics.dropped_count(DropReason::QueueFull), 1);
-        // Leg "a" is ready once, with its answer ahead of its negotiate.
-        assert_eq!(
-            s.ready,
-            VecDeque::from([CallId::from("a"), CallId::from("b")])
-        );
-        let q: Vec<&str> = s.queues[&CallId::from("a")]
-            .iter()
-            .map(|(o, _)| o.event_type)
-            .collect();
-        assert_eq!(q, ["m.call.answer", "m.call.negotiate"]);
-        let txns: HashSet<&String> = s.queues.values().flatten().map(|(_, t)| t).collect();
-        assert_eq!(txns.len(), 3, "transaction ids are unique");
     }
 }
