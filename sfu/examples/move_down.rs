@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use weir_sfu::sim::{longest_stop, media_bytes, Camera, Publish, SimNet};
+use weir_sfu::sim::{cameras_to_one_watcher, longest_stop, media_bytes, SimNet};
 
 fn main() {
     let runs: usize = std::env::var("RUNS")
@@ -28,21 +28,9 @@ fn main() {
 }
 
 fn once() {
-    let mut net = SimNet::new(weir_sfu::SfuConfig {
-        estimate_from_bps: Some(1_000_000),
-        ..weir_sfu::SfuConfig::default()
-    });
-    let simulcast = Publish {
-        audio: true,
-        video: true,
-        simulcast: true,
-    };
-    let alice = net.join(12, simulcast);
-    let bob = net.join(12, Publish::NOTHING);
-    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
-    net.clients[bob].link.rate_down_bps = 3_000_000;
-    net.clients[bob].link.delay_down = Duration::from_millis(20);
-    let mut cam = Camera::new(alice, &Camera::SIMULCAST);
+    let mut net = SimNet::default();
+    let (mut cams, bob) = cameras_to_one_watcher(&mut net, 1, 3_000_000);
+    let mut cam = cams.remove(0);
     cam.run(&mut net, Duration::from_secs(10));
 
     let cut = net.now();

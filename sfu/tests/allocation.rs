@@ -319,21 +319,9 @@ fn a_subscriber_whose_link_narrows_moves_down_a_layer_and_back_up_when_it_widens
 /// old layer cut the loss cap below the layer moved to, which paused it seconds later.
 #[test]
 fn a_narrowing_link_moves_down_without_freezing_the_picture() {
-    let mut net = SimNet::new(weir_sfu::SfuConfig {
-        estimate_from_bps: Some(1_000_000),
-        ..weir_sfu::SfuConfig::default()
-    });
-    let simulcast = Publish {
-        audio: true,
-        video: true,
-        simulcast: true,
-    };
-    let alice = net.join(12, simulcast);
-    let bob = net.join(12, WATCH);
-    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
-    net.clients[bob].link.rate_down_bps = 3_000_000;
-    net.clients[bob].link.delay_down = Duration::from_millis(20);
-    let mut cam = Camera::new(alice, &Camera::SIMULCAST);
+    let mut net = SimNet::default();
+    let (mut cams, bob) = cameras_to_one_watcher(&mut net, 1, 3_000_000);
+    let mut cam = cams.remove(0);
     cam.run(&mut net, Duration::from_secs(10));
     let last_rank = |net: &SimNet, cam: &Camera| cam.shown(net, bob).last().map(|(_, r)| *r);
     assert_eq!(last_rank(&net, &cam), Some(4), "over 3 Mbit/s Bob shows f");
