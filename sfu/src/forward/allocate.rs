@@ -523,15 +523,22 @@ pub(super) mod tests {
         );
     }
 
-    #[test]
-    fn loss_pauses_only_when_measured_while_little_more_than_the_lowest_layers_left() {
-        let t0 = Instant::now();
+    /// One camera toward a free link, allocated its full layer at `t0`; and how to describe
+    /// that camera in a later state.
+    fn one_camera_on_f(t0: Instant) -> (Allocator, impl Fn(Now) -> [Demand; 1]) {
         let mut a = Allocator::default();
         let one = |now| [camera(Priority::Other, u8::MAX, now)];
         assert_eq!(
             a.decide(3_000_000, Some(0.0), 0, &one(Now::New), t0),
             vec![Some(F)]
         );
+        (a, one)
+    }
+
+    #[test]
+    fn loss_pauses_only_when_measured_while_little_more_than_the_lowest_layers_left() {
+        let t0 = Instant::now();
+        let (mut a, one) = one_camera_on_f(t0);
         // The link narrows to 500 k: the estimate falls and moves the video to q.
         let t1 = t0 + Duration::from_millis(300);
         assert_eq!(
@@ -577,12 +584,7 @@ pub(super) mod tests {
     #[test]
     fn a_cut_from_the_old_layers_loss_does_not_pause_the_layer_moved_to_later() {
         let t0 = Instant::now();
-        let mut a = Allocator::default();
-        let one = |now| [camera(Priority::Other, u8::MAX, now)];
-        assert_eq!(
-            a.decide(3_000_000, Some(0.0), 0, &one(Now::New), t0),
-            vec![Some(F)]
-        );
+        let (mut a, one) = one_camera_on_f(t0);
         // The link narrows: the estimate moves the video to q, and loss cuts f.
         let t1 = t0 + Duration::from_millis(300);
         a.on_wire(1_600_000, t1);
