@@ -895,6 +895,9 @@ impl Participant {
                 let decoded = crate::payload::decode(&pkt.payload, video);
                 let voiced = pkt.header.ext_vals.voice_activity == Some(true);
                 let publisher = decoded.as_ref().ok().map(|h| h.publisher);
+                let frozen_before = publisher
+                    .and_then(|p| self.rx.video.get(&p))
+                    .map_or(0, |v| v.freeze_us);
                 self.rx.on_packet(
                     ssrc,
                     *pkt.seq_no,
@@ -903,6 +906,17 @@ impl Participant {
                     now_us,
                     &self.roster,
                 );
+                let frozen = publisher
+                    .and_then(|p| self.rx.video.get(&p))
+                    .map_or(0, |v| v.freeze_us);
+                if frozen > frozen_before {
+                    debug!(
+                        user = %self.user_id,
+                        publisher = ?publisher,
+                        stop_ms = (frozen - frozen_before) / 1000,
+                        "a video froze and came back"
+                    );
+                }
                 if let (false, true, Some(p)) = (video, voiced, publisher) {
                     self.rx.on_voice(p);
                 }
@@ -931,6 +945,7 @@ impl Participant {
                 };
                 if let Some(p) = publisher_of_stream(stream) {
                     let now_us = micros_since_epoch(Instant::now());
+                    debug!(user = %self.user_id, publisher = ?p, paused, "focus says paused");
                     self.rx
                         .video
                         .entry(p)
