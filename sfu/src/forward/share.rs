@@ -2,7 +2,7 @@
 //! `Allocator::decide` (`forward/allocate.rs`) runs with the shares of the estimate it works
 //! out. Every track its lowest step first, then the most important climb.
 
-use super::allocate::{Demand, Priority};
+use super::allocate::{Demand, Now, Priority};
 use super::quality::Quality;
 
 /// What a choice of ranks costs, at the measured rates.
@@ -38,7 +38,7 @@ pub fn next_step(demands: &[Demand], choice: &[Option<Quality>]) -> Option<u64> 
 }
 
 /// Share `budget_bps` among the tracks: every track its lowest layer first, in priority
-/// order, pausing those that do not fit (a track that has not started yet starts only
+/// order (within a priority, those flowing now first), pausing those that do not fit (a track that has not started yet starts only
 /// within `budget_bps`); then the speaker and screens climb as high as
 /// fits, in priority order; then the others climb together, one layer each per round, so a
 /// grid fills evenly. Returns a rank per track, or `None` for a pause.
@@ -47,8 +47,14 @@ pub fn next_step(demands: &[Demand], choice: &[Option<Quality>]) -> Option<u64> 
 /// worse than running a little closer to the estimate, so the first layer of each is held to
 /// the larger share; only climbing is held to `budget_bps`.
 pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Option<Quality>> {
+    // Most important first; within a priority, what flows now before what is paused or has
+    // not started, so that a budget too small for every floor never pauses one picture to
+    // resume another.
     let mut order: Vec<usize> = (0..demands.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(demands[i].priority));
+    order.sort_by_key(|&i| {
+        let flowing = matches!(demands[i].now, Now::Layer(_));
+        (std::cmp::Reverse(demands[i].priority), !flowing)
+    });
     // Index into each track's eligible layers.
     let mut at: Vec<Option<usize>> = vec![None; demands.len()];
     let mut spent = 0;
@@ -108,7 +114,6 @@ pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Opti
 mod tests {
     use super::*;
     use crate::forward::allocate::tests::{camera, F, H, Q};
-    use crate::forward::allocate::Now;
 
     #[test]
     fn a_wide_link_gets_every_track_at_its_size() {
@@ -153,6 +158,23 @@ mod tests {
             vec![Some(Q), Some(H), Some(Q)]
         );
         assert_eq!(allocate(100_000, 100_000, &d), vec![None, None, None]);
+    }
+
+    /// Room for one lowest layer, two cameras of equal priority: the one flowing keeps it,
+    /// whichever comes first in the subscriber's track map. Handing it to the paused one
+    /// pauses a picture to resume another, two keyframes and two notices for nothing.
+    #[test]
+    fn a_flowing_video_keeps_its_floor_over_a_paused_one_of_equal_priority() {
+        let paused = camera(Priority::Other, u8::MAX, Now::Paused);
+        let flowing = camera(Priority::Other, u8::MAX, Now::Layer(Q));
+        assert_eq!(
+            allocate(200_000, 200_000, &[paused.clone(), flowing.clone()]),
+            vec![None, Some(Q)]
+        );
+        assert_eq!(
+            allocate(200_000, 200_000, &[flowing, paused]),
+            vec![Some(Q), None]
+        );
     }
 
     #[test]
