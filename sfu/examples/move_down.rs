@@ -9,7 +9,9 @@
 //! The simulated receiver never asks for a keyframe itself, where Chromium asks after 3 s
 //! without a decodable frame: a packet lost for good here freezes the picture to the end of
 //! the run, as it would for 3 s in a browser. Runs differ: the engines draw SSRCs and keys at
-//! random. `RUNS=8 cargo run -p weir-sfu --example move_down`.
+//! random. `RUNS=8 cargo run -p weir-sfu --example move_down`; with `WHY=1`, also each
+//! change of layer and each stop over 150 ms in Bob's picture after the cut, and the
+//! allocation's and fan-out's debug log.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,6 +19,11 @@ use std::time::Duration;
 use weir_sfu::sim::{cameras_to_one_watcher, longest_stop, media_bytes, SimNet};
 
 fn main() {
+    if std::env::var("WHY").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("weir_sfu::shard::allocation=debug,weir_sfu::shard::fanout=debug")
+            .try_init();
+    }
     let runs: usize = std::env::var("RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -45,6 +52,19 @@ fn once() {
     let shown = cam.shown(&net, bob);
     let stop = longest_stop(&shown, cut, net.now());
     let last = shown.last().map(|(_, rank)| *rank);
+    if std::env::var("WHY").is_ok() {
+        for w in shown.windows(2).filter(|w| w[1].0 > cut) {
+            if w[1].1 != w[0].1 || w[1].0 - w[0].0 > Duration::from_millis(150) {
+                println!(
+                    "    {:?} after the cut: rank {} -> {} after {:?}",
+                    w[1].0 - cut,
+                    w[0].1,
+                    w[1].1,
+                    w[1].0 - w[0].0
+                );
+            }
+        }
+    }
     let mut keyframes: BTreeMap<(u64, u8), (usize, usize)> = BTreeMap::new();
     for r in &net.clients[bob].received[received_before..] {
         if let Some(f) = cam.frame_of(&r.payload).filter(|f| f.keyframe) {
