@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use tracing::debug;
+
 use str0m::media::{KeyframeRequest, KeyframeRequestKind, Rid};
 
 use crate::forward::{grid_cap, KeyframeRequests};
@@ -80,7 +82,9 @@ impl<S: EventSink> ShardCore<S> {
                 &mut p.keyframes.last_mut().expect("just pushed").1
             }
         };
-        if k.request(now) {
+        let now_sent = k.request(now);
+        debug!(publisher = %track.publisher, mid = %track.mid, ?layer, held = !now_sent, "keyframe wanted");
+        if now_sent {
             self.send_pli(track, layer);
         }
     }
@@ -186,6 +190,7 @@ impl<S: EventSink> ShardCore<S> {
             }
         }
         for (t, layer) in owed {
+            debug!(publisher = %t.publisher, mid = %t.mid, ?layer, "keyframe request held back, sent now");
             self.send_pli(&t, layer);
         }
         for (sub, t, layer) in moves {
