@@ -38,22 +38,23 @@ pub fn next_step(demands: &[Demand], choice: &[Option<Quality>]) -> Option<u64> 
 }
 
 /// Share `budget_bps` among the tracks: every track its lowest layer first, in priority
-/// order (within a priority, those flowing now first), pausing those that do not fit (a track that has not started yet starts only
-/// within `budget_bps`); then the speaker and screens climb as high as
-/// fits, in priority order; then the others climb together, one layer each per round, so a
+/// order (within a priority, paused ones last), pausing those that do not fit (a track that
+/// has not started yet starts only within `budget_bps`); then the speaker and screens climb
+/// as high as fits, in priority order; then the others climb together, one layer each per round, so a
 /// grid fills evenly. Returns a rank per track, or `None` for a pause.
 ///
 /// The lowest layers may use up to `floor_bps` (at least `budget_bps`): pausing a video is
 /// worse than running a little closer to the estimate, so the first layer of each is held to
 /// the larger share; only climbing is held to `budget_bps`.
 pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Option<Quality>> {
-    // Most important first; within a priority, what flows now before what is paused or has
-    // not started, so that a budget too small for every floor never pauses one picture to
-    // resume another.
+    // Most important first; within a priority, paused videos after the others, so that a
+    // budget too small for every floor never pauses one picture to resume another. New videos
+    // keep their place: after the flowing ones, a new video would wait whenever what flows
+    // left less than its floor in the smaller share, where before it started.
     let mut order: Vec<usize> = (0..demands.len()).collect();
     order.sort_by_key(|&i| {
-        let flowing = matches!(demands[i].now, Now::Layer(_));
-        (std::cmp::Reverse(demands[i].priority), !flowing)
+        let paused = demands[i].now == Now::Paused;
+        (std::cmp::Reverse(demands[i].priority), paused)
     });
     // Index into each track's eligible layers.
     let mut at: Vec<Option<usize>> = vec![None; demands.len()];
