@@ -51,7 +51,7 @@ fn register_focus(syn: &Synapse, password: &str) -> String {
 /// trunk carries when the far side watches full size. From the default 1 Mbit/s, a
 /// subscriber whose estimate had not climbed past that layer's rate kept the far video
 /// waiting for the whole run: allocation can only choose among the layers the trunk
-/// carries, and nothing asks the far focus for a smaller one (docs/cascading.md, "Known
+/// carries, and nothing asks the far focus for a smaller one (docs/cascading.md, "Not
 /// yet"). These tests are about what crosses a trunk, not about that gap.
 fn site(dir: &std::path::Path, name: &str, device: &'static str) -> Site {
     site_with_media(dir, name, device, "estimate_from_kbps = 5000")

@@ -40,8 +40,8 @@ pub fn next_step(demands: &[Demand], choice: &[Option<Quality>]) -> Option<u64> 
 /// Share `budget_bps` among the tracks: every track its lowest layer first, in priority
 /// order (within a priority, paused ones last), pausing those that do not fit (a track that
 /// has not started yet starts only within `budget_bps`); then the speaker and screens climb
-/// as high as fits, in priority order; then the others climb together, one layer each per round, so a
-/// grid fills evenly. Returns a rank per track, or `None` for a pause.
+/// as high as fits, in priority order; then the others climb together, one layer each per
+/// round, so a grid fills evenly. Returns a rank per track, or `None` for a pause.
 ///
 /// The lowest layers may use up to `floor_bps` (at least `budget_bps`): pausing a video is
 /// worse than running a little closer to the estimate, so the first layer of each is held to
