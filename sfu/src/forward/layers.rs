@@ -162,11 +162,16 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
         self.active(now).max_by_key(|l| l.rank).map(|l| l.layer)
     }
 
+    /// The lowest layer that is not stalled, if any.
+    pub fn lowest_active(&self, now: Instant) -> Option<L> {
+        self.active(now).min_by_key(|l| l.rank).map(|l| l.layer)
+    }
+
     /// The best active layer whose rank is at most `max_rank`; if every active layer is above
     /// the cap, the lowest active one (something is better than nothing).
     pub fn best_active_capped(&self, now: Instant, max_rank: u8) -> Option<L> {
         self.best_active_within(now, max_rank)
-            .or_else(|| self.active(now).min_by_key(|l| l.rank).map(|l| l.layer))
+            .or_else(|| self.lowest_active(now))
     }
 
     /// The best active layer whose rank is at most `max_rank`, if there is one.

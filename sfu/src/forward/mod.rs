@@ -30,6 +30,6 @@ pub use rewrite::{Rewritten, SeqTsRewriter};
 pub use speakers::{SpeakerDetector, Speakers};
 pub use stall::StallWatch;
 pub use temporal::{TemporalFilter, TemporalPacket, ALL_TEMPORAL};
-pub use trunk_layers::TrunkLayers;
+pub use trunk_layers::{trunk_layers_wanted, TrunkLayers};
 pub use vp8::{PictureId, Vp8Descriptor};
 pub use vp8_ids::{Vp8Ids, Vp8Numbers};

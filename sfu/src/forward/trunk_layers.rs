@@ -9,7 +9,42 @@
 
 use std::time::Instant;
 
+use super::layers::LayerActivity;
 use super::rewrite::{Rewritten, SeqTsRewriter};
+
+/// The layers a trunk should carry of one track whose far side subscribed at the size caps
+/// `caps` (quality ranks): for each, the best layer flowing within it, and beside them the
+/// lowest layer flowing. Nothing when the far side asked for nothing.
+///
+/// The far focus shares each of its subscribers' downlinks among the layers that arrive. If
+/// only the layers its screens ask for crossed (often just the full one), a far subscriber
+/// whose downlink cannot take them would have nothing to fall back to, and its tile would
+/// stay paused for the whole call; with the lowest layer always beside them, it gets a small
+/// picture instead. This costs the trunk the lowest layer's rate (about a tenth of the full
+/// one) per watched track, and the publisher nothing: dynacast keeps every layer below a
+/// needed one encoded.
+pub fn trunk_layers_wanted<L: Copy + PartialEq>(
+    activity: &LayerActivity<L>,
+    caps: impl IntoIterator<Item = u8>,
+    now: Instant,
+) -> Vec<L> {
+    let mut wanted: Vec<L> = Vec::new();
+    for cap in caps {
+        if let Some(l) = activity.best_active_capped(now, cap) {
+            if !wanted.contains(&l) {
+                wanted.push(l);
+            }
+        }
+    }
+    if !wanted.is_empty() {
+        if let Some(floor) = activity.lowest_active(now) {
+            if !wanted.contains(&floor) {
+                wanted.push(floor);
+            }
+        }
+    }
+    wanted
+}
 
 /// One layer of the trunk's m-line.
 #[derive(Debug, Clone)]
@@ -109,10 +144,43 @@ impl<L: Copy + PartialEq> TrunkLayers<L> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::forward::LAYER_STALL;
 
     const H: u8 = 2;
     const Q: u8 = 0;
     const F: u8 = 3;
+
+    /// Layers flowing at `now` with their ranks (the rank stands in for the layer too).
+    fn flowing(ranks: &[u8], now: Instant) -> LayerActivity<u8> {
+        let mut a = LayerActivity::default();
+        for r in ranks {
+            a.saw(*r, *r, None, 1000, now);
+        }
+        a
+    }
+
+    #[test]
+    fn a_trunk_carries_the_lowest_layer_beside_the_sizes_asked() {
+        let t = Instant::now();
+        let (q, h, f) = (2, 3, 4);
+        let all = flowing(&[q, h, f], t);
+        // Full size asked: the full layer, and the lowest as the far side's floor.
+        assert_eq!(trunk_layers_wanted(&all, [u8::MAX], t), vec![f, q]);
+        assert_eq!(trunk_layers_wanted(&all, [h, u8::MAX], t), vec![h, f, q]);
+        // The lowest layer asked for itself crosses once.
+        assert_eq!(trunk_layers_wanted(&all, [q], t), vec![q]);
+        assert_eq!(trunk_layers_wanted(&all, [u8::MAX, q], t), vec![f, q]);
+        // Nobody far watches: nothing crosses, not even the floor.
+        assert!(trunk_layers_wanted(&all, [], t).is_empty());
+        // The floor is the lowest layer that flows: here the quarter layer has stopped.
+        let later = t + LAYER_STALL;
+        let mut no_q = flowing(&[h, f], later);
+        no_q.saw(q, q, None, 1000, t);
+        assert_eq!(trunk_layers_wanted(&no_q, [u8::MAX], later), vec![f, h]);
+        // A track without simulcast crosses as its one layer.
+        let single = flowing(&[0], t);
+        assert_eq!(trunk_layers_wanted(&single, [u8::MAX, q], t), vec![0]);
+    }
 
     fn three() -> TrunkLayers<u8> {
         let mut n = 0u16;

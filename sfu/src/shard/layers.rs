@@ -7,7 +7,7 @@ use tracing::debug;
 
 use str0m::media::{KeyframeRequest, KeyframeRequestKind, Rid};
 
-use crate::forward::{grid_cap, KeyframeRequests};
+use crate::forward::{grid_cap, trunk_layers_wanted, KeyframeRequests};
 use crate::ids::{PeerId, TrackKind};
 
 use super::{EventSink, ShardCore, TrackKey};
@@ -39,23 +39,23 @@ impl<S: EventSink> ShardCore<S> {
             .is_some_and(|o| o.trunk.is_some())
     }
 
-    /// The layers of `track` a trunk carries: for each size its far side subscribed at, the
-    /// best layer flowing now within that size. Newly carried layers get a keyframe request.
+    /// The layers of `track` a trunk carries ([`trunk_layers_wanted`]: for each size its far
+    /// side subscribed at, the best layer flowing within it, and the lowest layer flowing).
+    /// Newly carried layers get a keyframe request.
     pub(super) fn sync_trunk_layers(&mut self, sub: PeerId, track: &TrackKey, now: Instant) {
         let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
             return;
         };
-        let mut wanted: Vec<Rid> = Vec::new();
-        for s in peer.explicit.iter().flatten() {
-            if s.stream_id != p.stream_id || s.track_id != p.track_id {
-                continue;
-            }
-            if let Some(Some(rid)) = p.activity.best_active_capped(now, s.max_rank()) {
-                if !wanted.contains(&rid) {
-                    wanted.push(rid);
-                }
-            }
-        }
+        let caps = peer
+            .explicit
+            .iter()
+            .flatten()
+            .filter(|s| s.stream_id == p.stream_id && s.track_id == p.track_id)
+            .map(|s| s.max_rank());
+        let wanted: Vec<Rid> = trunk_layers_wanted(&p.activity, caps, now)
+            .into_iter()
+            .flatten()
+            .collect();
         let added = self
             .peers
             .get_mut(&sub)
