@@ -122,7 +122,7 @@ fn layers_told(net: &SimNet, who: usize) -> Vec<Vec<String>> {
     net.clients[who]
         .messages
         .iter()
-        .filter_map(|m| serde_json::from_str::<serde_json::Value>(m).ok())
+        .filter_map(|(_, m)| serde_json::from_str::<serde_json::Value>(m).ok())
         .filter(|v| v["type"] == "io.weir.layers")
         .map(|v| {
             v["content"]["active"]

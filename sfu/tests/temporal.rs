@@ -122,7 +122,7 @@ fn a_link_too_narrow_for_the_smallest_layer_gets_it_at_a_lower_frame_rate() {
     );
     let paused = net.clients[carol].messages[told..]
         .iter()
-        .any(|m| m.contains("io.weir.paused") && m.contains("\"paused\":true"));
+        .any(|(_, m)| m.contains("io.weir.paused") && m.contains("\"paused\":true"));
     assert!(!paused, "Carol's video was never paused");
 
     // Bob, on a free link, got every frame of f in the same time: Alice's bytes but for the

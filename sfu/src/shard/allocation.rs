@@ -58,7 +58,7 @@ impl<S: EventSink> ShardCore<S> {
         peer.probing = (0, 0);
         debug!(%id, resumed = notices.len(), "allocation released: no live estimate");
         for text in notices {
-            self.send_data(id, &text);
+            self.send_notice(id, text);
         }
     }
 
@@ -204,7 +204,7 @@ impl<S: EventSink> ShardCore<S> {
             desired = round(estimate).min(desired);
         }
         for text in notices {
-            self.send_data(id, &text);
+            self.send_notice(id, text);
         }
         let Some(peer) = self.peers.get_mut(&id) else {
             return;

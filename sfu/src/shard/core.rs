@@ -95,7 +95,9 @@ impl<S: EventSink> ShardCore<S> {
                 // A layer someone now needs is switched on without waiting for housekeeping.
                 self.update_dynacast(now);
             }
-            Command::SendData { peer, text } => self.send_data(peer, &text),
+            Command::SendData { peer, text } => {
+                self.send_data(peer, &text);
+            }
             Command::Screens { peer, streams } => {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     // Bounded like the metadata it comes from.

@@ -261,6 +261,9 @@ struct Peer {
     /// (`allocation::PROBE_INTERVAL`), and when that last happened.
     probe_dip: bool,
     probed_at: Instant,
+    /// The last notice sent on its data channel, and how many more times to send it again
+    /// (`data_channel::NOTICE_ECHOES`).
+    notice_echo: Option<(String, u8)>,
     /// Bytes received from it and sent to it, all datagrams included, and their rates over
     /// the last whole second (for an operator's view: `Sfu::peer_reports`).
     traffic: Traffic,
@@ -336,6 +339,7 @@ impl Peer {
             probing: (0, 0),
             probe_dip: false,
             probed_at: now,
+            notice_echo: None,
             traffic: Traffic::new(now),
         }
     }

@@ -81,6 +81,8 @@ impl<S: EventSink> ShardCore<S> {
         for (id, reason) in dead {
             self.close_peer(id, reason, now);
         }
+        // Before allocation: a notice it sends now is repeated from the next round on.
+        self.echo_notices();
         self.allocate_bandwidth(now);
         self.follow_layers(now);
         self.update_dynacast(now);

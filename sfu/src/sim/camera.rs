@@ -174,7 +174,7 @@ impl Camera {
     /// Apply the focus's `io.weir.layers` messages that arrived since the last frame.
     fn read_layer_notices(&mut self, net: &SimNet) {
         let messages = &net.clients[self.who].messages;
-        for text in &messages[self.read..] {
+        for (_, text) in &messages[self.read..] {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(text) else {
                 continue;
             };

@@ -105,8 +105,10 @@ pub struct Client {
     /// Datagrams and bytes the focus sent it (before its link's loss and bottleneck).
     pub datagrams_in: u64,
     pub bytes_in: u64,
-    /// Text messages it received on its data channel, oldest first.
-    pub messages: Vec<String>,
+    /// Text messages it received on its data channel, with when each arrived, oldest first.
+    pub messages: Vec<(Instant, String)>,
+    /// When its link lost a datagram on purpose (`Link::lose_dtls_down`).
+    pub lost_dtls_at: Vec<Instant>,
     /// Keyframe requests (PLI, FIR) it received, by layer, when they arrived.
     pub keyframe_requests: Vec<(Instant, Option<Rid>)>,
     pending: Option<SdpPendingOffer>,
@@ -161,6 +163,9 @@ pub struct Link {
     pub rate_down_bps: u64,
     /// One-way delay toward the participant, after the bottleneck.
     pub delay_down: Duration,
+    /// The next this many datagrams toward the participant that carry DTLS records (once
+    /// connected: its data channel) are lost: a way to lose one message on purpose.
+    pub lose_dtls_down: u32,
 }
 
 /// The most a bottleneck queue holds, in sending time; beyond it datagrams are dropped (tail
@@ -286,6 +291,7 @@ impl SimNet {
             bytes_in: 0,
             messages: Vec::new(),
             keyframe_requests: Vec::new(),
+            lost_dtls_at: Vec::new(),
             pending: Some(pending),
             next_tag: 1,
             seqs: Vec::new(),
@@ -582,6 +588,13 @@ impl SimNet {
                 if chance(rng) < c.link.loss_down {
                     return;
                 }
+                // RFC 7983: a first byte of 20..=63 is DTLS.
+                if c.link.lose_dtls_down > 0 && data.first().is_some_and(|b| (20..=63).contains(b))
+                {
+                    c.link.lose_dtls_down -= 1;
+                    c.lost_dtls_at.push(now);
+                    return;
+                }
                 if c.link.rate_down_bps > 0 || !c.link.delay_down.is_zero() {
                     // Through the bottleneck: queued, dropped if the queue is full.
                     let start = c.link_free_at.map_or(now, |t| t.max(now));
@@ -694,7 +707,8 @@ fn drain_events(c: &mut Client, now: Instant) {
             Output::Event(Event::Connected) => c.connected = true,
             Output::Event(Event::ChannelOpen(id, _)) => c.channel = Some(id),
             Output::Event(Event::ChannelData(d)) if !d.binary => {
-                c.messages.extend(String::from_utf8(d.data).ok());
+                c.messages
+                    .extend(String::from_utf8(d.data).ok().map(|m| (now, m)));
             }
             Output::Event(Event::KeyframeRequest(r)) => c.keyframe_requests.push((now, r.rid)),
             Output::Event(Event::RtpPacket(p)) => c.received.push(Received {
