@@ -174,6 +174,13 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
             .or_else(|| self.lowest_active(now))
     }
 
+    /// The active layers whose rank is at most `max_rank`, in ascending rank.
+    pub fn active_within(&self, now: Instant, max_rank: u8) -> Vec<L> {
+        let mut within: Vec<&Layer<L>> = self.active(now).filter(|l| l.rank <= max_rank).collect();
+        within.sort_by_key(|l| l.rank);
+        within.into_iter().map(|l| l.layer).collect()
+    }
+
     /// The best active layer whose rank is at most `max_rank`, if there is one.
     pub fn best_active_within(&self, now: Instant, max_rank: u8) -> Option<L> {
         self.active(now)

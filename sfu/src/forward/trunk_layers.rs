@@ -13,37 +13,34 @@ use super::layers::LayerActivity;
 use super::rewrite::{Rewritten, SeqTsRewriter};
 
 /// The layers a trunk should carry of one track whose far side subscribed at the size caps
-/// `caps` (quality ranks): for each, the best layer flowing within it, and beside them the
-/// lowest layer flowing. Nothing when the far side asked for nothing.
+/// `caps` (quality ranks): the best layer flowing within the largest cap, and every layer
+/// flowing below it (ascending). Nothing when the far side asked for nothing.
 ///
-/// The far focus shares each of its subscribers' downlinks among the layers that arrive. If
-/// only the layers its screens ask for crossed (often just the full one), a far subscriber
-/// whose downlink cannot take them would have nothing to fall back to, and its tile would
-/// stay paused for the whole call; with the lowest layer always beside them, it gets a small
-/// picture instead. This costs the trunk the lowest layer's rate (about a tenth of the full
-/// one) per watched track, and the publisher nothing: dynacast keeps every layer below a
-/// needed one encoded.
+/// The far focus shares each of its subscribers' downlinks among the layers that arrive, as
+/// it does for its own publishers. If only the layers its screens ask for crossed (often
+/// just the full one), a far subscriber whose downlink cannot take them would have nothing
+/// to fall back to, and its tile would stay paused for the whole call; with only the lowest
+/// layer beside them, a subscriber that could take the middle one would get the lowest.
+/// With every lower layer, a far subscriber gets the same choice as a local one. This costs
+/// the trunk the lower layers' rates (about a third of the full one for a 720p camera's
+/// quarter and half layers) per watched track, each once, and the publisher nothing:
+/// dynacast keeps every layer below a needed one encoded. (Asking the origin for a lower
+/// layer only while some far subscriber needs it would save that, at the price of a round
+/// trip and a keyframe before the subscriber moves down.)
 pub fn trunk_layers_wanted<L: Copy + PartialEq>(
     activity: &LayerActivity<L>,
     caps: impl IntoIterator<Item = u8>,
     now: Instant,
 ) -> Vec<L> {
-    let mut wanted: Vec<L> = Vec::new();
-    for cap in caps {
-        if let Some(l) = activity.best_active_capped(now, cap) {
-            if !wanted.contains(&l) {
-                wanted.push(l);
-            }
-        }
+    let Some(cap) = caps.into_iter().max() else {
+        return Vec::new();
+    };
+    let within = activity.active_within(now, cap);
+    if within.is_empty() {
+        // Every layer flowing is above the size asked: the lowest one, as for a subscriber.
+        return activity.lowest_active(now).into_iter().collect();
     }
-    if !wanted.is_empty() {
-        if let Some(floor) = activity.lowest_active(now) {
-            if !wanted.contains(&floor) {
-                wanted.push(floor);
-            }
-        }
-    }
-    wanted
+    within
 }
 
 /// One layer of the trunk's m-line.
@@ -160,23 +157,26 @@ mod tests {
     }
 
     #[test]
-    fn a_trunk_carries_the_lowest_layer_beside_the_sizes_asked() {
+    fn a_trunk_carries_every_layer_up_to_the_largest_size_asked() {
         let t = Instant::now();
         let (q, h, f) = (2, 3, 4);
         let all = flowing(&[q, h, f], t);
-        // Full size asked: the full layer, and the lowest as the far side's floor.
-        assert_eq!(trunk_layers_wanted(&all, [u8::MAX], t), vec![f, q]);
-        assert_eq!(trunk_layers_wanted(&all, [h, u8::MAX], t), vec![h, f, q]);
-        // The lowest layer asked for itself crosses once.
+        // Full size asked: the full layer and both below it, each once.
+        assert_eq!(trunk_layers_wanted(&all, [u8::MAX], t), vec![q, h, f]);
+        assert_eq!(trunk_layers_wanted(&all, [q, u8::MAX, h], t), vec![q, h, f]);
+        // Half size: the half layer and the quarter, not the full one.
+        assert_eq!(trunk_layers_wanted(&all, [h], t), vec![q, h]);
         assert_eq!(trunk_layers_wanted(&all, [q], t), vec![q]);
-        assert_eq!(trunk_layers_wanted(&all, [u8::MAX, q], t), vec![f, q]);
-        // Nobody far watches: nothing crosses, not even the floor.
+        // Nobody far watches: nothing crosses.
         assert!(trunk_layers_wanted(&all, [], t).is_empty());
-        // The floor is the lowest layer that flows: here the quarter layer has stopped.
+        // Only layers that flow: here the half layer has stopped.
         let later = t + LAYER_STALL;
-        let mut no_q = flowing(&[h, f], later);
-        no_q.saw(q, q, None, 1000, t);
-        assert_eq!(trunk_layers_wanted(&no_q, [u8::MAX], later), vec![f, h]);
+        let mut no_h = flowing(&[q, f], later);
+        no_h.saw(h, h, None, 1000, t);
+        assert_eq!(trunk_layers_wanted(&no_h, [u8::MAX], later), vec![q, f]);
+        // Every layer flowing is above the size asked: the lowest of them.
+        let big = flowing(&[h, f], t);
+        assert_eq!(trunk_layers_wanted(&big, [q], t), vec![h]);
         // A track without simulcast crosses as its one layer.
         let single = flowing(&[0], t);
         assert_eq!(trunk_layers_wanted(&single, [u8::MAX, q], t), vec![0]);

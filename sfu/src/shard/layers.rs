@@ -39,9 +39,9 @@ impl<S: EventSink> ShardCore<S> {
             .is_some_and(|o| o.trunk.is_some())
     }
 
-    /// The layers of `track` a trunk carries ([`trunk_layers_wanted`]: for each size its far
-    /// side subscribed at, the best layer flowing within it, and the lowest layer flowing).
-    /// Newly carried layers get a keyframe request.
+    /// The layers of `track` a trunk carries ([`trunk_layers_wanted`]: the best layer
+    /// flowing within the largest size its far side subscribed at, and every layer flowing
+    /// below it). Newly carried layers get a keyframe request.
     pub(super) fn sync_trunk_layers(&mut self, sub: PeerId, track: &TrackKey, now: Instant) {
         let (Some(peer), Some(p)) = (self.peers.get(&sub), self.tracks.get(track)) else {
             return;
