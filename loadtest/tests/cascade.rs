@@ -281,6 +281,31 @@ fn two_organisations_share_one_conference_through_a_trunk() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Every video each participant received (`pairs` in all) ended on the layer `layer` gives
+/// for that participant (by its number in the load report).
+fn assert_last_layers(
+    json: &std::path::Path,
+    pairs: usize,
+    layer: impl Fn(u64) -> &'static str,
+    out: &str,
+) {
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(json).expect("--json")).expect("valid JSON");
+    let mut checked = 0;
+    for p in r["participants_detail"].as_array().expect("participants") {
+        let me = p["publisher"].as_u64().expect("publisher");
+        for v in p["rx_video"].as_array().expect("rx_video") {
+            let want = layer(me);
+            assert_eq!(
+                v["last_layer"], want,
+                "participant {me} should end on {want}: {p}\n{out}"
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, pairs, "{r}");
+}
+
 /// Half the participants on each side watch everyone full size, half small. Each layer of the
 /// far video crosses the trunk once, and every participant ends up on the layer it asked
 /// for, whichever side its publisher is on.
@@ -320,23 +345,13 @@ fn a_trunk_carries_each_layer_its_far_side_watches_once() {
             "{max:?}\n{out}"
         );
     }
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("--json")).expect("valid JSON");
-    let parts = r["participants_detail"].as_array().expect("participants");
-    let mut checked = 0;
-    for p in parts {
-        let me = p["publisher"].as_u64().expect("publisher");
-        let asked = if (me / 2).is_multiple_of(2) { "f" } else { "q" };
-        for v in p["rx_video"].as_array().expect("rx_video") {
-            assert_eq!(
-                v["last_layer"], asked,
-                "participant {me} watches at {asked}: {p}\n{out}"
-            );
-            checked += 1;
-        }
-    }
     // Two publishers: seven receivers of one and seven of the other.
-    assert_eq!(checked, 14, "{r}");
+    assert_last_layers(
+        &json,
+        14,
+        |me| if (me / 2).is_multiple_of(2) { "f" } else { "q" },
+        &out,
+    );
     settle(&[&a, &b], Gauges::default(), "after everyone left");
     drop(a);
     drop(b);
@@ -386,24 +401,8 @@ fn a_far_subscriber_on_a_narrow_link_gets_the_layer_that_fits_from_below_the_ful
             "audio, and the video's three layers: {max:?}\n{out}"
         );
     }
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).expect("--json")).expect("valid JSON");
-    let mut checked = 0;
-    for p in r["participants_detail"].as_array().expect("participants") {
-        let me = p["publisher"].as_u64().expect("publisher");
-        let want = if me == 1 { "h" } else { "f" };
-        for v in p["rx_video"].as_array().expect("rx_video") {
-            assert_eq!(
-                v["last_layer"],
-                want,
-                "participant {me} (narrow: {}): {p}\n{out}",
-                me == 1
-            );
-            checked += 1;
-        }
-    }
     // Participant 1 receives 2 (far); 2 receives 1 (far); 3 and 4 receive both.
-    assert_eq!(checked, 6, "{r}");
+    assert_last_layers(&json, 6, |me| if me == 1 { "h" } else { "f" }, &out);
     drop(a);
     drop(b);
     let _ = std::fs::remove_dir_all(&dir);

@@ -11,6 +11,26 @@ use weir_sfu::sim::{
 
 const WATCH: Publish = Publish::NOTHING;
 
+/// A camera without simulcast, with a microphone.
+const ONE_LAYER: Publish = Publish {
+    audio: true,
+    video: true,
+    simulcast: false,
+};
+
+/// Alice publishing `camera` and `watchers` participants watching, in one conference whose
+/// estimates start at 1 Mbit/s, all connected.
+fn connected(camera: Publish, watchers: usize) -> (SimNet, usize, Vec<usize>) {
+    let mut net = SimNet::new(weir_sfu::SfuConfig {
+        estimate_from_bps: Some(1_000_000),
+        ..weir_sfu::SfuConfig::default()
+    });
+    let alice = net.join(10, camera);
+    let watchers = (0..watchers).map(|_| net.join(10, WATCH)).collect();
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    (net, alice, watchers)
+}
+
 /// Alice's camera sends one layer of 1.9 Mbit/s to Bob and Carol. Then Bob's link narrows to
 /// 1 Mbit/s, less than that one layer: his copy is paused rather than sent into a link that
 /// would lose half of it (once the estimate has been short for `PAUSE_AFTER`, and the media
@@ -20,19 +40,8 @@ const WATCH: Publish = Publish::NOTHING;
 /// left them, and he is told that too.
 #[test]
 fn a_video_the_link_cannot_carry_is_paused_and_resumes_when_it_can() {
-    let mut net = SimNet::new(weir_sfu::SfuConfig {
-        estimate_from_bps: Some(1_000_000),
-        ..weir_sfu::SfuConfig::default()
-    });
-    let camera = Publish {
-        audio: true,
-        video: true,
-        simulcast: false,
-    };
-    let alice = net.join(10, camera);
-    let bob = net.join(10, WATCH);
-    let carol = net.join(10, WATCH);
-    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    let (mut net, alice, watchers) = connected(ONE_LAYER, 2);
+    let (bob, carol) = (watchers[0], watchers[1]);
     // 30 frames a second of 8 packets of 1000 bytes: 1.9 Mbit/s with the overhead; and
     // her microphone.
     let mut cam = Camera::new(alice, &[(None, 0, &[1000; 8])]);
@@ -121,18 +130,8 @@ fn pause_notices(net: &SimNet, who: usize, from: usize) -> Vec<(Instant, bool)> 
 /// learns of the pause 0.8 s after the loss, where SCTP's timer alone took 1.2 s.
 #[test]
 fn a_lost_pause_notice_is_resent_well_before_sctps_timer() {
-    let mut net = SimNet::new(weir_sfu::SfuConfig {
-        estimate_from_bps: Some(1_000_000),
-        ..weir_sfu::SfuConfig::default()
-    });
-    let camera = Publish {
-        audio: true,
-        video: true,
-        simulcast: false,
-    };
-    let alice = net.join(10, camera);
-    let bob = net.join(10, WATCH);
-    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    let (mut net, alice, watchers) = connected(ONE_LAYER, 1);
+    let bob = watchers[0];
     let mut cam = Camera::new(alice, &[(None, 0, &[1000; 8])]);
     cam.run(&mut net, Duration::from_secs(8));
     assert!(!cam.video_of(&net, bob).is_empty(), "Bob watches Alice");
@@ -296,18 +295,13 @@ fn a_hundred_forced_switches_keep_sequence_and_timestamps_continuous() {
 /// within 10 s. Every layer change he sees starts on a keyframe.
 #[test]
 fn a_subscriber_whose_link_narrows_moves_down_a_layer_and_back_up_when_it_widens() {
-    let mut net = SimNet::new(weir_sfu::SfuConfig {
-        estimate_from_bps: Some(1_000_000),
-        ..weir_sfu::SfuConfig::default()
-    });
     let simulcast = Publish {
         audio: false,
         video: true,
         simulcast: true,
     };
-    let alice = net.join(11, simulcast);
-    let bob = net.join(11, WATCH);
-    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    let (mut net, alice, watchers) = connected(simulcast, 1);
+    let bob = watchers[0];
     net.clients[bob].link.rate_down_bps = 3_000_000;
     net.clients[bob].link.delay_down = Duration::from_millis(20);
     let mut cam = Camera::new(alice, &Camera::SIMULCAST);
