@@ -311,7 +311,17 @@ test("bob shares his screen: the others see it in its own tile, and it goes when
 
 test("grid and speaker views: laid out, filled, captured for docs/", async (t) => {
   await chain.step(t, async () => {
-    const alice = h.pages[0];
+    const [alice, bob, carol] = h.pages;
+    // The dominant speaker's tile goes first, and which of three identical fake microphones
+    // the focus finds loudest depends on timing (carol in some runs, alice herself in others).
+    // Bob and carol mute, so alice is the one speaker and the layout is the same every run.
+    for (const p of [bob, carol]) await clickControl(p, "Mute", true);
+    await waitFor("alice alone speaking, bob and carol muted", async () => {
+      const ts = await alice.page.evaluate(tiles);
+      const me = ts.find((x) => x.local);
+      const others = ts.filter((x) => !x.local);
+      return me?.label.includes("speaking now") && others.length === 2 && others.every((x) => x.label.includes("muted") && !x.label.includes("speaking"));
+    });
     const grid = await alice.page.evaluate(tiles);
     assert.equal(grid.length, 3, "alice's grid: her own tile and two others");
     const areas = grid.map((x) => x.area);
@@ -330,6 +340,7 @@ test("grid and speaker views: laid out, filled, captured for docs/", async (t) =
     assert.ok(speaker.every((x) => x.rgb !== null), "every speaker-view tile shows a picture");
     await matchesCommittedScreenshot(alice.page, "docs/app-speaker.png");
     await clickControl(alice, "Speaker view", false);
+    for (const p of [bob, carol]) await clickControl(p, "Mute", false);
   });
 });
 
