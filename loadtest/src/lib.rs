@@ -18,9 +18,11 @@ pub mod payload;
 pub mod prom;
 pub mod report;
 pub mod run;
+pub mod seq_window;
 pub mod signal;
 pub mod source;
 pub mod stats;
+pub mod video_rx;
 
 /// CPU seconds (user + system) this process has used so far.
 pub fn own_cpu_seconds() -> Option<f64> {

@@ -19,7 +19,7 @@ impl RunReport {
             v.get(v.len() / 2).copied().unwrap_or(0.0)
         };
         let mut out = format!(
-            "\n{:<22} {:>5} {:>14} {:>15} {:>8} {:>12} {:>12}  last layer q/h/f\n",
+            "\n{:<22} {:>5} {:>14} {:>15} {:>8} {:>12} {:>12}  last layer q/h/f  frames % tid 0/1/2\n",
             "downlink",
             "parts",
             "rx kbit/s med",
@@ -67,13 +67,19 @@ impl RunReport {
                 .max()
                 .unwrap_or(0);
             let mut layers = [0usize; 3];
+            let mut tids = [0u64; 3];
             for v in group.iter().flat_map(|r| r.rx.video.values()) {
                 if let Some(l) = v.last_layer {
                     layers[l.index()] += 1;
                 }
+                for (t, n) in tids.iter_mut().zip(v.frames_per_tid) {
+                    *t += n;
+                }
             }
+            let frames = tids.iter().sum::<u64>().max(1) as f64;
+            let share = |t: u64| (100.0 * t as f64 / frames).round();
             out.push_str(&format!(
-                "{:<22} {:>5} {:>14.0} {:>7.2}/{:<7.2} {:>8} {:>12} {:>12}  {}/{}/{}\n",
+                "{:<22} {:>5} {:>14.0} {:>7.2}/{:<7.2} {:>8} {:>12} {:>12}  {:>16}  {}/{}/{}\n",
                 label,
                 group.len(),
                 rx,
@@ -82,9 +88,10 @@ impl RunReport {
                 freezes.iter().sum::<u64>(),
                 freezes.iter().max().unwrap_or(&0),
                 longest,
-                layers[0],
-                layers[1],
-                layers[2],
+                format!("{}/{}/{}", layers[0], layers[1], layers[2]),
+                share(tids[0]),
+                share(tids[1]),
+                share(tids[2]),
             ));
         }
         out
@@ -107,6 +114,11 @@ mod tests {
         v.freezes = freezes;
         v.longest_gap_us = gap_us;
         v.last_layer = Some(layer);
+        v.frames_per_tid = if layer == Layer::Q {
+            [100, 0, 0]
+        } else {
+            [25, 25, 50]
+        };
         rx.video.insert(PublisherId(1), v);
         let mut r = Report::for_test(PublisherId(9), RoomIndex(0), rx, 10.0, downlink_bps);
         r.subscribed_video.insert(PublisherId(1));
@@ -127,10 +139,11 @@ mod tests {
         assert_eq!(limited[..4], ["limited", "(600", "kbit/s)", "2"], "{t}");
         // median of 150 and 160 kbit/s (upper), 2 freezes, 2 at most, longest 1200 ms, 2 on q
         assert_eq!(limited[4], "160", "{t}");
-        assert_eq!(limited[6..], ["2", "2", "1200", "2/0/0"], "{t}");
+        // and every frame in temporal layer 0
+        assert_eq!(limited[6..], ["2", "2", "1200", "2/0/0", "100/0/0"], "{t}");
         let free: Vec<&str> = rows[2].split_whitespace().collect();
         assert_eq!(free[..3], ["free", "1", "2400"], "{t}");
-        assert_eq!(free[free.len() - 1], "0/0/1", "{t}");
+        assert_eq!(free[free.len() - 2..], ["0/0/1", "25/25/50"], "{t}");
         assert!(RunReport::for_test(vec![receiver(0, 1, 0, 0, Layer::F)])
             .links_table()
             .is_empty());

@@ -975,6 +975,7 @@ impl Participant {
                         packets: n as u16,
                         layer_seq: self.layer_seq[li],
                         sent_us: micros_since_epoch(Instant::now()),
+                        vp8: Some(frame.vp8),
                     };
                     self.layer_seq[li] = self.layer_seq[li].wrapping_add(1);
                     encode_video(&h, size, &mut self.payload);
@@ -1007,6 +1008,7 @@ impl Participant {
                     packets: 1,
                     layer_seq: a.seq,
                     sent_us: micros_since_epoch(Instant::now()),
+                    vp8: None,
                 };
                 encode_audio(&h, a.bytes, &mut self.payload);
                 let seq = self.rtp_seq[3];

@@ -1,16 +1,18 @@
 //! Synthetic media sources: when to send what, with realistic sizes. Pure: time is passed in as
 //! µs, randomness comes from a seeded generator.
 //!
-//! Video: three simulcast layers at 30 fps. Delta-frame sizes vary log-normally around the
-//! layer's mean; a keyframe is [`KEYFRAME_SIZE_FACTOR`] times a mean delta frame, every
-//! [`KEYFRAME_INTERVAL_US`] and on request (PLI/FIR). Sizes are scaled so each layer averages
-//! its target bitrate. Audio: 50 packets/s, larger while "talking" than in silence, with an RFC
+//! Video: three simulcast layers at 30 fps, each with three temporal layers (L1T3) as Chromium
+//! encodes them. Delta-frame sizes vary log-normally around the layer's mean, scaled per
+//! temporal layer ([`TEMPORAL_SIZE_FACTOR`]); a keyframe is [`KEYFRAME_SIZE_FACTOR`] times a
+//! mean delta frame, every [`KEYFRAME_INTERVAL_US`] and on request (PLI/FIR). Sizes are scaled
+//! so each layer averages its target bitrate. Audio: 50 packets/s, larger while "talking" than in silence, with an RFC
 //! 6464 level.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::ids::Layer;
+use crate::payload::{Temporal, Vp8Desc};
 
 /// Video frame interval (30 fps).
 pub const FRAME_INTERVAL_US: u64 = 33_333;
@@ -33,12 +35,27 @@ pub const AUDIO_SILENCE_BYTES: usize = 45;
 pub const AUDIO_TALK_LEVEL: i8 = -25;
 pub const AUDIO_SILENCE_LEVEL: i8 = -90;
 
+/// Chromium's L1T3 pattern: the temporal layer of each frame in a cycle of four from a
+/// keyframe or layer-0 frame, and whether the frame is a switch point (Y: it depends on
+/// layer 0 only).
+const L1T3: [(u8, bool); 4] = [(0, false), (2, true), (1, true), (2, false)];
+
+/// Size of a delta frame of temporal layer 0, 1, 2 relative to the layer's mean delta frame.
+/// libwebrtc gives L1T3's layers 40 %, 20 % and 40 % of the rate; layer 0 has one frame in
+/// four, layer 1 one in four, layer 2 two in four, so these average 1 over the cycle.
+pub const TEMPORAL_SIZE_FACTOR: [f64; 3] = [1.6, 0.8, 0.8];
+
 /// What a video publisher sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 pub enum VideoShape {
-    /// Three simulcast layers at their target bitrates, frame sizes varying, as a browser.
+    /// Three simulcast layers at their target bitrates, frame sizes varying, each with three
+    /// temporal layers: what Chromium sends.
     #[default]
     Simulcast,
+    /// The same simulcast layers without temporal layers (every frame in temporal layer 0, as
+    /// weir's tester sent before 2026-12-01): nothing finer to drop than a simulcast layer.
+    #[value(name = "simulcast-l1t1")]
+    SimulcastL1T1,
     /// One layer (`f`) of [`FLAT_PACKETS_PER_FRAME`] full-size packets per frame: about 1000
     /// packets/s of 1100-byte payloads, the shape issue 7 compares SFUs with.
     Flat,
@@ -53,6 +70,8 @@ pub struct FramePlan {
     pub layer: Layer,
     pub frame: u32,
     pub keyframe: bool,
+    /// Picture id and temporal layer, for the VP8 descriptor.
+    pub vp8: Vp8Desc,
     /// Capture time, µs since the epoch (drives the RTP timestamp).
     pub capture_us: u64,
     /// Payload size of each packet.
@@ -64,6 +83,10 @@ struct LayerState {
     frame: u32,
     last_key_us: Option<u64>,
     key_requested: bool,
+    /// The next frame's picture id (15 bits), TL0PICIDX, and place in the L1T3 cycle.
+    picture_id: u16,
+    tl0_pic_idx: u8,
+    cycle: usize,
 }
 
 /// The three-layer simulcast video of one publisher.
@@ -77,9 +100,10 @@ pub struct VideoSource {
 impl VideoSource {
     pub fn new(start_us: u64, seed: u64, shape: VideoShape) -> Self {
         let layers: &[Layer] = match shape {
-            VideoShape::Simulcast => &Layer::ALL,
+            VideoShape::Simulcast | VideoShape::SimulcastL1T1 => &Layer::ALL,
             VideoShape::Flat => &[Layer::F],
         };
+        let mut rng = StdRng::seed_from_u64(seed);
         VideoSource {
             shape,
             layers: layers
@@ -89,10 +113,14 @@ impl VideoSource {
                     frame: 0,
                     last_key_us: None,
                     key_requested: false,
+                    // Random starts, as an encoder's: a focus must not rely on them.
+                    picture_id: rng.random::<u16>() & 0x7fff,
+                    tl0_pic_idx: rng.random(),
+                    cycle: 0,
                 })
                 .collect(),
             next_us: start_us,
-            rng: StdRng::seed_from_u64(seed),
+            rng,
         }
     }
 
@@ -134,14 +162,38 @@ impl VideoSource {
             let layer = l.layer;
             let frame = l.frame;
             l.frame = l.frame.wrapping_add(1);
+            let temporal = (self.shape == VideoShape::Simulcast).then(|| {
+                if keyframe {
+                    l.cycle = 0;
+                }
+                let (tid, layer_sync) = L1T3[l.cycle % L1T3.len()];
+                l.cycle += 1;
+                if tid == 0 {
+                    l.tl0_pic_idx = l.tl0_pic_idx.wrapping_add(1);
+                }
+                Temporal {
+                    tid,
+                    layer_sync,
+                    tl0_pic_idx: l.tl0_pic_idx,
+                }
+            });
+            let vp8 = Vp8Desc {
+                picture_id: l.picture_id,
+                temporal,
+            };
+            l.picture_id = (l.picture_id + 1) & 0x7fff;
             let size = match self.shape {
-                VideoShape::Simulcast => frame_size(layer, keyframe, &mut self.rng),
+                VideoShape::Simulcast | VideoShape::SimulcastL1T1 => {
+                    let factor = temporal.map_or(1.0, |t| TEMPORAL_SIZE_FACTOR[usize::from(t.tid)]);
+                    frame_size(layer, keyframe, factor, &mut self.rng)
+                }
                 VideoShape::Flat => FLAT_PACKETS_PER_FRAME * MAX_PAYLOAD,
             };
             out.push(FramePlan {
                 layer,
                 frame,
                 keyframe,
+                vp8,
                 capture_us,
                 packets: split(size, MAX_PAYLOAD),
             });
@@ -158,7 +210,8 @@ pub fn mean_delta_bytes(layer: Layer) -> f64 {
     bytes_per_frame * frames_per_key / (frames_per_key - 1.0 + KEYFRAME_SIZE_FACTOR)
 }
 
-fn frame_size(layer: Layer, keyframe: bool, rng: &mut StdRng) -> usize {
+/// A frame's size: a keyframe's, or a delta frame's of `factor` times the layer's mean.
+fn frame_size(layer: Layer, keyframe: bool, factor: f64, rng: &mut StdRng) -> usize {
     let mean = mean_delta_bytes(layer);
     if keyframe {
         return (mean * KEYFRAME_SIZE_FACTOR) as usize;
@@ -167,8 +220,8 @@ fn frame_size(layer: Layer, keyframe: bool, rng: &mut StdRng) -> usize {
     let u1: f64 = rng.random::<f64>().max(1e-12);
     let u2: f64 = rng.random();
     let n = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-    let factor = (FRAME_SIZE_SIGMA * n - FRAME_SIZE_SIGMA * FRAME_SIZE_SIGMA / 2.0).exp();
-    ((mean * factor) as usize).max(crate::payload::MIN_VIDEO_PAYLOAD)
+    let spread = (FRAME_SIZE_SIGMA * n - FRAME_SIZE_SIGMA * FRAME_SIZE_SIGMA / 2.0).exp();
+    ((mean * factor * spread) as usize).max(crate::payload::MIN_VIDEO_PAYLOAD)
 }
 
 /// Split `size` bytes into packets of at most `max` bytes, as evenly as possible (like libwebrtc's
@@ -301,6 +354,44 @@ mod tests {
                 "{l:?}: {rate} vs {target}"
             );
         }
+    }
+
+    #[test]
+    fn each_layer_has_chromiums_three_temporal_layers() {
+        let mut v = VideoSource::new(0, 6, VideoShape::Simulcast);
+        let mut t = 0;
+        let mut per_tid = [0usize; 3];
+        let mut last: Option<Vp8Desc> = None;
+        v.request_keyframe(None);
+        for n in 0..400u64 {
+            let frames = v.poll(t);
+            let q = frames.iter().find(|f| f.layer == Layer::Q).unwrap().clone();
+            let tp = q.vp8.temporal.expect("L1T3");
+            if n < 8 {
+                assert_eq!(tp.tid, [0, 2, 1, 2][n as usize % 4], "frame {n}");
+                assert_eq!(tp.layer_sync, n % 4 == 1 || n % 4 == 2, "frame {n}");
+            }
+            if let Some(prev) = last {
+                assert_eq!(q.vp8.picture_id, (prev.picture_id + 1) & 0x7fff);
+                let prev_tl0 = prev.temporal.unwrap().tl0_pic_idx;
+                let step = u8::from(tp.tid == 0);
+                assert_eq!(tp.tl0_pic_idx, prev_tl0.wrapping_add(step), "frame {n}");
+            }
+            if q.keyframe {
+                assert_eq!(tp.tid, 0, "a keyframe is in layer 0");
+            } else {
+                per_tid[usize::from(tp.tid)] += q.packets.iter().sum::<usize>();
+            }
+            last = Some(q.vp8);
+            t += FRAME_INTERVAL_US;
+        }
+        let total: usize = per_tid.iter().sum();
+        let share = |i: usize| per_tid[i] as f64 / total as f64;
+        assert!((share(0) - 0.4).abs() < 0.05, "{per_tid:?}");
+        assert!((share(1) - 0.2).abs() < 0.05, "{per_tid:?}");
+        // Without temporal layers: picture ids only.
+        let mut flat = VideoSource::new(0, 6, VideoShape::SimulcastL1T1);
+        assert!(flat.poll(0).iter().all(|f| f.vp8.temporal.is_none()));
     }
 
     #[test]

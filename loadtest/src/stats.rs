@@ -5,113 +5,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hdrhistogram::Histogram;
 
-use crate::ids::{Layer, PublisherId};
+use crate::ids::PublisherId;
 use crate::payload::{IntegrityError, MediaHeader};
+pub use crate::seq_window::{unwrap_counter, Seen, SeqWindow};
+pub use crate::video_rx::{VideoRx, FRAME_ASSEMBLY_HORIZON_US, FREEZE_US};
 
-/// No complete video frame from a publisher for longer than this is a freeze.
-pub const FREEZE_US: u64 = 500_000;
-/// Partly received frames older than this (by send time) are forgotten: they will not complete.
-pub const FRAME_ASSEMBLY_HORIZON_US: u64 = 3_000_000;
-/// Partly received frames kept per publisher before old ones are pruned.
-const MAX_OPEN_FRAMES: usize = 256;
-/// Width of the duplicate-detection window, in sequence numbers.
-const SEQ_WINDOW: u64 = 4096;
 /// Highest latency the histograms record (larger values are clamped): 60 s in µs.
 const MAX_LATENCY_US: u64 = 60_000_000;
 
 /// A latency histogram in µs.
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("static histogram bounds are valid")
-}
-
-/// Result of recording a sequence number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Seen {
-    New,
-    Duplicate,
-    /// Too far behind to tell; counted as neither.
-    TooOld,
-}
-
-/// Sliding window of sequence numbers seen, for duplicate detection and loss accounting.
-#[derive(Debug, Clone)]
-pub struct SeqWindow {
-    first: u64,
-    max: u64,
-    bits: Vec<u64>,
-    started: bool,
-    /// Distinct sequence numbers received.
-    pub received: u64,
-}
-
-impl Default for SeqWindow {
-    fn default() -> Self {
-        SeqWindow {
-            first: 0,
-            max: 0,
-            bits: vec![0; (SEQ_WINDOW / 64) as usize],
-            started: false,
-            received: 0,
-        }
-    }
-}
-
-impl SeqWindow {
-    fn bit(&mut self, seq: u64) -> (&mut u64, u64) {
-        let i = seq % SEQ_WINDOW;
-        (&mut self.bits[(i / 64) as usize], 1u64 << (i % 64))
-    }
-
-    /// Record `seq`; returns whether it is new and how many sequence numbers the highest-seen
-    /// advanced by (the "expected" increment).
-    pub fn insert(&mut self, seq: u64) -> (Seen, u64) {
-        if !self.started {
-            self.started = true;
-            self.first = seq;
-            self.max = seq;
-            self.received = 1;
-            let (w, b) = self.bit(seq);
-            *w |= b;
-            return (Seen::New, 1);
-        }
-        if seq > self.max {
-            let advance = seq - self.max;
-            // Clear the bits of the numbers we skip over (they leave the window's past).
-            let clear = advance.min(SEQ_WINDOW);
-            for s in (seq - clear + 1)..=seq {
-                let (w, b) = self.bit(s);
-                *w &= !b;
-            }
-            self.max = seq;
-            let (w, b) = self.bit(seq);
-            *w |= b;
-            self.received += 1;
-            return (Seen::New, advance);
-        }
-        if self.max - seq >= SEQ_WINDOW || seq < self.first {
-            return (Seen::TooOld, 0);
-        }
-        let (w, b) = self.bit(seq);
-        if *w & b != 0 {
-            return (Seen::Duplicate, 0);
-        }
-        *w |= b;
-        self.received += 1;
-        (Seen::New, 0)
-    }
-
-    /// Sequence numbers between the first and the highest seen.
-    pub fn expected(&self) -> u64 {
-        if self.started {
-            self.max - self.first + 1
-        } else {
-            0
-        }
-    }
-
-    pub fn lost(&self) -> u64 {
-        self.expected().saturating_sub(self.received)
-    }
 }
 
 /// RFC 3550 interarrival jitter, from send times in our header.
@@ -130,159 +34,6 @@ impl Jitter {
             self.jitter_us += (d - self.jitter_us) / 16.0;
         }
         self.last_transit = Some(transit);
-    }
-}
-
-#[derive(Debug, Clone)]
-struct OpenFrame {
-    sent_us: u64,
-    got: u16,
-    packets: u16,
-}
-
-/// Video from one publisher as one receiver sees it.
-#[derive(Debug, Clone, Default)]
-pub struct VideoRx {
-    open: HashMap<(Layer, u32), OpenFrame>,
-    seqs: [SeqWindow; 3],
-    pub jitter: Jitter,
-    pub bytes_per_layer: [u64; 3],
-    pub packets: u64,
-    pub complete_frames: u64,
-    pub keyframes: u64,
-    pub first_frame_us: Option<u64>,
-    pub last_frame_us: Option<u64>,
-    pub last_layer: Option<Layer>,
-    pub layer_switches: u64,
-    pub freezes: u64,
-    pub freeze_us: u64,
-    /// The longest time between two complete frames (or since the last one, at the end).
-    pub longest_gap_us: u64,
-    pub lost: u64,
-    /// Time the focus said this video was paused for bandwidth (`io.weir.paused`): a tile
-    /// that says "paused" is not a frozen one, so gaps and freezes leave it out.
-    pub paused_us: u64,
-    /// Since when it is paused, if it is now.
-    paused_since: Option<u64>,
-    /// Left out of this receiver's layout (unsubscribed): no frame is expected either.
-    hidden: bool,
-    /// Since when it has been paused or hidden, if it is now.
-    held_since: Option<u64>,
-    /// Time paused or hidden inside the current gap (since the last complete frame).
-    held_in_gap_us: u64,
-}
-
-impl VideoRx {
-    fn on_packet(&mut self, h: &MediaHeader, len: usize, now_us: u64) -> Seen {
-        let Some(layer) = h.layer else {
-            return Seen::TooOld;
-        };
-        let (seen, _) = self.seqs[layer.index()].insert(u64::from(h.layer_seq));
-        if seen != Seen::New {
-            return seen;
-        }
-        self.packets += 1;
-        self.bytes_per_layer[layer.index()] += len as u64;
-        self.jitter.update(h.sent_us, now_us);
-        let key = (layer, h.frame);
-        let f = self.open.entry(key).or_insert(OpenFrame {
-            sent_us: h.sent_us,
-            got: 0,
-            packets: h.packets,
-        });
-        f.got += 1;
-        if f.got >= f.packets {
-            self.open.remove(&key);
-            self.frame_complete(layer, h.keyframe, now_us);
-        }
-        if self.open.len() > MAX_OPEN_FRAMES {
-            let horizon = h.sent_us.saturating_sub(FRAME_ASSEMBLY_HORIZON_US);
-            self.open.retain(|_, f| f.sent_us >= horizon);
-        }
-        Seen::New
-    }
-
-    /// The focus paused this video toward us (or resumed it).
-    pub fn on_paused(&mut self, paused: bool, now_us: u64) {
-        match (paused, self.paused_since) {
-            (true, None) => self.paused_since = Some(now_us),
-            (false, Some(since)) => {
-                self.paused_us += now_us.saturating_sub(since);
-                self.paused_since = None;
-            }
-            _ => {}
-        }
-        self.update_held(now_us);
-    }
-
-    /// Our layout shows this video (subscribed) or no longer does (unsubscribed): a tile
-    /// that is not on screen cannot freeze.
-    pub fn on_shown(&mut self, shown: bool, now_us: u64) {
-        self.hidden = !shown;
-        self.update_held(now_us);
-    }
-
-    fn update_held(&mut self, now_us: u64) {
-        let held = self.paused_since.is_some() || self.hidden;
-        match (held, self.held_since) {
-            (true, None) => self.held_since = Some(now_us),
-            (false, Some(since)) => {
-                let from = since.max(self.last_frame_us.unwrap_or(0));
-                self.held_in_gap_us += now_us.saturating_sub(from);
-                self.held_since = None;
-            }
-            _ => {}
-        }
-    }
-
-    /// The time since the last complete frame, less what of it the video was paused or
-    /// hidden.
-    fn gap_since(&self, last: u64, now_us: u64) -> u64 {
-        let ongoing = self
-            .held_since
-            .map_or(0, |since| now_us.saturating_sub(since.max(last)));
-        now_us
-            .saturating_sub(last)
-            .saturating_sub(self.held_in_gap_us + ongoing)
-    }
-
-    fn frame_complete(&mut self, layer: Layer, keyframe: bool, now_us: u64) {
-        self.complete_frames += 1;
-        if keyframe {
-            self.keyframes += 1;
-        }
-        if let Some(last) = self.last_frame_us {
-            let gap = self.gap_since(last, now_us);
-            self.longest_gap_us = self.longest_gap_us.max(gap);
-            if gap > FREEZE_US {
-                self.freezes += 1;
-                self.freeze_us += gap;
-            }
-        }
-        self.first_frame_us.get_or_insert(now_us);
-        self.last_frame_us = Some(now_us);
-        self.held_in_gap_us = 0;
-        if self.last_layer.is_some_and(|l| l != layer) {
-            self.layer_switches += 1;
-        }
-        self.last_layer = Some(layer);
-    }
-
-    /// An ongoing freeze at the end of the run counts too.
-    fn finish(&mut self, now_us: u64) {
-        if let Some(since) = self.paused_since {
-            self.paused_us += now_us.saturating_sub(since);
-        }
-        if let Some(last) = self.last_frame_us {
-            let gap = self.gap_since(last, now_us);
-            self.longest_gap_us = self.longest_gap_us.max(gap);
-            if gap > FREEZE_US {
-                self.freezes += 1;
-                self.freeze_us += gap;
-                self.last_frame_us = Some(now_us);
-            }
-        }
-        self.lost = self.seqs.iter().map(|s| s.lost()).sum();
     }
 }
 
@@ -435,7 +186,7 @@ impl RxStats {
             self.video
                 .entry(h.publisher)
                 .or_default()
-                .on_packet(&h, len, now_us)
+                .on_packet(&h, ssrc, len, now_us)
         };
         if dup == Seen::Duplicate {
             self.duplicates += 1;
@@ -477,6 +228,7 @@ impl RxStats {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::Layer;
     use crate::payload::{decode, encode_video};
 
     #[test]
@@ -523,64 +275,11 @@ mod tests {
             packets,
             layer_seq: seq,
             sent_us: sent,
+            vp8: Some(crate::payload::Vp8Desc {
+                picture_id: (frame & 0x7fff) as u16,
+                temporal: None,
+            }),
         }
-    }
-
-    #[test]
-    fn seq_window_counts_loss_duplicates_and_late_fills() {
-        let mut w = SeqWindow::default();
-        assert_eq!(w.insert(10), (Seen::New, 1));
-        assert_eq!(w.insert(11), (Seen::New, 1));
-        assert_eq!(w.insert(14), (Seen::New, 3));
-        assert_eq!(w.lost(), 2);
-        assert_eq!(w.insert(12), (Seen::New, 0));
-        assert_eq!(w.insert(12), (Seen::Duplicate, 0));
-        assert_eq!(w.lost(), 1);
-        assert_eq!(w.insert(9), (Seen::TooOld, 0));
-        // Far ahead: the window slides without false duplicates.
-        assert_eq!(w.insert(14 + 3 * SEQ_WINDOW), (Seen::New, 3 * SEQ_WINDOW));
-        assert_eq!(w.insert(14 + 2 * SEQ_WINDOW + 5), (Seen::New, 0));
-    }
-
-    #[test]
-    fn time_the_focus_said_a_video_was_paused_is_no_freeze() {
-        let mut v = VideoRx::default();
-        let t = 1_000_000;
-        v.frame_complete(Layer::Q, true, t);
-        // Paused for 3 s (told 100 ms after the last frame), then 200 ms to the next frame.
-        v.on_paused(true, t + 100_000);
-        v.on_paused(false, t + 3_100_000);
-        v.frame_complete(Layer::Q, true, t + 3_300_000);
-        assert_eq!((v.freezes, v.longest_gap_us), (0, 300_000));
-        assert_eq!(v.paused_us, 3_000_000);
-        // Paused again until the end: no freeze; a real stop after a resume still counts.
-        v.on_paused(true, t + 3_400_000);
-        v.finish(t + 9_000_000);
-        assert_eq!(v.freezes, 0, "{v:?}");
-        let mut w = VideoRx::default();
-        w.frame_complete(Layer::Q, true, t);
-        w.on_paused(true, t + 100_000);
-        w.on_paused(false, t + 200_000);
-        w.frame_complete(Layer::Q, true, t + 1_000_000);
-        assert_eq!((w.freezes, w.longest_gap_us), (1, 900_000));
-    }
-
-    #[test]
-    fn time_a_video_was_off_our_layout_is_no_freeze() {
-        let mut v = VideoRx::default();
-        let t = 1_000_000;
-        v.frame_complete(Layer::Q, true, t);
-        // Unsubscribed for 10 s, paused meanwhile too (overlapping), shown again, and the
-        // first frame 300 ms later.
-        v.on_shown(false, t + 50_000);
-        v.on_paused(true, t + 1_000_000);
-        v.on_paused(false, t + 2_000_000);
-        v.on_shown(true, t + 10_050_000);
-        v.frame_complete(Layer::Q, true, t + 10_350_000);
-        assert_eq!((v.freezes, v.longest_gap_us), (0, 350_000));
-        // Shown, and then nothing for 2 s: that is a freeze.
-        v.frame_complete(Layer::Q, false, t + 12_350_000);
-        assert_eq!((v.freezes, v.longest_gap_us), (1, 2_000_000));
     }
 
     #[test]
@@ -665,6 +364,68 @@ mod tests {
         s.on_packet(1, 4, Ok(stranger), 300, 14, &r);
         assert_eq!(s.foreign, 1);
         assert_eq!(s.integrity_errors, 2);
+    }
+
+    #[test]
+    fn frames_left_out_whole_are_no_loss_but_picture_ids_never_received_are_counted() {
+        use crate::payload::{Temporal, Vp8Desc};
+        let mut s = RxStats::default();
+        let r = roster();
+        // Picture ids across the 15-bit wrap; the focus renumbers, so they run on by one.
+        // Frame 3 (id 0) never arrives; TL0PICIDX 9 (a layer-0 frame) never does either.
+        let frames: [(u32, u16, u8, u8); 5] = [
+            (0, 32766, 0, 8),
+            (1, 32767, 2, 8),
+            (2, 0, 0, 10),
+            (4, 2, 0, 11),
+            (5, 3, 1, 11),
+        ];
+        for (i, &(frame, picture_id, tid, tl0)) in frames.iter().enumerate() {
+            let h = MediaHeader {
+                vp8: Some(Vp8Desc {
+                    picture_id,
+                    temporal: Some(Temporal {
+                        tid,
+                        layer_sync: false,
+                        tl0_pic_idx: tl0,
+                    }),
+                }),
+                ..hdr(Layer::Q, frame, 0, 1, frame, i as u64 * 33_333)
+            };
+            s.on_packet(3, i as u64, Ok(h), 300, i as u64 * 33_333, &r);
+        }
+        s.finish(1_000_000);
+        let v = &s.video[&PublisherId(1)];
+        assert_eq!(v.complete_frames, 5);
+        assert_eq!(v.frames_per_tid, [3, 1, 1]);
+        assert_eq!(v.lost, 0, "frames left out whole are not packets lost");
+        assert_eq!(v.pictures_missing, 1, "picture id 1");
+        assert_eq!(v.tl0_missing, 1, "TL0PICIDX 9");
+
+        // Subscribed again: a new stream, numbered afresh, is no gap.
+        let mut s = RxStats::default();
+        s.on_packet(3, 0, Ok(hdr(Layer::Q, 0, 0, 1, 0, 0)), 300, 0, &r);
+        s.on_packet(3, 1, Ok(hdr(Layer::Q, 1, 0, 1, 1, 33_333)), 300, 33_333, &r);
+        s.on_packet(
+            4,
+            0,
+            Ok(hdr(Layer::Q, 500, 0, 1, 2, 66_666)),
+            300,
+            66_666,
+            &r,
+        );
+        s.on_packet(
+            4,
+            1,
+            Ok(hdr(Layer::Q, 502, 0, 1, 3, 99_999)),
+            300,
+            99_999,
+            &r,
+        );
+        s.finish(1_000_000);
+        let v = &s.video[&PublisherId(1)];
+        assert_eq!(v.pictures_missing, 1, "only 501, on the second stream");
+        assert_eq!(unwrap_counter(Some((1 << 40) + 5), 250, 8), (1 << 40) - 6);
     }
 
     #[test]

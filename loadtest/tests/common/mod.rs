@@ -368,6 +368,36 @@ pub fn check(json: &Path, participants: usize, others: Option<usize>, context: &
         }
         assert!(p["missing"].as_array().unwrap().is_empty(), "{p}");
         assert!(p["error"].is_null(), "{p}");
+        check_vp8_numbering(p, context);
+    }
+}
+
+/// The focus renumbers VP8 picture ids and TL0PICIDX into one sequence per subscriber and
+/// track, across layer switches, pauses and the temporal layers it leaves out: with nothing
+/// lost on the way, no number may be missing. And a participant on a free downlink gets every
+/// temporal layer (the publishers encode L1T3, as Chromium does).
+fn check_vp8_numbering(p: &Value, context: &str) {
+    let videos = p["rx_video"].as_array().expect("rx_video");
+    if p["rtp_lost"] == 0 {
+        for v in videos {
+            assert_eq!(
+                (&v["pictures_missing"], &v["tl0_missing"]),
+                (&Value::from(0), &Value::from(0)),
+                "{}: picture ids or TL0PICIDX skipped with no packet lost: {v}\n{context}",
+                p["user_id"]
+            );
+        }
+    }
+    if p["downlink_kbps"].is_null() && videos.iter().any(|v| v["complete_frames"] != 0) {
+        let top = videos
+            .iter()
+            .filter_map(|v| v["frames_per_tid"][2].as_u64())
+            .sum::<u64>();
+        assert!(
+            top > 0,
+            "{}: no frame of temporal layer 2: {p}",
+            p["user_id"]
+        );
     }
 }
 

@@ -1,0 +1,297 @@
+//! Video from one publisher as one receiver sees it: frames assembled from packets, freezes
+//! (time without a complete frame, less the time the focus said the video was paused or the
+//! layout did not show it), and the VP8 picture ids and TL0PICIDX checked for continuity.
+//! Pure: every call takes the arrival time in µs.
+
+use std::collections::HashMap;
+
+use crate::ids::Layer;
+use crate::payload::MediaHeader;
+use crate::seq_window::{unwrap_counter, Seen, SeqWindow};
+use crate::stats::Jitter;
+
+/// No complete video frame from a publisher for longer than this is a freeze.
+pub const FREEZE_US: u64 = 500_000;
+/// Partly received frames older than this (by send time) are forgotten: they will not complete.
+pub const FRAME_ASSEMBLY_HORIZON_US: u64 = 3_000_000;
+/// At the end of a run, a partly received frame sent longer ago than this will not complete:
+/// its missing packets are lost, not in flight.
+const IN_FLIGHT_US: u64 = 1_000_000;
+/// Partly received frames kept per publisher before old ones are pruned.
+const MAX_OPEN_FRAMES: usize = 256;
+
+#[derive(Debug, Clone)]
+struct OpenFrame {
+    sent_us: u64,
+    got: u16,
+    packets: u16,
+}
+
+impl OpenFrame {
+    fn missing(&self) -> u64 {
+        u64::from(self.packets.saturating_sub(self.got))
+    }
+}
+
+/// Video from one publisher as one receiver sees it.
+#[derive(Debug, Clone, Default)]
+pub struct VideoRx {
+    open: HashMap<(Layer, u32), OpenFrame>,
+    /// Our header's serial numbers per simulcast layer, to tell duplicates.
+    seqs: [SeqWindow; 3],
+    pub jitter: Jitter,
+    pub bytes_per_layer: [u64; 3],
+    pub packets: u64,
+    pub complete_frames: u64,
+    pub keyframes: u64,
+    pub first_frame_us: Option<u64>,
+    pub last_frame_us: Option<u64>,
+    pub last_layer: Option<Layer>,
+    pub layer_switches: u64,
+    pub freezes: u64,
+    pub freeze_us: u64,
+    /// The longest time between two complete frames (or since the last one, at the end).
+    pub longest_gap_us: u64,
+    /// Packets missing from frames of which others arrived (frames left out whole by the
+    /// focus, as temporal layers it does not forward, are no loss).
+    pub lost: u64,
+    /// Complete frames per temporal layer (all in 0 for a stream without temporal layers).
+    pub frames_per_tid: [u64; 3],
+    /// The VP8 picture ids received on the current RTP stream (SSRC), extended: the focus
+    /// numbers the frames it sends on one stream one after the other, so an id never received
+    /// is a frame lost whole, on the link or by the focus. A track subscribed again comes on
+    /// a new stream, numbered afresh (a receiver's bookkeeping is per stream too).
+    numbered_ssrc: Option<u32>,
+    pictures: SeqWindow,
+    last_picture: Option<u64>,
+    /// The same for TL0PICIDX, which counts temporal layer 0 frames (never left out).
+    tl0s: SeqWindow,
+    last_tl0: Option<u64>,
+    /// Picture ids and TL0PICIDX values skipped and never received, at the end.
+    pub pictures_missing: u64,
+    pub tl0_missing: u64,
+
+    /// Time the focus said this video was paused for bandwidth (`io.weir.paused`): a tile
+    /// that says "paused" is not a frozen one, so gaps and freezes leave it out.
+    pub paused_us: u64,
+    /// Since when it is paused, if it is now.
+    paused_since: Option<u64>,
+    /// Left out of this receiver's layout (unsubscribed): no frame is expected either.
+    hidden: bool,
+    /// Since when it has been paused or hidden, if it is now.
+    held_since: Option<u64>,
+    /// Time paused or hidden inside the current gap (since the last complete frame).
+    held_in_gap_us: u64,
+}
+
+impl VideoRx {
+    pub(crate) fn on_packet(
+        &mut self,
+        h: &MediaHeader,
+        ssrc: u32,
+        len: usize,
+        now_us: u64,
+    ) -> Seen {
+        let Some(layer) = h.layer else {
+            return Seen::TooOld;
+        };
+        let (seen, _) = self.seqs[layer.index()].insert(u64::from(h.layer_seq));
+        if seen != Seen::New {
+            return seen;
+        }
+        self.packets += 1;
+        self.bytes_per_layer[layer.index()] += len as u64;
+        self.jitter.update(h.sent_us, now_us);
+        if let Some(d) = h.vp8 {
+            self.on_descriptor(ssrc, d);
+        }
+        let key = (layer, h.frame);
+        let f = self.open.entry(key).or_insert(OpenFrame {
+            sent_us: h.sent_us,
+            got: 0,
+            packets: h.packets,
+        });
+        f.got += 1;
+        if f.got >= f.packets {
+            self.open.remove(&key);
+            let tid = h.vp8.and_then(|d| d.temporal).map_or(0, |t| t.tid);
+            self.frames_per_tid[usize::from(tid.min(2))] += 1;
+            self.frame_complete(layer, h.keyframe, now_us);
+        }
+        if self.open.len() > MAX_OPEN_FRAMES {
+            let horizon = h.sent_us.saturating_sub(FRAME_ASSEMBLY_HORIZON_US);
+            let mut lost = 0;
+            self.open.retain(|_, f| {
+                let keep = f.sent_us >= horizon;
+                if !keep {
+                    lost += f.missing();
+                }
+                keep
+            });
+            self.lost += lost;
+        }
+        Seen::New
+    }
+
+    /// Note a packet's picture id and TL0PICIDX (every packet of a frame carries them).
+    fn on_descriptor(&mut self, ssrc: u32, d: crate::payload::Vp8Desc) {
+        if self.numbered_ssrc != Some(ssrc) {
+            self.close_numbering();
+            self.numbered_ssrc = Some(ssrc);
+        }
+        let p = unwrap_counter(self.last_picture, u64::from(d.picture_id), 15);
+        self.pictures.insert(p);
+        self.last_picture = Some(self.last_picture.map_or(p, |l| l.max(p)));
+        if let Some(t) = d.temporal.filter(|t| t.tid == 0) {
+            let x = unwrap_counter(self.last_tl0, u64::from(t.tl0_pic_idx), 8);
+            self.tl0s.insert(x);
+            self.last_tl0 = Some(self.last_tl0.map_or(x, |l| l.max(x)));
+        }
+    }
+
+    /// Count what the current stream's numbering skipped, and forget it.
+    fn close_numbering(&mut self) {
+        self.pictures_missing += self.pictures.lost();
+        self.tl0_missing += self.tl0s.lost();
+        self.pictures = SeqWindow::default();
+        self.tl0s = SeqWindow::default();
+        self.last_picture = None;
+        self.last_tl0 = None;
+    }
+
+    /// The focus paused this video toward us (or resumed it).
+    pub fn on_paused(&mut self, paused: bool, now_us: u64) {
+        match (paused, self.paused_since) {
+            (true, None) => self.paused_since = Some(now_us),
+            (false, Some(since)) => {
+                self.paused_us += now_us.saturating_sub(since);
+                self.paused_since = None;
+            }
+            _ => {}
+        }
+        self.update_held(now_us);
+    }
+
+    /// Our layout shows this video (subscribed) or no longer does (unsubscribed): a tile
+    /// that is not on screen cannot freeze.
+    pub fn on_shown(&mut self, shown: bool, now_us: u64) {
+        self.hidden = !shown;
+        self.update_held(now_us);
+    }
+
+    fn update_held(&mut self, now_us: u64) {
+        let held = self.paused_since.is_some() || self.hidden;
+        match (held, self.held_since) {
+            (true, None) => self.held_since = Some(now_us),
+            (false, Some(since)) => {
+                let from = since.max(self.last_frame_us.unwrap_or(0));
+                self.held_in_gap_us += now_us.saturating_sub(from);
+                self.held_since = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The time since the last complete frame, less what of it the video was paused or
+    /// hidden.
+    fn gap_since(&self, last: u64, now_us: u64) -> u64 {
+        let ongoing = self
+            .held_since
+            .map_or(0, |since| now_us.saturating_sub(since.max(last)));
+        now_us
+            .saturating_sub(last)
+            .saturating_sub(self.held_in_gap_us + ongoing)
+    }
+
+    fn frame_complete(&mut self, layer: Layer, keyframe: bool, now_us: u64) {
+        self.complete_frames += 1;
+        if keyframe {
+            self.keyframes += 1;
+        }
+        if let Some(last) = self.last_frame_us {
+            let gap = self.gap_since(last, now_us);
+            self.longest_gap_us = self.longest_gap_us.max(gap);
+            if gap > FREEZE_US {
+                self.freezes += 1;
+                self.freeze_us += gap;
+            }
+        }
+        self.first_frame_us.get_or_insert(now_us);
+        self.last_frame_us = Some(now_us);
+        self.held_in_gap_us = 0;
+        if self.last_layer.is_some_and(|l| l != layer) {
+            self.layer_switches += 1;
+        }
+        self.last_layer = Some(layer);
+    }
+
+    /// An ongoing freeze at the end of the run counts too.
+    pub(crate) fn finish(&mut self, now_us: u64) {
+        if let Some(since) = self.paused_since {
+            self.paused_us += now_us.saturating_sub(since);
+        }
+        if let Some(last) = self.last_frame_us {
+            let gap = self.gap_since(last, now_us);
+            self.longest_gap_us = self.longest_gap_us.max(gap);
+            if gap > FREEZE_US {
+                self.freezes += 1;
+                self.freeze_us += gap;
+                self.last_frame_us = Some(now_us);
+            }
+        }
+        self.lost += self
+            .open
+            .values()
+            .filter(|f| f.sent_us + IN_FLIGHT_US < now_us)
+            .map(OpenFrame::missing)
+            .sum::<u64>();
+        self.open.clear();
+        self.close_numbering();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_the_focus_said_a_video_was_paused_is_no_freeze() {
+        let mut v = VideoRx::default();
+        let t = 1_000_000;
+        v.frame_complete(Layer::Q, true, t);
+        // Paused for 3 s (told 100 ms after the last frame), then 200 ms to the next frame.
+        v.on_paused(true, t + 100_000);
+        v.on_paused(false, t + 3_100_000);
+        v.frame_complete(Layer::Q, true, t + 3_300_000);
+        assert_eq!((v.freezes, v.longest_gap_us), (0, 300_000));
+        assert_eq!(v.paused_us, 3_000_000);
+        // Paused again until the end: no freeze; a real stop after a resume still counts.
+        v.on_paused(true, t + 3_400_000);
+        v.finish(t + 9_000_000);
+        assert_eq!(v.freezes, 0, "{v:?}");
+        let mut w = VideoRx::default();
+        w.frame_complete(Layer::Q, true, t);
+        w.on_paused(true, t + 100_000);
+        w.on_paused(false, t + 200_000);
+        w.frame_complete(Layer::Q, true, t + 1_000_000);
+        assert_eq!((w.freezes, w.longest_gap_us), (1, 900_000));
+    }
+
+    #[test]
+    fn time_a_video_was_off_our_layout_is_no_freeze() {
+        let mut v = VideoRx::default();
+        let t = 1_000_000;
+        v.frame_complete(Layer::Q, true, t);
+        // Unsubscribed for 10 s, paused meanwhile too (overlapping), shown again, and the
+        // first frame 300 ms later.
+        v.on_shown(false, t + 50_000);
+        v.on_paused(true, t + 1_000_000);
+        v.on_paused(false, t + 2_000_000);
+        v.on_shown(true, t + 10_050_000);
+        v.frame_complete(Layer::Q, true, t + 10_350_000);
+        assert_eq!((v.freezes, v.longest_gap_us), (0, 350_000));
+        // Shown, and then nothing for 2 s: that is a freeze.
+        v.frame_complete(Layer::Q, false, t + 12_350_000);
+        assert_eq!((v.freezes, v.longest_gap_us), (1, 2_000_000));
+    }
+}
