@@ -104,6 +104,11 @@ impl SeqWindow {
         }
     }
 
+    /// The highest sequence number seen, if any.
+    pub fn highest(&self) -> Option<u64> {
+        self.started.then_some(self.max)
+    }
+
     pub fn lost(&self) -> u64 {
         self.expected().saturating_sub(self.received)
     }

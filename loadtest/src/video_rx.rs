@@ -63,10 +63,8 @@ pub struct VideoRx {
     /// a new stream, numbered afresh (a receiver's bookkeeping is per stream too).
     numbered_ssrc: Option<u32>,
     pictures: SeqWindow,
-    last_picture: Option<u64>,
     /// The same for TL0PICIDX, which counts temporal layer 0 frames (never left out).
     tl0s: SeqWindow,
-    last_tl0: Option<u64>,
     /// Picture ids and TL0PICIDX values skipped and never received, at the end.
     pub pictures_missing: u64,
     pub tl0_missing: u64,
@@ -139,13 +137,11 @@ impl VideoRx {
             self.close_numbering();
             self.numbered_ssrc = Some(ssrc);
         }
-        let p = unwrap_counter(self.last_picture, u64::from(d.picture_id), 15);
+        let p = unwrap_counter(self.pictures.highest(), u64::from(d.picture_id), 15);
         self.pictures.insert(p);
-        self.last_picture = Some(self.last_picture.map_or(p, |l| l.max(p)));
         if let Some(t) = d.temporal.filter(|t| t.tid == 0) {
-            let x = unwrap_counter(self.last_tl0, u64::from(t.tl0_pic_idx), 8);
+            let x = unwrap_counter(self.tl0s.highest(), u64::from(t.tl0_pic_idx), 8);
             self.tl0s.insert(x);
-            self.last_tl0 = Some(self.last_tl0.map_or(x, |l| l.max(x)));
         }
     }
 
@@ -155,8 +151,6 @@ impl VideoRx {
         self.tl0_missing += self.tl0s.lost();
         self.pictures = SeqWindow::default();
         self.tl0s = SeqWindow::default();
-        self.last_picture = None;
-        self.last_tl0 = None;
     }
 
     /// The focus paused this video toward us (or resumed it).
