@@ -128,6 +128,7 @@ async fn list(State(s): State<AdminState>, headers: HeaderMap) -> impl IntoRespo
                 for p in ps {
                     let media = p["peer"].as_u64().and_then(|id| by_peer.get(&id)).map(|m| {
                         json!({
+                            "shard": m.shard,
                             "connected": m.connected,
                             "over_tcp": m.over_tcp,
                             "rx_kbps": m.rx_bps / 1000,

@@ -114,6 +114,8 @@ impl MatrixConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct MediaConfig {
     pub shards: usize,
+    /// Peers of one conference per shard before it spreads onto another (0: never).
+    pub spread_conference_above: usize,
     pub bind_ip: IpAddr,
     pub port_base: u16,
     pub advertise_ips: Vec<IpAddr>,
@@ -137,6 +139,7 @@ impl Default for MediaConfig {
     fn default() -> Self {
         MediaConfig {
             shards: 0,
+            spread_conference_above: weir_sfu::DEFAULT_SPREAD_CONFERENCE_ABOVE,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             port_base: 0,
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],

@@ -192,6 +192,7 @@ async fn run(config: Config) -> Result<(), String> {
         rtx_history_packets: config.media.rtx_history_packets,
         audio_loudest_n: config.media.audio_loudest_n,
         audio_loudest_above: config.media.audio_loudest_above,
+        spread_conference_above: config.media.spread_conference_above,
         estimate_from_bps: (config.media.estimate_from_kbps > 0)
             .then_some(config.media.estimate_from_kbps * 1000),
     };

@@ -348,6 +348,11 @@ impl SfuCollector {
                 "Datagrams one media shard received for another shard's participant and handed over (media.single_port)",
                 s.handed_over,
             ),
+            counter(
+                "weir_spread_packets_total",
+                "RTP packets handed from their publisher's media shard to the other shards of a conference spread over several (media.spread_conference_above)",
+                s.spread_out,
+            ),
             gauge(
                 "weir_ice_tcp_connections",
                 "ICE-TCP connections the media shards hold (participants whose UDP is blocked; media.tcp_port)",

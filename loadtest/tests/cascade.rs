@@ -192,7 +192,15 @@ fn settle(sites: &[&Site], want: Gauges, what: &str) {
 #[test]
 fn two_organisations_share_one_conference_through_a_trunk() {
     let dir = scratch_dir();
-    let a = site(&dir, "hs-a", "FOCUSA");
+    // Organisation A's focus spreads a conference over its two media shards from its third
+    // peer on, so its trunk and its participants need not share a shard (the trunk pulls
+    // and feeds tracks of the other shard); B's keeps each conference on one shard.
+    let a = site_with_media(
+        &dir,
+        "hs-a",
+        "FOCUSA",
+        "shards = 2\nspread_conference_above = 2",
+    );
     let b = site(&dir, "hs-b", "FOCUSB");
 
     // Four publishers, two on each organisation: each receives the three others, two of them
@@ -242,6 +250,10 @@ fn two_organisations_share_one_conference_through_a_trunk() {
             "{max:?}\n{out}"
         );
     }
+    assert!(
+        counter(&a.focus, "weir_spread_packets_total") > 0.0,
+        "A's conference spanned its two shards\n{out}"
+    );
 
     // Everyone left (their member entries are gone): the trunk is hung up and nothing of the
     // call remains on either focus.

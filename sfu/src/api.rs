@@ -15,8 +15,16 @@ pub const DEFAULT_ESTIMATE_FROM_BPS: u64 = 1_000_000;
 #[derive(Debug, Clone)]
 pub struct SfuConfig {
     /// Media shard threads, each with its own UDP socket. More shards use more cores; a
-    /// conference lives on one shard, so fan-out inside it stays a function call.
+    /// conference lives on one shard, so fan-out inside it stays a function call, until it
+    /// grows past [`SfuConfig::spread_conference_above`].
     pub shards: usize,
+    /// A conference that holds this many peers on every shard it uses takes its next peers on
+    /// one more shard (`shard::spread`): its publishers' packets are handed to the other
+    /// shards (the payload shared, not copied), each fanning out to its own subscribers, so a
+    /// conference of 1 → 1000 uses every core. Each packet then costs one hand-over per
+    /// other shard and reaches their subscribers one queue hop later, which a small
+    /// conference does not need to pay. 0: a conference never leaves its first shard.
+    pub spread_conference_above: usize,
     /// Address the shards' UDP sockets bind to.
     pub bind_ip: IpAddr,
     /// First UDP port; shard i binds `port_base + i`. 0 picks ephemeral ports.
@@ -70,6 +78,7 @@ impl Default for SfuConfig {
     fn default() -> Self {
         SfuConfig {
             shards: 1,
+            spread_conference_above: DEFAULT_SPREAD_CONFERENCE_ABOVE,
             bind_ip: IpAddr::from([127, 0, 0, 1]),
             port_base: 0,
             advertise_ips: vec![IpAddr::from([127, 0, 0, 1])],
@@ -85,6 +94,11 @@ impl Default for SfuConfig {
         }
     }
 }
+
+/// 100 peers: one shard forwards a 100-person conference's speaker layout, or 1 → 100 of a
+/// 720p simulcast stream, in a few percent of a core (docs/benchmarks.md), so spreading below
+/// it buys nothing; 1 → 500 fills most of a core with the load tester beside it.
+pub const DEFAULT_SPREAD_CONFERENCE_ABOVE: usize = 100;
 
 /// 16 MiB: about a quarter of a second of a fully loaded shard's traffic (50 k datagrams/s of
 /// 1.2 KB, counted at the kernel's ~2× accounting), enough to ride out a long engine round.
@@ -166,6 +180,8 @@ impl Command {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PeerReport {
     pub peer: PeerId,
+    /// The media shard it lives on.
+    pub shard: usize,
     pub conference: ConferenceId,
     pub trunk: bool,
     /// ICE and DTLS completed.

@@ -29,10 +29,12 @@ use tracing::warn;
 pub use api::{
     AudioSource, CloseReason, Command, ForwardedTrack, LocalCandidate, PeerReport, PeerRole,
     PublishedTrack, SfuConfig, SfuError, SfuEvent, Subscription, DEFAULT_ESTIMATE_FROM_BPS,
-    DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES,
+    DEFAULT_RTX_HISTORY_PACKETS, DEFAULT_SOCKET_BUFFER_BYTES, DEFAULT_SPREAD_CONFERENCE_ABOVE,
 };
 pub use ids::{ConferenceId, MediaId, PeerId, TrackKind};
-pub use shard::{CoreSizes, EventSink, ShardCore, ShardMessage};
+pub use shard::{
+    CoreSizes, EventSink, Relayed, ShardCore, ShardMessage, SpreadMessage, TrackKey, TrackUp,
+};
 pub use stats::{DelayHistogram, DropReason, ShardStats, StatsSnapshot, TrunkCounts};
 
 /// Capacity of each shard's command queue. Commands are rare (per signalling event), so a full
@@ -57,6 +59,9 @@ pub struct Sfu {
     shards: Vec<ShardHandle>,
     /// Which shard each conference and peer lives on (control plane only; never on the hot path).
     placement: Mutex<Placement>,
+    /// Each shard's queue of messages from the others, where the shards of a spread
+    /// conference are told which shards it uses.
+    messages: Vec<(crossbeam_channel::Sender<ShardMessage>, Arc<net::Waker>)>,
     stop: Arc<AtomicBool>,
     /// The ICE-TCP listener's address, its thread and its counters (`tcp::accept`).
     tcp: Option<TcpAcceptor>,
@@ -81,54 +86,111 @@ const SHARD_MESSAGE_QUEUE: usize = 4096;
 /// refused (the caller gets what the other shards said).
 const REPORT_QUEUE: usize = 8;
 
-/// Which shard each conference and peer lives on. New conferences go to the shard with the
-/// fewest peers, counted here as they are placed: the shards' own published counts lag by
-/// up to a housekeeping round, and a burst of new conferences would all land on one shard.
+/// Which shards each conference uses and which shard each peer lives on. New conferences go
+/// to the shard with the fewest peers, counted here as they are placed: the shards' own
+/// published counts lag by up to a housekeeping round, and a burst of new conferences would
+/// all land on one shard. A conference holding `spread_above` peers on every shard it uses
+/// takes its next peer on the least loaded shard it does not use yet (`shard::spread`); else
+/// a new peer goes to the conference's shard with the fewest of its peers.
 struct Placement {
-    /// Conference → (shard, peers in it).
-    conferences: HashMap<ConferenceId, (usize, usize)>,
+    /// Conference → the shards it uses, each with its peers there.
+    conferences: HashMap<ConferenceId, Vec<(usize, usize)>>,
     peers: HashMap<PeerId, (usize, ConferenceId)>,
     /// Peers placed on each shard.
     per_shard: Vec<usize>,
+    /// `SfuConfig::spread_conference_above` (0: never spread).
+    spread_above: usize,
+}
+
+/// The shards a conference uses changed: `tell` are the shards to tell (those it uses now and
+/// any it stopped using).
+#[derive(Debug, PartialEq, Eq)]
+struct SpanChange {
+    conference: ConferenceId,
+    shards: Vec<usize>,
+    tell: Vec<usize>,
 }
 
 impl Placement {
-    fn new(shards: usize) -> Self {
+    fn new(shards: usize, spread_above: usize) -> Self {
         Placement {
             conferences: HashMap::new(),
             peers: HashMap::new(),
             per_shard: vec![0; shards.max(1)],
+            spread_above,
         }
     }
 
-    /// The shard of `conference` (placing it if new) for a new `peer`.
-    fn place(&mut self, peer: PeerId, conference: ConferenceId) -> usize {
+    /// The least loaded shard outside `used`.
+    fn least_loaded(&self, used: &[(usize, usize)]) -> Option<usize> {
+        (0..self.per_shard.len())
+            .filter(|i| !used.iter().any(|(s, _)| s == i))
+            .min_by_key(|i| self.per_shard[*i])
+    }
+
+    /// The shard for a new `peer` of `conference` (placing the conference if new), and the
+    /// change to the conference's shards if it spread.
+    fn place(&mut self, peer: PeerId, conference: ConferenceId) -> (usize, Option<SpanChange>) {
         if let Some(old) = self.peers.get(&peer).copied() {
-            return old.0; // the same peer again: already counted
+            return (old.0, None); // the same peer again: already counted
         }
-        let idx = match self.conferences.get(&conference) {
-            Some((idx, _)) => *idx,
-            None => (0..self.per_shard.len())
-                .min_by_key(|i| self.per_shard[*i])
-                .unwrap_or(0),
+        let used = self
+            .conferences
+            .get(&conference)
+            .cloned()
+            .unwrap_or_default();
+        let fewest = used.iter().min_by_key(|(_, n)| *n).copied();
+        let (idx, spread) = match fewest {
+            None => (self.least_loaded(&[]).unwrap_or(0), false),
+            Some((_, n)) if self.spread_above > 0 && n >= self.spread_above => {
+                match self.least_loaded(&used) {
+                    Some(new) => (new, true),
+                    None => (fewest.map_or(0, |(s, _)| s), false),
+                }
+            }
+            Some((s, _)) => (s, false),
         };
-        self.conferences.entry(conference).or_insert((idx, 0)).1 += 1;
+        let span = self.conferences.entry(conference).or_default();
+        match span.iter_mut().find(|(s, _)| *s == idx) {
+            Some((_, n)) => *n += 1,
+            None => span.push((idx, 1)),
+        }
+        let shards: Vec<usize> = span.iter().map(|(s, _)| *s).collect();
         self.peers.insert(peer, (idx, conference));
         self.per_shard[idx] += 1;
-        idx
+        let change = spread.then(|| SpanChange {
+            conference,
+            tell: shards.clone(),
+            shards,
+        });
+        (idx, change)
     }
 
-    /// Forget `peer`; returns the shard it was on.
-    fn remove(&mut self, peer: PeerId) -> Option<usize> {
+    /// Forget `peer`: the shard it was on, and the change to its conference's shards if it
+    /// was the last of the conference on a shard the conference shared with others.
+    fn remove(&mut self, peer: PeerId) -> Option<(usize, Option<SpanChange>)> {
         let (idx, conf) = self.peers.remove(&peer)?;
         self.per_shard[idx] = self.per_shard[idx].saturating_sub(1);
-        if let Some(e) = self.conferences.get_mut(&conf) {
-            e.1 -= 1;
-            if e.1 == 0 {
+        let mut change = None;
+        if let Some(span) = self.conferences.get_mut(&conf) {
+            let spread = span.len() > 1;
+            if let Some(e) = span.iter_mut().find(|(s, _)| *s == idx) {
+                e.1 -= 1;
+            }
+            let before: Vec<usize> = span.iter().map(|(s, _)| *s).collect();
+            span.retain(|(_, n)| *n > 0);
+            if spread && span.len() < before.len() {
+                change = Some(SpanChange {
+                    conference: conf,
+                    shards: span.iter().map(|(s, _)| *s).collect(),
+                    tell: before,
+                });
+            }
+            if span.is_empty() {
                 self.conferences.remove(&conf);
             }
         }
-        Some(idx)
+        Some((idx, change))
     }
 
     fn shard_of(&self, peer: PeerId) -> Option<usize> {
@@ -263,7 +325,11 @@ impl Sfu {
         };
         Ok(Sfu {
             shards,
-            placement: Mutex::new(Placement::new(config.shards)),
+            placement: Mutex::new(Placement::new(
+                config.shards,
+                config.spread_conference_above,
+            )),
+            messages: siblings,
             stop,
             tcp,
         })
@@ -280,17 +346,17 @@ impl Sfu {
     }
 
     /// Route a command to the shard that owns its peer (placing new conferences on the shard
-    /// with the fewest peers).
+    /// with the fewest peers, and spreading a conference that outgrew its shards).
     pub fn send(&self, cmd: Command) -> Result<(), SfuError> {
         let shard = {
             let mut pl = self.placement.lock().unwrap_or_else(|e| e.into_inner());
-            match &cmd {
+            let (idx, change) = match &cmd {
                 Command::CreatePeer {
                     peer, conference, ..
                 }
                 | Command::DialTrunk { peer, conference } => pl.place(*peer, *conference),
                 Command::ClosePeer { peer } => match pl.remove(*peer) {
-                    Some(idx) => idx,
+                    Some(placed) => placed,
                     None => return Ok(()),
                 },
                 Command::RemoteOffer { peer, .. }
@@ -299,10 +365,15 @@ impl Sfu {
                 | Command::Subscribe { peer, .. }
                 | Command::SendData { peer, .. }
                 | Command::Screens { peer, .. } => match pl.shard_of(*peer) {
-                    Some(idx) => idx,
+                    Some(idx) => (idx, None),
                     None => return Ok(()),
                 },
+            };
+            // Told under the lock, so the shards learn successive spans in order.
+            if let Some(change) = change {
+                self.tell_span(change);
             }
+            idx
         };
         let h = &self.shards[shard];
         h.commands.try_send(cmd).map_err(|e| match e {
@@ -313,10 +384,31 @@ impl Sfu {
         Ok(())
     }
 
+    /// Tell the shards involved which shards a conference uses now.
+    fn tell_span(&self, change: SpanChange) {
+        tracing::info!(conference = %change.conference, shards = ?change.shards, "conference spread");
+        for i in change.tell {
+            let Some((tx, waker)) = self.messages.get(i) else {
+                continue;
+            };
+            let msg = ShardMessage::Spread(SpreadMessage::Span {
+                conference: change.conference,
+                shards: change.shards.clone(),
+            });
+            if tx.try_send(msg).is_ok() {
+                waker.wake();
+            } else {
+                self.shards[i].stats.count_drop(DropReason::HandOverFull);
+            }
+        }
+    }
+
     /// Forget a peer the media plane closed by itself (keeps placement counts right).
     pub fn forget_peer(&self, peer: PeerId) {
         let mut pl = self.placement.lock().unwrap_or_else(|e| e.into_inner());
-        pl.remove(peer);
+        if let Some((_, Some(change))) = pl.remove(peer) {
+            self.tell_span(change);
+        }
     }
 
     /// Whether each shard's thread is still running. A shard stops only at shutdown or on a
@@ -363,6 +455,14 @@ impl Sfu {
         StatsSnapshot::sum(self.shards.iter().map(|s| s.stats.as_ref()).chain(acceptor))
     }
 
+    /// Each shard's counters, by shard (the ICE-TCP acceptor's not included).
+    pub fn shard_stats(&self) -> Vec<StatsSnapshot> {
+        self.shards
+            .iter()
+            .map(|s| StatsSnapshot::sum([s.stats.as_ref()]))
+            .collect()
+    }
+
     /// Stop every shard (closing its peers) and wait for the threads.
     pub fn shutdown(&self) {
         self.stop.store(true, Ordering::Relaxed);
@@ -394,24 +494,92 @@ mod tests {
 
     #[test]
     fn a_burst_of_new_conferences_is_spread_over_the_shards() {
-        let mut pl = Placement::new(2);
+        let mut pl = Placement::new(2, 0);
         let shards: Vec<usize> = (0..4)
-            .map(|i| pl.place(PeerId(i), ConferenceId(i)))
+            .map(|i| pl.place(PeerId(i), ConferenceId(i)).0)
             .collect();
         assert_eq!(shards, vec![0, 1, 0, 1]);
         // A conference's later peers join it where it is, whatever the load.
-        assert_eq!(pl.place(PeerId(10), ConferenceId(0)), 0);
-        assert_eq!(pl.place(PeerId(11), ConferenceId(0)), 0);
+        assert_eq!(pl.place(PeerId(10), ConferenceId(0)), (0, None));
+        assert_eq!(pl.place(PeerId(11), ConferenceId(0)), (0, None));
         assert_eq!(pl.per_shard, vec![4, 2]);
         // Leaving frees room: the next new conference goes where fewest peers are.
         for p in [0, 10, 11] {
-            assert_eq!(pl.remove(PeerId(p)), Some(0));
+            assert_eq!(pl.remove(PeerId(p)), Some((0, None)));
         }
         assert_eq!(pl.remove(PeerId(0)), None, "removed once only");
-        assert_eq!(pl.place(PeerId(20), ConferenceId(9)), 0);
+        assert_eq!(pl.place(PeerId(20), ConferenceId(9)), (0, None));
         assert!(
             !pl.conferences.contains_key(&ConferenceId(0)),
             "an empty conference is forgotten"
         );
+    }
+
+    #[test]
+    fn a_conference_that_fills_its_shard_spreads_and_shrinks_back() {
+        let mut pl = Placement::new(3, 2);
+        let conf = ConferenceId(1);
+        // Four small conferences: shard 0 holds two peers, shards 1 and 2 one each.
+        for i in 0..4 {
+            assert_eq!(
+                pl.place(PeerId(100 + i), ConferenceId(10 + i)).0,
+                i as usize % 3
+            );
+        }
+        assert_eq!(
+            pl.place(PeerId(1), conf),
+            (1, None),
+            "the least loaded shard"
+        );
+        assert_eq!(pl.place(PeerId(2), conf), (1, None));
+        // Shard 1 holds two of it: the third peer opens the least loaded other shard.
+        let (idx, change) = pl.place(PeerId(3), conf);
+        assert_eq!(idx, 2);
+        assert_eq!(
+            change,
+            Some(SpanChange {
+                conference: conf,
+                shards: vec![1, 2],
+                tell: vec![1, 2],
+            })
+        );
+        // From then on peers go where the conference has the fewest, until both hold two.
+        assert_eq!(pl.place(PeerId(4), conf), (2, None));
+        let (idx, change) = pl.place(PeerId(5), conf);
+        assert_eq!(idx, 0);
+        assert_eq!(change.map(|c| c.shards), Some(vec![1, 2, 0]));
+        // Shard 0's only peer of it leaves: the others are told, and shard 0 too.
+        let (idx, change) = pl.remove(PeerId(5)).unwrap();
+        assert_eq!(idx, 0);
+        assert_eq!(
+            change,
+            Some(SpanChange {
+                conference: conf,
+                shards: vec![1, 2],
+                tell: vec![1, 2, 0],
+            })
+        );
+        assert_eq!(
+            pl.remove(PeerId(4)),
+            Some((2, None)),
+            "shard 2 still has peer 3"
+        );
+        let (_, change) = pl.remove(PeerId(3)).unwrap();
+        assert_eq!(
+            change.map(|c| (c.shards, c.tell)),
+            Some((vec![1], vec![1, 2]))
+        );
+        // Back on one shard: nothing more to tell when it empties.
+        assert_eq!(pl.remove(PeerId(2)), Some((1, None)));
+        assert_eq!(pl.remove(PeerId(1)), Some((1, None)));
+        assert!(!pl.conferences.contains_key(&conf));
+    }
+
+    #[test]
+    fn without_spreading_a_conference_stays_on_one_shard_however_large() {
+        let mut pl = Placement::new(2, 0);
+        for i in 0..500 {
+            assert_eq!(pl.place(PeerId(i), ConferenceId(1)), (0, None));
+        }
     }
 }

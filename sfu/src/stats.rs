@@ -193,6 +193,9 @@ pub(crate) struct ShardCounters {
     pub tcp_links: u64,
     /// Datagrams received for another shard's peer and handed to it (one port for all).
     pub handed_over: u64,
+    /// RTP packets handed to the other shards of a conference spread over several
+    /// (`shard::spread`), one per packet and other shard.
+    pub spread_out: u64,
     /// Batch read → copies handed to the kernel, per loop turn that forwarded something.
     pub forward_delay: DelayHistogram,
     drops: [u64; DropReason::ALL.len()],
@@ -238,6 +241,7 @@ impl ShardCounters {
         to.temporal_skipped.store(self.temporal_skipped, r);
         to.tcp_links.store(self.tcp_links, r);
         to.handed_over.store(self.handed_over, r);
+        to.spread_out.store(self.spread_out, r);
         for (i, n) in self.forward_delay.buckets.iter().enumerate() {
             to.forward_delay_buckets[i].store(*n, r);
         }
@@ -277,6 +281,7 @@ pub struct ShardStats {
     pub temporal_skipped: AtomicU64,
     pub tcp_links: AtomicU64,
     pub handed_over: AtomicU64,
+    pub spread_out: AtomicU64,
     pub forward_delay_buckets: [AtomicU64; DELAY_BUCKETS_US.len() + 1],
     pub forward_delay_sum_us: AtomicU64,
     pub forward_delay_count: AtomicU64,
@@ -325,6 +330,9 @@ pub struct StatsSnapshot {
     pub tcp_links: u64,
     /// Datagrams one shard received for another's peer and handed over (one port for all).
     pub handed_over: u64,
+    /// RTP packets handed from the shard of their publisher to the other shards of a
+    /// conference spread over several.
+    pub spread_out: u64,
     /// The shards' forwarding delay (batch read → copies handed to the kernel).
     pub forward_delay: DelayHistogram,
     pub drops: Vec<(DropReason, u64)>,
@@ -363,6 +371,7 @@ impl StatsSnapshot {
             s.temporal_skipped += sh.temporal_skipped.load(r);
             s.tcp_links += sh.tcp_links.load(r);
             s.handed_over += sh.handed_over.load(r);
+            s.spread_out += sh.spread_out.load(r);
             let mut d = DelayHistogram {
                 sum_us: sh.forward_delay_sum_us.load(r),
                 count: sh.forward_delay_count.load(r),

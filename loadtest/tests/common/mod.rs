@@ -230,10 +230,15 @@ impl Focus {
 
     /// A focus with Matrix switched off: direct mode only, no homeserver anywhere.
     pub fn start_direct_only(dir: &Path) -> Focus {
+        Self::start_direct_only_with(dir, "")
+    }
+
+    /// [`Focus::start_direct_only`] with extra `[media]` settings (TOML lines).
+    pub fn start_direct_only_with(dir: &Path, media: &str) -> Focus {
         // A homeserver URL nothing listens on: the focus must not need it.
         let matrix = "[matrix]\nenabled = false\nhomeserver_url = \"http://127.0.0.1:9\"\n\
                       device_id = \"WEIRFOCUS\"\n";
-        Self::spawn(dir, "direct-only", matrix, "")
+        Self::spawn(dir, "direct-only", matrix, media)
     }
 
     /// Start the focus binary with `matrix` (its `[matrix]` section) and extra `[media]`

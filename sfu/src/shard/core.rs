@@ -11,7 +11,7 @@ use crate::net::{SendQueue, SendStats};
 use crate::stats::{DropReason, ShardCounters, ShardStats};
 
 use super::timers::HOUSEKEEPING_INTERVAL;
-use super::{EventSink, FastMap, ShardCore, MAX_SCREENS};
+use super::{EventSink, FastMap, ShardCore, SpreadMessage, MAX_SCREENS};
 
 /// Entry counts of a core's maps ([`ShardCore::sizes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -61,6 +61,8 @@ impl<S: EventSink> ShardCore<S> {
             stats,
             next_housekeeping: now,
             speakers: FastMap::default(),
+            spans: FastMap::default(),
+            relayed_since: None,
             offers_due: Vec::new(),
             current: None,
         }
@@ -102,6 +104,12 @@ impl<S: EventSink> ShardCore<S> {
                 if let Some(p) = self.peers.get_mut(&peer) {
                     // Bounded like the metadata it comes from.
                     p.screens = streams.into_iter().take(MAX_SCREENS).collect();
+                    let (conference, streams) = (p.conference, p.screens.clone());
+                    let msg = SpreadMessage::Screens {
+                        publisher: peer,
+                        streams,
+                    };
+                    self.tell_span(conference, msg);
                 }
             }
         }
@@ -201,6 +209,12 @@ impl<S: EventSink> ShardCore<S> {
         self.counters.datagrams_out
     }
 
+    /// The earliest home-shard receipt of the packets handed over to this shard and forwarded
+    /// since the last call ([`super::spread`]).
+    pub(crate) fn take_relayed_since(&mut self) -> Option<Instant> {
+        self.relayed_since.take()
+    }
+
     /// Record how long a turn that forwarded took, datagram in to copies out.
     pub(crate) fn record_forward_delay(&mut self, micros: u64) {
         self.counters.forward_delay.record(micros);
@@ -234,6 +248,7 @@ impl<S: EventSink> ShardCore<S> {
             .iter()
             .map(|(id, p)| crate::api::PeerReport {
                 peer: *id,
+                shard: self.index,
                 conference: p.conference,
                 trunk: p.role == crate::api::PeerRole::Trunk,
                 connected: p.connected,

@@ -9,18 +9,21 @@ use tracing::debug;
 
 use crate::ids::PeerId;
 
-use super::{EventSink, ShardCore, TrackKey};
+use super::single_port::{Outgoing, ShardMessage};
+use super::{EventSink, ShardCore, SpreadMessage, TrackKey};
 
 impl<S: EventSink> ShardCore<S> {
     /// Housekeeping: work out, for every dynacast track, the layers its subscribers need, and
-    /// tell publishers whose set changed.
+    /// tell publishers whose set changed. For a track whose publisher is on another shard of
+    /// a spread conference, tell that shard what the subscribers here need.
     pub(super) fn update_dynacast(&mut self, now: Instant) {
         let mut notices: Vec<(TrackKey, Vec<Rid>)> = Vec::new();
+        let mut demands: Vec<(usize, TrackKey, Option<u8>)> = Vec::new();
         let mut caps: Vec<u8> = Vec::new();
         for (t, p) in &mut self.tracks {
-            let Some(demand) = p.dynacast.as_mut() else {
+            if p.dynacast.is_none() && !p.remote_dynacast {
                 continue;
-            };
+            }
             caps.clear();
             for sub in &p.subscribers {
                 let Some(speer) = self.peers.get(sub) else {
@@ -45,9 +48,31 @@ impl<S: EventSink> ShardCore<S> {
                     caps.push(out.cap);
                 }
             }
+            if let Some(home) = p.home {
+                let cap = caps.iter().copied().max();
+                if p.demand_sent != Some(cap) {
+                    p.demand_sent = Some(cap);
+                    demands.push((home, *t, cap));
+                }
+                continue;
+            }
+            caps.extend(p.demand_from.iter().map(|(_, cap)| *cap));
+            let Some(demand) = p.dynacast.as_mut() else {
+                continue;
+            };
             if let Some(active) = demand.update(caps.iter().copied(), now) {
                 notices.push((*t, active.to_vec()));
             }
+        }
+        for (home, track, cap) in demands {
+            self.outgoing.push(Outgoing {
+                to: Some(home),
+                message: ShardMessage::Spread(SpreadMessage::Demand {
+                    track,
+                    shard: self.index,
+                    cap,
+                }),
+            });
         }
         for (t, active) in notices {
             debug!(publisher = %t.publisher, mid = %t.mid, ?active, "dynacast");

@@ -1,9 +1,11 @@
 //! Fan-out: one received RTP packet written to every subscriber of its track.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use str0m::media::Rid;
-use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite};
+use str0m::format::PayloadParams;
+use str0m::media::{Pt, Rid};
+use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Ssrc};
 
 use crate::api::PeerRole;
 use crate::engine;
@@ -14,7 +16,7 @@ use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
 use tracing::debug;
 
-use super::{EventSink, ShardCore};
+use super::{EventSink, ShardCore, TrackKey};
 
 /// How long after a simulcast track's first packet its layers count as known. Browsers start
 /// all layers within a frame or two; before this, the first layer to arrive is not taken as
@@ -24,9 +26,48 @@ const SIMULCAST_SETTLE: Duration = Duration::from_millis(200);
 /// How long a new subscriber waits for a keyframe before asking again.
 const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
 
+/// One received RTP packet as fan-out reads it: from a local publisher's engine, or handed
+/// over by the shard its publisher lives on ([`super::spread`]).
+#[derive(Clone)]
+pub struct Incoming {
+    ssrc: Ssrc,
+    pub(super) seq_no: SeqNo,
+    timestamp: u32,
+    marker: bool,
+    pt: Pt,
+    /// Header extensions a subscriber can use; mid/rid, transport-cc and abs-send-time are
+    /// per hop and the engine writes its own.
+    ext: ExtensionValues,
+    payload: Arc<[u8]>,
+    /// When the engine received it.
+    pub(super) received: Instant,
+}
+
+impl Incoming {
+    fn new(pkt: RtpPacket) -> Self {
+        let h = &pkt.header;
+        Incoming {
+            ssrc: h.ssrc,
+            seq_no: pkt.seq_no,
+            timestamp: h.timestamp,
+            marker: h.marker,
+            pt: h.payload_type,
+            ext: ExtensionValues {
+                audio_level: h.ext_vals.audio_level,
+                voice_activity: h.ext_vals.voice_activity,
+                video_orientation: h.ext_vals.video_orientation,
+                video_content_type: h.ext_vals.video_content_type,
+                ..Default::default()
+            },
+            received: pkt.timestamp,
+            payload: pkt.payload,
+        }
+    }
+}
+
 impl<S: EventSink> ShardCore<S> {
-    /// Forward one RTP packet from publisher `id` to every subscriber of its track: the layer
-    /// each gets, its own sequence and timestamp space, its own payload type.
+    /// Forward one RTP packet from publisher `id` to every subscriber of its track, here and
+    /// on the other shards of its conference if it is spread.
     pub(super) fn forward(&mut self, id: PeerId, pkt: RtpPacket, now: Instant) {
         self.counters.rtp_in += 1;
         let ssrc = pkt.header.ssrc;
@@ -74,9 +115,31 @@ impl<S: EventSink> ShardCore<S> {
             self.counters.drop(DropReason::UnknownPayloadType);
             return;
         };
+        let packet = Incoming::new(pkt);
+        if self.spans.contains_key(&conference) {
+            let shared = self.relay(conference, track, rid, params, packet);
+            self.fan_out(track, rid, params, &shared.packet, now);
+        } else {
+            self.fan_out(track, rid, params, &packet, now);
+        }
+    }
+
+    /// Write one packet of `track` (layer `rid`) to every subscriber of it on this shard: the
+    /// layer each gets, its own sequence and timestamp space, its own payload type.
+    pub(super) fn fan_out(
+        &mut self,
+        track: TrackKey,
+        rid: Option<Rid>,
+        params: PayloadParams,
+        pkt: &Incoming,
+        now: Instant,
+    ) {
+        let ssrc = pkt.ssrc;
+        let pt = pkt.pt;
         let Some(published) = self.tracks.get_mut(&track) else {
             return;
         };
+        let conference = published.conference;
         // By this packet's own codec: a publisher may switch codecs on one m-line.
         let is_video = published.kind == TrackKind::Video;
         let codec = engine::video_codec(params.spec().codec);
@@ -103,19 +166,10 @@ impl<S: EventSink> ShardCore<S> {
                 k.keyframe_received();
             }
         }
-        // Header extensions a subscriber can use; mid/rid, transport-cc and abs-send-time are
-        // per hop and the engine writes its own.
-        let ext = ExtensionValues {
-            audio_level: pkt.header.ext_vals.audio_level,
-            voice_activity: pkt.header.ext_vals.voice_activity,
-            video_orientation: pkt.header.ext_vals.video_orientation,
-            video_content_type: pkt.header.ext_vals.video_content_type,
-            ..Default::default()
-        };
         let mut resumed = false;
         if !is_video {
             let detector = self.speakers.entry(conference).or_default();
-            if let Some(level) = pkt.header.ext_vals.audio_level {
+            if let Some(level) = pkt.ext.audio_level {
                 detector.level(track, level, now);
             }
             let n = self.config.audio_loudest_n;
@@ -210,7 +264,7 @@ impl<S: EventSink> ShardCore<S> {
                 out.temporal.set_target(out.temporal_cap(rank));
                 let p = TemporalPacket {
                     source: *ssrc,
-                    timestamp: pkt.header.timestamp,
+                    timestamp: pkt.timestamp,
                     tid: d.tid,
                     layer_sync: d.layer_sync,
                     keyframe,
@@ -249,7 +303,7 @@ impl<S: EventSink> ShardCore<S> {
             };
             let (seq, ts, tx_rid) = if let Some(tl) = out.trunk.as_mut() {
                 let Some(r) = rid else { continue };
-                let (seq_in, ts_in) = (*pkt.seq_no, pkt.header.timestamp);
+                let (seq_in, ts_in) = (*pkt.seq_no, pkt.timestamp);
                 match tl.on_packet(r, keyframe, *ssrc, seq_in, ts_in, now) {
                     Some((seq, ts)) => (seq, ts, rid),
                     None => continue,
@@ -259,10 +313,7 @@ impl<S: EventSink> ShardCore<S> {
                     out.rewriter.resume();
                     out.vp8_ids.resume();
                 }
-                match out
-                    .rewriter
-                    .rewrite(*ssrc, *pkt.seq_no, pkt.header.timestamp, now)
-                {
+                match out.rewriter.rewrite(*ssrc, *pkt.seq_no, pkt.timestamp, now) {
                     Rewritten::Send { seq, ts } => (seq, ts, None),
                     Rewritten::DropStale => {
                         self.counters.drop(DropReason::Stale);
@@ -317,9 +368,9 @@ impl<S: EventSink> ShardCore<S> {
                 super::tracks::fresh_retransmissions(tx, self.config.rtx_history_packets);
             }
             let mut write =
-                RtpWrite::new(out_pt, seq.into(), ts, pkt.timestamp, pkt.payload.clone())
-                    .marker(pkt.header.marker)
-                    .ext_vals(ext.clone())
+                RtpWrite::new(out_pt, seq.into(), ts, pkt.received, pkt.payload.clone())
+                    .marker(pkt.marker)
+                    .ext_vals(pkt.ext.clone())
                     .nackable(nackable);
             if let Some(patch) = patch {
                 write = write.vp8_patch(patch);

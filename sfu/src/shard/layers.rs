@@ -90,6 +90,9 @@ impl<S: EventSink> ShardCore<S> {
     }
 
     pub(super) fn send_pli(&mut self, track: &TrackKey, layer: Option<Rid>) {
+        if self.keyframe_from_home(track, layer) {
+            return; // its publisher is on another shard: that shard asks
+        }
         let Some(peer) = self.peers.get_mut(&track.publisher) else {
             return;
         };

@@ -24,6 +24,7 @@ mod negotiation;
 mod run;
 mod single_port;
 mod speakers;
+mod spread;
 mod teardown;
 mod timers;
 mod tracks;
@@ -58,6 +59,7 @@ type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 pub use self::core::CoreSizes;
 pub(crate) use run::{Inputs, Shard};
 pub use single_port::ShardMessage;
+pub use spread::{Relayed, SpreadMessage, TrackUp};
 
 /// Sends events to the control plane without ever blocking the shard.
 pub trait EventSink: Send + 'static {
@@ -92,12 +94,20 @@ const DATA_MESSAGE_BURST: u32 = 50;
 /// A published track inside the shard: the publisher and the engine's mid. Copy, so the
 /// per-packet path looks tracks up without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct TrackKey {
+pub struct TrackKey {
     publisher: PeerId,
     mid: Mid,
 }
 
 struct Published {
+    conference: ConferenceId,
+    /// The shard its publisher lives on, when that is another one ([`spread`]): the track is
+    /// held here for this shard's subscribers, its packets handed over by that shard.
+    home: Option<usize>,
+    /// When it was published here, or announced by its home shard.
+    announced: Instant,
+    /// Published by a trunk: it never leaves over another (the origin rule).
+    from_trunk: bool,
     kind: TrackKind,
     stream_id: String,
     track_id: String,
@@ -116,6 +126,50 @@ struct Published {
     unallocated: bool,
     /// Which simulcast layers anyone needs, for a participant's simulcast video ([`dynacast`]).
     dynacast: Option<LayerDemand<Rid>>,
+    /// A remote track whose home runs dynacast for it: this shard tells it what its own
+    /// subscribers need ([`spread::SpreadMessage::Demand`]), and what it last told.
+    remote_dynacast: bool,
+    demand_sent: Option<Option<u8>>,
+    /// On the home shard: the best layer rank the subscribers on each other shard need.
+    demand_from: Vec<(usize, u8)>,
+    /// A remote track shared as a screen (for a local one, its publisher's `screens` say).
+    screen: bool,
+    /// A remote track's simulcast rids (for a local one, its publisher's engine says).
+    remote_rids: Vec<Rid>,
+}
+
+impl Published {
+    /// A track of `conference` published here, with nothing received yet; the other fields
+    /// say what kind of track it is beyond that.
+    fn new(
+        conference: ConferenceId,
+        kind: TrackKind,
+        stream_id: String,
+        track_id: String,
+        now: Instant,
+    ) -> Self {
+        Published {
+            conference,
+            home: None,
+            announced: now,
+            from_trunk: false,
+            kind,
+            stream_id,
+            track_id,
+            activity: LayerActivity::default(),
+            first_packet: None,
+            held_back: false,
+            keyframes: Vec::new(),
+            subscribers: Vec::new(),
+            unallocated: false,
+            dynacast: None,
+            remote_dynacast: false,
+            demand_sent: None,
+            demand_from: Vec::new(),
+            screen: false,
+            remote_rids: Vec::new(),
+        }
+    }
 }
 
 struct OutTrack {
@@ -378,6 +432,11 @@ pub struct ShardCore<S: EventSink> {
     next_housekeeping: Instant,
     /// Speech activity of each conference's audio tracks.
     speakers: FastMap<ConferenceId, SpeakerDetector<TrackKey>>,
+    /// The other shards of each conference spread over several ([`spread`]).
+    spans: FastMap<ConferenceId, Vec<usize>>,
+    /// The earliest receipt, on their home shard, of the packets handed over and forwarded
+    /// this turn (the turn's forwarding delay counts from it).
+    relayed_since: Option<Instant>,
     /// Peers to renegotiate with at the end of the turn ([`ShardCore::offer_soon`]).
     offers_due: Vec<PeerId>,
     /// The peer being handled right now (innermost), to blame a panic on: set around every

@@ -109,9 +109,7 @@ impl<S: EventSink> ShardCore<S> {
         let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
         self.by_ufrag.insert(ufrag, id);
         self.peers.insert(id, peer);
-        let members = self.conferences.entry(conference).or_default();
-        let existing: Vec<PeerId> = members.clone();
-        members.push(id);
+        self.conferences.entry(conference).or_default().push(id);
         info!(shard = self.index, %id, %conference, "peer created");
         self.emit(SfuEvent::PeerCreated {
             peer: id,
@@ -120,11 +118,8 @@ impl<S: EventSink> ShardCore<S> {
         });
         // A new peer receives every track of the conference until its first subscription
         // (`want` applies the subscription once there is one).
-        for other in existing {
-            let tracks: Vec<TrackKey> = self.peers[&other].published.values().cloned().collect();
-            for t in tracks {
-                self.want(id, t);
-            }
+        for t in self.conference_tracks(conference, id) {
+            self.want(id, t);
         }
         self.mark_dirty(id);
         self.maybe_offer(id);
@@ -429,8 +424,12 @@ impl<S: EventSink> ShardCore<S> {
         });
     }
 
-    /// The simulcast rids a published track arrives with, if it is simulcast.
+    /// The simulcast rids a published track arrives with, if it is simulcast (a track of
+    /// another shard: as that shard announced them).
     pub(super) fn source_rids(&self, track: &TrackKey) -> Option<Vec<Rid>> {
+        if let Some(p) = self.tracks.get(track).filter(|p| p.home.is_some()) {
+            return (!p.remote_rids.is_empty()).then(|| p.remote_rids.clone());
+        }
         let media = self.peers.get(&track.publisher)?.rtc.media(track.mid)?;
         match media.rids_rx() {
             Rids::Specific(v) if !v.is_empty() => Some(v.clone()),

@@ -152,8 +152,12 @@ impl<S: EventSink> Shard<S> {
         }
         self.core.handle_timeout(Instant::now());
         self.flush();
-        if received > 0 && self.core.datagrams_out() > sent_before {
-            let took = Instant::now().saturating_duration_since(now);
+        // From the batch read or, for packets another shard handed over, from their receipt
+        // there (`spread`): the queue between the shards is part of their delay.
+        let relayed = self.core.take_relayed_since();
+        if (received > 0 || relayed.is_some()) && self.core.datagrams_out() > sent_before {
+            let from = relayed.map_or(now, |t| t.min(now));
+            let took = Instant::now().saturating_duration_since(from);
             self.core.record_forward_delay(took.as_micros() as u64);
         }
         received

@@ -21,13 +21,14 @@ use str0m::net::Protocol;
 use crate::stats::DropReason;
 use crate::stun;
 
-use super::{EventSink, ShardCore};
+use super::{EventSink, ShardCore, SpreadMessage};
 
 /// Addresses remembered as another shard's. Each costs a map entry; past this, the idlest half
 /// is forgotten (their next datagram is a check again or is dropped, as from anyone unknown).
 const MAX_FOREIGN: usize = 65_536;
 
-/// Between shards sharing one port.
+/// Between shards: sharing one port, or the shards of a spread conference
+/// ([`super::spread`]).
 #[derive(Debug, Clone)]
 pub enum ShardMessage {
     /// A datagram one shard received for another's peer.
@@ -39,6 +40,8 @@ pub enum ShardMessage {
     /// `owner` took a datagram from `addr` that `origin` handed to every shard: its datagrams
     /// go to `owner` from now on.
     Claim { addr: SocketAddr, owner: usize },
+    /// About a conference spread over several shards.
+    Spread(SpreadMessage),
 }
 
 /// A message for another shard (`to`), or for every other shard (`None`).
@@ -104,6 +107,7 @@ impl<S: EventSink> ShardCore<S> {
                 }
             }
             ShardMessage::Claim { addr, owner } => self.remember_foreign(addr, owner, now),
+            ShardMessage::Spread(m) => self.handle_spread(m, now),
         }
     }
 

@@ -19,8 +19,15 @@ impl<S: EventSink> ShardCore<S> {
             })
         };
         let mut events = Vec::new();
+        let spans = &self.spans;
+        let index = self.index;
         for (conference, detector) in &mut self.speakers {
-            if let Some(s) = detector.evaluate(now) {
+            // A spread conference's speakers are reported once, by its lowest shard: each of
+            // its shards sees all of its audio and reaches the same view.
+            let leads = spans
+                .get(conference)
+                .is_none_or(|others| others.iter().all(|s| *s > index));
+            if let Some(s) = detector.evaluate(now).filter(|_| leads) {
                 events.push(SfuEvent::Speakers {
                     conference: *conference,
                     dominant: s.dominant.as_ref().and_then(source),

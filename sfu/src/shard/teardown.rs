@@ -53,26 +53,7 @@ impl<S: EventSink> ShardCore<S> {
             }
         }
         let published: Vec<TrackKey> = peer.published.into_values().collect();
-        let others: Vec<PeerId> = self
-            .conferences
-            .get(&peer.conference)
-            .cloned()
-            .unwrap_or_default();
-        for tref in &published {
-            self.tracks.remove(tref);
-            self.forget_speaker(peer.conference, tref);
-        }
-        for other in others {
-            let mut changed = false;
-            if let Some(p) = self.peers.get_mut(&other) {
-                for tref in &published {
-                    changed |= p.desired.remove(tref).is_some();
-                }
-            }
-            if changed {
-                self.offer_soon(other);
-            }
-        }
+        self.withdraw(peer.conference, &published);
         info!(shard = self.index, %id, conference = %peer.conference, ?reason, "peer closed");
         self.emit(SfuEvent::PeerClosed { peer: id, reason });
     }

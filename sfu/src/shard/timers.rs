@@ -67,6 +67,7 @@ impl<S: EventSink> ShardCore<S> {
             p.traffic.roll(now);
         }
         self.prune_foreign(now);
+        self.prune_remote_tracks(now);
         for (id, p) in &self.peers {
             if !p.connected
                 && now.saturating_duration_since(p.created_at) > self.config.connect_timeout

@@ -8,10 +8,9 @@ use tracing::info;
 
 use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_AGE};
 use crate::forward::{
-    rid_rank, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter, TemporalFilter,
-    TrunkLayers, Vp8Ids,
+    rid_rank, LayerDemand, LayerSelector, Now, SeqTsRewriter, TemporalFilter, TrunkLayers, Vp8Ids,
 };
-use crate::ids::{MediaId, PeerId, TrackKind};
+use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 
 use super::{EventSink, OutTrack, Peer, Published, ShardCore, TrackKey};
 
@@ -37,7 +36,7 @@ impl<S: EventSink> ShardCore<S> {
         let Some(p) = self.tracks.get(&track) else {
             return;
         };
-        if self.is_trunk(subscriber) && self.is_trunk(track.publisher) {
+        if p.from_trunk && self.is_trunk(subscriber) {
             return; // the origin rule: what came over a trunk never leaves over another
         }
         let info = (p.kind, p.stream_id.clone(), p.track_id.clone());
@@ -52,6 +51,20 @@ impl<S: EventSink> ShardCore<S> {
                 peer.desired.insert(track, info);
             }
         }
+    }
+
+    /// Every track of `conference` on this shard (its own and, if the conference is spread,
+    /// the other shards'), but those `except` publishes.
+    pub(super) fn conference_tracks(
+        &self,
+        conference: ConferenceId,
+        except: PeerId,
+    ) -> Vec<TrackKey> {
+        self.tracks
+            .iter()
+            .filter(|(t, p)| p.conference == conference && t.publisher != except)
+            .map(|(t, _)| *t)
+            .collect()
     }
 
     pub(super) fn is_trunk(&self, id: PeerId) -> bool {
@@ -76,16 +89,7 @@ impl<S: EventSink> ShardCore<S> {
         peer.explicit = Some(subscriptions);
         peer.desired.clear();
         let conference = peer.conference;
-        let candidates: Vec<TrackKey> = self
-            .conferences
-            .get(&conference)
-            .into_iter()
-            .flatten()
-            .filter(|p| **p != id)
-            .filter_map(|p| self.peers.get(p))
-            .flat_map(|p| p.published.values().copied())
-            .collect();
-        for t in candidates {
+        for t in self.conference_tracks(conference, id) {
             self.want(id, t);
         }
         self.maybe_offer(id);
@@ -249,21 +253,22 @@ impl<S: EventSink> ShardCore<S> {
         let tref = TrackKey { publisher: id, mid };
         peer.published.insert(mid, tref);
         let conference = peer.conference;
+        let from_trunk = peer.role == PeerRole::Trunk;
         self.tracks.insert(
             tref,
             Published {
-                kind,
-                stream_id: track.stream_id.clone(),
-                track_id: track.track_id.clone(),
-                activity: LayerActivity::default(),
-                first_packet: None,
-                held_back: false,
-                keyframes: Vec::new(),
-                subscribers: Vec::new(),
-                unallocated: false,
+                from_trunk,
                 dynacast,
+                ..Published::new(
+                    conference,
+                    kind,
+                    track.stream_id.clone(),
+                    track.track_id.clone(),
+                    now,
+                )
             },
         );
+        self.announce(tref);
         info!(shard = self.index, %id, %conference, mid = %mid, %kind, stream = %track.stream_id, "track published");
         self.emit(SfuEvent::TrackPublished { peer: id, track });
         let others: Vec<PeerId> = self.conferences[&conference]
@@ -286,24 +291,11 @@ impl<S: EventSink> ShardCore<S> {
         };
         peer.ssrc_mid.retain(|_, (m, _)| *m != mid);
         let conference = peer.conference;
-        self.tracks.remove(&tref);
-        self.forget_speaker(conference, &tref);
         self.emit(SfuEvent::TrackUnpublished {
             peer: id,
             mid: MediaId(tref.mid.to_string()),
         });
-        let others: Vec<PeerId> = self
-            .conferences
-            .get(&conference)
-            .cloned()
-            .unwrap_or_default();
-        for other in others {
-            if let Some(p) = self.peers.get_mut(&other) {
-                if p.desired.remove(&tref).is_some() {
-                    self.offer_soon(other);
-                }
-            }
-        }
+        self.withdraw(conference, &[tref]);
     }
 }
 

@@ -35,6 +35,8 @@ pub struct Client {
     pub closed: bool,
     /// Our data channel, once open (only when the offer asked for one).
     pub channel: Option<ChannelId>,
+    /// Text messages the focus sent on it.
+    pub messages: Vec<String>,
     /// Whether the next offer adds a data channel.
     pub wants_channel: bool,
     /// For a participant whose UDP is blocked: its one ICE-TCP connection, once its engine
@@ -87,6 +89,7 @@ impl Client {
             inactive_mids: 0,
             closed: false,
             channel: None,
+            messages: Vec::new(),
             wants_channel: false,
             tcp: None,
             tcp_only,
@@ -192,6 +195,9 @@ impl Client {
                 }
                 Output::Event(Event::Connected) => self.connected = true,
                 Output::Event(Event::ChannelOpen(id, _)) => self.channel = Some(id),
+                Output::Event(Event::ChannelData(d)) if !d.binary => {
+                    self.messages.extend(String::from_utf8(d.data).ok());
+                }
                 Output::Event(Event::RtpPacket(p)) => {
                     let mid = self
                         .rtc
