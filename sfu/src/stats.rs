@@ -50,10 +50,14 @@ pub enum DropReason {
     TcpRefused,
     /// A packet toward an ICE-TCP participant whose connection had a full queue or was gone.
     TcpCongested,
+    /// A copy for a subscriber whose connection is not up yet (ICE and DTLS): its engine
+    /// would keep every copy until it connects, or until the connect timeout if it never
+    /// does, and what it kept would arrive as a burst of stale media.
+    NotConnected,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -74,6 +78,7 @@ impl DropReason {
         DropReason::TcpRefused,
         DropReason::TcpCongested,
         DropReason::HandOverFull,
+        DropReason::NotConnected,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +103,7 @@ impl DropReason {
             DropReason::TcpRefused => "tcp_refused",
             DropReason::TcpCongested => "tcp_congested",
             DropReason::HandOverFull => "hand_over_full",
+            DropReason::NotConnected => "not_connected",
         }
     }
 

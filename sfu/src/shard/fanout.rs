@@ -204,6 +204,13 @@ impl<S: EventSink> ShardCore<S> {
             let Some(speer) = self.peers.get_mut(sub) else {
                 continue;
             };
+            // Until its connection is up the engine keeps every copy written to it: for the
+            // whole connect timeout if it never connects (33 MB of an 8.8 Mbit/s stream). Its
+            // layer is chosen on the first packet once it is, on a keyframe.
+            if !speer.connected {
+                self.counters.drop(DropReason::NotConnected);
+                continue;
+            }
             let estimating = speer.estimate.is_some();
             let Some(out) = speer.out.get_mut(&track) else {
                 continue;
