@@ -269,3 +269,59 @@ fn a_watcher_on_another_shard_switches_a_publishers_layers_back_on() {
             == Some(&vec!["q".to_string(), "h".to_string(), "f".to_string()])
     });
 }
+
+/// Speakers of a spread conference are reported once. Every shard of it sees all its audio
+/// and runs the same detection, so each would report the same change; only the lowest shard
+/// does. The one talking here sits on the other shard.
+#[test]
+fn a_spread_conference_reports_its_speaker_once() {
+    let names = ["a", "b", "talker"];
+    let clients = names.iter().map(|n| Client::new(n)).collect();
+    let mut world = World::with_clients(clients, two_shards_spreading_at_two(), |tx| tx);
+    for i in 0..3 {
+        let offer = world.clients[i].offer(&[("audio", MediaKind::Audio)]);
+        world.call_in(i as u64, CONFERENCE, offer);
+    }
+    world.run_until("all connected", |w| w.clients.iter().all(|c| c.connected));
+    assert_eq!(
+        shard_of(&world, 2),
+        Some(1),
+        "the talker is on the other shard"
+    );
+    let talker_reported = |w: &World| {
+        w.log
+            .iter()
+            .filter(|e| {
+                matches!(e, weir_sfu::SfuEvent::Speakers { dominant: Some(d), .. }
+                    if d.publisher == PeerId(2))
+            })
+            .count()
+    };
+    // The talker speaks (everyone else is quiet), 20 ms packets.
+    let mut n = 0u64;
+    let mut send = |w: &mut World| {
+        n += 1;
+        w.clients[2].send_audio_level("audio", 100 + n, n as u32 * 960, 20);
+        for quiet in 0..2 {
+            w.clients[quiet].send_audio_level("audio", 100 + n, n as u32 * 960, 127);
+        }
+        n
+    };
+    world.run_until("the talker is reported dominant", |w| {
+        send(w);
+        talker_reported(w) > 0
+    });
+    // A second's more speech: both shards have evaluated it many times over by then.
+    let heard = |w: &World| w.clients[0].received.len();
+    let target = heard(&world) + 50;
+    world.run_until("a second more of speech reaches a", |w| {
+        send(w);
+        heard(w) >= target
+    });
+    let speakers: Vec<_> = world
+        .log
+        .iter()
+        .filter(|e| matches!(e, weir_sfu::SfuEvent::Speakers { .. }))
+        .collect();
+    assert_eq!(talker_reported(&world), 1, "{speakers:?}");
+}

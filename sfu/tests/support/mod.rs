@@ -268,6 +268,29 @@ impl Client {
         self.send_codec(label, codec, rid, seq, ts, payload)
     }
 
+    /// One Opus packet on `label`'s m-line saying how loud it is (RFC 6464 level, -dBov).
+    pub fn send_audio_level(&mut self, label: &str, seq: u64, ts: u32, level: i8) {
+        let mid = self.mids[label];
+        let pt = self
+            .rtc
+            .codec_config()
+            .params()
+            .iter()
+            .find(|p| p.spec().codec == Codec::Opus)
+            .unwrap()
+            .pt();
+        let ext = str0m::rtp::ExtensionValues {
+            audio_level: Some(-level.abs()),
+            voice_activity: Some(level.abs() < 50),
+            ..Default::default()
+        };
+        let mut api = self.rtc.direct_api();
+        let tx = api.stream_tx_by_mid(mid, None).unwrap();
+        tx.write_rtp(
+            RtpWrite::new(pt, seq.into(), ts, Instant::now(), vec![0xfc; 40]).ext_vals(ext),
+        );
+    }
+
     /// One RTP packet on `label`'s m-line with `codec`'s payload type.
     pub fn send_codec(
         &mut self,
