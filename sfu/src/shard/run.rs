@@ -18,7 +18,9 @@ use crate::tcp::Handoff;
 
 use super::ShardMessage;
 
-/// Messages from other shards taken per loop turn (one port for all shards).
+/// Messages from other shards taken per loop turn: datagrams handed over (one port for all
+/// shards) and the packets of spread conferences. A bound, so that a flood handed over
+/// cannot hold this shard's own socket back; what is left is taken next turn, at once.
 const SIBLING_MESSAGES_PER_TURN: usize = 4096;
 
 use super::{EventSink, ShardCore};
@@ -80,14 +82,14 @@ impl<S: EventSink> Shard<S> {
         let mut batch = RecvBatch::default();
         while !self.stop.load(Ordering::Relaxed) {
             let turn = std::panic::catch_unwind(AssertUnwindSafe(|| self.turn(&mut batch)));
-            let received = match turn {
-                Ok(n) => n,
+            let more = match turn {
+                Ok(more) => more,
                 Err(panic) => {
                     self.core.recover(panic, Instant::now());
                     continue;
                 }
             };
-            if received == net::RECV_BATCH {
+            if more {
                 continue; // more may be waiting: don't sleep.
             }
             let wait = self
@@ -106,8 +108,10 @@ impl<S: EventSink> Shard<S> {
     }
 
     /// One turn of the loop: commands, a batch of datagrams, the core's timeout round, the
-    /// batched send. Returns how many datagrams were read.
-    fn turn(&mut self, batch: &mut RecvBatch) -> usize {
+    /// batched send. Returns whether more input may be waiting (a full batch of datagrams, or
+    /// as many messages from the other shards as a turn takes): then the loop does not sleep,
+    /// since the waker was drained at the start of the turn.
+    fn turn(&mut self, batch: &mut RecvBatch) -> bool {
         self.waker.drain();
         while let Ok(cmd) = self.inputs.commands.try_recv() {
             self.core.handle_command(cmd, Instant::now());
@@ -117,10 +121,12 @@ impl<S: EventSink> Shard<S> {
         }
         // What the shards sharing our port received for our peers (bounded per turn, so a
         // flood handed over cannot hold this shard's own socket back).
-        for _ in 0..SIBLING_MESSAGES_PER_TURN {
+        let mut messages = 0;
+        while messages < SIBLING_MESSAGES_PER_TURN {
             let Ok(m) = self.inputs.messages.try_recv() else {
                 break;
             };
+            messages += 1;
             self.core.handle_shard_message(m, Instant::now());
         }
         while let Ok(h) = self.inputs.tcp_handoffs.try_recv() {
@@ -160,7 +166,7 @@ impl<S: EventSink> Shard<S> {
             let took = Instant::now().saturating_duration_since(from);
             self.core.record_forward_delay(took.as_micros() as u64);
         }
-        received
+        received == net::RECV_BATCH || messages == SIBLING_MESSAGES_PER_TURN
     }
 
     fn flush(&mut self) {
