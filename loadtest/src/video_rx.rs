@@ -52,6 +52,8 @@ pub struct VideoRx {
     pub freeze_us: u64,
     /// The longest time between two complete frames (or since the last one, at the end).
     pub longest_gap_us: u64,
+    /// When that longest gap ended (whether a stop came at join or later).
+    pub longest_gap_end_us: Option<u64>,
     /// Packets missing from frames of which others arrived (frames left out whole by the
     /// focus, as temporal layers it does not forward, are no loss).
     pub lost: u64,
@@ -204,7 +206,7 @@ impl VideoRx {
         }
         if let Some(last) = self.last_frame_us {
             let gap = self.gap_since(last, now_us);
-            self.longest_gap_us = self.longest_gap_us.max(gap);
+            self.note_gap(gap, now_us);
             if gap > FREEZE_US {
                 self.freezes += 1;
                 self.freeze_us += gap;
@@ -219,6 +221,14 @@ impl VideoRx {
         self.last_layer = Some(layer);
     }
 
+    /// A gap between frames that ended at `now_us`: the longest so far, and when it ended.
+    fn note_gap(&mut self, gap: u64, now_us: u64) {
+        if gap > self.longest_gap_us {
+            self.longest_gap_us = gap;
+            self.longest_gap_end_us = Some(now_us);
+        }
+    }
+
     /// An ongoing freeze at the end of the run counts too.
     pub(crate) fn finish(&mut self, now_us: u64) {
         if let Some(since) = self.paused_since {
@@ -226,7 +236,7 @@ impl VideoRx {
         }
         if let Some(last) = self.last_frame_us {
             let gap = self.gap_since(last, now_us);
-            self.longest_gap_us = self.longest_gap_us.max(gap);
+            self.note_gap(gap, now_us);
             if gap > FREEZE_US {
                 self.freezes += 1;
                 self.freeze_us += gap;
@@ -269,6 +279,13 @@ mod tests {
         w.on_paused(false, t + 200_000);
         w.frame_complete(Layer::Q, true, t + 1_000_000);
         assert_eq!((w.freezes, w.longest_gap_us), (1, 900_000));
+        assert_eq!(w.longest_gap_end_us, Some(t + 1_000_000), "when it ended");
+        w.frame_complete(Layer::Q, false, t + 1_500_000);
+        assert_eq!(
+            w.longest_gap_end_us,
+            Some(t + 1_000_000),
+            "a shorter gap is not it"
+        );
     }
 
     #[test]
