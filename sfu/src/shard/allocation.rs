@@ -47,19 +47,18 @@ impl<S: EventSink> ShardCore<S> {
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        let mut notices = Vec::new();
+        let mut resumed = 0;
         for out in peer.out.values_mut() {
             if out.allocated.is_held() {
-                notices.push(pause_notice(&out.stream_id, &out.track_id, false));
+                // Told with its first packet forwarded again (`fanout`).
+                out.resume_untold = true;
+                resumed += 1;
             }
             out.allocated = Now::New;
         }
         peer.allocator = Default::default();
         peer.probing = (0, 0);
-        debug!(%id, resumed = notices.len(), "allocation released: no live estimate");
-        for text in notices {
-            self.send_notice(id, text);
-        }
+        debug!(%id, resumed, "allocation released: no live estimate");
     }
 
     /// Allocate for one subscriber (each housekeeping round, and when a video is added).
@@ -168,7 +167,12 @@ impl<S: EventSink> ShardCore<S> {
             };
             if paused != d.now.is_held() {
                 debug!(%id, publisher = %t.publisher, mid = %t.mid, estimate, paused, "video");
-                notices.push(pause_notice(&out.stream_id, &out.track_id, paused));
+                // A pause is told at once; flowing again, with its first packet forwarded
+                // (`fanout`): until its keyframe crosses, the picture would stand still.
+                out.resume_untold = !paused;
+                if paused {
+                    notices.push(pause_notice(&out.stream_id, &out.track_id, true));
+                }
             }
         }
         // Probe toward what the screens want. (Asking for that over the share of the

@@ -200,6 +200,8 @@ impl<S: EventSink> ShardCore<S> {
         // per packet, when a subscriber first needs its picture id renumbered.
         let mut str0m_vp8: Option<Option<str0m::rtp::Vp8Descriptor>> = None;
         let subscribers = std::mem::take(&mut published.subscribers);
+        // Subscribers told here that this video flows again (`OutTrack::resume_untold`).
+        let mut resumed_to: Vec<(crate::ids::PeerId, String)> = Vec::new();
         for sub in &subscribers {
             let Some(speer) = self.peers.get_mut(sub) else {
                 continue;
@@ -384,6 +386,10 @@ impl<S: EventSink> ShardCore<S> {
             }
             tx.write_rtp(write);
             self.current = publisher;
+            if std::mem::take(&mut out.resume_untold) {
+                let text = super::allocation::pause_notice(&out.stream_id, &out.track_id, false);
+                resumed_to.push((*sub, text));
+            }
             self.counters.rtp_forwarded += 1;
             if speer.role == PeerRole::Trunk {
                 self.counters.trunk.packets_out += 1;
@@ -399,6 +405,9 @@ impl<S: EventSink> ShardCore<S> {
         }
         for layer in need_keyframe {
             self.request_keyframe(&track, layer, now);
+        }
+        for (sub, text) in resumed_to {
+            self.send_notice(sub, text);
         }
     }
 }

@@ -199,6 +199,10 @@ struct OutTrack {
     /// What bandwidth allocation gives this copy ([`allocation`]): a rank below `cap`, or a
     /// pause. `New` until the first allocation, and always without an estimate.
     allocated: Now,
+    /// Allocation lets it flow again after a pause: the subscriber is told so with its first
+    /// packet forwarded (a keyframe), not when allocation decides, since until then its
+    /// picture would stand still while said to flow.
+    resume_untold: bool,
 }
 
 impl OutTrack {

@@ -167,6 +167,7 @@ impl<S: EventSink> ShardCore<S> {
                 pt_map: Vec::new(),
                 tx_ssrcs: Vec::new(),
                 allocated: Now::New,
+                resume_untold: false,
                 trunk: (!rids.is_empty()).then(|| {
                     TrunkLayers::new(&rids, clock_rate, || {
                         (rand::random::<u16>() % 16_384, rand::random())

@@ -93,6 +93,12 @@ impl Camera {
         self
     }
 
+    /// Leave the keyframe requests received so far unanswered, as an encoder too busy to
+    /// answer them would (the focus asks again after a while).
+    pub fn ignore_keyframe_requests(&mut self, net: &SimNet) {
+        self.answered = net.clients[self.who].keyframe_requests.len();
+    }
+
     /// One frame on every layer (and an audio packet), then a frame's time of simulation.
     pub fn frame(&mut self, net: &mut SimNet) {
         self.frame_only(net);
