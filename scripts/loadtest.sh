@@ -46,7 +46,12 @@ cleanup() {
   for i in "${!HTTP_PORTS[@]}"; do
     curl -fs "http://127.0.0.1:${HTTP_PORTS[$i]}/metrics" > "$TMP/metrics-end-$i.txt" 2>/dev/null || true
   done
-  for pid in "${FOCUS_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true; done
+  # Under WEIR_FOCUS_WRAPPER the focus is the wrapper's child, and a profiler's script does not
+  # pass TERM on: stop the focus itself too (by name, so the profiler can finish writing).
+  for pid in "${FOCUS_PIDS[@]}"; do
+    pkill -TERM -P "$pid" -x weir-focus 2>/dev/null || true
+    kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
+  done
   for i in $(seq 0 $((SITES - 1))); do scripts/synapse.sh stop "$TMP/synapse$i" >/dev/null 2>&1 || true; done
   if [[ "${WEIR_KEEP_TMP:-0}" == 1 ]]; then echo "logs kept in $TMP"; else rm -rf "$TMP"; fi
 }
