@@ -432,7 +432,7 @@ impl RunReport {
                         "freezes": v.freezes,
                         "freeze_ms": v.freeze_us / 1000,
                         "longest_gap_ms": v.longest_gap_us / 1000,
-                        "longest_gap_end_us": v.longest_gap_end_us,
+                        "longest_gap_from_us": v.longest_gap_from_us,
                         "paused_ms": v.paused_us / 1000,
                     })).collect::<Vec<_>>(),
                     "subscribed_video": r.subscribed_video.iter().map(|p| p.0).collect::<Vec<_>>(),

@@ -52,8 +52,10 @@ pub struct VideoRx {
     pub freeze_us: u64,
     /// The longest time between two complete frames (or since the last one, at the end).
     pub longest_gap_us: u64,
-    /// When that longest gap ended (whether a stop came at join or later).
-    pub longest_gap_end_us: Option<u64>,
+    /// When that longest gap began: the last complete frame before it (whether a stop came
+    /// at join or later; where it ended is less telling, since a gap that runs into a pause
+    /// is measured only when the next frame comes, or at the end of the run).
+    pub longest_gap_from_us: Option<u64>,
     /// Packets missing from frames of which others arrived (frames left out whole by the
     /// focus, as temporal layers it does not forward, are no loss).
     pub lost: u64,
@@ -206,7 +208,7 @@ impl VideoRx {
         }
         if let Some(last) = self.last_frame_us {
             let gap = self.gap_since(last, now_us);
-            self.note_gap(gap, now_us);
+            self.note_gap(gap, last);
             if gap > FREEZE_US {
                 self.freezes += 1;
                 self.freeze_us += gap;
@@ -221,11 +223,12 @@ impl VideoRx {
         self.last_layer = Some(layer);
     }
 
-    /// A gap between frames that ended at `now_us`: the longest so far, and when it ended.
-    fn note_gap(&mut self, gap: u64, now_us: u64) {
+    /// A gap between frames that began with the frame at `from_us`: the longest so far, and
+    /// when it began.
+    fn note_gap(&mut self, gap: u64, from_us: u64) {
         if gap > self.longest_gap_us {
             self.longest_gap_us = gap;
-            self.longest_gap_end_us = Some(now_us);
+            self.longest_gap_from_us = Some(from_us);
         }
     }
 
@@ -236,7 +239,7 @@ impl VideoRx {
         }
         if let Some(last) = self.last_frame_us {
             let gap = self.gap_since(last, now_us);
-            self.note_gap(gap, now_us);
+            self.note_gap(gap, last);
             if gap > FREEZE_US {
                 self.freezes += 1;
                 self.freeze_us += gap;
@@ -279,13 +282,13 @@ mod tests {
         w.on_paused(false, t + 200_000);
         w.frame_complete(Layer::Q, true, t + 1_000_000);
         assert_eq!((w.freezes, w.longest_gap_us), (1, 900_000));
-        assert_eq!(w.longest_gap_end_us, Some(t + 1_000_000), "when it ended");
-        w.frame_complete(Layer::Q, false, t + 1_500_000);
         assert_eq!(
-            w.longest_gap_end_us,
-            Some(t + 1_000_000),
-            "a shorter gap is not it"
+            w.longest_gap_from_us,
+            Some(t),
+            "it began with the frame at t"
         );
+        w.frame_complete(Layer::Q, false, t + 1_500_000);
+        assert_eq!(w.longest_gap_from_us, Some(t), "a shorter gap is not it");
     }
 
     #[test]
