@@ -71,7 +71,7 @@ fn main() {
             .iter()
             .filter(|(_, paused)| *paused)
             .map(|(at, _)| {
-                let last = shown.iter().map(|(t, _)| *t).filter(|t| t <= at).last();
+                let last = shown.iter().map(|(t, _)| *t).rfind(|t| t <= at);
                 match last {
                     Some(l) => format!(
                         "{:.2} ({:.2})",
