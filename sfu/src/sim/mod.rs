@@ -10,11 +10,13 @@
 //! completed DTLS) and the whole-core benchmark.
 
 mod camera;
+mod lost_for_good;
 mod seqs;
 
 pub use camera::{
     cameras_to_one_watcher, longest_stop, media_bytes, run_together, Camera, CameraLayer, FrameOf,
 };
+pub use lost_for_good::KEYFRAME_AFTER_LOSS;
 pub use seqs::{sequence_loss, unwrap_seqs};
 
 use std::collections::HashSet;
@@ -26,7 +28,9 @@ use crossbeam_channel::{Receiver, Sender};
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::channel::ChannelId;
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
+use str0m::media::{
+    Direction, KeyframeRequestKind, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{ExtensionValues, RtpWrite};
 use str0m::{Candidate, Event, Input, Output, Rtc};
@@ -111,6 +115,10 @@ pub struct Client {
     pub lost_dtls_at: Vec<Instant>,
     /// Keyframe requests (PLI, FIR) it received, by layer, when they arrived.
     pub keyframe_requests: Vec<(Instant, Option<Rid>)>,
+    /// Keyframes it asked for because a video packet was lost for good
+    /// ([`KEYFRAME_AFTER_LOSS`]), when.
+    pub keyframes_asked: Vec<Instant>,
+    lost: lost_for_good::LostForGood,
     pending: Option<SdpPendingOffer>,
     /// A counter that makes every payload differ.
     next_tag: u64,
@@ -291,6 +299,8 @@ impl SimNet {
             bytes_in: 0,
             messages: Vec::new(),
             keyframe_requests: Vec::new(),
+            keyframes_asked: Vec::new(),
+            lost: Default::default(),
             lost_dtls_at: Vec::new(),
             pending: Some(pending),
             next_tag: 1,
@@ -711,18 +721,32 @@ fn drain_events(c: &mut Client, now: Instant) {
                     .extend(String::from_utf8(d.data).ok().map(|m| (now, m)));
             }
             Output::Event(Event::KeyframeRequest(r)) => c.keyframe_requests.push((now, r.rid)),
-            Output::Event(Event::RtpPacket(p)) => c.received.push(Received {
-                mid: c
+            Output::Event(Event::RtpPacket(p)) => {
+                let mid = c
                     .rtc
                     .direct_api()
                     .stream_rx(&p.header.ssrc)
                     .map(|s| s.mid())
-                    .unwrap_or_else(|| Mid::from("?")),
-                seq: p.header.sequence_number,
-                timestamp: p.header.timestamp,
-                payload: p.payload.clone(),
-                at: now,
-            }),
+                    .unwrap_or_else(|| Mid::from("?"));
+                let video = c
+                    .rtc
+                    .media(mid)
+                    .is_some_and(|m| m.kind() == MediaKind::Video);
+                let seq = p.header.sequence_number;
+                if video && c.lost.on_packet(p.header.ssrc, seq, now) {
+                    if let Some(s) = c.rtc.direct_api().stream_rx(&p.header.ssrc) {
+                        s.request_keyframe(KeyframeRequestKind::Pli);
+                        c.keyframes_asked.push(now);
+                    }
+                }
+                c.received.push(Received {
+                    mid,
+                    seq,
+                    timestamp: p.header.timestamp,
+                    payload: p.payload.clone(),
+                    at: now,
+                });
+            }
             Output::Event(_) => {}
         }
     }
