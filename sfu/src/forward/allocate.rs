@@ -7,9 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::loss_cap::LossCap;
 #[cfg(test)]
 use super::loss_cap::LOSS_REACT;
+use super::loss_cap::{LossCap, LOSS_LOW};
 use super::quality::Quality;
 pub use super::share::{allocate, cost, next_step};
 
@@ -122,6 +122,17 @@ pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
 /// leaves more of a real shortfall to the loss rule.
 pub const PAUSE_SHORTFALL: f64 = 0.8;
 
+/// How much longer than the least seen the latest round trip toward a subscriber must be,
+/// with loss above [`LOSS_LOW`], for its link to count as congested
+/// ([`Allocator::congested`]): its bottleneck's queue is full, so more is lost whatever is
+/// sent beyond what it carries. Then the estimate alone pauses the lowest layers as soon as
+/// they exceed it (no [`PAUSE_SHORTFALL`] tolerance, no [`PAUSE_AFTER`] wait), and nothing
+/// pads toward the next step. A browser's round trip to a server jitters by a few
+/// milliseconds and a keyframe's burst queues for tens; a full home router buffer holds
+/// hundreds (200 ms in the simulation). Lower takes shorter queues for congestion; higher
+/// leaves a link with a short buffer losing for longer.
+pub const QUEUE_CONGESTED: Duration = Duration::from_millis(60);
+
 /// How far back the measurements of what left toward the subscriber ([`Allocator::on_wire`])
 /// are looked at when loss comes in: the most any of them measured is what the loss was
 /// measured on. Loss is reported over the last second and the engine measures what left every
@@ -158,6 +169,8 @@ pub struct Allocator {
     wire: [Option<(Instant, u64)>; WIRE_SAMPLES],
     /// Since when the lowest layers of the videos flowing have not fitted the estimate.
     floors_short_since: Option<Instant>,
+    /// The latest round trip measured toward the subscriber, and the least seen.
+    rtt: Option<(Duration, Duration)>,
 }
 
 impl Allocator {
@@ -166,6 +179,23 @@ impl Allocator {
     pub fn on_wire(&mut self, bps: u64, now: Instant) {
         self.wire.rotate_right(1);
         self.wire[0] = Some((now, bps));
+    }
+
+    /// The round trip of the latest packet the subscriber reported (transport-wide feedback):
+    /// above the least seen, it says how long packets now wait in a queue on the way.
+    pub fn on_rtt(&mut self, rtt: Duration) {
+        let least = self.rtt.map_or(rtt, |(_, least)| least.min(rtt));
+        self.rtt = Some((rtt, least));
+    }
+
+    /// Whether the subscriber's link shows congestion: loss above [`LOSS_LOW`], with the
+    /// latest round trip [`QUEUE_CONGESTED`] above the least seen. Loss alone may be random (a
+    /// radio link), and a queue alone may be a keyframe's burst.
+    pub fn congested(&self, loss: Option<f32>) -> bool {
+        let queued = self
+            .rtt
+            .is_some_and(|(latest, least)| latest.saturating_sub(least) >= QUEUE_CONGESTED);
+        queued && loss.is_some_and(|l| l > LOSS_LOW)
     }
 
     /// Decide every track's layer (a rank) or pause (`None`), given the estimate of the
@@ -233,9 +263,13 @@ impl Allocator {
         } else {
             self.floors_short_since = None;
         }
-        let estimate_binds = self
-            .floors_short_since
-            .is_some_and(|since| now.saturating_duration_since(since) >= PAUSE_AFTER);
+        // The link says the estimate is right: packets are lost, and those that arrive have
+        // waited in a queue on the way.
+        let congested = self.congested(loss);
+        let estimate_binds = (congested && floors > for_video)
+            || self
+                .floors_short_since
+                .is_some_and(|since| now.saturating_duration_since(since) >= PAUSE_AFTER);
         let floor = match cap {
             _ if estimate_binds => keep,
             Some(c) if loss_may_pause => share(c, KEEP_FRACTION),
@@ -612,6 +646,41 @@ pub(super) mod tests {
                 "{k}"
             );
         }
+    }
+
+    #[test]
+    fn a_congested_link_pauses_what_the_estimate_cannot_carry_at_once() {
+        let t0 = Instant::now();
+        let four = || {
+            let mut d: Vec<Demand> = (0..4)
+                .map(|_| camera(Priority::Other, Q.rank, Now::Layer(Q)))
+                .collect();
+            d[1].priority = Priority::Speaker;
+            d
+        };
+        // Four q (600 k) toward an estimate of 560 k: within PAUSE_SHORTFALL, so the estimate
+        // alone would wait; 4 % loss is below the loss cap.
+        let paused = |a: &mut Allocator| {
+            let c = a.decide(560_000, Some(0.04), 0, &four(), t0);
+            assert!(c[1].is_some(), "the speaker keeps its video: {c:?}");
+            c.iter().filter(|c| c.is_none()).count()
+        };
+        // Random loss on a link whose round trip stays flat: nothing is paused.
+        let mut random = Allocator::default();
+        random.on_rtt(Duration::from_millis(90));
+        random.on_rtt(Duration::from_millis(95));
+        assert_eq!(paused(&mut random), 0);
+        assert!(!random.congested(Some(0.04)));
+        // The same loss with a full queue on the way (the round trip 120 ms above the least):
+        // the link is congested, one video is paused at once and three q fit.
+        let mut full = Allocator::default();
+        full.on_rtt(Duration::from_millis(90));
+        full.on_rtt(Duration::from_millis(210));
+        assert!(full.congested(Some(0.04)));
+        assert_eq!(paused(&mut full), 1);
+        // A queue without loss (a keyframe's burst) is not congestion.
+        assert!(!full.congested(Some(0.0)));
+        assert!(!full.congested(None));
     }
 
     #[test]

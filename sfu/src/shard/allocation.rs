@@ -186,7 +186,11 @@ impl<S: EventSink> ShardCore<S> {
         // the media sent is less. Without it, a subscriber whose videos are all paused sends
         // the estimator nothing to measure, and the estimate never rises again.
         let allocated = reserved + allocate::cost(&demands, &choices);
-        let step = allocate::next_step(&demands, &choices).unwrap_or(0);
+        // Padding into a congested link only loses more of the media: no step then.
+        let step = match peer.allocator.congested(loss) {
+            true => 0,
+            false => allocate::next_step(&demands, &choices).unwrap_or(0),
+        };
         let minimum = round(allocated + step).min(desired);
         // The estimator probes when the desired rate rises above the estimate, not again
         // while it stays the same: a subscriber held below what it wants (paused, or on a

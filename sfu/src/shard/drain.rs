@@ -115,6 +115,9 @@ impl<S: EventSink> ShardCore<S> {
             Event::PeerStats(s) => {
                 if let Some(p) = self.peers.get_mut(&id) {
                     p.loss = s.egress_loss_fraction;
+                    if let Some(rtt) = s.rtt {
+                        p.allocator.on_rtt(rtt);
+                    }
                     // The loss rule cuts the media that was sent (forward::allocate).
                     if let Some((bytes, at)) = p.tx_mark.replace((s.bytes_tx, now)) {
                         let secs = now.saturating_duration_since(at).as_secs_f64();
