@@ -6,10 +6,10 @@
 //! and the keyframes of the new layers with how many of their packets arrived.
 //!
 //! A measurement, not a test (docs/adaptation.md, "Moving down: where the stops come from").
-//! The simulated receiver never asks for a keyframe itself, where Chromium asks after 3 s
-//! without a decodable frame: a packet lost for good here freezes the picture to the end of
-//! the run, as it would for 3 s in a browser. Runs differ: the engines draw SSRCs and keys at
-//! random. `RUNS=8 cargo run -p weir-sfu --example move_down`; with `WHY=1`, also each
+//! The simulated receiver asks for a keyframe once a packet has been missing for 1 s
+//! (`sim::KEYFRAME_AFTER_LOSS`), where Chromium asks after 3 s without a decodable frame: a
+//! packet lost for good here freezes the picture for about a second, where a browser's would
+//! stand still for three. Runs differ: the engines draw SSRCs and keys at random. `RUNS=8 cargo run -p weir-sfu --example move_down`; with `WHY=1`, also each
 //! change of layer and each stop over 150 ms in Bob's picture after the cut, and the
 //! allocation's and fan-out's debug log.
 
