@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
-use str0m::channel::ChannelId;
+use str0m::channel::{ChannelConfig, ChannelId};
 use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Mid, Pt, Rid, Simulcast, SimulcastLayer};
 use str0m::net::{Protocol, Receive};
@@ -54,6 +54,12 @@ pub const RETRY_BACKOFF: Duration = Duration::from_millis(1000);
 pub const HANGUP_FLUSH: Duration = Duration::from_secs(5);
 /// Datagrams read from the socket per wake-up before timers get a turn.
 const RECV_BURST: usize = 64;
+
+/// Our data channel's label, as JS-SFU names it (MSC3898 messages both ways).
+const DATA_LABEL: &str = "datachannel";
+
+/// The unordered channel on which the focus sends pause notices (docs/data-channel.md).
+const NOTICES_LABEL: &str = "io.weir.notices";
 
 /// Who this participant is and what it does.
 #[derive(Debug, Clone)]
@@ -475,7 +481,14 @@ impl Participant {
             ));
         }
         // The data channel exists before the first offer, as JS-SFU creates it.
-        let channel = api.add_channel("datachannel".into());
+        let channel = api.add_channel(DATA_LABEL.into());
+        // Pause notices come on a channel of their own, unordered, so that one lost on a
+        // congested link does not hold back the later ones (docs/data-channel.md).
+        api.add_channel_with_config(ChannelConfig {
+            label: NOTICES_LABEL.into(),
+            ordered: false,
+            ..ChannelConfig::default()
+        });
         let (offer, pending) = api.apply().ok_or("nothing to offer")?;
         let call_id = call::gen_id(
             std::time::SystemTime::now()
@@ -866,6 +879,9 @@ impl Participant {
                 }
                 debug!(user = %self.user_id, "connected");
             }
+            Event::ChannelOpen(_, label) if label == NOTICES_LABEL => {
+                debug!(user = %self.user_id, %label, "notices channel open");
+            }
             Event::ChannelOpen(id, label) => {
                 debug!(user = %self.user_id, %label, "data channel open");
                 c.channel = Some(id);
@@ -943,14 +959,15 @@ impl Participant {
                 ) else {
                     return;
                 };
+                let seq = v["content"]["seq"].as_u64();
                 if let Some(p) = publisher_of_stream(stream) {
                     let now_us = micros_since_epoch(Instant::now());
-                    debug!(user = %self.user_id, publisher = ?p, paused, "focus says paused");
+                    debug!(user = %self.user_id, publisher = ?p, paused, ?seq, "focus says paused");
                     self.rx
                         .video
                         .entry(p)
                         .or_default()
-                        .on_paused(paused, now_us);
+                        .on_notice(paused, seq, now_us);
                 }
             }
             _ => {}

@@ -78,6 +78,9 @@ pub struct VideoRx {
     pub paused_us: u64,
     /// Since when it is paused, if it is now.
     paused_since: Option<u64>,
+    /// The number (`seq`) of the newest pause notice applied: on the unordered notices
+    /// channel an older one may arrive after it, and must not undo it.
+    notice_seq: u64,
     /// Left out of this receiver's layout (unsubscribed): no frame is expected either.
     hidden: bool,
     /// Since when it has been paused or hidden, if it is now.
@@ -158,6 +161,18 @@ impl VideoRx {
     }
 
     /// The focus paused this video toward us (or resumed it).
+    /// An `io.weir.paused` notice numbered `seq` (none from a focus that does not number
+    /// them): applied unless a newer one was.
+    pub fn on_notice(&mut self, paused: bool, seq: Option<u64>, now_us: u64) {
+        if let Some(seq) = seq {
+            if seq <= self.notice_seq {
+                return;
+            }
+            self.notice_seq = seq;
+        }
+        self.on_paused(paused, now_us);
+    }
+
     pub fn on_paused(&mut self, paused: bool, now_us: u64) {
         match (paused, self.paused_since) {
             (true, None) => self.paused_since = Some(now_us),
@@ -260,6 +275,25 @@ impl VideoRx {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_late_notice_does_not_undo_a_newer_one() {
+        let mut v = VideoRx::default();
+        let t = 1_000_000;
+        v.on_notice(false, Some(3), t);
+        v.on_notice(true, Some(5), t + 100_000);
+        // Notice 4 (flowing) overtaken by 5 on the unordered channel, and a repeat of 5.
+        v.on_notice(false, Some(4), t + 200_000);
+        v.on_notice(true, Some(5), t + 300_000);
+        v.finish(t + 1_100_000);
+        assert_eq!(v.paused_us, 1_000_000, "paused since notice 5: {v:?}");
+        // Without numbers (an older focus), each notice applies as it comes.
+        let mut w = VideoRx::default();
+        w.on_notice(true, None, t);
+        w.on_notice(false, None, t + 100_000);
+        w.finish(t + 1_000_000);
+        assert_eq!(w.paused_us, 100_000);
+    }
 
     #[test]
     fn time_the_focus_said_a_video_was_paused_is_no_freeze() {

@@ -42,6 +42,8 @@ export const SIMULCAST_LAYERS = [
 
 /** The label of the data channel weir-call opens to the focus (what js-sdk's GroupCall uses). */
 export const DATA_CHANNEL_LABEL = "datachannel";
+/** The unordered channel the focus sends pause notices on (docs/data-channel.md). */
+export const NOTICES_LABEL = "io.weir.notices";
 
 /** Content js-sdk 43 GroupCall writes for a video room call (without the data-channel flag). */
 export function callStateContent() {
@@ -231,6 +233,8 @@ export class WeirCall extends EventTarget {
     this.wantsDataChannel = dataChannel;
     this.encryption = encryption;
     this.channel = null;
+    /** The `seq` of the newest `io.weir.paused` applied, per "stream_id track_id". */
+    this.noticeSeq = new Map();
     /** The latest `io.weir.layers` content per mid of ours (what the focus asked us to encode). */
     this.layerRequests = new Map();
     /** setParameters calls run one after another (each is a get/set transaction). */
@@ -446,6 +450,10 @@ export class WeirCall extends EventTarget {
       this.dispatchEvent(new CustomEvent("channel"));
     });
     ch.addEventListener("message", (e) => this.onChannelMessage(e.data));
+    // Pause notices come on a channel of their own, unordered: on the ordered one, a notice
+    // lost on a congested link holds back every later message until SCTP resends it.
+    const notices = this.call.createDataChannel(NOTICES_LABEL, { ordered: false });
+    notices.addEventListener("message", (e) => this.onChannelMessage(e.data));
   }
 
   /** Messages from the focus (docs/data-channel.md); unknown types are ignored. */
@@ -466,9 +474,16 @@ export class WeirCall extends EventTarget {
       case "io.weir.streams":
         this.dispatchEvent(new CustomEvent("streams", { detail: content }));
         break;
-      case "io.weir.paused":
+      case "io.weir.paused": {
+        // Numbered: on the unordered channel an older notice may arrive after a newer one.
+        const key = `${content.stream_id} ${content.track_id}`;
+        if (Number.isInteger(content.seq)) {
+          if (content.seq <= (this.noticeSeq.get(key) ?? 0)) break;
+          this.noticeSeq.set(key, content.seq);
+        }
         this.dispatchEvent(new CustomEvent("paused", { detail: content }));
         break;
+      }
       case "io.weir.layers":
         this.applyLayers(content);
         break;

@@ -11,6 +11,7 @@ use crate::api::PeerRole;
 use crate::forward::{allocate, camera_steps, Demand, LayerSelector, Now, Priority};
 use crate::ids::{PeerId, TrackKind};
 
+use super::data_channel::PauseNotice;
 use super::{EventSink, ShardCore, TrackKey};
 
 /// What an audio track is taken to cost before its rate is measured: Opus at the browsers'
@@ -134,7 +135,7 @@ impl<S: EventSink> ShardCore<S> {
         let choices = peer
             .allocator
             .decide(estimate, loss, reserved, &demands, now);
-        let mut notices: Vec<String> = Vec::new();
+        let mut notices: Vec<PauseNotice> = Vec::new();
         for ((t, d), choice) in keys.iter().zip(&demands).zip(&choices) {
             let Some(out) = peer.out.get_mut(t) else {
                 continue;
@@ -171,7 +172,7 @@ impl<S: EventSink> ShardCore<S> {
                 // (`fanout`): until its keyframe crosses, the picture would stand still.
                 out.resume_untold = !paused;
                 if paused {
-                    notices.push(pause_notice(&out.stream_id, &out.track_id, true));
+                    notices.push(PauseNotice::new(&out.stream_id, &out.track_id, true));
                 }
             }
         }
@@ -214,8 +215,8 @@ impl<S: EventSink> ShardCore<S> {
             peer.probe_dip = true;
             desired = round(estimate).min(desired);
         }
-        for text in notices {
-            self.send_notice(id, text);
+        for notice in notices {
+            self.send_notice(id, notice);
         }
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
@@ -230,19 +231,4 @@ impl<S: EventSink> ShardCore<S> {
             self.mark_dirty(id);
         }
     }
-}
-
-/// The `io.weir.paused` message telling a subscriber that a video it receives is paused (its
-/// downlink cannot carry even the smallest layer now) or flows again (docs/data-channel.md).
-pub(super) fn pause_notice(stream_id: &str, track_id: &str, paused: bool) -> String {
-    serde_json::json!({
-        "type": "io.weir.paused",
-        "content": {
-            "stream_id": stream_id,
-            "track_id": track_id,
-            "paused": paused,
-            "reason": "bandwidth",
-        },
-    })
-    .to_string()
 }

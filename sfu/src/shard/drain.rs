@@ -109,7 +109,7 @@ impl<S: EventSink> ShardCore<S> {
             Event::RtpPacket(pkt) => self.forward(id, pkt, now),
             Event::KeyframeRequest(req) => self.on_keyframe_request(id, req, now),
             Event::Closed => self.close_peer(id, CloseReason::Disconnected, now),
-            Event::ChannelOpen(cid, _label) => self.on_channel_open(id, cid),
+            Event::ChannelOpen(cid, label) => self.on_channel_open(id, cid, &label),
             Event::ChannelData(d) => self.on_channel_data(id, d, now),
             Event::EgressBitrateEstimate(e) => self.on_estimate(id, e),
             Event::PeerStats(s) => {

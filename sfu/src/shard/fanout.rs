@@ -16,6 +16,7 @@ use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
 use tracing::debug;
 
+use super::data_channel::PauseNotice;
 use super::{EventSink, ShardCore, TrackKey};
 
 /// How long after a simulcast track's first packet its layers count as known. Browsers start
@@ -201,7 +202,7 @@ impl<S: EventSink> ShardCore<S> {
         let mut str0m_vp8: Option<Option<str0m::rtp::Vp8Descriptor>> = None;
         let subscribers = std::mem::take(&mut published.subscribers);
         // Subscribers told here that this video flows again (`OutTrack::resume_untold`).
-        let mut resumed_to: Vec<(crate::ids::PeerId, String)> = Vec::new();
+        let mut resumed_to: Vec<(crate::ids::PeerId, PauseNotice)> = Vec::new();
         for sub in &subscribers {
             let Some(speer) = self.peers.get_mut(sub) else {
                 continue;
@@ -387,8 +388,8 @@ impl<S: EventSink> ShardCore<S> {
             tx.write_rtp(write);
             self.current = publisher;
             if std::mem::take(&mut out.resume_untold) {
-                let text = super::allocation::pause_notice(&out.stream_id, &out.track_id, false);
-                resumed_to.push((*sub, text));
+                let notice = PauseNotice::new(&out.stream_id, &out.track_id, false);
+                resumed_to.push((*sub, notice));
             }
             self.counters.rtp_forwarded += 1;
             if speer.role == PeerRole::Trunk {
@@ -406,8 +407,8 @@ impl<S: EventSink> ShardCore<S> {
         for layer in need_keyframe {
             self.request_keyframe(&track, layer, now);
         }
-        for (sub, text) in resumed_to {
-            self.send_notice(sub, text);
+        for (sub, notice) in resumed_to {
+            self.send_notice(sub, notice);
         }
     }
 }

@@ -322,6 +322,12 @@ struct Peer {
     /// The last notice sent on its data channel, and how many more times to send it again
     /// (`data_channel::NOTICE_ECHOES`).
     notice_echo: Option<(String, u8)>,
+    /// The unordered channel the participant opened for notices
+    /// (`data_channel::NOTICES_LABEL`), once open; until then notices go on `channel`.
+    notices: Option<ChannelId>,
+    /// The number of the last notice sent (`seq` in each), so the participant can tell a late
+    /// one from a newer one.
+    notice_seq: u64,
     /// Bytes received from it and sent to it, all datagrams included, and their rates over
     /// the last whole second (for an operator's view: `Sfu::peer_reports`).
     traffic: Traffic,
@@ -398,6 +404,8 @@ impl Peer {
             probe_dip: false,
             probed_at: now,
             notice_echo: None,
+            notices: None,
+            notice_seq: 0,
             traffic: Traffic::new(now),
         }
     }
