@@ -344,6 +344,11 @@ impl SfuCollector {
                 s.temporal_skipped,
             ),
             counter(
+                "weir_svc_skipped_packets_total",
+                "Packets of scalable (VP9/AV1 SVC) streams left out for subscribers that get fewer spatial or temporal layers than the publisher sends",
+                s.svc_skipped,
+            ),
+            counter(
                 "weir_datagrams_handed_over_total",
                 "Datagrams one media shard received for another shard's participant and handed over (media.single_port)",
                 s.handed_over,

@@ -8,7 +8,7 @@ use str0m::bwe::Bitrate;
 use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::{Codec, FormatParams};
 use str0m::media::Frequency;
-use str0m::rtp::Extension;
+use str0m::rtp::{Extension, ExtensionSerializer, ExtensionValues};
 use str0m::{IceCreds, Rtc, RtcConfig};
 
 use crate::forward::VideoCodec;
@@ -68,8 +68,9 @@ pub fn ice_creds(prefix: &str) -> IceCreds {
 /// rejected in the answer rather than forwarded to subscribers who could not decode it.
 ///
 /// Header extensions: audio level, transport-wide sequence numbers, mid, rid and repaired rid,
-/// video orientation. Not abs-send-time: it serves receive-side estimation, which
-/// transport-wide feedback replaces, and it cost one line in every m-line.
+/// video orientation, and the dependency descriptor (the layers of VP9 and AV1 SVC:
+/// `forward::svc`). Not abs-send-time: it serves receive-side estimation, which transport-wide
+/// feedback replaces, and it cost one line in every m-line.
 fn config(ice_lite: bool) -> RtcConfig {
     let mut config = RtcConfig::new()
         .set_ice_lite(ice_lite)
@@ -83,6 +84,13 @@ fn config(ice_lite: bool) -> RtcConfig {
         .set_extension(4, Extension::RtpMid)
         .set_extension(10, Extension::RtpStreamId)
         .set_extension(11, Extension::RepairedRtpStreamId)
+        .set_extension(
+            12,
+            Extension::with_serializer(
+                crate::forward::dependency_descriptor::URI,
+                DependencyDescriptorBytes,
+            ),
+        )
         .set_extension(13, Extension::VideoOrientation);
     let codecs = config.codec_config();
     codecs.add_config(
@@ -98,6 +106,54 @@ fn config(ice_lite: bool) -> RtcConfig {
     );
     codecs.add_h264(108.into(), Some(109.into()), true, 0x42e01f);
     config
+}
+
+/// A dependency descriptor as received: weir reads it (`forward::dependency_descriptor`) and
+/// forwards it unchanged, like the payload. Header extensions are not covered by frame
+/// encryption, so this is readable on end-to-end encrypted media.
+#[derive(Debug)]
+pub struct RawDependencyDescriptor(pub Box<[u8]>);
+
+/// Moves [`RawDependencyDescriptor`] between the wire and the engine's extension values.
+/// str0m keeps user extension values in a map of `Arc`s, so each packet that carries one
+/// costs a few small allocations on receive, and one per forwarded copy (the map is cloned).
+#[derive(Debug)]
+struct DependencyDescriptorBytes;
+
+impl ExtensionSerializer for DependencyDescriptorBytes {
+    fn write_to(&self, buf: &mut [u8], ev: &ExtensionValues) -> usize {
+        match ev.user_values.get::<RawDependencyDescriptor>() {
+            Some(d) if d.0.len() <= buf.len() && d.0.len() <= 255 => {
+                buf[..d.0.len()].copy_from_slice(&d.0);
+                d.0.len()
+            }
+            _ => 0,
+        }
+    }
+
+    fn parse_value(&self, buf: &[u8], ev: &mut ExtensionValues) -> bool {
+        if buf.len() < 3 {
+            return false;
+        }
+        ev.user_values
+            .set(RawDependencyDescriptor(buf.to_vec().into_boxed_slice()));
+        true
+    }
+
+    fn is_video(&self) -> bool {
+        true
+    }
+
+    fn is_audio(&self) -> bool {
+        false
+    }
+
+    /// A descriptor carrying a structure is longer than the one-byte form's 16 bytes.
+    fn requires_two_byte_form(&self, ev: &ExtensionValues) -> bool {
+        ev.user_values
+            .get::<RawDependencyDescriptor>()
+            .is_some_and(|d| d.0.len() > 16)
+    }
 }
 
 /// Map an engine codec to what keyframe detection understands.
@@ -183,6 +239,74 @@ pub fn mids(sdp: &str) -> Vec<Option<String>> {
 /// an earlier offer differs in its m-lines.
 pub fn answers(offer: &[Option<String>], answer: &[Option<String>]) -> bool {
     offer.len() == answer.len() && offer.iter().zip(answer).all(|(o, a)| a.is_none() || a == o)
+}
+
+/// The payload types of each m-line, by mid, in the order a description lists them.
+pub type FormatOrder = Vec<(String, Vec<String>)>;
+
+/// Each m-line's payload types, by mid, as `sdp` orders them.
+pub fn format_order(sdp: &str) -> FormatOrder {
+    split_sections(sdp)
+        .into_iter()
+        .skip(1)
+        .filter_map(|section| {
+            let mid = section.lines().find_map(|l| l.strip_prefix("a=mid:"))?;
+            let formats = m_line_formats(section)?;
+            Some((
+                mid.trim().to_string(),
+                formats.into_iter().map(str::to_string).collect(),
+            ))
+        })
+        .collect()
+}
+
+/// `sdp` with each m-line's payload types in the order the participant gave them
+/// (`order`, from its last offer or answer).
+///
+/// str0m lists codecs in its own order (VP8 first), and a browser sends the first codec of
+/// the other side's list: a publisher that put VP9 or AV1 first (`setCodecPreferences`, to
+/// send scalable video) would still send VP8. The publisher knows best what it wants to
+/// encode, so its order stands, in weir's answers and in weir's later offers (RFC 3264 lets
+/// the answerer keep the offerer's preference). Payload types the participant did not list
+/// keep their place after the others; m-lines it has not described are left alone.
+pub fn in_format_order(sdp: &str, order: &FormatOrder) -> String {
+    let mut out = String::with_capacity(sdp.len());
+    for (i, section) in split_sections(sdp).into_iter().enumerate() {
+        let mid = section
+            .lines()
+            .find_map(|l| l.strip_prefix("a=mid:"))
+            .map(str::trim);
+        let wanted = mid.and_then(|m| order.iter().find(|(o, _)| o == m));
+        let (true, Some((_, wanted)), Some(formats)) = (i > 0, wanted, m_line_formats(section))
+        else {
+            out.push_str(section);
+            continue;
+        };
+        let mut sorted = formats.clone();
+        sorted.sort_by_key(|f| wanted.iter().position(|o| o == f).unwrap_or(usize::MAX));
+        if sorted == formats {
+            out.push_str(section);
+            continue;
+        }
+        let (m_line, rest) = section.split_at(section.find('\n').map_or(section.len(), |n| n + 1));
+        let ending = &m_line[m_line.trim_end().len()..];
+        let head: Vec<&str> = m_line.trim_end().split(' ').take(3).collect();
+        out.push_str(&head.join(" "));
+        for f in sorted {
+            out.push(' ');
+            out.push_str(f);
+        }
+        out.push_str(ending);
+        out.push_str(rest);
+    }
+    out
+}
+
+/// The payload types (formats) of a media section's `m=` line.
+fn m_line_formats(section: &str) -> Option<Vec<&str>> {
+    let line = section.lines().next()?.strip_prefix("m=")?;
+    let tokens: Vec<&str> = line.split(' ').collect();
+    (tokens.len() > 3).then(|| tokens[3..].to_vec())
 }
 
 /// Split SDP text into the session part and one part per `m=` section, keeping line endings.
@@ -311,6 +435,44 @@ m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=sendrecv\r\n";
         // An answer to an earlier offer: fewer m-lines, or another track in a recycled slot.
         assert!(!answers(&offer, &some(&["0", "1"])));
         assert!(!answers(&offer, &some(&["0", "1", "7"])));
+    }
+
+    #[test]
+    fn codecs_are_listed_in_the_participants_order() {
+        let offer =
+            "v=0\r\nm=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 96 97 98 99 45\r\na=mid:1\r\n";
+        let ours = "v=0\r\nm=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 96 97 98 99\r\na=mid:1\r\n\
+m=video 9 X 96 97 98 99\r\na=mid:2\r\n";
+        // VP9 (98) and AV1 (45) offered after VP8 (96) stay there.
+        assert_eq!(in_format_order(ours, &format_order(offer)), ours);
+        // A publisher preferring VP9 is answered, and offered, VP9 first on its m-line; the
+        // m-line it never described (mid 2) is left alone.
+        let vp9_first = format_order(&offer.replace("96 97 98 99 45", "98 99 96 97 45"));
+        assert_eq!(
+            vp9_first[1],
+            (
+                "1".into(),
+                vec![
+                    "98".into(),
+                    "99".into(),
+                    "96".into(),
+                    "97".into(),
+                    "45".into()
+                ]
+            )
+        );
+        assert_eq!(
+            in_format_order(ours, &vp9_first),
+            "v=0\r\nm=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 98 99 96 97\r\na=mid:1\r\n\
+m=video 9 X 96 97 98 99\r\na=mid:2\r\n"
+        );
+        // Unknown formats go last; text that is not SDP passes through.
+        let order = vec![("5".to_string(), vec!["98".to_string()])];
+        assert_eq!(
+            in_format_order("v=0\r\nm=video 9 X 7 98\r\na=mid:5\r\n", &order),
+            "v=0\r\nm=video 9 X 98 7\r\na=mid:5\r\n"
+        );
+        assert_eq!(in_format_order("garbage", &order), "garbage");
     }
 
     #[test]

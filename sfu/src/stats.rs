@@ -54,10 +54,13 @@ pub enum DropReason {
     /// would keep every copy until it connects, or until the connect timeout if it never
     /// does, and what it kept would arrive as a burst of stale media.
     NotConnected,
+    /// A packet of a scalable (SVC) stream whose dependency descriptor could not be read: which
+    /// layer it belongs to is unknown, so it goes only to trunks, which take every layer.
+    BadDescriptor,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::Malformed,
         DropReason::UnknownSource,
         DropReason::UnknownStream,
@@ -79,6 +82,7 @@ impl DropReason {
         DropReason::TcpCongested,
         DropReason::HandOverFull,
         DropReason::NotConnected,
+        DropReason::BadDescriptor,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +108,7 @@ impl DropReason {
             DropReason::TcpCongested => "tcp_congested",
             DropReason::HandOverFull => "hand_over_full",
             DropReason::NotConnected => "not_connected",
+            DropReason::BadDescriptor => "bad_descriptor",
         }
     }
 
@@ -195,6 +200,9 @@ pub(crate) struct ShardCounters {
     pub estimator_restarts: u64,
     /// Packets of temporal layers left out for a subscriber (`forward::temporal`).
     pub temporal_skipped: u64,
+    /// Packets of scalable (SVC) streams left out for a subscriber: layers above the one it
+    /// gets (`forward::svc`).
+    pub svc_skipped: u64,
     /// Gauge: ICE-TCP connections the shard holds.
     pub tcp_links: u64,
     /// Datagrams received for another shard's peer and handed to it (one port for all).
@@ -245,6 +253,7 @@ impl ShardCounters {
         to.layers_off.store(self.layers_off, r);
         to.estimator_restarts.store(self.estimator_restarts, r);
         to.temporal_skipped.store(self.temporal_skipped, r);
+        to.svc_skipped.store(self.svc_skipped, r);
         to.tcp_links.store(self.tcp_links, r);
         to.handed_over.store(self.handed_over, r);
         to.spread_out.store(self.spread_out, r);
@@ -285,6 +294,7 @@ pub struct ShardStats {
     pub layers_off: AtomicU64,
     pub estimator_restarts: AtomicU64,
     pub temporal_skipped: AtomicU64,
+    pub svc_skipped: AtomicU64,
     pub tcp_links: AtomicU64,
     pub handed_over: AtomicU64,
     pub spread_out: AtomicU64,
@@ -332,6 +342,8 @@ pub struct StatsSnapshot {
     pub estimator_restarts: u64,
     /// Packets of temporal layers left out for subscribers on narrow links.
     pub temporal_skipped: u64,
+    /// Packets of scalable streams' layers left out for subscribers that get fewer layers.
+    pub svc_skipped: u64,
     /// ICE-TCP connections held, now.
     pub tcp_links: u64,
     /// Datagrams one shard received for another's peer and handed over (one port for all).
@@ -375,6 +387,7 @@ impl StatsSnapshot {
             s.layers_off += sh.layers_off.load(r);
             s.estimator_restarts += sh.estimator_restarts.load(r);
             s.temporal_skipped += sh.temporal_skipped.load(r);
+            s.svc_skipped += sh.svc_skipped.load(r);
             s.tcp_links += sh.tcp_links.load(r);
             s.handed_over += sh.handed_over.load(r);
             s.spread_out += sh.spread_out.load(r);

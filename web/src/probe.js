@@ -339,6 +339,7 @@ async function outbound() {
       qualityLimitationReason: s.qualityLimitationReason ?? null,
       scalabilityMode: s.scalabilityMode ?? null,
       active: s.active ?? null,
+      codec: report.get(s.codecId)?.mimeType ?? null,
     };
     if (s.rid) {
       out.layers ??= {};
@@ -394,6 +395,7 @@ async function inboundByTrack() {
       audioLevel: s.audioLevel ?? null,
       totalAudioEnergy: s.totalAudioEnergy ?? null,
       jitter: s.jitter ?? null,
+      codec: report.get(s.codecId)?.mimeType ?? null,
     });
   });
   return out;
@@ -599,6 +601,12 @@ export function stopWatch(owner) {
 const watches = new Map(); // owner user id -> frame watch
 
 /** Whether the data channel to the focus is open. */
+/** The call's current local and remote session descriptions (SDP text), for diagnostics. */
+export function descriptions() {
+  const pc = state.weirCall?.peerConnection;
+  return { local: pc?.localDescription?.sdp ?? null, remote: pc?.remoteDescription?.sdp ?? null };
+}
+
 export function channelOpen() {
   return state.weirCall?.channelOpen ?? false;
 }

@@ -179,6 +179,19 @@ export function callMemberDevices(client, roomId, confId) {
  *   "layers"   the focus told us which simulcast layers of our camera anyone needs, and we
  *              applied it (detail: the `io.weir.layers` content)
  */
+/**
+ * Put `mimeType` first among the codecs `t` offers (VP9: profile 0, which every browser
+ * decodes), keeping the others, RTX included, behind it.
+ */
+function preferCodec(t, mimeType) {
+  const codecs = RTCRtpReceiver.getCapabilities("video")?.codecs ?? [];
+  const wanted = (c) =>
+    c.mimeType.toLowerCase() === mimeType.toLowerCase() && !/profile-id=[^0]/.test(c.sdpFmtpLine ?? "");
+  const first = codecs.filter(wanted);
+  if (!first.length) throw new Error(`this browser cannot send ${mimeType}`);
+  t.setCodecPreferences([...first, ...codecs.filter((c) => !wanted(c))]);
+}
+
 export class WeirCall extends EventTarget {
   /**
    * @param {object} o
@@ -193,6 +206,11 @@ export class WeirCall extends EventTarget {
    * @param {Array<RTCRtpEncodingParameters>|null} [o.simulcast] the camera's simulcast layers
    *   (default SIMULCAST_LAYERS; null sends one layer)
    * @param {RTCDegradationPreference} [o.degradationPreference] for the camera's sender
+   * @param {string|null} [o.videoCodec] the camera's codec, by MIME type ("video/VP9",
+   *   "video/AV1"), offered first; default: the browser's order (VP8 in Chromium). For
+   *   scalable video, pass one encoding with a `scalabilityMode` as `simulcast`, e.g.
+   *   `[{ scalabilityMode: "L3T3_KEY" }]`: the focus picks each subscriber's spatial and
+   *   temporal layers from the dependency descriptor
    * @param {boolean} [o.dataChannel] open the data channel to the focus (default true): needed
    *   for subscriptions, speaker and pause notices, and dynacast
    * @param {import("./e2ee/media-encryption.js").MediaEncryption|null} [o.encryption] encrypts
@@ -209,6 +227,7 @@ export class WeirCall extends EventTarget {
     getUserMedia,
     simulcast = SIMULCAST_LAYERS,
     degradationPreference,
+    videoCodec = null,
     dataChannel = true,
     encryption = null,
     log,
@@ -230,6 +249,7 @@ export class WeirCall extends EventTarget {
     this.watchedFeeds = new WeakSet();
     this.simulcast = simulcast ? simulcast.map((e) => ({ ...e })) : null;
     this.degradationPreference = degradationPreference ?? null;
+    this.videoCodec = videoCodec;
     this.wantsDataChannel = dataChannel;
     this.encryption = encryption;
     this.channel = null;
@@ -418,16 +438,18 @@ export class WeirCall extends EventTarget {
   preparePeerConnection(pc) {
     // first, so that every sender added below (simulcast included) gets its transform
     if (this.encryption) this.encryption.attachPeerConnection(pc, (streamId) => this.ownerParticipant(streamId));
-    if (this.simulcast) {
+    if (this.simulcast || this.videoCodec) {
       const addTrack = pc.addTrack.bind(pc);
       pc.addTrack = (track, ...streams) => {
         if (track.kind !== "video") return addTrack(track, ...streams);
         const t = pc.addTransceiver(track, {
           direction: "sendrecv",
           streams,
-          sendEncodings: this.simulcast.map((e) => ({ ...e })),
+          sendEncodings: (this.simulcast ?? [{}]).map((e) => ({ ...e })),
         });
-        this.log(`camera ${track.id} published as simulcast ${this.simulcast.map((e) => e.rid).join("/")}`);
+        if (this.videoCodec) preferCodec(t, this.videoCodec);
+        const layers = (this.simulcast ?? []).map((e) => e.rid ?? e.scalabilityMode ?? "one layer").join("/");
+        this.log(`camera ${track.id} published as ${this.videoCodec ?? "default codec"} ${layers}`);
         return t.sender;
       };
     }

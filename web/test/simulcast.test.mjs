@@ -16,16 +16,12 @@
 // Run: scripts/in-netns.sh node --test web/test/simulcast.test.mjs (after scripts/setup.sh and
 // cargo build -p weir-focus).
 
-import { test, before, after } from "node:test";
+import { test, before } from "node:test";
 import assert from "node:assert/strict";
-import { spawnSync } from "node:child_process";
-import { mkdtempSync, openSync, writeSync, closeSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
-import { Harness, waitFor, log, Fatal, stepChain } from "./harness.mjs";
+import { waitFor, log, Fatal } from "./harness.mjs";
+import { cameraRoomTest } from "./camera-room.mjs";
+import { limitDownlink, liftLimit, liftIfLimited, inOwnNetns } from "./shaping.mjs";
 
-const WIDTH = 1280;
-const HEIGHT = 720;
 /** The focus's LAYER_OFF_DELAY (sfu/src/forward/dynacast.rs) is 3 s; this leaves room. */
 const DYNACAST_TIMEOUT_MS = 20000;
 /**
@@ -35,94 +31,11 @@ const DYNACAST_TIMEOUT_MS = 20000;
  */
 const TEMPORAL_LINK_KBIT = Number(process.env.WEIR_TEMPORAL_LINK_KBIT ?? 300);
 
+const { room, step, report, aliceAt, decodesAt, decodesBelow, subscribe } = cameraRoomTest("simulcast measurements");
 let h;
-const chain = stepChain();
-const step = chain.step;
-let y4mDir;
-const report = {};
-
-/**
- * A 1280×720 y4m clip of 30 frames in Alice's green (as the canvas cameras paint it), its
- * brightness varied in 16×16 blocks that change every frame, and a white bar moving along the
- * bottom. The blocks make it as costly to encode as a camera: each layer runs at its bitrate
- * cap (a flat picture would cost f a few tens of kbit/s, and no link would be too narrow for
- * it). The colour of the middle averages out to green. Chromium's fake capture device loops it.
- */
-function writeY4m(path) {
-  const [r, g, b] = [20, 200, 20];
-  const y = Math.round(0.299 * r + 0.587 * g + 0.114 * b);
-  const u = Math.round(128 - 0.168736 * r - 0.331264 * g + 0.5 * b);
-  const v = Math.round(128 + 0.5 * r - 0.418688 * g - 0.081312 * b);
-  const fd = openSync(path, "w");
-  writeSync(fd, `YUV4MPEG2 W${WIDTH} H${HEIGHT} F30:1 Ip A1:1 C420jpeg\n`);
-  const lumaSize = WIDTH * HEIGHT;
-  const chromaSize = lumaSize / 4;
-  for (let f = 0; f < 30; f++) {
-    const frame = Buffer.alloc(6 + lumaSize + 2 * chromaSize);
-    frame.write("FRAME\n", 0);
-    const luma = frame.subarray(6, 6 + lumaSize);
-    let seed = 12345 + f * 7919;
-    const next = () => {
-      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
-      return seed;
-    };
-    for (let by = 0; by < HEIGHT; by += 16) {
-      for (let bx = 0; bx < WIDTH; bx += 16) {
-        const level = Math.max(0, Math.min(255, y + ((next() >> 8) % 61) - 30));
-        for (let row = by; row < by + 16; row++) luma.fill(level, row * WIDTH + bx, row * WIDTH + bx + 16);
-      }
-    }
-    const barW = WIDTH / 10;
-    const x0 = (f * 16) % (WIDTH / 2 - barW);
-    for (let row = Math.round(HEIGHT * 0.9); row < HEIGHT; row++) {
-      luma.fill(250, row * WIDTH + x0, row * WIDTH + x0 + barW);
-    }
-    frame.fill(u, 6 + lumaSize, 6 + lumaSize + chromaSize);
-    frame.fill(v, 6 + lumaSize + chromaSize);
-    writeSync(fd, frame);
-  }
-  closeSync(fd);
-}
-
-before(async () => {
-  y4mDir = mkdtempSync(join(tmpdir(), "weir-y4m-"));
-  const clip = join(y4mDir, "camera.y4m");
-  writeY4m(clip);
-  h = new Harness({
-    people: [
-      { name: "alice", colour: "green", camera: { device: true, width: WIDTH, height: HEIGHT } },
-      { name: "bob", colour: "red" },
-      { name: "carol", colour: "blue" },
-    ],
-    chromiumArgs: [`--use-file-for-fake-video-capture=${clip}`],
-  });
-  try {
-    await h.start();
-  } catch (e) {
-    chain.fail();
-    throw e;
-  }
+before(() => {
+  h = room.h;
 });
-
-after(async () => {
-  try {
-    if (chain.failed && h) console.log(await h.diagnostics());
-    console.log(`\n===== simulcast measurements =====\n${JSON.stringify(report, null, 1)}`);
-  } finally {
-    await h?.teardown();
-    if (y4mDir) rmSync(y4mDir, { recursive: true, force: true });
-  }
-});
-
-/** Alice's video as `who` receives it: {frameWidth, framesDecoded, colour}, or null. */
-async function aliceAt(who) {
-  const alice = h.byName("alice").session.userId;
-  const snaps = await h.liveSnapshots();
-  const snap = snaps.find((s) => s.name === who);
-  const feed = snap.feeds.find((f) => f.owner === alice);
-  if (!feed?.video) return null;
-  return { frameWidth: feed.video.frameWidth, framesDecoded: feed.video.framesDecoded, colour: feed.colour };
-}
 
 /** Alice's outbound video layers by rid: {q: {bytesSent, frameWidth, ...}, ...}. */
 async function aliceLayers() {
@@ -130,103 +43,15 @@ async function aliceLayers() {
   return snap.outbound.layers ?? {};
 }
 
-/** tc on the loopback of the namespace scripts/in-netns.sh made for this test (never the host's). */
-function tc(...args) {
-  const r = spawnSync("tc", args, { encoding: "utf8", timeout: 10000 });
-  if (r.status !== 0) throw new Error(`tc ${args.join(" ")} failed (${r.status}): ${r.stderr}`);
-}
-
-/**
- * Shape what reaches UDP port `port` on loopback to `kbit` kbit/s with a 200 ms queue, like a
- * home link. HTB only sorts the packets (both its classes are unlimited); the shaping is a TBF
- * under the limited class, because the focus sends with UDP GSO: on loopback a run of
- * datagrams is one buffer in the qdisc, and TBF splits those it cannot pass whole. (This
- * kernel offers htb, tbf and the fifos; prio and netem are missing.)
- */
-function limitDownlink(port, kbit) {
-  tc("qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb", "default", "1", "r2q", "100000");
-  tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:1", "htb", "rate", "10gbit");
-  tc("class", "add", "dev", "lo", "parent", "1:", "classid", "1:2", "htb", "rate", "10gbit");
-  tc("qdisc", "add", "dev", "lo", "parent", "1:2", "handle", "20:", "tbf", "rate", `${kbit}kbit`, "burst", "4kb", "latency", "200ms");
-  tc("filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
-    "match", "ip", "protocol", "17", "0xff", "match", "ip", "dport", String(port), "0xffff", "flowid", "1:2");
-}
-
-function liftLimit() {
-  tc("qdisc", "del", "dev", "lo", "root");
-}
-
-/** Whether loopback may be shaped here; skips `t` if not. */
-function inOwnNetns(t) {
-  if (process.env.WEIR_IN_NETNS === "1") return true;
-  t.skip("shapes loopback, so it runs only in its own network namespace (scripts/in-netns.sh)");
-  return false;
-}
-
-function liftIfLimited() {
-  try {
-    liftLimit();
-  } catch {
-    // lifted already
-  }
-}
-
 /** Once Carol decodes Alice's full layer: the UDP port of her side of the connection. */
 async function carolsPortOnTheFullLayer() {
   await decodesAt("carol", 1280, 30000);
-  const local = (await h.byName("carol").snapshot()).selectedPair?.local ?? "";
-  const port = Number(/:(\d+)\/udp/.exec(local)?.[1]);
-  assert.ok(port > 0, `Carol's local candidate: ${local}`);
-  return port;
-}
-
-/**
- * Wait until `who` decodes Alice's video at a width `fits` accepts, in her green, with frames
- * still coming (two reads, the second with more frames decoded).
- */
-async function decodes(who, what, fits, timeoutMs = 30000) {
-  let before = null;
-  return waitFor(
-    `${who} decoding Alice ${what}`,
-    async () => {
-      const a = await aliceAt(who);
-      if (!a?.frameWidth || !fits(a.frameWidth) || a.colour !== "green") {
-        before = null;
-        return null;
-      }
-      if (before === null || a.framesDecoded <= before) {
-        before = before ?? a.framesDecoded;
-        return null;
-      }
-      return a;
-    },
-    { timeoutMs, intervalMs: 200 },
-  );
-}
-
-const decodesAt = (who, width, timeoutMs) => decodes(who, `at ${width} px wide`, (w) => w === width, timeoutMs);
-const decodesBelow = (who, width, timeoutMs) => decodes(who, `below ${width} px wide`, (w) => w < width, timeoutMs);
-
-async function subscribe(who, height) {
-  const alice = h.byName("alice").session.userId;
-  await h.byName(who).eval((a) => window.Probe.subscribeTo(a), { owner: alice, height });
+  return room.localPort("carol");
 }
 
 test("Alice, Bob and Carol join, each with a data channel to the focus", async (t) => {
   await step(t, async () => {
-    await h.join(h.byName("alice"), 30000, { options: { degradationPreference: "maintain-resolution" } });
-    await h.join(h.byName("bob"));
-    await h.join(h.byName("carol"));
-    for (const who of ["alice", "bob", "carol"]) {
-      await waitFor(`${who}'s data channel to the focus`, () => h.byName(who).eval(() => window.Probe.channelOpen()), {
-        timeoutMs: 30000,
-      });
-    }
-    await waitFor(
-      "Alice's feed with its track ids at Bob and Carol",
-      async () => (await aliceAt("bob")) && (await aliceAt("carol")),
-      { timeoutMs: 30000 },
-    );
+    await room.joinAll({ degradationPreference: "maintain-resolution" });
   });
 });
 

@@ -2,6 +2,7 @@
 //! own. The shard feeds them packets and `now`.
 
 pub mod allocate;
+pub mod dependency_descriptor;
 pub mod dynacast;
 pub mod keyframe;
 pub mod keyreq;
@@ -13,6 +14,7 @@ pub mod rewrite;
 pub mod share;
 pub mod speakers;
 pub mod stall;
+pub mod svc;
 pub mod temporal;
 pub mod trunk_layers;
 pub mod vp8;

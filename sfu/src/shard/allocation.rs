@@ -87,7 +87,11 @@ impl<S: EventSink> ShardCore<S> {
                     audio.push(p.activity.measured_bps(now).unwrap_or(AUDIO_NOMINAL_BPS));
                 }
                 TrackKind::Video if out.trunk.is_none() => {
-                    let layers = p.activity.rates(now);
+                    // A scalable stream's choice is between its spatial layers.
+                    let layers = match p.spatial.rates(now) {
+                        spatial if !spatial.is_empty() => spatial,
+                        _ => p.activity.rates(now),
+                    };
                     if layers.is_empty() {
                         continue; // nothing flows: nothing to share, the state stays
                     }
@@ -160,6 +164,7 @@ impl<S: EventSink> ShardCore<S> {
                         // Resuming starts afresh on a keyframe, continuing the sequence
                         // numbers where the pause left them.
                         out.layers = LayerSelector::default();
+                        out.svc.restart();
                         out.rewriter.resume();
                         out.vp8_ids.resume();
                     }

@@ -8,7 +8,9 @@ use str0m::media::{Pt, Rid};
 use str0m::rtp::{ExtensionValues, RtpPacket, RtpWrite, SeqNo, Ssrc};
 
 use crate::api::PeerRole;
-use crate::engine;
+use crate::engine::{self, RawDependencyDescriptor};
+use crate::forward::dependency_descriptor::Indication;
+use crate::forward::svc::{spatial_rank, spatial_within, SvcStream};
 use crate::forward::{
     rid_rank, starts_keyframe, Decision, Rewritten, TemporalPacket, VideoCodec, Vp8Descriptor,
 };
@@ -26,6 +28,9 @@ use super::{EventSink, ShardCore, TrackKey};
 const SIMULCAST_SETTLE: Duration = Duration::from_millis(200);
 /// How long a new subscriber waits for a keyframe before asking again.
 const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
+/// Streams with a dependency descriptor kept per track. A track has one per simulcast layer
+/// (up to three) and a new one when its publisher restarts a layer; the oldest goes first.
+const MAX_SVC_STREAMS: usize = 4;
 
 /// One received RTP packet as fan-out reads it: from a local publisher's engine, or handed
 /// over by the shard its publisher lives on ([`super::spread`]).
@@ -39,6 +44,8 @@ pub struct Incoming {
     /// Header extensions a subscriber can use; mid/rid, transport-cc and abs-send-time are
     /// per hop and the engine writes its own.
     ext: ExtensionValues,
+    /// The dependency descriptor, if the packet has one (forwarded with VP9 and AV1).
+    dd: Option<Arc<RawDependencyDescriptor>>,
     payload: Arc<[u8]>,
     /// When the engine received it.
     pub(super) received: Instant,
@@ -60,6 +67,7 @@ impl Incoming {
                 video_content_type: h.ext_vals.video_content_type,
                 ..Default::default()
             },
+            dd: h.ext_vals.user_values.get_arc::<RawDependencyDescriptor>(),
             received: pkt.timestamp,
             payload: pkt.payload,
         }
@@ -147,12 +155,78 @@ impl<S: EventSink> ShardCore<S> {
         let vp8 = (is_video && codec == VideoCodec::Vp8)
             .then(|| Vp8Descriptor::parse(&pkt.payload).ok())
             .flatten();
+        // The dependency descriptor, where the publisher sends one: the frame's spatial and
+        // temporal layer. Chromium sends it with every codec once negotiated, and then leaves
+        // the temporal layer out of VP8's own descriptor.
+        let mut svc_index = None;
+        let mut svc_frame = None;
+        if let (true, Some(raw)) = (is_video, &pkt.dd) {
+            let i = match published.svc.iter().position(|(s, _)| *s == ssrc) {
+                Some(i) => i,
+                None => {
+                    if published.svc.len() == MAX_SVC_STREAMS {
+                        published.svc.remove(0);
+                    }
+                    published.svc.push((ssrc, SvcStream::default()));
+                    published.svc.len() - 1
+                }
+            };
+            svc_index = Some(i);
+            let layers_before = published.svc[i].1.spatial_layers();
+            match published.svc[i].1.read(&raw.0) {
+                Ok(f) => {
+                    let layers = published.svc[i].1.spatial_layers();
+                    if layers != layers_before {
+                        debug!(%track.publisher, mid = %track.mid, ssrc = *ssrc, spatial_layers = layers,
+                            decode_targets = published.svc[i].1.structure().map(|s| s.decode_targets()),
+                            "dependency descriptor structure");
+                    }
+                    svc_frame = Some(f);
+                }
+                Err(e) => {
+                    debug!(%track.publisher, mid = %track.mid, ssrc = *ssrc, error = %e, "unreadable dependency descriptor")
+                }
+            }
+        }
+        // Spatial layers in this one stream (SVC); 0 or 1 for anything else.
+        let spatial_layers = svc_index.map_or(0, |i| published.svc[i].1.spatial_layers());
         let keyframe = match vp8 {
             Some(d) => d.keyframe,
-            None => is_video && starts_keyframe(codec, &pkt.payload),
+            None => {
+                is_video
+                    && (starts_keyframe(codec, &pkt.payload)
+                        || svc_frame.is_some_and(|f| {
+                            f.start_of_frame && f.dependencies == 0 && f.spatial == 0
+                        }))
+            }
         };
         let rank = rid_rank(rid.as_deref());
-        let tid = vp8.and_then(|d| d.tid);
+        let tid = vp8.and_then(|d| d.tid).or(svc_frame.map(|f| f.temporal));
+        // Temporal layers and switch points: from VP8's descriptor if it says, else, for a
+        // stream with one spatial layer, from the dependency descriptor.
+        let described = match (svc_frame, svc_index) {
+            (Some(f), Some(i)) if spatial_layers == 1 => {
+                let own = published.svc[i].1.best_target(0, f.temporal);
+                let switch = own.is_some_and(|dt| f.indications.get(dt) == Indication::Switch);
+                Some((Some(f.temporal), switch))
+            }
+            _ => None,
+        };
+        let temporal = match vp8 {
+            Some(d) if d.tid.is_some() => Some((d.tid, d.layer_sync)),
+            _ => described.or(vp8.map(|d| (d.tid, d.layer_sync))),
+        };
+        // What each spatial layer's subscribers receive, for allocation to choose from.
+        if let (Some(f), Some(i), true) = (svc_frame, svc_index, spatial_layers > 1) {
+            for spatial in 0..spatial_layers {
+                if published.svc[i].1.includes(&f, spatial) {
+                    let rank = spatial_rank(spatial, spatial_layers);
+                    published
+                        .spatial
+                        .saw(spatial, rank, Some(f.temporal), pkt.payload.len(), now);
+                }
+            }
+        }
         published
             .activity
             .saw(rid, rank, tid, pkt.payload.len(), now);
@@ -201,6 +275,16 @@ impl<S: EventSink> ShardCore<S> {
         // per packet, when a subscriber first needs its picture id renumbered.
         let mut str0m_vp8: Option<Option<str0m::rtp::Vp8Descriptor>> = None;
         let subscribers = std::mem::take(&mut published.subscribers);
+        // The header extensions each copy carries. The dependency descriptor goes as received
+        // with VP9 and AV1, so that the subscriber's decoder knows the frames' dependencies,
+        // and with every codec over a trunk, so that the far focus can choose layers too.
+        // With VP8 a browser builds its references from VP8's own descriptor, whose picture
+        // ids weir renumbers around what it leaves out.
+        let ext_described = pkt.dd.as_ref().filter(|_| is_video).map(|dd| {
+            let mut ext = pkt.ext.clone();
+            ext.user_values.set_arc(dd.clone());
+            ext
+        });
         // Subscribers told here that this video flows again (`OutTrack::resume_untold`).
         let mut resumed_to: Vec<(crate::ids::PeerId, PauseNotice)> = Vec::new();
         for sub in &subscribers {
@@ -268,27 +352,58 @@ impl<S: EventSink> ShardCore<S> {
                     }
                 }
             }
+            let mut marker = pkt.marker;
+            // A scalable stream: the spatial and temporal layers the subscriber's screen and
+            // link take, switching where the dependency descriptor allows (`forward::svc`).
+            // A trunk takes every layer: the far focus chooses for its own subscribers.
+            if spatial_layers > 1 && speer.role != PeerRole::Trunk {
+                let (Some(f), Some(i)) = (svc_frame, svc_index) else {
+                    // Which layer it belongs to is unknown.
+                    out.rewriter.skip(*ssrc, *pkt.seq_no);
+                    self.counters.drop(DropReason::BadDescriptor);
+                    continue;
+                };
+                let stream = &published.svc[i].1;
+                let spatial = spatial_within(out.layer_cap(), spatial_layers);
+                let top_temporal = out.temporal_cap(spatial_rank(spatial, spatial_layers));
+                out.svc.set_target(spatial, top_temporal);
+                let was = out.svc.current();
+                let verdict = out.svc.forward(&f, stream);
+                if out.svc.current() != was {
+                    debug!(subscriber = %sub, %track.publisher, mid = %out.mid, from = ?was,
+                        to = ?out.svc.current(), spatial, temporal = top_temporal, "svc layers");
+                }
+                if out.svc.blocked() && !need_keyframe.contains(&rid) {
+                    need_keyframe.push(rid);
+                }
+                if !verdict.forward {
+                    out.rewriter.skip(*ssrc, *pkt.seq_no);
+                    self.counters.svc_skipped += 1;
+                    continue;
+                }
+                marker |= verdict.ends_picture;
+            }
             // Temporal layers above what the subscriber gets are left out, whole frames at a
             // time, without a gap in its sequence numbers or picture ids.
-            if let (Some(d), None) = (vp8, &out.trunk) {
+            if let (Some((tid, layer_sync)), None) = (temporal, &out.trunk) {
                 out.temporal.set_target(out.temporal_cap(rank));
                 let p = TemporalPacket {
                     source: *ssrc,
                     timestamp: pkt.timestamp,
-                    tid: d.tid,
-                    layer_sync: d.layer_sync,
+                    tid,
+                    layer_sync,
                     keyframe,
                 };
                 let was = out.temporal.current();
                 let forward = out.temporal.forward(p);
                 if out.temporal.current() != was {
                     debug!(subscriber = %sub, %track.publisher, mid = %out.mid, rid = ?rid, from = was,
-                        to = out.temporal.current(), target = out.temporal.target(), tid = ?d.tid,
-                        sync = d.layer_sync, keyframe, "temporal layers");
+                        to = out.temporal.current(), target = out.temporal.target(), ?tid,
+                        sync = layer_sync, keyframe, "temporal layers");
                 }
                 if !forward {
                     out.rewriter.skip(*ssrc, *pkt.seq_no);
-                    if let Some(id) = d.picture_id {
+                    if let Some(id) = vp8.and_then(|d| d.picture_id) {
                         out.vp8_ids.skip(*ssrc, id);
                     }
                     self.counters.temporal_skipped += 1;
@@ -379,8 +494,13 @@ impl<S: EventSink> ShardCore<S> {
             }
             let mut write =
                 RtpWrite::new(out_pt, seq.into(), ts, pkt.received, pkt.payload.clone())
-                    .marker(pkt.marker)
-                    .ext_vals(pkt.ext.clone())
+                    .marker(marker)
+                    .ext_vals(match &ext_described {
+                        Some(ext) if codec != VideoCodec::Vp8 || speer.role == PeerRole::Trunk => {
+                            ext.clone()
+                        }
+                        _ => pkt.ext.clone(),
+                    })
                     .nackable(nackable);
             if let Some(patch) = patch {
                 write = write.vp8_patch(patch);

@@ -43,6 +43,7 @@ use str0m::Rtc;
 
 use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
 use crate::budget::RateBudget;
+use crate::forward::svc::{SvcFilter, SvcStream};
 use crate::forward::{
     Allocator, KeyframeRequests, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter,
     SpeakerDetector, StallWatch, TemporalFilter, TrunkLayers, Vp8Ids, ALL_TEMPORAL,
@@ -113,6 +114,13 @@ struct Published {
     track_id: String,
     /// Simulcast layers (by rid; a single `None` layer without simulcast) and their activity.
     activity: LayerActivity<Option<Rid>>,
+    /// Streams of the track that carry the dependency descriptor (VP9 or AV1), by SSRC: their
+    /// structure and active decode targets ([`crate::forward::svc`]).
+    svc: Vec<(Ssrc, SvcStream)>,
+    /// A scalable track's spatial layers (by index, ranked as simulcast layers of the same
+    /// size would be) and their activity, each counting what a subscriber of it receives:
+    /// what allocation chooses from for such a track. Empty for any other track.
+    spatial: LayerActivity<u8>,
     /// When the first packet of the track arrived.
     first_packet: Option<Instant>,
     /// Audio held back as not among the loudest: the next forwarded packet resumes each
@@ -157,6 +165,8 @@ impl Published {
             stream_id,
             track_id,
             activity: LayerActivity::default(),
+            svc: Vec::new(),
+            spatial: LayerActivity::default(),
             first_packet: None,
             held_back: false,
             keyframes: Vec::new(),
@@ -184,6 +194,8 @@ struct OutTrack {
     /// left out.
     temporal: TemporalFilter,
     vp8_ids: Vp8Ids,
+    /// Which spatial and temporal layers of a scalable stream (VP9/AV1 SVC).
+    svc: SvcFilter,
     /// The best layer rank the subscriber's subscription allows (`u8::MAX`: any). Worked out
     /// when the track starts and when the subscription changes, so neither the first packet
     /// nor housekeeping searches the subscription list.
@@ -267,6 +279,10 @@ struct Peer {
     connected: bool,
     /// Mids weir created on this connection (for forwarded tracks).
     own_mids: HashSet<String>,
+    /// The payload-type order of each m-line, by mid, in the participant's last offer or
+    /// answer: weir's answers and offers keep it, so that the codec it put first is the one
+    /// it sends (`engine::in_format_order`).
+    codec_order: crate::engine::FormatOrder,
     pending: Option<PendingNegotiation>,
     /// Tracks published by this peer, by its mid.
     published: FastMap<Mid, TrackKey>,
@@ -377,6 +393,7 @@ impl Peer {
             last_rx: now,
             connected: false,
             own_mids: HashSet::new(),
+            codec_order: Vec::new(),
             pending: None,
             published: FastMap::default(),
             ssrc_mid: HashMap::new(),

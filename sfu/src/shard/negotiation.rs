@@ -66,7 +66,8 @@ impl<S: EventSink> ShardCore<S> {
             });
             return;
         }
-        let offer = match parse_offer(offer, &HashSet::new()) {
+        let offer_sdp = offer;
+        let offer = match parse_offer(offer_sdp, &HashSet::new()) {
             Ok(o) => o,
             Err(error) => {
                 self.counters.drop(DropReason::BadSdp);
@@ -95,7 +96,8 @@ impl<S: EventSink> ShardCore<S> {
                 return;
             }
         };
-        let answer_sdp = answer.to_sdp_string();
+        let codec_order = engine::format_order(offer_sdp);
+        let answer_sdp = engine::in_format_order(&answer.to_sdp_string(), &codec_order);
         let first_mid = first_mid(&answer_sdp).unwrap_or_else(|| "0".into());
         let candidates = candidates
             .into_iter()
@@ -106,6 +108,7 @@ impl<S: EventSink> ShardCore<S> {
             })
             .collect();
         let mut peer = Peer::new(conference, role, true, rtc, now);
+        peer.codec_order = codec_order;
         let ufrag = peer.rtc.direct_api().local_ice_credentials().ufrag;
         self.by_ufrag.insert(ufrag, id);
         self.peers.insert(id, peer);
@@ -237,7 +240,8 @@ impl<S: EventSink> ShardCore<S> {
         }
         match peer.rtc.sdp_api().accept_offer(offer) {
             Ok(answer) => {
-                let sdp = answer.to_sdp_string();
+                peer.codec_order = engine::format_order(sdp);
+                let sdp = engine::in_format_order(&answer.to_sdp_string(), &peer.codec_order);
                 self.mark_dirty(id);
                 self.emit(SfuEvent::Answer { peer: id, sdp });
                 // New or changed media arrive as engine events while draining.
@@ -294,6 +298,7 @@ impl<S: EventSink> ShardCore<S> {
             self.maybe_offer(id);
             return;
         }
+        peer.codec_order = engine::format_order(sdp);
         // The orphaned m-lines were stopped by the offer just answered (one offer is out at a
         // time, and only answers make orphans); a rolled-back offer stops them next time.
         peer.orphan_mids.clear();
@@ -405,7 +410,8 @@ impl<S: EventSink> ShardCore<S> {
                 track_id,
             });
         }
-        let sdp = engine::compact_offer(&offer.to_sdp_string());
+        let sdp = engine::in_format_order(&offer.to_sdp_string(), &peer.codec_order);
+        let sdp = engine::compact_offer(&sdp);
         peer.pending = Some(PendingNegotiation {
             offer: pending,
             added,

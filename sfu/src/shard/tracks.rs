@@ -7,6 +7,7 @@ use str0m::media::{MediaKind, Mid, Rid, Rids};
 use tracing::info;
 
 use crate::api::{PeerRole, PublishedTrack, SfuEvent, Subscription, RTX_HISTORY_AGE};
+use crate::forward::svc::SvcFilter;
 use crate::forward::{
     rid_rank, LayerDemand, LayerSelector, Now, SeqTsRewriter, TemporalFilter, TrunkLayers, Vp8Ids,
 };
@@ -162,6 +163,7 @@ impl<S: EventSink> ShardCore<S> {
                 rewriter: SeqTsRewriter::new(clock_rate, first_seq, first_ts),
                 layers: LayerSelector::default(),
                 temporal: TemporalFilter::default(),
+                svc: SvcFilter::default(),
                 vp8_ids: Vp8Ids::default(),
                 cap,
                 pt_map: Vec::new(),
