@@ -59,9 +59,10 @@ pub fn ice_creds(prefix: &str) -> IceCreds {
 
 /// RTP mode and the codec set browsers send, with or without ICE-lite.
 ///
-/// One payload type per codec browsers actually send to an SFU: Opus, VP8, VP9 profile 0 and
+/// One payload type per codec browsers actually send to an SFU: Opus, VP8, VP9 profile 0,
 /// H.264 constrained baseline (packetization mode 1, level 3.1: the profile Chrome, Firefox
-/// and Safari all offer), each video codec with RTX. str0m's defaults add VP9 profile 2 and
+/// and Safari all offer) and AV1, each video codec with RTX. AV1 is left out of the m-lines
+/// weir offers for forwarded tracks not sent in AV1 ([`without_codec`]). str0m's defaults add VP9 profile 2 and
 /// six more H.264 variants; every forwarded video track repeats the whole list in its m-line,
 /// and with them a 25-person meeting's offer passed the 64 KiB Synapse allows in a to-device
 /// event. A publisher whose browser offers none of these codecs for video gets its video
@@ -78,6 +79,7 @@ fn config(ice_lite: bool) -> RtcConfig {
         .clear_codecs()
         .enable_opus(true, false)
         .enable_vp8(true)
+        .enable_av1(true)
         .clear_extension_map()
         .set_extension(1, Extension::AudioLevel)
         .set_extension(3, Extension::TransportSequenceNumber)
@@ -162,6 +164,7 @@ pub fn video_codec(codec: Codec) -> VideoCodec {
         Codec::Vp8 => VideoCodec::Vp8,
         Codec::Vp9 => VideoCodec::Vp9,
         Codec::H264 => VideoCodec::H264,
+        Codec::Av1 => VideoCodec::Av1,
         _ => VideoCodec::Opaque,
     }
 }
@@ -241,8 +244,74 @@ pub fn answers(offer: &[Option<String>], answer: &[Option<String>]) -> bool {
     offer.len() == answer.len() && offer.iter().zip(answer).all(|(o, a)| a.is_none() || a == o)
 }
 
-/// The payload types of each m-line, by mid, in the order a description lists them.
-pub type FormatOrder = Vec<(String, Vec<String>)>;
+/// `sdp` without the payload types `pts` in the media sections whose mid `drop_in` accepts:
+/// their entries in the `m=` line and their `rtpmap`, `fmtp` and `rtcp-fb` lines.
+///
+/// Every video m-line weir offers lists every codec of its engine, and a 25-person meeting's
+/// offer has 24 of them in a to-device event Synapse caps at 64 KiB. AV1 with its RTX costs
+/// about 250 bytes per m-line, so it is offered only where the forwarded track is AV1.
+pub fn without_codec(sdp: &str, pts: &[String], drop_in: impl Fn(&str) -> bool) -> String {
+    if pts.is_empty() {
+        return sdp.to_string();
+    }
+    let mut out = String::with_capacity(sdp.len());
+    for (i, section) in split_sections(sdp).into_iter().enumerate() {
+        let mid = section_mid(section);
+        if i == 0 || !mid.is_some_and(&drop_in) {
+            out.push_str(section);
+            continue;
+        }
+        for (n, line) in section.split_inclusive('\n').enumerate() {
+            if n == 0 {
+                let ending = &line[line.trim_end().len()..];
+                let mut tokens = line.trim_end().split(' ');
+                let head: Vec<&str> = tokens.by_ref().take(3).collect();
+                let kept: Vec<&str> = tokens.filter(|t| !pts.iter().any(|p| p == t)).collect();
+                out.push_str(&head.join(" "));
+                for t in kept {
+                    out.push(' ');
+                    out.push_str(t);
+                }
+                out.push_str(ending);
+                continue;
+            }
+            let names_dropped = ["a=rtpmap:", "a=fmtp:", "a=rtcp-fb:"].iter().any(|a| {
+                line.strip_prefix(a)
+                    .and_then(|rest| rest.split([' ', '\r', '\n']).next())
+                    .is_some_and(|pt| pts.iter().any(|p| p == pt))
+            });
+            if !names_dropped {
+                out.push_str(line);
+            }
+        }
+    }
+    out
+}
+
+/// The payload types `rtc` has for `codec`, its RTX included, as SDP writes them.
+pub fn payload_types(rtc: &Rtc, codec: Codec) -> Vec<String> {
+    rtc.codec_config()
+        .params()
+        .iter()
+        .filter(|p| p.spec().codec == codec)
+        .flat_map(|p| [Some(p.pt()), p.resend()])
+        .flatten()
+        .map(|pt| (*pt).to_string())
+        .collect()
+}
+
+/// One m-line of a description: its payload types in order, and the codec of the first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaFormats {
+    pub mid: String,
+    pub formats: Vec<String>,
+    /// The encoding name (`rtpmap`) of the first payload type, upper case: for a participant,
+    /// the codec it sends on that m-line.
+    pub first_codec: Option<String>,
+}
+
+/// The payload types of each m-line of a description, by mid.
+pub type FormatOrder = Vec<MediaFormats>;
 
 /// Each m-line's payload types, by mid, as `sdp` orders them.
 pub fn format_order(sdp: &str) -> FormatOrder {
@@ -251,11 +320,22 @@ pub fn format_order(sdp: &str) -> FormatOrder {
         .skip(1)
         .filter_map(|section| {
             let mid = section.lines().find_map(|l| l.strip_prefix("a=mid:"))?;
-            let formats = m_line_formats(section)?;
-            Some((
-                mid.trim().to_string(),
-                formats.into_iter().map(str::to_string).collect(),
-            ))
+            let formats: Vec<String> = m_line_formats(section)?
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+            let first_codec = formats.first().and_then(|pt| {
+                section.lines().find_map(|l| {
+                    let rest = l.strip_prefix("a=rtpmap:")?.strip_prefix(pt.as_str())?;
+                    let name = rest.strip_prefix(' ')?.split('/').next()?;
+                    Some(name.trim().to_ascii_uppercase())
+                })
+            });
+            Some(MediaFormats {
+                mid: mid.trim().to_string(),
+                formats,
+                first_codec,
+            })
         })
         .collect()
 }
@@ -272,12 +352,15 @@ pub fn format_order(sdp: &str) -> FormatOrder {
 pub fn in_format_order(sdp: &str, order: &FormatOrder) -> String {
     let mut out = String::with_capacity(sdp.len());
     for (i, section) in split_sections(sdp).into_iter().enumerate() {
-        let mid = section
-            .lines()
-            .find_map(|l| l.strip_prefix("a=mid:"))
-            .map(str::trim);
-        let wanted = mid.and_then(|m| order.iter().find(|(o, _)| o == m));
-        let (true, Some((_, wanted)), Some(formats)) = (i > 0, wanted, m_line_formats(section))
+        let mid = section_mid(section);
+        let wanted = mid.and_then(|m| order.iter().find(|o| o.mid == m));
+        let (
+            true,
+            Some(MediaFormats {
+                formats: wanted, ..
+            }),
+            Some(formats),
+        ) = (i > 0, wanted, m_line_formats(section))
         else {
             out.push_str(section);
             continue;
@@ -355,6 +438,14 @@ pub fn compact_offer(sdp: &str) -> String {
         }
     }
     out
+}
+
+/// A media section's `a=mid:` value.
+fn section_mid(section: &str) -> Option<&str> {
+    section
+        .lines()
+        .find_map(|l| l.strip_prefix("a=mid:"))
+        .map(str::trim)
 }
 
 fn split_sections(sdp: &str) -> Vec<&str> {
@@ -438,36 +529,58 @@ m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:2\r\na=sendrecv\r\n";
     }
 
     #[test]
+    fn a_codec_is_dropped_only_from_the_m_lines_named() {
+        let sdp = "v=0\r\nm=video 9 X 96 97 45 46\r\na=mid:0\r\na=rtpmap:96 VP8/90000\r\n\
+a=rtpmap:45 AV1/90000\r\na=fmtp:46 apt=45\r\na=rtcp-fb:45 nack\r\na=rtcp-fb:96 nack\r\n\
+m=video 9 X 96 97 45 46\r\na=mid:1\r\na=rtpmap:45 AV1/90000\r\n";
+        let pts = vec!["45".to_string(), "46".to_string()];
+        let out = without_codec(sdp, &pts, |mid| mid == "0");
+        assert_eq!(
+            out,
+            "v=0\r\nm=video 9 X 96 97\r\na=mid:0\r\na=rtpmap:96 VP8/90000\r\n\
+a=rtcp-fb:96 nack\r\nm=video 9 X 96 97 45 46\r\na=mid:1\r\na=rtpmap:45 AV1/90000\r\n"
+        );
+        // A payload type that only starts with a dropped one stays.
+        let sdp = "v=0\r\nm=video 9 X 45 450\r\na=mid:0\r\na=rtpmap:450 X/1\r\n";
+        assert_eq!(
+            without_codec(sdp, &pts, |_| true),
+            "v=0\r\nm=video 9 X 450\r\na=mid:0\r\na=rtpmap:450 X/1\r\n"
+        );
+        assert_eq!(without_codec(sdp, &[], |_| true), sdp);
+    }
+
+    #[test]
     fn codecs_are_listed_in_the_participants_order() {
         let offer =
-            "v=0\r\nm=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 96 97 98 99 45\r\na=mid:1\r\n";
+            "v=0\r\nm=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 96 97 98 99 45\r\na=mid:1\r\n\
+a=rtpmap:98 VP9/90000\r\na=rtpmap:96 vp8/90000\r\n";
         let ours = "v=0\r\nm=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 96 97 98 99\r\na=mid:1\r\n\
 m=video 9 X 96 97 98 99\r\na=mid:2\r\n";
         // VP9 (98) and AV1 (45) offered after VP8 (96) stay there.
         assert_eq!(in_format_order(ours, &format_order(offer)), ours);
+        assert_eq!(format_order(offer)[1].first_codec.as_deref(), Some("VP8"));
+        assert_eq!(
+            format_order(offer)[0].first_codec,
+            None,
+            "no rtpmap for 111"
+        );
         // A publisher preferring VP9 is answered, and offered, VP9 first on its m-line; the
         // m-line it never described (mid 2) is left alone.
         let vp9_first = format_order(&offer.replace("96 97 98 99 45", "98 99 96 97 45"));
-        assert_eq!(
-            vp9_first[1],
-            (
-                "1".into(),
-                vec![
-                    "98".into(),
-                    "99".into(),
-                    "96".into(),
-                    "97".into(),
-                    "45".into()
-                ]
-            )
-        );
+        assert_eq!(vp9_first[1].mid, "1");
+        assert_eq!(vp9_first[1].formats, ["98", "99", "96", "97", "45"]);
+        assert_eq!(vp9_first[1].first_codec.as_deref(), Some("VP9"));
         assert_eq!(
             in_format_order(ours, &vp9_first),
             "v=0\r\nm=audio 9 X 111\r\na=mid:0\r\nm=video 9 X 98 99 96 97\r\na=mid:1\r\n\
 m=video 9 X 96 97 98 99\r\na=mid:2\r\n"
         );
         // Unknown formats go last; text that is not SDP passes through.
-        let order = vec![("5".to_string(), vec!["98".to_string()])];
+        let order = vec![MediaFormats {
+            mid: "5".into(),
+            formats: vec!["98".into()],
+            first_codec: None,
+        }];
         assert_eq!(
             in_format_order("v=0\r\nm=video 9 X 7 98\r\na=mid:5\r\n", &order),
             "v=0\r\nm=video 9 X 98 7\r\na=mid:5\r\n"

@@ -14,8 +14,9 @@ pub enum VideoCodec {
     Vp8,
     Vp9,
     H264,
-    /// A codec weir forwards without looking inside (AV1 without a dependency descriptor,
-    /// H.265, ...). Switches then cannot wait for a keyframe.
+    Av1,
+    /// A codec weir forwards without looking inside (H.265, ...). Switches then cannot wait
+    /// for a keyframe.
     Opaque,
 }
 
@@ -28,6 +29,7 @@ pub fn starts_keyframe(codec: VideoCodec, payload: &[u8]) -> bool {
         VideoCodec::Vp8 => vp8_starts_keyframe(payload),
         VideoCodec::Vp9 => vp9_starts_keyframe(payload),
         VideoCodec::H264 => h264_starts_keyframe(payload),
+        VideoCodec::Av1 => av1_starts_keyframe(payload),
         VideoCodec::Opaque => false,
     }
 }
@@ -61,6 +63,13 @@ fn vp9_starts_keyframe(p: &[u8]) -> bool {
         Some(&l) => (l >> 1) & 0x07 == 0,
         None => false,
     }
+}
+
+/// The AV1 RTP specification's aggregation header: N (the first packet of a coded video
+/// sequence, which starts with a keyframe) set, and Z (the packet continues an OBU from the
+/// previous one) clear.
+fn av1_starts_keyframe(p: &[u8]) -> bool {
+    p.first().is_some_and(|b| b & 0x08 != 0 && b & 0x80 == 0)
 }
 
 /// RFC 6184: an IDR slice (5) or a sequence parameter set (7), alone, inside a STAP-A, or at
@@ -121,7 +130,12 @@ mod tests {
 
     #[test]
     fn truncated_payloads_are_not_keyframes() {
-        for codec in [VideoCodec::Vp8, VideoCodec::Vp9, VideoCodec::H264] {
+        for codec in [
+            VideoCodec::Vp8,
+            VideoCodec::Vp9,
+            VideoCodec::H264,
+            VideoCodec::Av1,
+        ] {
             assert!(!starts_keyframe(codec, &[]));
         }
         assert!(!starts_keyframe(VideoCodec::Vp8, &[0x90]));
@@ -155,6 +169,16 @@ mod tests {
         // L=1 with spatial id 1: not the start of the keyframe.
         assert!(!starts_keyframe(VideoCodec::Vp9, &[0xa8, 0x01, 0x02]));
         assert!(starts_keyframe(VideoCodec::Vp9, &[0xa8, 0x01, 0x00]));
+    }
+
+    #[test]
+    fn av1_new_coded_video_sequence() {
+        // N=1, W=1: a keyframe's first packet.
+        assert!(starts_keyframe(VideoCodec::Av1, &[0x18, 0x0a]));
+        // N=0: any other frame.
+        assert!(!starts_keyframe(VideoCodec::Av1, &[0x10, 0x0a]));
+        // Z=1: a continuation, even with N set.
+        assert!(!starts_keyframe(VideoCodec::Av1, &[0x98, 0x0a]));
     }
 
     #[test]

@@ -242,6 +242,7 @@ impl<S: EventSink> ShardCore<S> {
             Ok(answer) => {
                 peer.codec_order = engine::format_order(sdp);
                 let sdp = engine::in_format_order(&answer.to_sdp_string(), &peer.codec_order);
+                let sdp = self.av1_only_where_sent(id, &sdp);
                 self.mark_dirty(id);
                 self.emit(SfuEvent::Answer { peer: id, sdp });
                 // New or changed media arrive as engine events while draining.
@@ -411,6 +412,13 @@ impl<S: EventSink> ShardCore<S> {
             });
         }
         let sdp = engine::in_format_order(&offer.to_sdp_string(), &peer.codec_order);
+        // (`peer.out` does not hold the added tracks yet: their mids are named here.)
+        let added_mids: Vec<(TrackKey, String)> =
+            added.iter().map(|(t, m, _)| (*t, m.to_string())).collect();
+        let sdp = self.av1_only_where_sent_with(id, &sdp, &added_mids);
+        let Some(peer) = self.peers.get_mut(&id) else {
+            return;
+        };
         let sdp = engine::compact_offer(&sdp);
         peer.pending = Some(PendingNegotiation {
             offer: pending,
@@ -441,6 +449,56 @@ impl<S: EventSink> ShardCore<S> {
             Rids::Specific(v) if !v.is_empty() => Some(v.clone()),
             _ => None,
         }
+    }
+}
+
+impl<S: EventSink> ShardCore<S> {
+    /// Whether `track` may arrive in AV1: its publisher is a participant here that put AV1
+    /// first on the track's m-line, or it comes from a trunk or another shard (whose codec this
+    /// shard does not know).
+    fn may_send_av1(&self, track: &TrackKey) -> bool {
+        let Some(publisher) = self.peers.get(&track.publisher) else {
+            return true;
+        };
+        if publisher.role == PeerRole::Trunk {
+            return true;
+        }
+        let mid = track.mid.to_string();
+        publisher
+            .codec_order
+            .iter()
+            .find(|m| m.mid == mid)
+            .is_some_and(|m| m.first_codec.as_deref() == Some("AV1"))
+    }
+
+    /// `sdp` for `id` without AV1 on the m-lines of tracks not sent in AV1 (`engine::without_codec`).
+    pub(super) fn av1_only_where_sent(&self, id: PeerId, sdp: &str) -> String {
+        self.av1_only_where_sent_with(id, sdp, &[])
+    }
+
+    /// [`Self::av1_only_where_sent`], with m-lines of tracks being added (`added`: track and mid).
+    fn av1_only_where_sent_with(
+        &self,
+        id: PeerId,
+        sdp: &str,
+        added: &[(TrackKey, String)],
+    ) -> String {
+        let Some(peer) = self.peers.get(&id) else {
+            return sdp.to_string();
+        };
+        let pts = engine::payload_types(&peer.rtc, str0m::format::Codec::Av1);
+        let mut without: HashSet<String> = HashSet::new();
+        for (track, out) in &peer.out {
+            if out.kind == TrackKind::Video && !self.may_send_av1(track) {
+                without.insert(out.mid.to_string());
+            }
+        }
+        for (track, mid) in added {
+            if !self.may_send_av1(track) {
+                without.insert(mid.clone());
+            }
+        }
+        engine::without_codec(sdp, &pts, |mid| without.contains(mid))
     }
 }
 
