@@ -2,6 +2,9 @@
 //! - `rewrite`: one subscriber copy's sequence/timestamp mapping;
 //! - `layer_choice`: one subscriber copy's simulcast decision;
 //! - `keyframe_detect`: reading the VP8 descriptor of one packet;
+//! - `svc_read`: reading the dependency descriptor of one packet of a scalable stream (once
+//!   per packet, for all its subscribers);
+//! - `svc_choice`: one subscriber copy's decision on such a packet (`forward::svc`);
 //! - `fanout/N`: one RTP packet written to N connected subscriber engines, each engine timed
 //!   out and drained as the shard does (RTP header build, SRTP AES-GCM protection, the
 //!   engine's timeout round): the engine's per-copy cost that every forwarded packet pays on
@@ -24,6 +27,8 @@ use str0m::net::{Protocol, Receive};
 use str0m::rtp::RtpWrite;
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use weir_sfu::engine::new_rtc;
+use weir_sfu::forward::dependency_descriptor::write::{descriptor, l2t1_key};
+use weir_sfu::forward::svc::{SvcFilter, SvcStream};
 use weir_sfu::forward::{starts_keyframe, Decision, LayerSelector, SeqTsRewriter, VideoCodec};
 
 fn rewrite(c: &mut Criterion) {
@@ -60,6 +65,45 @@ fn keyframe_detect(c: &mut Criterion) {
         .collect();
     c.bench_function("keyframe_detect", |b| {
         b.iter(|| black_box(starts_keyframe(VideoCodec::Vp8, black_box(&payload))))
+    });
+}
+
+/// The descriptors of 64 pictures of a two-layer key-frame SVC stream, each picture's small
+/// frame and large frame, the first picture a keyframe carrying the structure.
+fn svc_descriptors() -> (SvcStream, Vec<Vec<u8>>) {
+    let mut frames = vec![
+        descriptor(true, true, 0, 0, Some(&l2t1_key)),
+        descriptor(true, true, 2, 1, None),
+    ];
+    frames.extend((1..64u16).flat_map(|p| {
+        [
+            descriptor(true, true, 1, 2 * p, None),
+            descriptor(true, true, 3, 2 * p + 1, None),
+        ]
+    }));
+    let mut stream = SvcStream::default();
+    stream.read(&frames[0]).expect("the keyframe's descriptor");
+    (stream, frames)
+}
+
+fn svc(c: &mut Criterion) {
+    let (mut stream, raw) = svc_descriptors();
+    let mut i = 0;
+    c.bench_function("svc_read", |b| {
+        b.iter(|| {
+            i = (i + 1) % raw.len();
+            black_box(stream.read(black_box(&raw[i])).is_ok())
+        })
+    });
+    let frames: Vec<_> = raw.iter().map(|d| stream.read(d).expect("reads")).collect();
+    let mut filter = SvcFilter::default();
+    filter.set_target(0, u8::MAX);
+    let mut i = 0;
+    c.bench_function("svc_choice", |b| {
+        b.iter(|| {
+            i = (i + 1) % frames.len();
+            black_box(filter.forward(black_box(&frames[i]), &stream))
+        })
     });
 }
 
@@ -239,5 +283,5 @@ fn send_copies(pairs: &mut [Pair], pt: Pt, seq: u64, payload: &Arc<[u8]>) -> Vec
     sizes
 }
 
-criterion_group!(benches, rewrite, layer_choice, keyframe_detect, fanout);
+criterion_group!(benches, rewrite, layer_choice, keyframe_detect, svc, fanout);
 criterion_main!(benches);

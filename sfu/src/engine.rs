@@ -86,13 +86,7 @@ fn config(ice_lite: bool) -> RtcConfig {
         .set_extension(4, Extension::RtpMid)
         .set_extension(10, Extension::RtpStreamId)
         .set_extension(11, Extension::RepairedRtpStreamId)
-        .set_extension(
-            12,
-            Extension::with_serializer(
-                crate::forward::dependency_descriptor::URI,
-                DependencyDescriptorBytes,
-            ),
-        )
+        .set_extension(12, dependency_descriptor_extension())
         .set_extension(13, Extension::VideoOrientation);
     let codecs = config.codec_config();
     codecs.add_config(
@@ -115,6 +109,15 @@ fn config(ice_lite: bool) -> RtcConfig {
 /// encryption, so this is readable on end-to-end encrypted media.
 #[derive(Debug)]
 pub struct RawDependencyDescriptor(pub Box<[u8]>);
+
+/// The dependency descriptor header extension, read into and written from
+/// [`RawDependencyDescriptor`] (for weir's engines and the simulated participants).
+pub fn dependency_descriptor_extension() -> Extension {
+    Extension::with_serializer(
+        crate::forward::dependency_descriptor::URI,
+        DependencyDescriptorBytes,
+    )
+}
 
 /// Moves [`RawDependencyDescriptor`] between the wire and the engine's extension values.
 /// str0m keeps user extension values in a map of `Arc`s, so each packet that carries one

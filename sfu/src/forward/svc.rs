@@ -13,7 +13,8 @@
 //! target keeps flowing.
 
 use super::dependency_descriptor::{
-    self, DescriptorError, FrameDescriptor, Indication, Structure, MAX_SPATIAL_LAYERS,
+    self, DescriptorError, FrameDescriptor, Indication, Structure, MAX_DECODE_TARGETS,
+    MAX_SPATIAL_LAYERS,
 };
 
 /// The rank a spatial layer stands for: that of the simulcast layer of the same size
@@ -43,6 +44,9 @@ pub struct SvcStream {
     /// Per spatial layer, its best decode target (every temporal layer): a frame belongs to
     /// that spatial layer's picture if it is part of this target.
     tops: [Option<usize>; MAX_SPATIAL_LAYERS],
+    /// Per decode target, the layers it reaches (`Structure::target_layers`), worked out once
+    /// per structure: the per-packet decisions look them up.
+    layers: [Option<(u8, u8)>; MAX_DECODE_TARGETS],
 }
 
 impl SvcStream {
@@ -54,6 +58,9 @@ impl SvcStream {
                 .active_decode_targets
                 .is_some_and(|a| a != self.active);
         if let Some(s) = attached {
+            for (dt, layers) in self.layers.iter_mut().enumerate() {
+                *layers = s.target_layers(dt);
+            }
             self.structure = Some(s);
         }
         if let Some(active) = frame.active_decode_targets {
@@ -96,7 +103,7 @@ impl SvcStream {
         let s = self.structure.as_ref()?;
         let candidates = (0..s.decode_targets())
             .filter(|dt| self.active >> dt & 1 == 1)
-            .filter_map(|dt| s.target_layers(dt).map(|l| (l, dt)));
+            .filter_map(|dt| self.layers[dt].map(|l| (l, dt)));
         let within = candidates
             .clone()
             .filter(|((sp, tp), _)| *sp <= spatial && *tp <= temporal)
@@ -113,7 +120,7 @@ impl SvcStream {
 
     /// The spatial and temporal layer decode target `dt` reaches.
     pub fn target_layers(&self, dt: usize) -> Option<(u8, u8)> {
-        self.structure.as_ref()?.target_layers(dt)
+        self.layers.get(dt).copied().flatten()
     }
 }
 
@@ -143,14 +150,12 @@ pub struct SvcFilter {
     target: Option<(u8, u8)>,
     /// The decode target forwarded now.
     current: Option<usize>,
-    /// The last frames decided, by frame number, and whether each goes out: a frame's later
-    /// packets keep its decision.
+    /// The last frames decided, in the slot of their frame number, and whether each goes
+    /// out: a frame's later packets keep its decision.
     decided: [Option<(u16, bool)>; DECISION_MEMORY],
-    next_decided: usize,
-    /// Frames recently forwarded, each with the chains the subscriber held through it (bit
-    /// per chain).
+    /// Frames recently forwarded, in the slot of their frame number, each with the chains the
+    /// subscriber held through it (bit per chain).
     forwarded: [Option<(u16, u32)>; FORWARDED_MEMORY],
-    next_forwarded: usize,
     /// A switch point of the target went by with its chain broken: only a keyframe lets the
     /// subscriber switch.
     blocked: bool,
@@ -162,9 +167,7 @@ impl Default for SvcFilter {
             target: None,
             current: None,
             decided: [None; DECISION_MEMORY],
-            next_decided: 0,
             forwarded: [None; FORWARDED_MEMORY],
-            next_forwarded: 0,
             blocked: false,
         }
     }
@@ -200,17 +203,16 @@ impl SvcFilter {
     /// Decide for one packet of `stream` whose descriptor is `frame`.
     pub fn forward(&mut self, frame: &FrameDescriptor, stream: &SvcStream) -> Verdict {
         let n = frame.frame_number;
-        let out = match self.decided.iter().flatten().find(|(f, _)| *f == n) {
-            Some((_, out)) => *out,
-            None => {
+        let slot = usize::from(n) % DECISION_MEMORY;
+        let out = match self.decided[slot] {
+            Some((f, out)) if f == n => out,
+            _ => {
                 let held = self.chains_held(frame, stream);
                 let out = self.decide(frame, stream, held);
-                self.decided[self.next_decided] = Some((n, out));
-                self.next_decided = (self.next_decided + 1) % self.decided.len();
-                if out {
-                    self.forwarded[self.next_forwarded] = Some((n, held));
-                    self.next_forwarded = (self.next_forwarded + 1) % FORWARDED_MEMORY;
-                }
+                self.decided[slot] = Some((n, out));
+                // A frame left out clears its slot, so no older frame of that slot (a wrap of
+                // the frame numbers ago) passes for it.
+                self.forwarded[usize::from(n) % FORWARDED_MEMORY] = out.then_some((n, held));
                 out
             }
         };
@@ -260,11 +262,10 @@ impl SvcFilter {
             let back = frame.chain_fdiff(chain);
             let previous = frame.frame_number.wrapping_sub(u16::from(back));
             let ok = back == 0
-                || self
-                    .forwarded
-                    .iter()
-                    .flatten()
-                    .any(|(n, bits)| *n == previous && bits >> chain & 1 == 1);
+                || matches!(
+                    self.forwarded[usize::from(previous) % FORWARDED_MEMORY],
+                    Some((n, bits)) if n == previous && bits >> chain & 1 == 1
+                );
             if ok {
                 held |= 1 << chain;
             }
@@ -276,57 +277,9 @@ impl SvcFilter {
 #[cfg(test)]
 mod tests {
     use super::super::dependency_descriptor::write::{
-        descriptor, structure, BitWriter, TemplateSpec,
+        descriptor, l2t1_key, structure, t, BitWriter,
     };
     use super::*;
-
-    fn t<'a>(
-        spatial: u8,
-        temporal: u8,
-        dtis: &'a str,
-        fdiffs: &'a [u8],
-        chains: &'a [u8],
-    ) -> TemplateSpec<'a> {
-        TemplateSpec {
-            spatial,
-            temporal,
-            dtis,
-            fdiffs,
-            chains,
-        }
-    }
-
-    /// Key-frame SVC with two spatial layers, one temporal layer each (L2T1_KEY): decode
-    /// targets S0 and S1; after the keyframe, S1's frames refer only to S1's.
-    /// Templates: 0 S0 key, 1 S0 delta, 2 S1 key (on S0's), 3 S1 delta. Chain 0 is S0's
-    /// frames, chain 1 the keyframe and S1's frames (libwebrtc's `L2T1_KEY`).
-    fn l2t1_key(w: &mut BitWriter) {
-        structure(
-            w,
-            0,
-            2,
-            &[
-                t(0, 0, "SS", &[], &[0, 0]),
-                t(0, 0, "S-", &[2], &[2, 1]),
-                t(1, 0, "-S", &[1], &[1, 1]),
-                t(1, 0, "-S", &[2], &[1, 2]),
-            ],
-            &[0, 1],
-            &[(640, 360), (1280, 720)],
-        );
-    }
-
-    #[test]
-    fn moving_down_in_key_frame_svc_right_after_the_keyframe_needs_none() {
-        let mut s = Pictures::new(l2t1_key);
-        let mut f = SvcFilter::default();
-        f.set_target(1, u8::MAX);
-        s.run(&mut f, 0, true);
-        f.set_target(0, u8::MAX);
-        // S0's next frame refers to the keyframe's S0 frame, which went out.
-        assert_eq!(s.run(&mut f, 1, false), [true, false]);
-        assert!(!f.blocked());
-    }
 
     /// Full SVC (L2T1): S1's frames refer to S0's frame of the same picture as well. Chain 0
     /// is S0's frames, chain 1 every frame.
@@ -452,6 +405,18 @@ mod tests {
         assert_eq!(s.run(&mut f, 3, false), [true, false]);
         assert!(f.blocked());
         assert_eq!(s.run(&mut f, 4, true), [true, true]);
+    }
+
+    #[test]
+    fn moving_down_in_key_frame_svc_right_after_the_keyframe_needs_none() {
+        let mut s = Pictures::new(l2t1_key);
+        let mut f = SvcFilter::default();
+        f.set_target(1, u8::MAX);
+        s.run(&mut f, 0, true);
+        f.set_target(0, u8::MAX);
+        // S0's next frame refers to the keyframe's S0 frame, which went out.
+        assert_eq!(s.run(&mut f, 1, false), [true, false]);
+        assert!(!f.blocked());
     }
 
     #[test]

@@ -187,6 +187,10 @@ impl<S: EventSink> ShardCore<S> {
                     debug!(%track.publisher, mid = %track.mid, ssrc = *ssrc, error = %e, "unreadable dependency descriptor")
                 }
             }
+        } else if is_video {
+            // A stream known to be scalable that sent a packet without its descriptor (or one
+            // the engine could not take): which layer it belongs to is unknown.
+            svc_index = published.svc.iter().position(|(s, _)| *s == ssrc);
         }
         // Spatial layers in this one stream (SVC); 0 or 1 for anything else.
         let spatial_layers = svc_index.map_or(0, |i| published.svc[i].1.spatial_layers());

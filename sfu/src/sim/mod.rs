@@ -91,6 +91,7 @@ pub struct Received {
     pub mid: Mid,
     pub seq: u16,
     pub timestamp: u32,
+    pub marker: bool,
     pub payload: Arc<[u8]>,
     pub at: Instant,
 }
@@ -265,7 +266,11 @@ impl SimNet {
     pub fn join(&mut self, conference: u64, what: Publish) -> usize {
         let i = self.clients.len();
         let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 20_000 + i as u16);
-        let mut rtc = Rtc::builder().set_rtp_mode(true).build(self.now);
+        // The dependency descriptor, as Chromium offers it (`send_described`).
+        let mut rtc = Rtc::builder()
+            .set_rtp_mode(true)
+            .set_extension(12, crate::engine::dependency_descriptor_extension())
+            .build(self.now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").expect("a host candidate"));
         let mut api = rtc.sdp_api();
         let stream = format!("stream-{i}");
@@ -486,6 +491,55 @@ impl SimNet {
             },
             now,
         );
+    }
+
+    /// Participant `i` sends one VP9 packet of `len` payload bytes carrying the dependency
+    /// descriptor `descriptor` (scalable video, `forward::svc`), with the RTP marker if
+    /// `marker`; the payload descriptor says keyframe start if `keyframe`. The RTP timestamp is
+    /// the virtual clock's, so the frames of one picture are sent at one instant. Returns the
+    /// payload sent.
+    pub fn send_described(
+        &mut self,
+        i: usize,
+        keyframe: bool,
+        len: usize,
+        descriptor: Vec<u8>,
+        marker: bool,
+    ) -> Arc<[u8]> {
+        let now = self.now;
+        let timestamp = self.video_clock();
+        let c = &mut self.clients[i];
+        let mid = c.video.expect("participant publishes video");
+        let pt = c
+            .rtc
+            .codec_config()
+            .find(|p| p.spec().codec == Codec::Vp9)
+            .map(|p| p.pt())
+            .expect("VP9 negotiated");
+        let tag = (i as u64) << 48 | c.next_tag;
+        c.next_tag += 1;
+        let mut payload = vec![0u8; len.max(10)];
+        // VP9 payload descriptor: B (a frame begins), and P (inter-predicted) unless a keyframe.
+        payload[0] = if keyframe { 0x08 } else { 0x48 };
+        let at = payload.len() - 8;
+        payload[at..].copy_from_slice(&tag.to_be_bytes());
+        let payload: Arc<[u8]> = payload.into();
+        let seq = c.next_seq(mid, None);
+        let mut ext = ExtensionValues::default();
+        ext.user_values.set(crate::engine::RawDependencyDescriptor(
+            descriptor.into_boxed_slice(),
+        ));
+        let mut api = c.rtc.direct_api();
+        let tx = api
+            .stream_tx_by_mid(mid, None)
+            .expect("a send stream for the video m-line");
+        tx.write_rtp(
+            RtpWrite::new(pt, seq.into(), timestamp, now, payload.clone())
+                .marker(marker)
+                .ext_vals(ext)
+                .nackable(true),
+        );
+        payload
     }
 
     /// Participant `i` sends one Opus packet saying how loud it is (RFC 6464 level, -dBov).
@@ -765,6 +819,7 @@ fn drain_events(c: &mut Client, now: Instant) {
                     mid,
                     seq,
                     timestamp: p.header.timestamp,
+                    marker: p.header.marker,
                     payload: p.payload.clone(),
                     at: now,
                 });

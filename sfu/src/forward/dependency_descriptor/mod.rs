@@ -420,19 +420,12 @@ pub mod write;
 
 #[cfg(test)]
 mod tests {
-    use super::write::{descriptor, structure, BitWriter, TemplateSpec};
+    use super::write::{descriptor, structure, t, BitWriter};
     use super::*;
 
     /// Chromium's L2T2 key-frame SVC in miniature: decode targets S0T0, S0T1, S1T0, S1T1;
     /// one chain per spatial layer.
     fn l2t2(w: &mut BitWriter) {
-        let t = |spatial, temporal, dtis, fdiffs, chains| TemplateSpec {
-            spatial,
-            temporal,
-            dtis,
-            fdiffs,
-            chains,
-        };
         structure(
             w,
             5,

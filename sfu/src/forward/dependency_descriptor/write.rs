@@ -11,6 +11,24 @@ pub struct TemplateSpec<'a> {
     pub chains: &'a [u8],
 }
 
+/// A [`TemplateSpec`], field by field: spatial and temporal layer, indications, dependencies,
+/// chain offsets.
+pub const fn t<'a>(
+    spatial: u8,
+    temporal: u8,
+    dtis: &'a str,
+    fdiffs: &'a [u8],
+    chains: &'a [u8],
+) -> TemplateSpec<'a> {
+    TemplateSpec {
+        spatial,
+        temporal,
+        dtis,
+        fdiffs,
+        chains,
+    }
+}
+
 /// Bits written most significant first.
 #[derive(Default)]
 pub struct BitWriter {
@@ -128,4 +146,24 @@ pub fn structure(
         w.put(u32::from(width - 1), 16);
         w.put(u32::from(height - 1), 16);
     }
+}
+
+/// Key-frame SVC with two spatial layers and one temporal layer each (libwebrtc's `L2T1_KEY`
+/// in miniature): decode targets S0 and S1. Templates: 0 S0 key, 1 S0 delta, 2 S1 key (on
+/// S0's), 3 S1 delta. Chain 0 is S0's frames, chain 1 the keyframe and S1's frames; after the
+/// keyframe, S1's frames refer only to S1's. Pictures 640×360 and 1280×720.
+pub fn l2t1_key(w: &mut BitWriter) {
+    structure(
+        w,
+        0,
+        2,
+        &[
+            t(0, 0, "SS", &[], &[0, 0]),
+            t(0, 0, "S-", &[2], &[2, 1]),
+            t(1, 0, "-S", &[1], &[1, 1]),
+            t(1, 0, "-S", &[2], &[1, 2]),
+        ],
+        &[0, 1],
+        &[(640, 360), (1280, 720)],
+    );
 }
