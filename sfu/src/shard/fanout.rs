@@ -16,7 +16,7 @@ use crate::forward::{
 };
 use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::data_channel::PauseNotice;
 use super::{EventSink, ShardCore, TrackKey};
@@ -176,8 +176,10 @@ impl<S: EventSink> ShardCore<S> {
             match published.svc[i].1.read(&raw.0) {
                 Ok(f) => {
                     let layers = published.svc[i].1.spatial_layers();
+                    // Once per stream and change of layers: whether a stream is read as
+                    // scalable is what tells a subscriber's layers apart.
                     if layers != layers_before {
-                        debug!(%track.publisher, mid = %track.mid, ssrc = *ssrc, spatial_layers = layers,
+                        info!(shard = self.index, %track.publisher, mid = %track.mid, ssrc = *ssrc, spatial_layers = layers,
                             decode_targets = published.svc[i].1.structure().map(|s| s.decode_targets()),
                             "dependency descriptor structure");
                     }
