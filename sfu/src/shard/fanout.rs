@@ -28,6 +28,11 @@ use super::{EventSink, ShardCore, TrackKey};
 const SIMULCAST_SETTLE: Duration = Duration::from_millis(200);
 /// How long a new subscriber waits for a keyframe before asking again.
 const KEYFRAME_WAIT_RETRY: Duration = Duration::from_millis(1000);
+/// Loss toward a subscriber above which a move down a spatial layer of a scalable stream
+/// asks for a keyframe even where the descriptor allows switching without one. Lower asks
+/// more often (a keyframe costs every subscriber of the stream a burst); higher leaves a
+/// subscriber whose lost frames broke its decoder frozen until Chromium asks, 3 s on.
+const LOSSY_MOVE_DOWN: f32 = 0.05;
 /// Streams with a dependency descriptor kept per track. A track has one per simulcast layer
 /// (up to three) and a new one when its publisher restarts a layer; the oldest goes first.
 const MAX_SVC_STREAMS: usize = 4;
@@ -378,6 +383,17 @@ impl<S: EventSink> ShardCore<S> {
                 if out.svc.current() != was {
                     debug!(subscriber = %sub, %track.publisher, mid = %out.mid, from = ?was,
                         to = ?out.svc.current(), spatial, temporal = top_temporal, "svc layers");
+                    // Down a spatial layer while the link loses: the frames after the switch
+                    // may refer to frames lost in the overflow, and Chromium would wait 3 s
+                    // before asking for a keyframe itself (docs/adaptation.md).
+                    let top =
+                        |dt: Option<usize>| dt.and_then(|d| stream.target_layers(d)).map(|l| l.0);
+                    let down = top(out.svc.current()) < top(was) && was.is_some();
+                    let lossy = speer.loss.is_some_and(|l| l > LOSSY_MOVE_DOWN);
+                    // (Not when the switch came on a keyframe, as key-frame SVC's do.)
+                    if down && lossy && f.dependencies > 0 && !need_keyframe.contains(&rid) {
+                        need_keyframe.push(rid);
+                    }
                 }
                 if out.svc.blocked() && !need_keyframe.contains(&rid) {
                     need_keyframe.push(rid);
