@@ -290,12 +290,11 @@ impl<S: EventSink> ShardCore<S> {
         // with VP9 and AV1, so that the subscriber's decoder knows the frames' dependencies,
         // and with every codec over a trunk, so that the far focus can choose layers too.
         // With VP8 a browser builds its references from VP8's own descriptor, whose picture
-        // ids weir renumbers around what it leaves out.
-        let ext_described = pkt.dd.as_ref().filter(|_| is_video).map(|dd| {
-            let mut ext = pkt.ext.clone();
-            ext.user_values.set_arc(dd.clone());
-            ext
-        });
+        // ids weir renumbers around what it leaves out. str0m takes a copy's extensions by
+        // value and keeps the descriptor in a map, so a copy that carries it costs one small
+        // allocation; one without it (VP8 to a browser, audio) costs none.
+        let dd = pkt.dd.as_ref().filter(|_| is_video);
+        let dd_to_all = codec != VideoCodec::Vp8;
         // Subscribers told here that this video flows again (`OutTrack::resume_untold`).
         let mut resumed_to: Vec<(crate::ids::PeerId, PauseNotice)> = Vec::new();
         for sub in &subscribers {
@@ -517,9 +516,11 @@ impl<S: EventSink> ShardCore<S> {
             let mut write =
                 RtpWrite::new(out_pt, seq.into(), ts, pkt.received, pkt.payload.clone())
                     .marker(marker)
-                    .ext_vals(match &ext_described {
-                        Some(ext) if codec != VideoCodec::Vp8 || speer.role == PeerRole::Trunk => {
-                            ext.clone()
+                    .ext_vals(match dd {
+                        Some(dd) if dd_to_all || speer.role == PeerRole::Trunk => {
+                            let mut ext = pkt.ext.clone();
+                            ext.user_values.set_arc(dd.clone());
+                            ext
                         }
                         _ => pkt.ext.clone(),
                     })
