@@ -276,28 +276,8 @@ impl SvcFilter {
 
 #[cfg(test)]
 mod tests {
-    use super::super::dependency_descriptor::write::{
-        descriptor, l2t1_key, structure, t, BitWriter,
-    };
+    use super::super::dependency_descriptor::write::{descriptor, l2t1, l2t1_key, BitWriter};
     use super::*;
-
-    /// Full SVC (L2T1): S1's frames refer to S0's frame of the same picture as well. Chain 0
-    /// is S0's frames, chain 1 every frame.
-    fn l2t1(w: &mut BitWriter) {
-        structure(
-            w,
-            0,
-            2,
-            &[
-                t(0, 0, "SS", &[], &[0, 0]),
-                t(0, 0, "SR", &[2], &[2, 1]),
-                t(1, 0, "-S", &[1], &[1, 1]),
-                t(1, 0, "-S", &[2, 1], &[1, 1]),
-            ],
-            &[0, 1],
-            &[],
-        );
-    }
 
     /// A stream of pictures: frame numbers count from 100, two frames (S0, S1) per picture;
     /// picture 0 a keyframe.

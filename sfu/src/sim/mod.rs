@@ -93,6 +93,8 @@ pub struct Received {
     pub timestamp: u32,
     pub marker: bool,
     pub payload: Arc<[u8]>,
+    /// The dependency descriptor it carried, as received.
+    pub descriptor: Option<Arc<crate::engine::RawDependencyDescriptor>>,
     pub at: Instant,
 }
 
@@ -821,6 +823,11 @@ fn drain_events(c: &mut Client, now: Instant) {
                     timestamp: p.header.timestamp,
                     marker: p.header.marker,
                     payload: p.payload.clone(),
+                    descriptor: p
+                        .header
+                        .ext_vals
+                        .user_values
+                        .get_arc::<crate::engine::RawDependencyDescriptor>(),
                     at: now,
                 });
             }

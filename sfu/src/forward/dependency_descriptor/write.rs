@@ -167,3 +167,24 @@ pub fn l2t1_key(w: &mut BitWriter) {
         &[(640, 360), (1280, 720)],
     );
 }
+
+/// Full SVC with two spatial layers and one temporal layer each (libwebrtc's `L2T1` in
+/// miniature): decode targets S0 and S1, with the same template ids as [`l2t1_key`]. Every S1
+/// frame refers to its picture's S0 frame as well as to the S1 frame before it, so a
+/// subscriber of S1 receives S0's frames too and can move down to S0 at any S0 frame, with no
+/// keyframe. Chain 0 is S0's frames, chain 1 every frame. Pictures 640×360 and 1280×720.
+pub fn l2t1(w: &mut BitWriter) {
+    structure(
+        w,
+        0,
+        2,
+        &[
+            t(0, 0, "SS", &[], &[0, 0]),
+            t(0, 0, "SR", &[2], &[2, 1]),
+            t(1, 0, "-S", &[1], &[1, 1]),
+            t(1, 0, "-S", &[2, 1], &[1, 1]),
+        ],
+        &[0, 1],
+        &[(640, 360), (1280, 720)],
+    );
+}
