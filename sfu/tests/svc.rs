@@ -255,3 +255,50 @@ fn a_move_down_over_a_lossy_link_asks_for_a_keyframe_and_over_a_clean_one_does_n
         );
     }
 }
+
+/// The `spatial_layers` of the `io.weir.layers` messages participant `who` received.
+fn spatial_layers_told(net: &SimNet, who: usize) -> Vec<u64> {
+    net.clients[who]
+        .messages
+        .iter()
+        .filter_map(|(_, m)| serde_json::from_str::<serde_json::Value>(m).ok())
+        .filter(|v| v["type"] == "io.weir.layers")
+        .filter_map(|v| v["content"]["spatial_layers"].as_u64())
+        .collect()
+}
+
+/// Dynacast for scalable video. Bob shows Alice at 180 lines and Carol at 720, so both of
+/// her spatial layers are watched. Carol's tile shrinks to 180 lines: nobody needs the large
+/// layer, and once nobody has for `LAYER_OFF_DELAY` (3 s) Alice is told to encode only the
+/// small one. Carol's tile grows again: Alice is told to encode both, at once.
+#[test]
+fn a_scalable_stream_whose_top_layer_nobody_watches_is_told_to_encode_fewer_layers() {
+    let (mut net, alice, _bob, carol) = room();
+    let mut p = 0;
+    let mut pictures = |net: &mut SimNet, seconds: f64| {
+        for _ in 0..(seconds * 30.0) as usize {
+            send_picture(net, alice, p, p == 0);
+            p += 1;
+        }
+    };
+    pictures(&mut net, 1.0);
+    assert_eq!(
+        spatial_layers_told(&net, alice),
+        [0u64; 0],
+        "both layers watched"
+    );
+
+    net.subscribe_video(carol, alice, 180);
+    pictures(&mut net, 2.5);
+    assert_eq!(
+        spatial_layers_told(&net, alice),
+        [0u64; 0],
+        "not yet: the large layer has been spare for 2.5 s"
+    );
+    pictures(&mut net, 1.0);
+    assert_eq!(spatial_layers_told(&net, alice), [1]);
+
+    net.subscribe_video(carol, alice, 720);
+    pictures(&mut net, 0.2);
+    assert_eq!(spatial_layers_told(&net, alice), [1, 2]);
+}

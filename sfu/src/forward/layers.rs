@@ -148,6 +148,8 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
                 self.layers.last_mut().expect("just pushed")
             }
         };
+        // A scalable stream's layer can change rank when the track gains a spatial layer.
+        entry.rank = rank;
         entry.last = now;
         entry.rate.add(payload_len, now);
         if let Some(t) = tid.and_then(|t| entry.temporal.get_mut(usize::from(t))) {

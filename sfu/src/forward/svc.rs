@@ -20,18 +20,23 @@ use super::dependency_descriptor::{
 /// The rank a spatial layer stands for: that of the simulcast layer of the same size
 /// (`forward::layers::rid_rank`), so that subscriptions and allocation treat both alike.
 /// Chromium scales each spatial layer to half the size of the next, the top one at full size,
-/// as its simulcast `q`, `h` and `f`: of `layers`, the top ranks as `f`, the one below as
+/// as its simulcast `q`, `h` and `f`: of `full` layers, the top ranks as `f`, the one below as
 /// `h`, the next as `q`, and a fourth below them as an unknown rid.
-pub fn spatial_rank(spatial: u8, layers: u8) -> u8 {
-    let below_top = layers.saturating_sub(1).saturating_sub(spatial);
+///
+/// `full` is the most spatial layers the track has had, not the number it has now: a
+/// publisher told to stop its top layers (dynacast) encodes the lower ones at their own sizes,
+/// so its 640×360 top layer still ranks as `h`.
+pub fn spatial_rank(spatial: u8, full: u8) -> u8 {
+    let below_top = full.saturating_sub(1).saturating_sub(spatial);
     4u8.saturating_sub(below_top).max(1)
 }
 
-/// The highest of `layers` spatial layers whose rank is at most `cap`; the lowest if none is.
-pub fn spatial_within(cap: u8, layers: u8) -> u8 {
-    (0..layers)
+/// The highest of the `present` spatial layers (ranked among `full`, [`spatial_rank`]) whose
+/// rank is at most `cap`; the lowest if none is.
+pub fn spatial_within(cap: u8, present: u8, full: u8) -> u8 {
+    (0..present)
         .rev()
-        .find(|s| spatial_rank(*s, layers) <= cap)
+        .find(|s| spatial_rank(*s, full.max(present)) <= cap)
         .unwrap_or(0)
 }
 
@@ -443,13 +448,23 @@ mod tests {
         );
         assert_eq!(spatial_rank(0, 2), 3);
         assert_eq!(spatial_rank(0, 4), 1);
-        assert_eq!(spatial_within(u8::MAX, 3), 2);
+        assert_eq!(spatial_within(u8::MAX, 3, 3), 2);
         assert_eq!(
-            spatial_within(3, 3),
+            spatial_within(3, 3, 3),
             1,
             "a 360-line tile gets the middle layer"
         );
-        assert_eq!(spatial_within(2, 2), 0, "below every layer: the lowest");
+        assert_eq!(spatial_within(2, 2, 2), 0, "below every layer: the lowest");
+    }
+
+    #[test]
+    fn with_its_top_layer_switched_off_a_stream_keeps_its_lower_layers_ranks() {
+        // Three layers, told to encode two: 320 and 640 pixels wide, q and h still.
+        assert_eq!(spatial_within(3, 2, 3), 1, "a 360-line tile: 640 px");
+        assert_eq!(spatial_within(2, 2, 3), 0, "a 180-line tile: 320 px");
+        assert_eq!(spatial_within(u8::MAX, 2, 3), 1, "the best there is");
+        // Counted from the two present, the 640-pixel layer would pass for f.
+        assert_eq!(spatial_within(3, 2, 2), 0);
     }
 
     #[test]

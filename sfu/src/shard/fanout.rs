@@ -19,7 +19,7 @@ use crate::stats::DropReason;
 use tracing::{debug, info};
 
 use super::data_channel::PauseNotice;
-use super::{EventSink, ShardCore, TrackKey};
+use super::{Dynacast, EventSink, ShardCore, TrackKey};
 
 /// How long after a simulcast track's first packet its layers count as known. Browsers start
 /// all layers within a frame or two; before this, the first layer to arrive is not taken as
@@ -188,6 +188,18 @@ impl<S: EventSink> ShardCore<S> {
                             decode_targets = published.svc[i].1.structure().map(|s| s.decode_targets()),
                             "dependency descriptor structure");
                     }
+                    if layers > published.spatial_seen {
+                        published.spatial_seen = layers;
+                        // A participant's scalable video is dynacast from here on (its home
+                        // shard decides; a simulcast track's layers are its rids).
+                        let ours = published.home.is_none() && !published.from_trunk;
+                        if layers > 1
+                            && ours
+                            && !matches!(published.dynacast, Some(Dynacast::Rids(_)))
+                        {
+                            published.dynacast = Some(Dynacast::spatial(layers, now));
+                        }
+                    }
                     svc_frame = Some(f);
                 }
                 Err(e) => {
@@ -199,8 +211,10 @@ impl<S: EventSink> ShardCore<S> {
             // the engine could not take): which layer it belongs to is unknown.
             svc_index = published.svc.iter().position(|(s, _)| *s == ssrc);
         }
-        // Spatial layers in this one stream (SVC); 0 or 1 for anything else.
+        // Spatial layers in this one stream (SVC); 0 or 1 for anything else. They rank among
+        // the most the track has had (`spatial_rank`).
         let spatial_layers = svc_index.map_or(0, |i| published.svc[i].1.spatial_layers());
+        let full_layers = published.spatial_seen.max(spatial_layers);
         let keyframe = match vp8 {
             Some(d) => d.keyframe,
             None => {
@@ -231,7 +245,7 @@ impl<S: EventSink> ShardCore<S> {
         if let (Some(f), Some(i), true) = (svc_frame, svc_index, spatial_layers > 1) {
             for spatial in 0..spatial_layers {
                 if published.svc[i].1.includes(&f, spatial) {
-                    let rank = spatial_rank(spatial, spatial_layers);
+                    let rank = spatial_rank(spatial, full_layers);
                     published
                         .spatial
                         .saw(spatial, rank, Some(f.temporal), pkt.payload.len(), now);
@@ -374,8 +388,8 @@ impl<S: EventSink> ShardCore<S> {
                     continue;
                 };
                 let stream = &published.svc[i].1;
-                let spatial = spatial_within(out.layer_cap(), spatial_layers);
-                let top_temporal = out.temporal_cap(spatial_rank(spatial, spatial_layers));
+                let spatial = spatial_within(out.layer_cap(), spatial_layers, full_layers);
+                let top_temporal = out.temporal_cap(spatial_rank(spatial, full_layers));
                 out.svc.set_target(spatial, top_temporal);
                 let was = out.svc.current();
                 let verdict = out.svc.forward(&f, stream);

@@ -45,12 +45,13 @@ use crate::api::{PeerRole, SfuConfig, SfuEvent, Subscription};
 use crate::budget::RateBudget;
 use crate::forward::svc::{SvcFilter, SvcStream};
 use crate::forward::{
-    Allocator, KeyframeRequests, LayerActivity, LayerDemand, LayerSelector, Now, SeqTsRewriter,
-    SpeakerDetector, StallWatch, TemporalFilter, TrunkLayers, Vp8Ids, ALL_TEMPORAL,
+    Allocator, KeyframeRequests, LayerActivity, LayerSelector, Now, SeqTsRewriter, SpeakerDetector,
+    StallWatch, TemporalFilter, TrunkLayers, Vp8Ids, ALL_TEMPORAL,
 };
 use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::net::SendQueue;
 use crate::stats::{ShardCounters, ShardStats};
+use dynacast::Dynacast;
 
 /// Maps keyed by weir's own ids (peers, conferences, tracks): a fast hash, since no peer
 /// chooses these keys. Maps keyed by what peers send (source addresses, SSRCs) keep the
@@ -121,6 +122,9 @@ struct Published {
     /// size would be) and their activity, each counting what a subscriber of it receives:
     /// what allocation chooses from for such a track. Empty for any other track.
     spatial: LayerActivity<u8>,
+    /// The most spatial layers a structure of the track has had: what its spatial layers rank
+    /// among ([`crate::forward::svc::spatial_rank`]) when its publisher encodes fewer.
+    spatial_seen: u8,
     /// When the first packet of the track arrived.
     first_packet: Option<Instant>,
     /// Audio held back as not among the loudest: the next forwarded packet resumes each
@@ -132,10 +136,12 @@ struct Published {
     /// A subscriber with an estimated downlink was added and waits for its allocation, which
     /// the track's next packet triggers.
     unallocated: bool,
-    /// Which simulcast layers anyone needs, for a participant's simulcast video ([`dynacast`]).
-    dynacast: Option<LayerDemand<Rid>>,
-    /// A remote track whose home runs dynacast for it: this shard tells it what its own
-    /// subscribers need ([`spread::SpreadMessage::Demand`]), and what it last told.
+    /// Which layers anyone needs, for a participant's simulcast or scalable video
+    /// ([`dynacast`]).
+    dynacast: Option<Dynacast>,
+    /// A remote track whose home may run dynacast for it (a participant's video): this shard
+    /// tells it what its own subscribers need ([`spread::SpreadMessage::Demand`]), and what
+    /// it last told.
     remote_dynacast: bool,
     demand_sent: Option<Option<u8>>,
     /// On the home shard: the best layer rank the subscribers on each other shard need.
@@ -167,6 +173,7 @@ impl Published {
             activity: LayerActivity::default(),
             svc: Vec::new(),
             spatial: LayerActivity::default(),
+            spatial_seen: 0,
             first_packet: None,
             held_back: false,
             keyframes: Vec::new(),

@@ -25,6 +25,7 @@ use str0m::format::PayloadParams;
 use str0m::media::Rid;
 use tracing::{debug, info};
 
+use crate::api::PeerRole;
 use crate::ids::{ConferenceId, PeerId, TrackKind};
 use crate::stats::DropReason;
 
@@ -80,7 +81,9 @@ pub struct TrackUp {
     track_id: String,
     /// Published by a trunk (the origin rule applies on every shard).
     from_trunk: bool,
-    /// Its publisher is told which layers anyone needs: send [`SpreadMessage::Demand`].
+    /// Its publisher may be told which layers anyone needs (a participant's video: simulcast
+    /// from the start, scalable video once its structure shows): send
+    /// [`SpreadMessage::Demand`].
     dynacast: bool,
     screen: bool,
     /// Its simulcast layers, as it arrives (a trunk offers it with them).
@@ -209,7 +212,7 @@ impl<S: EventSink> ShardCore<S> {
             stream_id: p.stream_id.clone(),
             track_id: p.track_id.clone(),
             from_trunk: p.from_trunk,
-            dynacast: p.dynacast.is_some(),
+            dynacast: p.kind == TrackKind::Video && publisher.role == PeerRole::Participant,
             screen: publisher.screens.contains(&p.stream_id),
             rids: self.source_rids(track).unwrap_or_default(),
         })

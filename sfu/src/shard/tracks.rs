@@ -13,7 +13,7 @@ use crate::forward::{
 };
 use crate::ids::{ConferenceId, MediaId, PeerId, TrackKind};
 
-use super::{EventSink, OutTrack, Peer, Published, ShardCore, TrackKey};
+use super::{Dynacast, EventSink, OutTrack, Peer, Published, ShardCore, TrackKey};
 
 /// Queued retransmissions are dropped when they exceed this share of what a stream sends (the
 /// engine's default): past it, resending competes with fresh media on a link already losing.
@@ -233,17 +233,18 @@ impl<S: EventSink> ShardCore<S> {
             MediaKind::Video => TrackKind::Video,
         };
         // A participant's simulcast video is dynacast: its publisher is told which layers
-        // anyone needs. (A trunk's far focus pulls only what is subscribed already.)
+        // anyone needs. (A trunk's far focus pulls only what is subscribed already.) Scalable
+        // video becomes dynacast when its first structure shows several spatial layers.
         let dynacast = match media.rids_rx() {
             Rids::Specific(rids)
                 if !rids.is_empty()
                     && kind == TrackKind::Video
                     && peer.role == PeerRole::Participant =>
             {
-                Some(LayerDemand::new(
+                Some(Dynacast::Rids(LayerDemand::new(
                     rids.iter().map(|r| (*r, rid_rank(Some(r)))),
                     now,
-                ))
+                )))
             }
             _ => None,
         };
