@@ -176,8 +176,8 @@ export function callMemberDevices(client, roomId, confId) {
  *              content, `{streams}` in `sdp_stream_metadata` form, ours included)
  *   "paused"   the focus paused or resumed a video toward us for want of bandwidth (detail: the
  *              `io.weir.paused` content)
- *   "layers"   the focus told us which simulcast layers of our camera anyone needs, and we
- *              applied it (detail: the `io.weir.layers` content)
+ *   "layers"   the focus told us which layers of our camera anyone needs, and we applied it
+ *              (detail: {mid, active} with simulcast rids, {mid, spatialLayers} with SVC)
  */
 /**
  * Put `mimeType` first among the codecs `t` offers (VP9: profile 0, which every browser
@@ -560,11 +560,16 @@ export class WeirCall extends EventTarget {
   applyLayers(content) {
     const mid = String(content?.mid ?? "");
     const active = Array.isArray(content?.active) ? content.active.filter((r) => typeof r === "string") : null;
-    if (!mid || !active) return;
-    this.layerRequests.set(mid, active);
+    const spatial = Number.isInteger(content?.spatial_layers) ? content.spatial_layers : null;
+    if (!mid || (!active && spatial === null)) return;
+    this.layerRequests.set(mid, active ?? { spatial_layers: spatial });
     const t = this.peerConnection?.getTransceivers().find((x) => x.mid === mid);
     if (!t) {
       this.log(`io.weir.layers for mid ${mid}, which is not ours`);
+      return;
+    }
+    if (!active) {
+      this.applySpatialLayers(t, mid, spatial);
       return;
     }
     this.updateSender(t.sender, (p) => {
@@ -574,6 +579,36 @@ export class WeirCall extends EventTarget {
     }).then(() => {
       this.log(`mid ${mid}: encoding ${active.length ? active.join("/") : "nothing"}`);
       this.dispatchEvent(new CustomEvent("layers", { detail: { mid, active } }));
+    });
+  }
+
+  /**
+   * Dynacast for a scalable camera (one encoding whose `scalabilityMode` is `LxTy…`): encode
+   * only the `n` smallest spatial layers, each at the size it had, by asking for a mode with
+   * `n` spatial layers and scaling the input down so that its top layer is the `n`-th one's
+   * size; 0 stops the encoding. Chromium starts each new mode with a keyframe.
+   */
+  applySpatialLayers(t, mid, n) {
+    const published = this.simulcast?.[0];
+    const mode = /^L(\d)T(\d)(.*)$/.exec(published?.scalabilityMode ?? "");
+    if (!mode) {
+      this.log(`io.weir.layers spatial_layers for mid ${mid}, which we do not send as scalable video`);
+      return;
+    }
+    const full = Number(mode[1]);
+    const layers = Math.min(Math.max(n, 0), full);
+    // `L2T3h`: each spatial layer 1.5 times the one below; otherwise twice.
+    const ratio = mode[3].startsWith("h") ? 1.5 : 2;
+    this.updateSender(t.sender, (p) => {
+      const enc = p.encodings?.[0];
+      if (!enc) return;
+      enc.active = layers > 0;
+      if (layers === 0) return;
+      enc.scalabilityMode = layers === 1 ? `L1T${mode[2]}` : `L${layers}T${mode[2]}${mode[3]}`;
+      enc.scaleResolutionDownBy = (published.scaleResolutionDownBy ?? 1) * ratio ** (full - layers);
+    }).then(() => {
+      this.log(`mid ${mid}: encoding ${layers} of ${full} spatial layers`);
+      this.dispatchEvent(new CustomEvent("layers", { detail: { mid, spatialLayers: layers } }));
     });
   }
 
