@@ -116,7 +116,7 @@ export function svcStory({ codec: CODEC, mode: MODE }) {
         async () => ((await aliceAt("carol"))?.framesDecoded ?? 0) >= carolThen + 30,
         { timeoutMs: 20000 },
       );
-      // (Once, in the first of five local runs, Carol was on 320 px at this point: perhaps
+      // (Once, in the first of six local VP9 runs, Carol was on 320 px at this point: perhaps
       // allocation moved her down on the new structure's keyframe burst; that run had no debug
       // log. So she may climb back; counted from the top she would stay on 320.)
       report.carolAfterFewerLayers = (await aliceAt("carol"))?.frameWidth;
