@@ -111,6 +111,16 @@ export class CameraRoom {
     await this.h.byName(who).eval((a) => window.Probe.subscribeTo(a), { owner: alice, height });
   }
 
+  /**
+   * The `rtx-time` values in `who`'s current local description: Chromium copies them from the
+   * focus's offer into its answer, and waits three times that for a decodable frame before it
+   * asks for a keyframe (docs/adaptation.md).
+   */
+  async rtxTimes(who) {
+    const sdp = (await this.h.byName(who).eval(() => window.Probe.descriptions())).local ?? "";
+    return [...new Set([...sdp.matchAll(/rtx-time=(\d+)/g)].map((m) => Number(m[1])))];
+  }
+
   /** The UDP port of `who`'s side of its connection to the focus (for shaping). */
   async localPort(who) {
     const local = (await this.h.byName(who).snapshot()).selectedPair?.local ?? "";
@@ -123,6 +133,7 @@ export class CameraRoom {
   helpers() {
     return {
       aliceAt: (who) => this.aliceAt(who),
+      rtxTimes: (who) => this.rtxTimes(who),
       decodesAt: (who, width, timeoutMs) => this.decodes(who, `at ${width} px wide`, (w) => w === width, timeoutMs),
       decodesBelow: (who, width, timeoutMs) => this.decodes(who, `below ${width} px wide`, (w) => w < width, timeoutMs),
       subscribe: (who, height) => this.subscribe(who, height),

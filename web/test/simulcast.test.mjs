@@ -31,7 +31,7 @@ const DYNACAST_TIMEOUT_MS = 20000;
  */
 const TEMPORAL_LINK_KBIT = Number(process.env.WEIR_TEMPORAL_LINK_KBIT ?? 300);
 
-const { room, step, report, aliceAt, decodesAt, decodesBelow, subscribe } = cameraRoomTest("simulcast measurements");
+const { room, step, report, aliceAt, decodesAt, decodesBelow, subscribe, rtxTimes } = cameraRoomTest("simulcast measurements");
 let h;
 before(() => {
   h = room.h;
@@ -165,7 +165,10 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
       transitionFreezeMs: moved.maxGapMs,
       // Each stop over 200 ms from the cut: when (ms after it), how long, widths around it.
       transitionGaps: moved.gaps,
+      // What Chromium took from the focus's offer: how long it waits for a decodable frame.
+      rtxTime: await rtxTimes("carol"),
     };
+    assert.deepEqual(report.narrowed.rtxTime, [300], "Carol's answer carries the focus's rtx-time");
     // Settled: five seconds on the lower layer, watched every 50 ms.
     await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
     const settled0 = Date.now();

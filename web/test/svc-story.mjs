@@ -33,7 +33,7 @@ const CLIMB_TIMEOUT_MS = 60000;
 
 /** Register the story's steps for Alice sending `codec` (a MIME type) in `mode`. */
 export function svcStory({ codec: CODEC, mode: MODE }) {
-  const { room, step, report, aliceAt, decodesAt, decodesBelow, subscribe } = cameraRoomTest(`svc measurements (${CODEC} ${MODE})`);
+  const { room, step, report, aliceAt, decodesAt, decodesBelow, subscribe, rtxTimes } = cameraRoomTest(`svc measurements (${CODEC} ${MODE})`);
   let h;
   before(() => {
     h = room.h;
@@ -169,7 +169,10 @@ export function svcStory({ codec: CODEC, mode: MODE }) {
         // Printed, not asserted: issue 8's 1 s is not met for simulcast either
         // (docs/adaptation.md).
         transitionFreezeMs: moved.maxGapMs,
+        // How long Chromium waits for a decodable frame: three times this.
+        rtxTime: await rtxTimes("carol"),
       };
+      assert.deepEqual(report.narrowed.rtxTime, [300], "Carol's answer carries the focus's rtx-time");
       log(`narrow link: ${JSON.stringify(report.narrowed)}`);
       liftLimit();
       const lifted = Date.now();

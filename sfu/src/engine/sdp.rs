@@ -245,6 +245,46 @@ const TRANSPORT_ATTRIBUTES: [&str; 4] = [
     "a=fingerprint:",
 ];
 
+/// `sdp` with `rtx-time` (RFC 4588) on the retransmission formats (`a=fmtp:<pt> apt=<pt>`) of
+/// the media sections whose mid `rtx_time_of` gives a time for, in milliseconds.
+///
+/// Chromium, receiving, waits for a decodable frame three times as long as the `rtx-time` its
+/// own answer carries, and 3 s without one, before it asks for a keyframe itself; it copies
+/// the parameter from the offer it answers, not from an answer to its offer. A picture broken
+/// by losses that retransmission did not repair stands that long (docs/adaptation.md).
+pub fn with_rtx_time(sdp: &str, rtx_time_of: impl Fn(&str) -> Option<u32>) -> String {
+    let mut out = String::with_capacity(sdp.len() + 256);
+    for (i, section) in split_sections(sdp).into_iter().enumerate() {
+        let ms = (i > 0)
+            .then(|| section_mid(section))
+            .flatten()
+            .and_then(&rtx_time_of);
+        let Some(ms) = ms else {
+            out.push_str(section);
+            continue;
+        };
+        for line in section.split_inclusive('\n') {
+            let text = line.trim_end();
+            let retransmission = text
+                .strip_prefix("a=fmtp:")
+                .and_then(|rest| rest.split_once(' '))
+                .is_some_and(|(_, params)| {
+                    let names = params.split(';').map(|p| p.split('=').next().unwrap_or(""));
+                    let has = |n: &str| names.clone().any(|x| x.trim() == n);
+                    has("apt") && !has("rtx-time")
+                });
+            if retransmission {
+                out.push_str(text);
+                out.push_str(&format!(";rtx-time={ms}"));
+                out.push_str(&line[text.len()..]);
+            } else {
+                out.push_str(line);
+            }
+        }
+    }
+    out
+}
+
 /// An offer with the transport attributes said once, at session level, instead of in every
 /// m-line. All of weir's m-lines share one bundled transport, so the engine repeats the same
 /// four lines (about 200 bytes) in each; with 24 forwarded tracks that alone was 10 KiB of a
@@ -429,6 +469,30 @@ m=video 9 X 96 97 98 99\r\na=mid:2\r\n"
             "v=0\r\nm=video 9 X 98 7\r\na=mid:5\r\n"
         );
         assert_eq!(in_format_order("garbage", &order), "garbage");
+    }
+
+    #[test]
+    fn rtx_time_goes_on_the_retransmission_formats_of_the_m_lines_named() {
+        let sdp = "v=0\r\na=fmtp:1 apt=2\r\nm=video 9 X 96 97\r\na=mid:0\r\n\
+a=fmtp:96 max-fs=12288\r\na=fmtp:97 apt=96\r\nm=video 9 X 96 97\r\na=mid:1\r\n\
+a=fmtp:97 apt=96\r\nm=audio 9 X 111\r\na=mid:2\r\na=fmtp:111 minptime=10\r\n";
+        let out = with_rtx_time(sdp, |mid| (mid != "1").then_some(300));
+        assert_eq!(
+            out,
+            "v=0\r\na=fmtp:1 apt=2\r\nm=video 9 X 96 97\r\na=mid:0\r\n\
+a=fmtp:96 max-fs=12288\r\na=fmtp:97 apt=96;rtx-time=300\r\nm=video 9 X 96 97\r\na=mid:1\r\n\
+a=fmtp:97 apt=96\r\nm=audio 9 X 111\r\na=mid:2\r\na=fmtp:111 minptime=10\r\n",
+            "only RTX lines of the m-lines named, not the session level"
+        );
+        // Once only; an offer that names it already keeps its own.
+        assert_eq!(
+            with_rtx_time(&out, |_| Some(500)),
+            out.replace(
+                "a=mid:1\r\na=fmtp:97 apt=96\r\n",
+                "a=mid:1\r\na=fmtp:97 apt=96;rtx-time=500\r\n"
+            )
+        );
+        assert_eq!(with_rtx_time("garbage", |_| Some(1)), "garbage");
     }
 
     #[test]

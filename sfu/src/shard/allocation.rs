@@ -95,13 +95,7 @@ impl<S: EventSink> ShardCore<S> {
                     if layers.is_empty() {
                         continue; // nothing flows: nothing to share, the state stays
                     }
-                    let screen = match p.home {
-                        None => self
-                            .peers
-                            .get(&t.publisher)
-                            .is_some_and(|pp| pp.screens.contains(&p.stream_id)),
-                        Some(_) => p.screen,
-                    };
+                    let screen = self.is_screen(t, p);
                     let priority = if screen {
                         Priority::Screenshare
                     } else if Some(t.publisher) == dominant {

@@ -23,6 +23,14 @@ const TRUNK_CHANNEL_LABEL: &str = "weir-trunk";
 /// Most remote candidates taken from one message: a trunk peer has a handful of host
 /// candidates; more is refused rather than fed to ICE.
 const MAX_REMOTE_CANDIDATES: usize = 32;
+/// The `rtx-time` (milliseconds) weir's offers give forwarded cameras. Chromium asks for a
+/// keyframe once it has had no decodable frame for three times this (0.9 s) instead of 3 s:
+/// a picture broken by losses that retransmission did not repair stands that much shorter.
+/// Lower asks sooner, but a camera sending under one frame per 3× this (a muted camera's
+/// black frame each second) draws a keyframe request per frame; those are small, and
+/// coalesced per layer. Three times it (plus a round trip and the keyframe) is about the
+/// shortest a broken picture can stand.
+const FORWARDED_RTX_TIME_MS: u32 = 300;
 
 impl<S: EventSink> ShardCore<S> {
     /// Renegotiate with `id` at the end of this turn rather than now: a participant who joins
@@ -416,6 +424,7 @@ impl<S: EventSink> ShardCore<S> {
         let added_mids: Vec<(TrackKey, String)> =
             added.iter().map(|(t, m, _)| (*t, m.to_string())).collect();
         let sdp = self.av1_only_where_sent_with(id, &sdp, &added_mids);
+        let sdp = self.rtx_time_on_cameras(id, &sdp, &added_mids);
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -499,6 +508,37 @@ impl<S: EventSink> ShardCore<S> {
             }
         }
         engine::without_codec(sdp, &pts, |mid| without.contains(mid))
+    }
+}
+
+impl<S: EventSink> ShardCore<S> {
+    /// `sdp`, an offer to `id`, with [`FORWARDED_RTX_TIME_MS`] on the m-lines of forwarded
+    /// cameras (`added`: track and mid of tracks being added), so that a browser whose picture
+    /// broke asks for a keyframe after 0.9 s rather than 3 s (`engine::with_rtx_time`).
+    /// Screens get none: a still screen share sends a frame a second.
+    fn rtx_time_on_cameras(&self, id: PeerId, sdp: &str, added: &[(TrackKey, String)]) -> String {
+        let Some(peer) = self.peers.get(&id) else {
+            return sdp.to_string();
+        };
+        let camera = |t: &TrackKey| {
+            self.tracks
+                .get(t)
+                .is_some_and(|p| p.kind == TrackKind::Video && !self.is_screen(t, p))
+        };
+        let mut cameras: HashSet<String> = HashSet::new();
+        for (track, out) in &peer.out {
+            if camera(track) {
+                cameras.insert(out.mid.to_string());
+            }
+        }
+        for (track, mid) in added {
+            if camera(track) {
+                cameras.insert(mid.clone());
+            }
+        }
+        engine::with_rtx_time(sdp, |mid| {
+            cameras.contains(mid).then_some(FORWARDED_RTX_TIME_MS)
+        })
     }
 }
 

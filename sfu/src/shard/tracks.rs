@@ -32,6 +32,18 @@ pub(super) fn fresh_retransmissions(tx: &mut str0m::rtp::StreamTx, history: usiz
 }
 
 impl<S: EventSink> ShardCore<S> {
+    /// Whether `track` (held here as `p`) is a shared screen: its publisher says so in its
+    /// metadata, or, for another shard's track, that shard did.
+    pub(super) fn is_screen(&self, track: &TrackKey, p: &Published) -> bool {
+        match p.home {
+            None => self
+                .peers
+                .get(&track.publisher)
+                .is_some_and(|pp| pp.screens.contains(&p.stream_id)),
+            Some(_) => p.screen,
+        }
+    }
+
     /// Record that `track` should be forwarded to `subscriber`.
     pub(super) fn want(&mut self, subscriber: PeerId, track: TrackKey) {
         let Some(p) = self.tracks.get(&track) else {
