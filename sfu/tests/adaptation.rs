@@ -169,12 +169,39 @@ fn a_client_that_never_subscribes_gets_what_fits_a_grid_of_the_room() {
 /// resend, Bob got 94 %.
 #[test]
 fn five_percent_loss_is_repaired_by_retransmission() {
+    let shares = five_percent_loss(None, false);
+    assert!(shares.iter().all(|s| *s > 0.995), "recovered: {shares:?}");
+}
+
+/// The same under other patterns of loss (the simulation's loss generator seeded
+/// otherwise). str0m's loss-based estimate falls under such loss, in some patterns below
+/// Alice's 750 kbit/s video; with no queue building, allocation holds the rate the link takes
+/// (`Allocator::sent_through_random_loss`). Without that rule Bob's video was paused for
+/// seconds under patterns 5 and 424242 (87 % and 81 % of it arrived).
+#[test]
+fn random_loss_does_not_pause_a_video_whatever_the_pattern() {
+    for seed in [5, 7, 12, 77, 1234, 31337, 424242] {
+        let shares = five_percent_loss(Some(seed), false);
+        assert!(
+            shares.iter().all(|s| *s > 0.995),
+            "loss pattern {seed}: {shares:?}"
+        );
+    }
+}
+
+/// Bob's and Carol's shares of 10 s of Alice's video, each link losing 5 % (Alice's uplink,
+/// Bob's downlink), under loss pattern `seed` and with or without the notices channel.
+fn five_percent_loss(seed: Option<u64>, notices: bool) -> Vec<f64> {
     let mut net = SimNet::default();
+    net.notices_channel = notices;
     let alice = net.join(9, VIDEO);
     let bob = net.join(9, WATCH);
     let carol = net.join(9, WATCH);
     assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
     net.run_for(Duration::from_millis(300));
+    if let Some(seed) = seed {
+        net.reseed(seed);
+    }
     net.clients[bob].link.loss_down = 0.05;
     net.clients[alice].link.loss_up = 0.05;
     // 30 frames a second of 3 packets (750 kbit/s), and her microphone.
@@ -215,11 +242,11 @@ fn five_percent_loss_is_repaired_by_retransmission() {
         })
         .collect();
     eprintln!(
-        "bob {:.2} %, carol {:.2} %",
+        "seed {seed:?}, notices {notices}: bob {:.2} %, carol {:.2} %",
         shares[0] * 100.0,
         shares[1] * 100.0
     );
-    assert!(shares.iter().all(|s| *s > 0.995), "recovered: {shares:?}");
+    shares
 }
 
 /// The simulation's view of a viewer's picture (`Camera::shown`), which the `move_down`

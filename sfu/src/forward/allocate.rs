@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 #[cfg(test)]
 use super::loss_cap::LOSS_REACT;
-use super::loss_cap::{LossCap, LOSS_LOW};
+use super::loss_cap::{LossCap, LOSS_HIGH, LOSS_LOW};
 use super::quality::Quality;
 pub use super::share::{allocate, cost, next_step};
 
@@ -198,6 +198,21 @@ impl Allocator {
         queued && loss.is_some_and(|l| l > LOSS_LOW)
     }
 
+    /// What left toward the subscriber lately, if its loss looks random: between
+    /// [`LOSS_LOW`] and [`LOSS_HIGH`] with no queue building (the round trip measured, and
+    /// less than [`QUEUE_CONGESTED`] above the least seen). The link took that rate without
+    /// packets waiting, and retransmission repairs what it lost. str0m's estimate falls with
+    /// loss of any kind and would pause the video; GCC's own loss rule holds the sending rate
+    /// in this band, and so does allocation.
+    fn sent_through_random_loss(&self, loss: Option<f32>, wire: Option<u64>) -> Option<u64> {
+        loss.filter(|l| (LOSS_LOW..LOSS_HIGH).contains(l))?;
+        let (latest, least) = self.rtt?;
+        if latest.saturating_sub(least) >= QUEUE_CONGESTED {
+            return None;
+        }
+        wire
+    }
+
     /// Decide every track's layer (a rank) or pause (`None`), given the estimate of the
     /// subscriber's downlink and what its audio takes (`reserved_bps`, never cut here).
     ///
@@ -253,6 +268,8 @@ impl Allocator {
             self.loss.hold_at_least(lowest);
             cap = cap.map(|c| c.max(lowest));
         }
+        // Random loss lowers str0m's estimate below what the link takes: hold at that.
+        let estimate_bps = estimate_bps.max(self.sent_through_random_loss(loss, wire).unwrap_or(0));
         let limit = cap.map_or(estimate_bps, |c| c.min(estimate_bps));
         let share =
             |bps: u64, fraction: f64| ((bps as f64 * fraction) as u64).saturating_sub(reserved_bps);
@@ -613,6 +630,46 @@ pub(super) mod tests {
             b.decide(600_000, Some(0.61), 0, &one(Now::Layer(Q)), late),
             vec![None]
         );
+    }
+
+    #[test]
+    fn random_loss_without_a_queue_keeps_what_the_link_takes_and_a_queue_does_not() {
+        let t0 = Instant::now();
+        let (mut a, one) = one_camera_on_f(t0);
+        a.on_rtt(Duration::from_millis(40));
+        // 5 % lost of the 1.6 Mbit/s leaving, the round trip flat: str0m's estimate falls to
+        // 700 k, but the link takes 1.6 M without a queue. f stays, past when a pause would
+        // have come.
+        for k in 1..=10 {
+            let t = t0 + Duration::from_millis(500 * k);
+            a.on_wire(1_600_000, t);
+            a.on_rtt(Duration::from_millis(45));
+            assert_eq!(
+                a.decide(700_000, Some(0.05), 0, &one(Now::Layer(F)), t),
+                vec![Some(F)],
+                "{k}"
+            );
+        }
+        // The same loss with packets waiting 80 ms in a queue: the link is full, the
+        // estimate binds (h fits 80 % of it).
+        let t = t0 + Duration::from_millis(5500);
+        a.on_wire(1_600_000, t);
+        a.on_rtt(Duration::from_millis(120));
+        assert_eq!(
+            a.decide(700_000, Some(0.05), 0, &one(Now::Layer(F)), t),
+            vec![Some(H)]
+        );
+        // Loss under LOSS_LOW, or over LOSS_HIGH, is not this rule's: the estimate binds.
+        for loss in [0.01, 0.12] {
+            let (mut b, one) = one_camera_on_f(t0);
+            b.on_rtt(Duration::from_millis(40));
+            b.on_wire(1_600_000, t0);
+            assert_ne!(
+                b.decide(700_000, Some(loss), 0, &one(Now::Layer(F)), t0),
+                vec![Some(F)],
+                "{loss}"
+            );
+        }
     }
 
     #[test]

@@ -249,6 +249,16 @@ impl SimNet {
         }
     }
 
+    /// Draw link losses from `seed` from now on: the same scenario under another pattern of
+    /// losses. The seed is mixed first (splitmix64): xorshift from a small state gives small
+    /// numbers for a while, which would read as a burst of losses.
+    pub fn reseed(&mut self, seed: u64) {
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        self.rng = (z ^ (z >> 31)).max(1);
+    }
+
     /// Packets or messages the core dropped for `reason` so far (as of its last housekeeping).
     pub fn dropped(&self, reason: crate::stats::DropReason) -> u64 {
         crate::stats::StatsSnapshot::sum([self.stats.as_ref()])
