@@ -33,6 +33,8 @@ const CLIMB_TIMEOUT_MS = 60000;
 
 /** Register the story's steps for Alice sending `codec` (a MIME type) in `mode`. */
 export function svcStory({ codec: CODEC, mode: MODE }) {
+  // The mode with two spatial layers that dynacast asks for when nobody needs the third.
+  const FEWER = MODE.replace(/^L3/, "L2");
   const { room, step, report, aliceAt, decodesAt, decodesBelow, subscribe, rtxTimes } = cameraRoomTest(`svc measurements (${CODEC} ${MODE})`);
   let h;
   before(() => {
@@ -61,12 +63,9 @@ export function svcStory({ codec: CODEC, mode: MODE }) {
       assert.equal(sent.codec, CODEC, "the focus answers with the codec Alice put first");
       // Until someone subscribes, Bob and Carol show her in a grid tile that needs no more
       // than the middle layer, so the focus may already have told her to encode two (dynacast).
-      const fewer = MODE.replace(/^L3/, "L2");
-      assert.ok(
-        (sent.scalabilityMode === MODE && sent.frameWidth === WIDTH) ||
-          (sent.scalabilityMode === fewer && sent.frameWidth === WIDTH / 2),
-        `Alice sends ${sent.scalabilityMode} at ${sent.frameWidth} px`,
-      );
+      // (Its frameWidth is the top layer Chromium encodes now, which it may lower itself when
+      // the CPU or its uplink is short: the mode is what weir-call set.)
+      assert.ok([MODE, FEWER].includes(sent.scalabilityMode), `Alice sends ${sent.scalabilityMode}`);
     });
   });
 
@@ -98,16 +97,19 @@ export function svcStory({ codec: CODEC, mode: MODE }) {
       report.carolDownToS1Ms = Date.now() - shrunk;
       // Dynacast: once nobody has needed the full layer for 3 s (LAYER_OFF_DELAY), the focus
       // tells Alice to encode two spatial layers, and weir-call asks Chromium for them.
+      // (Chromium may drop its top layer on its own when short of CPU or uplink: in one CI
+      // run her frameWidth was 640 under `L3T3` before the focus had said anything. The mode
+      // is what weir-call sets when told.)
       const fewer = await waitFor(
-        "Alice encoding two spatial layers",
+        `Alice encoding ${FEWER}`,
         async () => {
           const v = await sending();
-          return v?.frameWidth === WIDTH / 2 ? v : null;
+          return v?.scalabilityMode === FEWER ? v : null;
         },
         { timeoutMs: 20000, intervalMs: 250 },
       );
       report.aliceTwoLayersMs = Date.now() - shrunk;
-      assert.equal(fewer.scalabilityMode, MODE.replace(/^L3/, "L2"));
+      assert.ok(fewer.frameWidth <= WIDTH / 2, `Alice's top layer ${fewer.frameWidth} px wide`);
       // Carol and Bob keep their layers in the new structure: its top layer is the middle
       // one of before, not a new full one.
       const carolThen = (await aliceAt("carol"))?.framesDecoded ?? 0;
@@ -133,12 +135,12 @@ export function svcStory({ codec: CODEC, mode: MODE }) {
       const grown = Date.now();
       await subscribe("carol", 720);
       await waitFor(
-        "Alice encoding the full layer again",
-        async () => ((await sending())?.frameWidth === WIDTH ? true : null),
+        `Alice encoding ${MODE} again`,
+        async () => ((await sending())?.scalabilityMode === MODE ? true : null),
         { timeoutMs: 20000, intervalMs: 250 },
       );
       report.aliceThreeLayersMs = Date.now() - grown;
-      assert.equal((await sending()).scalabilityMode, MODE);
+      // Carol's 1280 px can only come from Alice's full layer, encoded again.
       await decodesAt("carol", 1280, CLIMB_TIMEOUT_MS);
       report.carolBackOnS2Ms = Date.now() - grown;
       report.aliceUplinkKbps.threeLayersAfter = await rate();
