@@ -144,7 +144,9 @@ fn in_a_25_person_meeting_everyone_receives_everyone() {
     );
     net.run_for(Duration::from_millis(500));
     // Each offer travels in a to-device event, which Synapse caps at 64 KiB of JSON (line
-    // breaks escaped): 24 forwarded tracks of audio and video must fit with room to spare.
+    // breaks escaped): 24 forwarded tracks of audio and video must fit with room to spare for
+    // their metadata and for longer ids (the load tester's 25-person offers ran 12 KB larger
+    // than these and passed the cap before forwarded m-lines offered only their track's codec).
     let largest = net
         .log
         .iter()
@@ -156,7 +158,7 @@ fn in_a_25_person_meeting_everyone_receives_everyone() {
         .unwrap_or(0);
     eprintln!("largest offer: {largest} bytes escaped");
     assert!(
-        largest < 56 * 1024,
+        largest < 48 * 1024,
         "the largest offer takes {largest} bytes escaped"
     );
     let mut sent = Vec::new();

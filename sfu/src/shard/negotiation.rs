@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use str0m::bwe::Bitrate;
+use str0m::format::Codec;
 use str0m::media::{Direction, MediaKind, Rid, Rids, Simulcast, SimulcastLayer};
 use str0m::net::TcpType;
 use str0m::{Candidate, Rtc};
@@ -31,6 +32,14 @@ const MAX_REMOTE_CANDIDATES: usize = 32;
 /// coalesced per layer. Three times it (plus a round trip and the keyframe) is about the
 /// shortest a broken picture can stand.
 const FORWARDED_RTX_TIME_MS: u32 = 300;
+/// The largest offer (in bytes once its line breaks are escaped in JSON) that gets
+/// [`FORWARDED_RTX_TIME_MS`]; a larger one goes without. A to-device event is capped at 64 KiB
+/// by Synapse, and an offer shares it with the tracks' metadata: in a 25-person load test
+/// the last joiners' offers reached 66-69 KB with `rtx-time` and were not sent, so they
+/// received no video at all. `rtx-time` adds about 13 bytes per retransmission format of
+/// each forwarded camera; it shortens a stall, and an offer that is not sent is worse than
+/// any stall. Higher gives it to larger meetings, closer to the cap.
+const RTX_TIME_OFFER_BUDGET: usize = 48 * 1024;
 
 impl<S: EventSink> ShardCore<S> {
     /// Renegotiate with `id` at the end of this turn rather than now: a participant who joins
@@ -250,7 +259,7 @@ impl<S: EventSink> ShardCore<S> {
             Ok(answer) => {
                 peer.codec_order = engine::format_order(sdp);
                 let sdp = engine::in_format_order(&answer.to_sdp_string(), &peer.codec_order);
-                let sdp = self.av1_only_where_sent(id, &sdp);
+                let sdp = self.codecs_only_where_sent(id, &sdp);
                 self.mark_dirty(id);
                 self.emit(SfuEvent::Answer { peer: id, sdp });
                 // New or changed media arrive as engine events while draining.
@@ -423,12 +432,15 @@ impl<S: EventSink> ShardCore<S> {
         // (`peer.out` does not hold the added tracks yet: their mids are named here.)
         let added_mids: Vec<(TrackKey, String)> =
             added.iter().map(|(t, m, _)| (*t, m.to_string())).collect();
-        let sdp = self.av1_only_where_sent_with(id, &sdp, &added_mids);
-        let sdp = self.rtx_time_on_cameras(id, &sdp, &added_mids);
+        let sdp = self.codecs_only_where_sent_with(id, &sdp, &added_mids);
+        let with_rtx_time = engine::compact_offer(&self.rtx_time_on_cameras(id, &sdp, &added_mids));
+        let sdp = match escaped_len(&with_rtx_time) <= RTX_TIME_OFFER_BUDGET {
+            true => with_rtx_time,
+            false => engine::compact_offer(&sdp),
+        };
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
-        let sdp = engine::compact_offer(&sdp);
         peer.pending = Some(PendingNegotiation {
             offer: pending,
             added,
@@ -462,10 +474,12 @@ impl<S: EventSink> ShardCore<S> {
 }
 
 impl<S: EventSink> ShardCore<S> {
-    /// Whether `track` may arrive in AV1: its publisher is a participant here that put AV1
-    /// first on the track's m-line, or it comes from a trunk or another shard (whose codec this
-    /// shard does not know).
-    fn may_send_av1(&self, track: &TrackKey) -> bool {
+    /// Whether `track` may arrive in `codec`. A participant here sends the first codec of its
+    /// m-line (weir answers in its order); where that is not known (no description of the
+    /// m-line yet, a trunk, another shard's track) any codec may arrive, except AV1, which a
+    /// browser sends only when it asked for it first.
+    fn may_send(&self, track: &TrackKey, codec: Codec) -> bool {
+        let unknown = codec != Codec::Av1;
         let Some(publisher) = self.peers.get(&track.publisher) else {
             return true;
         };
@@ -473,20 +487,26 @@ impl<S: EventSink> ShardCore<S> {
             return true;
         }
         let mid = track.mid.to_string();
-        publisher
+        let first = publisher
             .codec_order
             .iter()
             .find(|m| m.mid == mid)
-            .is_some_and(|m| m.first_codec.as_deref() == Some("AV1"))
+            .and_then(|m| m.first_codec.as_deref());
+        match first {
+            Some(name) => name.eq_ignore_ascii_case(codec_name(codec)),
+            None => unknown,
+        }
     }
 
-    /// `sdp` for `id` without AV1 on the m-lines of tracks not sent in AV1 (`engine::without_codec`).
-    pub(super) fn av1_only_where_sent(&self, id: PeerId, sdp: &str) -> String {
-        self.av1_only_where_sent_with(id, sdp, &[])
+    /// `sdp` for `id` with each forwarded video m-line offering only the codec its track
+    /// arrives in (`engine::without_codec`; see [`Self::may_send`]).
+    pub(super) fn codecs_only_where_sent(&self, id: PeerId, sdp: &str) -> String {
+        self.codecs_only_where_sent_with(id, sdp, &[])
     }
 
-    /// [`Self::av1_only_where_sent`], with m-lines of tracks being added (`added`: track and mid).
-    fn av1_only_where_sent_with(
+    /// [`Self::codecs_only_where_sent`], with m-lines of tracks being added (`added`: track
+    /// and mid).
+    fn codecs_only_where_sent_with(
         &self,
         id: PeerId,
         sdp: &str,
@@ -495,19 +515,42 @@ impl<S: EventSink> ShardCore<S> {
         let Some(peer) = self.peers.get(&id) else {
             return sdp.to_string();
         };
-        let pts = engine::payload_types(&peer.rtc, str0m::format::Codec::Av1);
-        let mut without: HashSet<String> = HashSet::new();
-        for (track, out) in &peer.out {
-            if out.kind == TrackKind::Video && !self.may_send_av1(track) {
-                without.insert(out.mid.to_string());
+        let mut sdp = sdp.to_string();
+        for codec in FORWARDED_VIDEO_CODECS {
+            let pts = engine::payload_types(&peer.rtc, codec);
+            let mut without: HashSet<String> = HashSet::new();
+            for (track, out) in &peer.out {
+                if out.kind == TrackKind::Video && !self.may_send(track, codec) {
+                    without.insert(out.mid.to_string());
+                }
             }
-        }
-        for (track, mid) in added {
-            if !self.may_send_av1(track) {
-                without.insert(mid.clone());
+            for (track, mid) in added {
+                let video = self
+                    .tracks
+                    .get(track)
+                    .is_some_and(|p| p.kind == TrackKind::Video);
+                if video && !self.may_send(track, codec) {
+                    without.insert(mid.clone());
+                }
             }
+            sdp = engine::without_codec(&sdp, &pts, |mid| without.contains(mid));
         }
-        engine::without_codec(sdp, &pts, |mid| without.contains(mid))
+        sdp
+    }
+}
+
+/// The video codecs of weir's engines, each left off the forwarded m-lines whose track does
+/// not arrive in it.
+const FORWARDED_VIDEO_CODECS: [Codec; 4] = [Codec::Vp8, Codec::Vp9, Codec::H264, Codec::Av1];
+
+/// A codec's name as an `a=rtpmap` line gives it.
+fn codec_name(codec: Codec) -> &'static str {
+    match codec {
+        Codec::Vp8 => "VP8",
+        Codec::Vp9 => "VP9",
+        Codec::H264 => "H264",
+        Codec::Av1 => "AV1",
+        _ => "",
     }
 }
 
@@ -540,6 +583,11 @@ impl<S: EventSink> ShardCore<S> {
             cameras.contains(mid).then_some(FORWARDED_RTX_TIME_MS)
         })
     }
+}
+
+/// The length of `sdp` as a JSON string (each line break escaped as `\r\n`).
+fn escaped_len(sdp: &str) -> usize {
+    sdp.len() + 2 * sdp.matches("\r\n").count()
 }
 
 fn first_mid(sdp: &str) -> Option<String> {
