@@ -434,10 +434,7 @@ impl<S: EventSink> ShardCore<S> {
             added.iter().map(|(t, m, _)| (*t, m.to_string())).collect();
         let sdp = self.codecs_only_where_sent_with(id, &sdp, &added_mids);
         let with_rtx_time = engine::compact_offer(&self.rtx_time_on_cameras(id, &sdp, &added_mids));
-        let sdp = match escaped_len(&with_rtx_time) <= RTX_TIME_OFFER_BUDGET {
-            true => with_rtx_time,
-            false => engine::compact_offer(&sdp),
-        };
+        let sdp = within_rtx_time_budget(with_rtx_time, || engine::compact_offer(&sdp));
         let Some(peer) = self.peers.get_mut(&id) else {
             return;
         };
@@ -585,6 +582,14 @@ impl<S: EventSink> ShardCore<S> {
     }
 }
 
+/// `with_rtx_time` if it is within [`RTX_TIME_OFFER_BUDGET`], else the offer without it.
+fn within_rtx_time_budget(with_rtx_time: String, without: impl FnOnce() -> String) -> String {
+    match escaped_len(&with_rtx_time) <= RTX_TIME_OFFER_BUDGET {
+        true => with_rtx_time,
+        false => without(),
+    }
+}
+
 /// The length of `sdp` as a JSON string (each line break escaped as `\r\n`).
 fn escaped_len(sdp: &str) -> usize {
     sdp.len() + 2 * sdp.matches("\r\n").count()
@@ -594,4 +599,27 @@ fn first_mid(sdp: &str) -> Option<String> {
     sdp.lines()
         .find_map(|l| l.strip_prefix("a=mid:"))
         .map(|m| m.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offer_over_the_budget_goes_without_rtx_time() {
+        // 100 lines of 400 bytes: 40,200 bytes escaped, within 48 KiB.
+        let line = |tag: &str| format!("a={tag}{}\r\n", "x".repeat(396 - tag.len()));
+        let small: String = (0..100).map(|_| line("rtx-time")).collect();
+        assert_eq!(escaped_len(&small), 40_200);
+        assert_eq!(
+            within_rtx_time_budget(small.clone(), || "without".into()),
+            small
+        );
+        // 130 of them: 52,260 bytes escaped, over it.
+        let large: String = (0..130).map(|_| line("rtx-time")).collect();
+        assert_eq!(
+            within_rtx_time_budget(large, || "without".into()),
+            "without"
+        );
+    }
 }
