@@ -91,6 +91,14 @@ impl<L: Copy + PartialEq> LayerSelector<L> {
         }
     }
 
+    /// Stop forwarding the current layer while waiting for the target's keyframe: nothing
+    /// flows to the subscriber until it comes. Nothing changes when there is no move.
+    pub fn leave_current(&mut self) {
+        if self.target != self.current {
+            self.current = None;
+        }
+    }
+
     /// If we have waited at least `retry` for a keyframe of the target, restart the wait and
     /// return the layer to ask a keyframe of again.
     pub fn keyframe_overdue(&mut self, now: Instant, retry: Duration) -> Option<L> {
@@ -189,6 +197,21 @@ impl<L: Copy + PartialEq> LayerActivity<L> {
             .filter(|l| l.rank <= max_rank)
             .max_by_key(|l| l.rank)
             .map(|l| l.layer)
+    }
+
+    /// The best rank whose rate is at most `bps`: an active layer's measured rate, else (too
+    /// new to measure, or not seen yet: a browser's layers of one picture arrive in any order)
+    /// the rank's [`nominal_bps`]. The lowest simulcast rank when none fits.
+    pub fn best_rank_fitting(&self, now: Instant, bps: u64) -> u8 {
+        let measured = |rank: u8| {
+            self.active(now)
+                .find(|l| l.rank == rank)
+                .and_then(|l| l.rate.bps(now))
+        };
+        (2..=4)
+            .rev()
+            .find(|&rank| measured(rank).unwrap_or(nominal_bps(rank)) <= bps)
+            .unwrap_or(2)
     }
 
     /// The steps of the active layers with their rates (bits/s), ascending, for allocation:
@@ -390,6 +413,32 @@ mod tests {
         assert!(!a.is_active("f", later));
         assert_eq!(a.best_active(later), Some("h"));
         assert_eq!(LayerActivity::<u8>::default().best_active(t0), None);
+    }
+
+    /// Before a subscriber's first allocation its video stays within the starting estimate.
+    /// At a track's first packet only the full layer may have arrived; the smaller ones are
+    /// judged at their nominal rates until they are seen, then by what they measure.
+    #[test]
+    fn the_best_rank_fitting_a_rate_counts_layers_not_seen_yet_at_their_nominal_rate() {
+        let t0 = Instant::now();
+        let mut a = LayerActivity::default();
+        a.saw("f", 4, None, 1000, t0);
+        assert_eq!(
+            a.best_rank_fitting(t0, 1_000_000),
+            3,
+            "h, nominally 500 kbit/s"
+        );
+        assert_eq!(a.best_rank_fitting(t0, 2_000_000), 4);
+        assert_eq!(a.best_rank_fitting(t0, 100_000), 2, "q, even over the rate");
+        // One second of h at 1.2 Mbit/s and f at 2.4: measured, h no longer fits 1 Mbit/s.
+        for n in 0..30u64 {
+            let at = t0 + Duration::from_millis(n * 1000 / 30);
+            a.saw("h", 3, None, 5000, at);
+            a.saw("f", 4, None, 10_000, at);
+        }
+        let now = t0 + Duration::from_secs(1);
+        assert_eq!(a.best_rank_fitting(now, 1_000_000), 2);
+        assert_eq!(a.best_rank_fitting(now, 1_300_000), 3);
     }
 
     #[test]

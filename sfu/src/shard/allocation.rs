@@ -221,6 +221,7 @@ impl<S: EventSink> ShardCore<S> {
             return;
         };
         if peer.probing != (minimum, desired) {
+            debug!(%id, minimum, desired, estimate, constrained, "estimator asked to probe toward");
             peer.probing = (minimum, desired);
             let blamed = self.current.replace(id);
             peer.rtc

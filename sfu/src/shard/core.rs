@@ -60,6 +60,7 @@ impl<S: EventSink> ShardCore<S> {
             counters: ShardCounters::default(),
             stats,
             next_housekeeping: now,
+            keyframes_due: None,
             speakers: FastMap::default(),
             spans: FastMap::default(),
             relayed_since: None,
@@ -122,6 +123,9 @@ impl<S: EventSink> ShardCore<S> {
         self.current = None;
         self.drain_dirty(now);
         self.fire_timers(now);
+        if self.keyframes_due.is_some_and(|t| now >= t) {
+            self.send_owed_keyframe_requests(now);
+        }
         if now >= self.next_housekeeping {
             self.housekeeping(now);
             self.next_housekeeping = now + HOUSEKEEPING_INTERVAL;
@@ -136,6 +140,7 @@ impl<S: EventSink> ShardCore<S> {
             .map(|std::cmp::Reverse((t, _))| *t)
             .unwrap_or(self.next_housekeeping)
             .min(self.next_housekeeping)
+            .min(self.keyframes_due.unwrap_or(self.next_housekeeping))
     }
 
     /// Hand the queued datagrams to `send` (the thread's socket), counting what it did.

@@ -262,9 +262,8 @@ impl<S: EventSink> ShardCore<S> {
         let layers_settled =
             rid.is_none() || now.saturating_duration_since(first_packet) >= SIMULCAST_SETTLE;
         if keyframe {
-            if let Some((_, k)) = published.keyframes.iter_mut().find(|(l, _)| *l == rid) {
-                k.keyframe_received();
-            }
+            debug!(publisher = %track.publisher, mid = %track.mid, layer = ?rid, "keyframe in");
+            published.keyframes.keyframe_received(rid);
         }
         let mut resumed = false;
         if !is_video {
@@ -311,6 +310,7 @@ impl<S: EventSink> ShardCore<S> {
         let dd_to_all = codec != VideoCodec::Vp8;
         // Subscribers told here that this video flows again (`OutTrack::resume_untold`).
         let mut resumed_to: Vec<(crate::ids::PeerId, PauseNotice)> = Vec::new();
+        let start_estimate = self.config.estimate_from_bps;
         for sub in &subscribers {
             let Some(speer) = self.peers.get_mut(sub) else {
                 continue;
@@ -323,6 +323,9 @@ impl<S: EventSink> ShardCore<S> {
                 continue;
             }
             let estimating = speer.estimate.is_some();
+            let allocated = speer.out.get(&track).map(|o| o.allocated);
+            let blind_start =
+                allocated.and_then(|a| speer.before_allocation(start_estimate, a, now));
             let Some(out) = speer.out.get_mut(&track) else {
                 continue;
             };
@@ -343,8 +346,20 @@ impl<S: EventSink> ShardCore<S> {
                 if !is_video {
                     out.layers.set_target(rid, now);
                 } else {
-                    let cap = out.layer_cap();
+                    let cap = super::layers::before_allocation(
+                        out.layer_cap(),
+                        blind_start,
+                        &published.activity,
+                        now,
+                    );
                     let within = published.activity.best_active_within(now, cap);
+                    if within.is_none() && !layers_settled {
+                        // Only layers above its cap flowed yet, at the track's very start: the
+                        // smaller layers of the same picture follow within a frame. Choosing
+                        // one above now would ask for its keyframe, and the subscriber would
+                        // start on it at the next frame, before housekeeping moves it down.
+                        continue;
+                    }
                     let layer = within
                         .or_else(|| published.activity.best_active_capped(now, cap))
                         .unwrap_or(rid);
@@ -359,6 +374,27 @@ impl<S: EventSink> ShardCore<S> {
                 }
             }
             let mut switched = false;
+            // Moving down, a keyframe of the layer being left means the publisher keyed its
+            // layers: Chromium answers a request for any layer with a keyframe on every one,
+            // so the target's keyframe is in the same picture. The old layer's keyframe is the
+            // largest frame there is (a 720p one takes a second of a 500 kbit/s link), and
+            // forwarded it would sit in front of the keyframe the subscriber switches on.
+            // Leave the old layer here instead (docs/adaptation.md, "Keyframe requests and
+            // Chromium's window").
+            if is_video
+                && keyframe
+                && out.trunk.is_none()
+                && out.layers.waiting()
+                && out.layers.current() == Some(rid)
+                && out
+                    .layers
+                    .target()
+                    .is_some_and(|t| rid_rank(t.as_deref()) < rank)
+            {
+                out.layers.leave_current();
+                debug!(subscriber = %sub, track.publisher = %track.publisher, mid = %out.mid, ?rid,
+                    to = ?out.layers.target(), "left the old layer at its keyframe");
+            }
             if out.trunk.is_none() {
                 match out.layers.on_packet(rid, keyframe || !is_video) {
                     Decision::Forward => {}

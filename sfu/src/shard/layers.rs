@@ -7,10 +7,29 @@ use tracing::debug;
 
 use str0m::media::{KeyframeRequest, KeyframeRequestKind, Rid};
 
-use crate::forward::{grid_cap, trunk_layers_wanted, KeyframeRequests};
+use crate::forward::{grid_cap, trunk_layers_wanted, LayerActivity};
 use crate::ids::{PeerId, TrackKind};
 
 use super::{EventSink, ShardCore, TrackKey};
+
+/// The best layer rank a video may get before its first allocation, where the subscriber's
+/// downlink is estimated (`start` is the estimate its engine starts from; `None` when not
+/// estimated, or once allocated): within `start`, not the best layer flowing. The first
+/// estimate comes with the first transport-wide feedback, after the first packets, and the
+/// first allocation at the next round after it: a video that started on the best layer
+/// meanwhile put 1.5 Mbit/s into a 600 kbit/s link, lost a third of its packets at once and
+/// dragged the estimate down for seconds.
+pub(super) fn before_allocation(
+    cap: u8,
+    start: Option<u64>,
+    activity: &LayerActivity<Option<Rid>>,
+    now: Instant,
+) -> u8 {
+    match start {
+        Some(bps) => cap.min(activity.best_rank_fitting(now, bps)),
+        None => cap,
+    }
+}
 
 impl<S: EventSink> ShardCore<S> {
     /// Point a subscriber's copy of a track at `layer`, asking for the keyframe it needs.
@@ -75,17 +94,30 @@ impl<S: EventSink> ShardCore<S> {
         if p.kind != TrackKind::Video {
             return;
         }
-        let k = match p.keyframes.iter().position(|(l, _)| *l == layer) {
-            Some(i) => &mut p.keyframes[i].1,
-            None => {
-                p.keyframes.push((layer, KeyframeRequests::default()));
-                &mut p.keyframes.last_mut().expect("just pushed").1
-            }
-        };
-        let now_sent = k.request(now);
+        let now_sent = p.keyframes.request(layer, now);
         debug!(publisher = %track.publisher, mid = %track.mid, ?layer, held = !now_sent, "keyframe wanted");
         if now_sent {
             self.send_pli(track, layer);
+        } else if let Some(due) = p.keyframes.deadline() {
+            self.keyframes_due = Some(self.keyframes_due.map_or(due, |t| t.min(due)));
+        }
+    }
+
+    /// Send the keyframe requests that coalescing held back and whose window has ended, and
+    /// note when the next ones are due.
+    pub(super) fn send_owed_keyframe_requests(&mut self, now: Instant) {
+        let mut owed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (t, p) in &mut self.tracks {
+            owed.extend(p.keyframes.poll(now).into_iter().map(|l| (*t, l)));
+            if let Some(due) = p.keyframes.deadline() {
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        self.keyframes_due = next;
+        for (track, layer) in owed {
+            debug!(publisher = %track.publisher, mid = %track.mid, ?layer, "keyframe request sent after the window");
+            self.send_pli(&track, layer);
         }
     }
 
@@ -140,22 +172,15 @@ impl<S: EventSink> ShardCore<S> {
         }
     }
 
-    /// Housekeeping for layers: send keyframe requests that coalescing held back, follow the
-    /// best layer that flows (down when the current one stalls, back up when a better one
+    /// Housekeeping for layers: follow the best layer that flows (down when the current one stalls, back up when a better one
     /// returns), keep trunks carrying what their far side watches, and ask again for
     /// keyframes a trunk layer still waits for.
     pub(super) fn follow_layers(&mut self, now: Instant) {
         self.refresh_default_caps();
-        let mut owed: Vec<(TrackKey, Option<Rid>)> = Vec::new();
         let mut moves: Vec<(PeerId, TrackKey, Option<Rid>)> = Vec::new();
         let mut trunk_layers: Vec<(PeerId, TrackKey)> = Vec::new();
         let mut awaiting: Vec<(TrackKey, Rid)> = Vec::new();
-        for (t, p) in &mut self.tracks {
-            for (layer, k) in &mut p.keyframes {
-                if k.poll(now) {
-                    owed.push((*t, *layer));
-                }
-            }
+        for (t, p) in &self.tracks {
             // Follow the best layer that flows: down when the current one stalls, back up when
             // a better one returns, within the size cap and what allocation gives.
             if p.kind != TrackKind::Video {
@@ -168,7 +193,7 @@ impl<S: EventSink> ShardCore<S> {
                 if let Some(tl) = speer.out.get(t).and_then(|o| o.trunk.as_ref()) {
                     trunk_layers.push((*sub, *t));
                     // A layer whose keyframe request went unanswered is asked for again
-                    // (coalesced per layer like every request).
+                    // (coalesced like every request).
                     awaiting.extend(
                         tl.wanted()
                             .filter(|l| tl.awaiting_keyframe(*l))
@@ -182,7 +207,12 @@ impl<S: EventSink> ShardCore<S> {
                 if out.awaits_allocation(speer.estimate.is_some()) {
                     continue;
                 }
-                let cap = out.layer_cap();
+                let cap = before_allocation(
+                    out.layer_cap(),
+                    speer.before_allocation(self.config.estimate_from_bps, out.allocated, now),
+                    &p.activity,
+                    now,
+                );
                 let Some(best) = p.activity.best_active_capped(now, cap) else {
                     continue;
                 };
@@ -191,10 +221,6 @@ impl<S: EventSink> ShardCore<S> {
                     moves.push((*sub, *t, best));
                 }
             }
-        }
-        for (t, layer) in owed {
-            debug!(publisher = %t.publisher, mid = %t.mid, ?layer, "keyframe request held back, sent now");
-            self.send_pli(&t, layer);
         }
         for (sub, t, layer) in moves {
             self.retarget(sub, &t, layer, now);

@@ -32,7 +32,7 @@ mod tracks;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use str0m::change::SdpPendingOffer;
 use str0m::channel::ChannelId;
@@ -130,8 +130,8 @@ struct Published {
     /// Audio held back as not among the loudest: the next forwarded packet resumes each
     /// subscriber's stream without a sequence gap.
     held_back: bool,
-    /// Keyframe-request coalescing per layer.
-    keyframes: Vec<(Option<Rid>, KeyframeRequests)>,
+    /// Keyframe-request coalescing, one window for all the track's layers.
+    keyframes: KeyframeRequests,
     subscribers: Vec<PeerId>,
     /// A subscriber with an estimated downlink was added and waits for its allocation, which
     /// the track's next packet triggers.
@@ -176,7 +176,7 @@ impl Published {
             spatial_seen: 0,
             first_packet: None,
             held_back: false,
-            keyframes: Vec::new(),
+            keyframes: KeyframeRequests::default(),
             subscribers: Vec::new(),
             unallocated: false,
             dynacast: None,
@@ -389,7 +389,27 @@ impl Traffic {
     }
 }
 
+/// How long after its creation a participant whose downlink is estimated may go without an
+/// estimate before its videos are no longer held within the estimate its engine starts from
+/// ([`layers::before_allocation`]). A client with neither transport-wide feedback nor REMB
+/// never gets one, and then gets the best layer flowing after this, as without estimation.
+/// Longer keeps such a client on a lower layer longer; shorter lets a slow first estimate
+/// find its videos on the best layer.
+const FIRST_ESTIMATE_WAIT: Duration = Duration::from_secs(10);
+
 impl Peer {
+    /// For a video of this participant not allocated yet (`allocated`), the estimate its
+    /// engine starts from (`start`, configured): the video starts within it
+    /// ([`layers::before_allocation`]) until the first allocation round after the first
+    /// estimate. `None` once allocated, for a trunk, or without estimation.
+    fn before_allocation(&self, start: Option<u64>, allocated: Now, now: Instant) -> Option<u64> {
+        let blind = allocated == Now::New
+            && self.role == PeerRole::Participant
+            && (self.estimate.is_some()
+                || now.saturating_duration_since(self.created_at) < FIRST_ESTIMATE_WAIT);
+        start.filter(|_| blind)
+    }
+
     fn new(conference: ConferenceId, role: PeerRole, polite: bool, rtc: Rtc, now: Instant) -> Self {
         Peer {
             conference,
@@ -466,6 +486,9 @@ pub struct ShardCore<S: EventSink> {
     counters: ShardCounters,
     stats: std::sync::Arc<ShardStats>,
     next_housekeeping: Instant,
+    /// When the earliest keyframe request held back by coalescing is due (derived from the
+    /// tracks' [`KeyframeRequests`], so the shard wakes for it rather than at housekeeping).
+    keyframes_due: Option<Instant>,
     /// Speech activity of each conference's audio tracks.
     speakers: FastMap<ConferenceId, SpeakerDetector<TrackKey>>,
     /// The other shards of each conference spread over several ([`spread`]).

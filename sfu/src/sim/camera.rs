@@ -4,6 +4,11 @@
 //! client, it stops encoding the layers the focus says nobody needs (`io.weir.layers`), and
 //! starts a layer switched back on with a keyframe. With [`Camera::with_temporal_layers`], each
 //! layer is encoded as Chromium encodes its simulcast layers: three temporal layers (L1T3).
+//!
+//! Keyframe requests are answered as Chromium's encoder answers them (libwebrtc's
+//! `EncoderRtcpFeedback`): a request for any layer makes the next frame a keyframe on every
+//! layer, and a request that arrives within 300 ms of the last one acted on is ignored,
+//! whichever layer it names.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -18,12 +23,18 @@ pub type CameraLayer = (Option<&'static str>, u8, &'static [usize]);
 /// The time between two frames.
 const FRAME: Duration = Duration::from_micros(33_333);
 
+/// Chromium ignores a keyframe request that arrives within this long of the last one it acted
+/// on (libwebrtc's `kMinKeyframeSendIntervalMs`), for every layer of the sender.
+pub const CHROMIUM_KEYFRAME_INTERVAL: Duration = Duration::from_millis(300);
+
 /// A camera publishing through participant `who`.
 pub struct Camera {
     who: usize,
     layers: Vec<CameraLayer>,
     /// Keyframe requests already answered.
     answered: usize,
+    /// When the last keyframe request acted on arrived.
+    last_acted: Option<Instant>,
     frames: u64,
     /// Data-channel messages already read.
     read: usize,
@@ -75,6 +86,7 @@ impl Camera {
             who,
             layers: layers.to_vec(),
             answered: 0,
+            last_acted: None,
             frames: 0,
             read: 0,
             off: Vec::new(),
@@ -108,11 +120,17 @@ impl Camera {
     /// One frame on every layer (and an audio packet), without moving time: for several
     /// cameras sending together.
     pub fn frame_only(&mut self, net: &mut SimNet) {
-        let asked: Vec<Option<String>> = net.clients[self.who].keyframe_requests[self.answered..]
-            .iter()
-            .map(|(_, rid)| rid.map(|r| r.to_string()))
-            .collect();
-        self.answered += asked.len();
+        let mut asked = false;
+        for (at, _) in &net.clients[self.who].keyframe_requests[self.answered..] {
+            if self
+                .last_acted
+                .is_none_or(|last| *at >= last + CHROMIUM_KEYFRAME_INTERVAL)
+            {
+                self.last_acted = Some(*at);
+                asked = true;
+            }
+        }
+        self.answered = net.clients[self.who].keyframe_requests.len();
         self.read_layer_notices(net);
         // A browser's layers of one captured frame reach the focus in no fixed order: every
         // other frame, the best layer goes first.
@@ -125,7 +143,7 @@ impl Camera {
                 continue;
             }
             let restarted = rid.is_some_and(|r| self.restarted.contains(&r));
-            let key = self.frames == 0 || restarted || asked.iter().any(|r| r.as_deref() == rid);
+            let key = self.frames == 0 || restarted || asked;
             let sizes: Vec<usize> = if key {
                 sizes
                     .iter()
