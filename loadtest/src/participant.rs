@@ -939,9 +939,9 @@ impl Participant {
             }
             Event::KeyframeRequest(req) => {
                 self.keyframe_requests += 1;
-                let layer = req.rid.and_then(|r| Layer::from_rid(&r));
                 if let Some(v) = &mut self.video_src {
-                    v.request_keyframe(layer);
+                    let acted = v.request_keyframe(micros_since_epoch(Instant::now()));
+                    debug!(user = %self.user_id, rid = ?req.rid, acted, "keyframe request");
                 }
             }
             Event::ChannelData(d) => {

@@ -4,7 +4,8 @@
 //! Video: three simulcast layers at 30 fps, each with three temporal layers (L1T3) as Chromium
 //! encodes them. Delta-frame sizes vary log-normally around the layer's mean, scaled per
 //! temporal layer ([`TEMPORAL_SIZE_FACTOR`]); a keyframe is [`KEYFRAME_SIZE_FACTOR`] times a
-//! mean delta frame, every [`KEYFRAME_INTERVAL_US`] and on request (PLI/FIR). Sizes are scaled
+//! mean delta frame, every [`KEYFRAME_INTERVAL_US`] and on request (PLI/FIR), answered as
+//! Chromium answers them ([`VideoSource::request_keyframe`]). Sizes are scaled
 //! so each layer averages its target bitrate. Audio: 50 packets/s, larger while "talking" than in silence, with an RFC
 //! 6464 level.
 
@@ -21,6 +22,9 @@ pub const AUDIO_INTERVAL_US: u64 = 20_000;
 /// A keyframe this often even without requests. Browsers send one every few seconds at most
 /// when nobody asks; 3 s matches LiveKit's load tester media.
 pub const KEYFRAME_INTERVAL_US: u64 = 3_000_000;
+/// Chromium's encoder acts on at most one keyframe request per this long for a whole sender,
+/// ignoring the others (libwebrtc's `EncoderRtcpFeedback`, `kMinKeyframeSendIntervalMs`).
+pub const KEYFRAME_REQUEST_MIN_INTERVAL_US: u64 = 300_000;
 /// Keyframe size relative to a mean delta frame (VP8 at these rates: 4-8x).
 pub const KEYFRAME_SIZE_FACTOR: f64 = 6.0;
 /// Spread of delta-frame sizes (σ of the log-normal): ±~30 % frame to frame.
@@ -95,6 +99,8 @@ pub struct VideoSource {
     layers: Vec<LayerState>,
     next_us: u64,
     rng: StdRng,
+    /// When the last keyframe request acted on arrived (µs).
+    last_request_us: Option<u64>,
 }
 
 impl VideoSource {
@@ -121,6 +127,7 @@ impl VideoSource {
                 .collect(),
             next_us: start_us,
             rng,
+            last_request_us: None,
         }
     }
 
@@ -129,13 +136,21 @@ impl VideoSource {
         self.next_us
     }
 
-    /// A receiver asked for a keyframe on `layer` (or every layer): the next frame is one.
-    pub fn request_keyframe(&mut self, layer: Option<Layer>) {
-        for l in &mut self.layers {
-            if layer.is_none_or(|x| x == l.layer) {
-                l.key_requested = true;
-            }
+    /// A receiver asked for a keyframe (of any layer) at `now_us`. As Chromium does: within
+    /// [`KEYFRAME_REQUEST_MIN_INTERVAL_US`] of the last request acted on it is ignored;
+    /// otherwise the next frame is a keyframe on every layer. Returns whether it was acted on.
+    pub fn request_keyframe(&mut self, now_us: u64) -> bool {
+        if self
+            .last_request_us
+            .is_some_and(|t| now_us < t + KEYFRAME_REQUEST_MIN_INTERVAL_US)
+        {
+            return false;
         }
+        self.last_request_us = Some(now_us);
+        for l in &mut self.layers {
+            l.key_requested = true;
+        }
+        true
     }
 
     /// The frames due at `now_us` (one per layer), or none if it is not time yet. Falls behind
@@ -362,7 +377,7 @@ mod tests {
         let mut t = 0;
         let mut per_tid = [0usize; 3];
         let mut last: Option<Vp8Desc> = None;
-        v.request_keyframe(None);
+        v.request_keyframe(0);
         for n in 0..400u64 {
             let frames = v.poll(t);
             let q = frames.iter().find(|f| f.layer == Layer::Q).unwrap().clone();
@@ -394,8 +409,10 @@ mod tests {
         assert!(flat.poll(0).iter().all(|f| f.vp8.temporal.is_none()));
     }
 
+    /// Like Chromium: a request keys every layer, and one within 300 ms of the last one acted
+    /// on is ignored.
     #[test]
-    fn keyframes_come_on_schedule_and_on_request_per_layer() {
+    fn keyframes_come_on_schedule_and_on_request_on_every_layer() {
         let mut v = VideoSource::new(0, 2, VideoShape::Simulcast);
         let first = v.poll(0);
         assert!(
@@ -405,14 +422,25 @@ mod tests {
         let mut t = FRAME_INTERVAL_US;
         let f = v.poll(t);
         assert!(f.iter().all(|f| !f.keyframe));
-        v.request_keyframe(Some(Layer::H));
+        let asked = t;
+        assert!(v.request_keyframe(asked));
         t += FRAME_INTERVAL_US;
         let f = v.poll(t);
         let keys: Vec<Layer> = f.iter().filter(|f| f.keyframe).map(|f| f.layer).collect();
-        assert_eq!(keys, vec![Layer::H]);
+        assert_eq!(keys, Layer::ALL.to_vec());
+        // Another request 100 ms after that one: ignored.
+        assert!(!v.request_keyframe(asked + 100_000));
+        while t < asked + KEYFRAME_REQUEST_MIN_INTERVAL_US {
+            t += FRAME_INTERVAL_US;
+            assert!(v.poll(t).iter().all(|f| !f.keyframe));
+        }
+        assert!(v.request_keyframe(t));
+        t += FRAME_INTERVAL_US;
+        assert!(v.poll(t).iter().all(|f| f.keyframe));
+        let keyed_at = t;
         // The periodic keyframe.
         let mut saw = 0;
-        while t < KEYFRAME_INTERVAL_US + 2 * FRAME_INTERVAL_US {
+        while t < keyed_at + KEYFRAME_INTERVAL_US {
             t += FRAME_INTERVAL_US;
             saw += v.poll(t).iter().filter(|f| f.keyframe).count();
         }
