@@ -12,7 +12,7 @@ use crate::engine::{self, RawDependencyDescriptor};
 use crate::forward::dependency_descriptor::Indication;
 use crate::forward::svc::{spatial_rank, spatial_within, SvcStream};
 use crate::forward::{
-    rid_rank, starts_keyframe, Decision, Rewritten, TemporalPacket, VideoCodec, Vp8Descriptor,
+    rid_rank, starts_keyframe, Decision, Now, Rewritten, TemporalPacket, VideoCodec, Vp8Descriptor,
 };
 use crate::ids::{PeerId, TrackKind};
 use crate::stats::DropReason;
@@ -323,9 +323,8 @@ impl<S: EventSink> ShardCore<S> {
                 continue;
             }
             let estimating = speer.estimate.is_some();
-            let allocated = speer.out.get(&track).map(|o| o.allocated);
-            let blind_start =
-                allocated.and_then(|a| speer.before_allocation(start_estimate, a, now));
+            // What a video of this subscriber not allocated yet starts within (no lookup).
+            let blind_start = speer.before_allocation(start_estimate, Now::New, now);
             let Some(out) = speer.out.get_mut(&track) else {
                 continue;
             };
@@ -348,7 +347,7 @@ impl<S: EventSink> ShardCore<S> {
                 } else {
                     let cap = super::layers::before_allocation(
                         out.layer_cap(),
-                        blind_start,
+                        blind_start.filter(|_| out.allocated == Now::New),
                         &published.activity,
                         now,
                     );
