@@ -349,6 +349,11 @@ impl SfuCollector {
                 s.svc_skipped,
             ),
             counter(
+                "weir_stale_queues_dropped_total",
+                "Send queues of the layer a subscriber moved off, dropped at the switch because their oldest packet had waited over 100 ms: the new layer's keyframe goes first",
+                s.stale_queues_dropped,
+            ),
+            counter(
                 "weir_datagrams_handed_over_total",
                 "Datagrams one media shard received for another shard's participant and handed over (media.single_port)",
                 s.handed_over,

@@ -13,23 +13,20 @@
 //!
 //! Run: `cargo bench -p weir-sfu --bench forwarding`. Results: docs/benchmarks.md.
 
-use std::collections::HashSet;
 use std::hint::black_box;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use str0m::change::{SdpAnswer, SdpOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, Mid, Pt};
-use str0m::net::{Protocol, Receive};
+use str0m::media::Pt;
 use str0m::rtp::RtpWrite;
-use str0m::{Candidate, Event, Input, Output, Rtc};
+use str0m::{Input, Output};
 use weir_sfu::engine::new_rtc;
 use weir_sfu::forward::dependency_descriptor::write::{descriptor, l2t1_key};
 use weir_sfu::forward::svc::{SvcFilter, SvcStream};
 use weir_sfu::forward::{starts_keyframe, Decision, LayerSelector, SeqTsRewriter, VideoCodec};
+use weir_sfu::sim::EnginePair;
 
 fn rewrite(c: &mut Criterion) {
     let t0 = Instant::now();
@@ -108,130 +105,15 @@ fn svc(c: &mut Criterion) {
 }
 
 /// A weir-side engine sending one video track to a client engine, connected in memory.
-struct Pair {
-    sfu: Rtc,
-    client: Rtc,
-    mid: Mid,
-    sfu_addr: SocketAddr,
-    client_addr: SocketAddr,
-}
-
-impl Pair {
-    fn new(i: u16) -> Pair {
-        let now = Instant::now();
-        let sfu_addr: SocketAddr = "127.0.0.1:10000".parse().unwrap();
-        let client_addr: SocketAddr = format!("127.0.0.1:{}", 20000 + i).parse().unwrap();
-        let mut sfu = new_rtc(now, str0m::IceCreds::new());
-        sfu.add_local_candidate(Candidate::host(sfu_addr, "udp").unwrap());
-        let mut client = Rtc::builder().set_rtp_mode(true).build(now);
-        client.add_local_candidate(Candidate::host(client_addr, "udp").unwrap());
-        // The participant offers (as browsers do), then weir offers the forwarded track.
-        let mut api = client.sdp_api();
-        api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
-        let (offer, pending) = api.apply().unwrap();
-        let offer = weir_sfu::engine::parse_offer(&offer.to_sdp_string(), &HashSet::new()).unwrap();
-        let answer = sfu.sdp_api().accept_offer(offer).unwrap();
-        client.sdp_api().accept_answer(pending, answer).unwrap();
-        client.add_remote_candidate(Candidate::host(sfu_addr, "udp").unwrap());
-        let mut api = sfu.sdp_api();
-        let mid = api.add_media(
-            MediaKind::Video,
-            Direction::SendOnly,
-            Some("s".into()),
-            Some("t".into()),
-            None,
-        );
-        let (offer, pending) = api.apply().unwrap();
-        let answer = client
-            .sdp_api()
-            .accept_offer(SdpOffer::from_sdp_string(&offer.to_sdp_string()).unwrap())
-            .unwrap();
-        sfu.sdp_api()
-            .accept_answer(
-                pending,
-                SdpAnswer::from_sdp_string(&answer.to_sdp_string()).unwrap(),
-            )
-            .unwrap();
-        let mut p = Pair {
-            sfu,
-            client,
-            mid,
-            sfu_addr,
-            client_addr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(p.sfu.is_connected() && p.client.is_connected()) {
-            assert!(
-                Instant::now() < deadline,
-                "in-memory ICE/DTLS did not complete"
-            );
-            p.pump();
-        }
-        p
-    }
-
-    /// Move datagrams between the two engines until both are idle.
-    fn pump(&mut self) {
-        let now = Instant::now();
-        for _ in 0..64 {
-            let mut moved = false;
-            for from_sfu in [true, false] {
-                let (src, dst, src_addr, dst_addr) = if from_sfu {
-                    (
-                        &mut self.sfu,
-                        &mut self.client,
-                        self.sfu_addr,
-                        self.client_addr,
-                    )
-                } else {
-                    (
-                        &mut self.client,
-                        &mut self.sfu,
-                        self.client_addr,
-                        self.sfu_addr,
-                    )
-                };
-                let _ = src.handle_input(Input::Timeout(now));
-                while let Ok(out) = src.poll_output() {
-                    match out {
-                        Output::Transmit(t) => {
-                            let r = Receive::new(Protocol::Udp, src_addr, dst_addr, &t.contents)
-                                .unwrap();
-                            let _ = dst.handle_input(Input::Receive(now, r));
-                            while let Ok(o) = dst.poll_output() {
-                                if matches!(o, Output::Timeout(_)) {
-                                    break;
-                                }
-                                if let Output::Transmit(t2) = o {
-                                    let r = Receive::new(
-                                        Protocol::Udp,
-                                        dst_addr,
-                                        src_addr,
-                                        &t2.contents,
-                                    )
-                                    .unwrap();
-                                    let _ = src.handle_input(Input::Receive(now, r));
-                                }
-                                let _: Option<Event> = None;
-                            }
-                            moved = true;
-                        }
-                        Output::Timeout(_) => break,
-                        Output::Event(_) => {}
-                    }
-                }
-            }
-            if !moved {
-                break;
-            }
-        }
-    }
+fn pair(i: u16) -> EnginePair {
+    let now = Instant::now();
+    EnginePair::connect(new_rtc(now, str0m::IceCreds::new()), i, now)
 }
 
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("fanout");
     for n in [1u16, 10, 50] {
-        let mut pairs: Vec<Pair> = (0..n).map(Pair::new).collect();
+        let mut pairs: Vec<EnginePair> = (0..n).map(pair).collect();
         let pt = pairs[0]
             .sfu
             .codec_config()
@@ -261,7 +143,7 @@ fn fanout(c: &mut Criterion) {
 
 /// Write one copy to each pair's weir-side engine and release it as the shard does: a
 /// timeout round, then drain. Returns the size of every datagram that came out.
-fn send_copies(pairs: &mut [Pair], pt: Pt, seq: u64, payload: &Arc<[u8]>) -> Vec<usize> {
+fn send_copies(pairs: &mut [EnginePair], pt: Pt, seq: u64, payload: &Arc<[u8]>) -> Vec<usize> {
     let now = Instant::now();
     let mut sizes = Vec::with_capacity(pairs.len());
     for p in pairs {

@@ -203,6 +203,9 @@ pub(crate) struct ShardCounters {
     /// Packets of scalable (SVC) streams left out for a subscriber: layers above the one it
     /// gets (`forward::svc`).
     pub svc_skipped: u64,
+    /// Send queues of the layer a subscriber left, dropped at the switch because they had
+    /// gone stale (`shard::send_queue`).
+    pub stale_queues_dropped: u64,
     /// Gauge: ICE-TCP connections the shard holds.
     pub tcp_links: u64,
     /// Datagrams received for another shard's peer and handed to it (one port for all).
@@ -254,6 +257,7 @@ impl ShardCounters {
         to.estimator_restarts.store(self.estimator_restarts, r);
         to.temporal_skipped.store(self.temporal_skipped, r);
         to.svc_skipped.store(self.svc_skipped, r);
+        to.stale_queues_dropped.store(self.stale_queues_dropped, r);
         to.tcp_links.store(self.tcp_links, r);
         to.handed_over.store(self.handed_over, r);
         to.spread_out.store(self.spread_out, r);
@@ -295,6 +299,7 @@ pub struct ShardStats {
     pub estimator_restarts: AtomicU64,
     pub temporal_skipped: AtomicU64,
     pub svc_skipped: AtomicU64,
+    pub stale_queues_dropped: AtomicU64,
     pub tcp_links: AtomicU64,
     pub handed_over: AtomicU64,
     pub spread_out: AtomicU64,
@@ -344,6 +349,8 @@ pub struct StatsSnapshot {
     pub temporal_skipped: u64,
     /// Packets of scalable streams' layers left out for subscribers that get fewer layers.
     pub svc_skipped: u64,
+    /// Stale send queues of a layer left, dropped at a subscriber's switch.
+    pub stale_queues_dropped: u64,
     /// ICE-TCP connections held, now.
     pub tcp_links: u64,
     /// Datagrams one shard received for another's peer and handed over (one port for all).
@@ -388,6 +395,7 @@ impl StatsSnapshot {
             s.estimator_restarts += sh.estimator_restarts.load(r);
             s.temporal_skipped += sh.temporal_skipped.load(r);
             s.svc_skipped += sh.svc_skipped.load(r);
+            s.stale_queues_dropped += sh.stale_queues_dropped.load(r);
             s.tcp_links += sh.tcp_links.load(r);
             s.handed_over += sh.handed_over.load(r);
             s.spread_out += sh.spread_out.load(r);

@@ -394,6 +394,7 @@ impl<S: EventSink> ShardCore<S> {
                 debug!(subscriber = %sub, track.publisher = %track.publisher, mid = %out.mid, ?rid,
                     to = ?out.layers.target(), "left the old layer at its keyframe");
             }
+            let layer_before = out.layers.current();
             if out.trunk.is_none() {
                 match out.layers.on_packet(rid, keyframe || !is_video) {
                     Decision::Forward => {}
@@ -552,6 +553,19 @@ impl<S: EventSink> ShardCore<S> {
                     found
                 }
             };
+            // Moving down, what still waits of the layer left goes if it has gone stale, so
+            // the new layer's keyframe does not queue behind it (`super::send_queue`).
+            // (Not moving up: from a higher layer, or from none, left at its keyframe.)
+            if switched
+                && layer_before.is_none_or(|c| rid_rank(c.as_deref()) > rank)
+                && ssrc
+                    .is_some_and(|s| super::send_queue::drop_if_stale(&mut speer.rtc, s, mid, now))
+            {
+                self.counters.stale_queues_dropped += 1;
+                debug!(subscriber = %sub, track.publisher = %track.publisher, %mid, ?rid,
+                    "stale send queue dropped at the switch");
+            }
+            let mut api = speer.rtc.direct_api();
             let Some(tx) = ssrc.and_then(|s| api.stream_tx(&s)) else {
                 // Gone from the engine (renegotiated): learned again on the next packet.
                 out.tx_ssrcs.retain(|(r, _)| *r != tx_rid);

@@ -22,6 +22,7 @@ mod fanout;
 mod layers;
 mod negotiation;
 mod run;
+mod send_queue;
 mod single_port;
 mod speakers;
 mod spread;

@@ -7,15 +7,18 @@
 //! little. Scenario tests assert bounds that hold across runs, not one run's figures.
 //!
 //! Used by the core's scenario tests, its fuzz target (datagrams from a peer that has
-//! completed DTLS) and the whole-core benchmark.
+//! completed DTLS) and the whole-core benchmark; [`EnginePair`] (one engine and its client,
+//! without a core) by the forwarding benchmark and tests of one engine.
 
 mod camera;
+mod engine_pair;
 mod lost_for_good;
 mod seqs;
 
 pub use camera::{
     cameras_to_one_watcher, longest_stop, media_bytes, run_together, Camera, CameraLayer, FrameOf,
 };
+pub use engine_pair::{ClientReceived, EnginePair};
 pub use lost_for_good::KEYFRAME_AFTER_LOSS;
 pub use seqs::{sequence_loss, unwrap_seqs};
 
