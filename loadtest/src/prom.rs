@@ -42,6 +42,9 @@ pub struct FocusSample {
     pub forwarded: f64,
     /// RTP payload bytes this focus sent onto trunks to other foci (0 without cascading).
     pub trunk_bytes_out: f64,
+    /// Stale send queues dropped at a subscriber's move down (0 from a focus without the
+    /// counter).
+    pub stale_queues_dropped: f64,
 }
 
 impl FocusSample {
@@ -51,6 +54,7 @@ impl FocusSample {
             rss_bytes: sample(text, "process_resident_memory_bytes").unwrap_or(0.0),
             forwarded: sample(text, "weir_rtp_packets_forwarded_total")?,
             trunk_bytes_out: sample(text, "weir_trunk_payload_bytes_out_total").unwrap_or(0.0),
+            stale_queues_dropped: sample(text, "weir_stale_queues_dropped_total").unwrap_or(0.0),
         })
     }
 }
@@ -93,7 +97,8 @@ weir_rtp_packets_forwarded_total 1000\n\
 weir_rtp_packets_forwarded_total_extra 5\n\
 weir_media_dropped_total{reason=\"stale\"} 3\n\
 weir_media_dropped_total{reason=\"bad_sdp\"} 4\n\
-weir_trunk_payload_bytes_out_total 2048\n";
+weir_trunk_payload_bytes_out_total 2048\n\
+weir_stale_queues_dropped_total 6\n";
 
     #[test]
     fn samples_are_found_by_exact_name_and_summed_over_labels() {
@@ -107,6 +112,7 @@ weir_trunk_payload_bytes_out_total 2048\n";
         let s = FocusSample::parse(TEXT).unwrap();
         assert_eq!(s.rss_bytes, 4.2e7);
         assert_eq!(s.trunk_bytes_out, 2048.0);
+        assert_eq!(s.stale_queues_dropped, 6.0);
     }
 
     #[test]
@@ -116,12 +122,14 @@ weir_trunk_payload_bytes_out_total 2048\n";
             rss_bytes: 0.0,
             forwarded: 1000.0,
             trunk_bytes_out: 0.0,
+            stale_queues_dropped: 0.0,
         };
         let b = FocusSample {
             cpu_seconds: 1.5,
             rss_bytes: 0.0,
             forwarded: 101_000.0,
             trunk_bytes_out: 0.0,
+            stale_queues_dropped: 0.0,
         };
         assert_eq!(cpu_us_per_packet(&a, &b), Some(5.0));
         assert_eq!(cpu_us_per_packet(&a, &a), None);

@@ -494,6 +494,8 @@ impl RunReport {
             "floor": self.floor,
             "ratio_to_floor": self.ratio_to_floor(),
             "focus_rss_bytes": self.focus.end.map(|e| e.rss_bytes),
+            // Over the whole run, joins included (moves down come most at joins).
+            "focus_stale_queues_dropped": self.focus.end.map(|e| e.stale_queues_dropped),
             "loadtest_cpu_s": self.loadtest_cpu_s,
             "signalling": {"sent": self.signal_sent, "failed": self.signal_failures},
             "summary": o,
