@@ -49,17 +49,16 @@ pub fn drop_if_stale(rtc: &mut Rtc, ssrc: Ssrc, mid: Mid, now: Instant) -> bool 
 }
 
 /// Drop everything queued on `mid`'s send streams (and their retransmission histories),
-/// keeping its negotiated direction. Returns whether it did.
+/// keeping its negotiated direction. Only a send-only m-line (what weir offers for a forwarded
+/// track): on one that also receives, the toggle would reset the receive side too. Returns
+/// whether it did.
 pub fn drop_queued(rtc: &mut Rtc, mid: Mid) -> bool {
-    let Some(direction) = rtc.media(mid).map(|m| m.direction()) else {
-        return false;
-    };
-    if !direction.is_sending() {
+    if rtc.media(mid).map(|m| m.direction()) != Some(Direction::SendOnly) {
         return false;
     }
     let mut sdp = rtc.sdp_api();
     sdp.set_direction(mid, Direction::Inactive);
-    sdp.set_direction(mid, direction);
+    sdp.set_direction(mid, Direction::SendOnly);
     // Dropped unapplied: the direction is back where it was, so there is nothing to negotiate.
     drop(sdp);
     true
