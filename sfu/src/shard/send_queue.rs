@@ -13,9 +13,9 @@
 //! str0m 0.25 clears a send stream's queue (and its retransmission history) when its media
 //! stops sending; setting the direction away from sending and back, without negotiating,
 //! is the one public way to do that and keep the stream's SSRC (`reset_stream_tx` clears it
-//! too, but with a new SSRC the subscriber never negotiated). The subscriber sees a gap in the sequence numbers just
-//! before the keyframe, as if the link had dropped what was queued (which a link this full
-//! would mostly have done). Its NACKs for the gap go unanswered, and decoding the keyframe
+//! too, but with a new SSRC the subscriber never negotiated). The subscriber sees a gap in
+//! the sequence numbers just before the keyframe, as if the link had dropped what was queued
+//! (which a link this full would mostly have done). Its NACKs for the gap go unanswered, and decoding the keyframe
 //! ends them.
 
 use std::time::{Duration, Instant};
