@@ -164,6 +164,20 @@ after(async () => {
         })
         .catch((e) => String(e));
       writeFileSync(join(h.dir, `${p.name}-state.json`), JSON.stringify(known, null, 1));
+      // what the page sends: each video encoding's stats and whether the sender has it active
+      const sent = await p.page
+        .evaluate(async () => {
+          const pc = window.weirApp.call?.conference?.call?.peerConnection;
+          if (!pc) return null;
+          const stats = await pc.getStats();
+          const out = [...stats.values()]
+            .filter((s) => s.type === "outbound-rtp" && s.kind === "video")
+            .map((s) => ({ mid: s.mid, rid: s.rid, ssrc: s.ssrc, active: s.active, packetsSent: s.packetsSent, framesEncoded: s.framesEncoded, frameWidth: s.frameWidth, limited: s.qualityLimitationReason }));
+          const senders = pc.getTransceivers().map((t) => ({ mid: t.mid, direction: t.currentDirection, track: t.sender.track ? `${t.sender.track.kind} ${t.sender.track.readyState}` : null, encodings: t.sender.getParameters().encodings?.map((e) => `${e.rid ?? "-"}:${e.active}`) }));
+          return { out, senders };
+        })
+        .catch((e) => String(e));
+      log(`--- ${p.name} sending ---\n${JSON.stringify(sent)}`);
     }
     if (h.focus) log(`--- focus log tail ---\n${h.focus.tailText(60)}`);
     if (h.focus && !h.focus.exit) {
@@ -171,13 +185,16 @@ after(async () => {
         .then((r) => r.text())
         .catch((e) => String(e));
       writeFileSync(join(h.dir, "admin.json"), admin);
-      writeFileSync(join(h.dir, "metrics.txt"), await h.focus.metrics().catch((e) => String(e)));
+      const metrics = await h.focus.metrics().catch((e) => String(e));
+      writeFileSync(join(h.dir, "metrics.txt"), metrics);
+      log(`--- focus drops ---\n${metrics.split("\n").filter((l) => /drop/.test(l) && !l.startsWith("#") && !/ 0$/.test(l)).join("\n")}`);
     }
   }
   await h.browser?.close().catch(() => undefined);
   await h.focus?.stop();
   h.syn?.stop();
-  if (!process.env.WEIR_KEEP_TMP) rmSync(h.dir, { recursive: true, force: true });
+  if (chain.failed) log(`kept work dir ${h.dir}`);
+  else if (!process.env.WEIR_KEEP_TMP) rmSync(h.dir, { recursive: true, force: true });
 });
 
 test("each person signs in through the app's form, served by the focus", async (t) => {
