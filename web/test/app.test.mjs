@@ -174,7 +174,10 @@ after(async () => {
             .filter((s) => s.type === "outbound-rtp" && s.kind === "video")
             .map((s) => ({ mid: s.mid, rid: s.rid, ssrc: s.ssrc, active: s.active, packetsSent: s.packetsSent, framesEncoded: s.framesEncoded, frameWidth: s.frameWidth, limited: s.qualityLimitationReason }));
           const senders = pc.getTransceivers().map((t) => ({ mid: t.mid, direction: t.currentDirection, track: t.sender.track ? `${t.sender.track.kind} ${t.sender.track.readyState}` : null, encodings: t.sender.getParameters().encodings?.map((e) => `${e.rid ?? "-"}:${e.active}`) }));
-          return { out, senders };
+          // the sending transforms' counters: a frame that cannot be encrypted is dropped
+          const enc = await window.weirApp.call.conference.encryptionStats().catch((e) => String(e));
+          const encrypting = typeof enc === "object" ? Object.values(enc).filter((x) => x.direction === "send" && !x.closed).map(({ kind, frames, encrypted, clear, dropped, lastError }) => ({ kind, frames, encrypted, clear, dropped, lastError })) : enc;
+          return { out, senders, encrypting };
         })
         .catch((e) => String(e));
       log(`--- ${p.name} sending ---\n${JSON.stringify(sent)}`);
