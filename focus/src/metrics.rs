@@ -350,7 +350,7 @@ impl SfuCollector {
             ),
             counter(
                 "weir_stale_queues_dropped_total",
-                "Send queues of the layer a subscriber moved off, dropped at the switch because their oldest packet had waited over 100 ms: the new layer's keyframe goes first",
+                "Send queues dropped at a move down, just before the keyframe the subscriber moves on, their oldest packet having waited over 100 ms: the keyframe goes first",
                 s.stale_queues_dropped,
             ),
             counter(

@@ -78,3 +78,81 @@ fn a_subscriber_moving_down_is_not_sent_the_old_layers_keyframe() {
         }
     }
 }
+
+/// A move down does not wait behind a stale queue of the layer left (`shard::send_queue`).
+/// Bob watches Alice's full layer when one of its frames comes far larger than his
+/// connection's pacer lets out in a second (5.3 Mbit, against an estimate that starts at
+/// 1 Mbit/s). Allocation takes him to the half layer at once, its queue not stale yet, and
+/// 160 ms later his tile shrinks to 180 lines. What is still queued of the large frame has
+/// waited past `STALE_BEFORE_KEYFRAME` when the quarter layer's keyframe comes: it is
+/// dropped, the keyframe goes first, and nothing of the full layer follows it.
+#[test]
+fn a_move_down_does_not_wait_behind_a_stale_queue_of_the_layer_left() {
+    let frame = Duration::from_millis(33);
+    let mut net = SimNet::default();
+    let alice = net.join(7, SIMULCAST);
+    let bob = net.join(7, Publish::NOTHING);
+    assert!(net.run_until(Duration::from_secs(10), |n| n.all_connected()));
+    net.subscribe_video(bob, alice, 720);
+    // Alice keys every layer when asked, as Chromium does. Returns the quarter layer's
+    // keyframe, if this frame was one.
+    let mut answered = 0;
+    let mut frame_of_all = |net: &mut SimNet, first: bool| {
+        let asked = net.clients[alice].keyframe_requests.len();
+        let key = first || asked > answered;
+        answered = asked;
+        let q = net.send_frame(alice, Some("q"), key, &[300], None);
+        net.send_frame(alice, Some("h"), key, &[600], None);
+        net.send_frame(alice, Some("f"), key, &[1000, 1000], None);
+        net.run_for(frame);
+        key.then(|| q[0].clone())
+    };
+    for i in 0..60 {
+        frame_of_all(&mut net, i == 0);
+    }
+    let f_now = net.send_frame(alice, Some("f"), false, &[1000], None);
+    net.run_for(frame);
+    assert!(
+        net.clients[bob]
+            .received
+            .iter()
+            .any(|r| r.payload == f_now[0]),
+        "Bob receives the full layer after 2 s"
+    );
+
+    let heavy = net.send_frame(alice, Some("f"), false, &[1100; 600], None);
+    for _ in 0..4 {
+        frame_of_all(&mut net, false);
+    }
+    net.subscribe_video(bob, alice, 180);
+    let keyframe = (0..15)
+        .filter_map(|_| frame_of_all(&mut net, false))
+        .next()
+        .expect("the move down asked Alice for a keyframe");
+    for _ in 0..15 {
+        frame_of_all(&mut net, false);
+    }
+    net.run_for(Duration::from_secs(1));
+
+    let got: Vec<_> = net.clients[bob]
+        .received
+        .iter()
+        .map(|r| r.payload.clone())
+        .collect();
+    let at = got
+        .iter()
+        .position(|p| *p == keyframe)
+        .expect("Bob receives the quarter layer's keyframe");
+    let of_heavy = |ps: &[std::sync::Arc<[u8]>]| ps.iter().filter(|p| heavy.contains(p)).count();
+    assert!(
+        of_heavy(&got[..at]) < heavy.len(),
+        "the large frame was still queued when the keyframe came ({} of {} packets before it)",
+        of_heavy(&got[..at]),
+        heavy.len()
+    );
+    assert_eq!(
+        of_heavy(&got[at..]),
+        0,
+        "packets of the stale full-layer frame followed the keyframe"
+    );
+}

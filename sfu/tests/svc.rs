@@ -256,6 +256,91 @@ fn a_move_down_over_a_lossy_link_asks_for_a_keyframe_and_over_a_clean_one_does_n
     }
 }
 
+/// Alice sends picture `p` of full SVC (`l2t1`, not a keyframe) whose large frame is `packets`
+/// packets of 1100 bytes: far more than a pacer lets out in a frame's time. Returns the large
+/// frame's payloads.
+fn send_heavy_picture(net: &mut SimNet, alice: usize, p: u16, packets: usize) -> Vec<Arc<[u8]>> {
+    let n = 1000 + 2 * p;
+    net.send_described(alice, false, 300, descriptor(true, true, 1, n, None), false);
+    let large = (0..packets)
+        .map(|k| {
+            let (first, last) = (k == 0, k + 1 == packets);
+            let d = descriptor(first, last, 3, n + 1, None);
+            net.send_described(alice, false, 1100, d, last)
+        })
+        .collect();
+    net.run_for(Duration::from_millis(33));
+    large
+}
+
+/// Full SVC moves down at a switch point, with no keyframe: what waits in Carol's send queue
+/// holds the small layer's frames too, so dropping it would break her picture. When a move
+/// down finds that queue stale (`STALE_BEFORE_KEYFRAME`), the focus asks Alice for a keyframe,
+/// over a clean link too, and drops the queue when it comes: the keyframe goes first and
+/// none of the stale large frames follow it.
+#[test]
+fn a_move_down_behind_a_stale_queue_asks_for_a_keyframe_that_goes_first() {
+    let (mut net, alice, _bob, carol) = room_with(weir_sfu::SfuConfig::default());
+    let mut answered = 0;
+    let mut picture = |net: &mut SimNet, p: u16| {
+        let asked = net.clients[alice].keyframe_requests.len();
+        let key = p == 0 || asked > answered;
+        answered = asked;
+        (key, send_picture_of(net, alice, p, key, l2t1))
+    };
+    // Three seconds: allocation lets Carol have the large layer.
+    let mut last = None;
+    for p in 0..90 {
+        last = Some(picture(&mut net, p).1);
+    }
+    let last_large = tags(&last.expect("pictures sent").large);
+    let got = received(&net, carol);
+    assert!(
+        last_large.iter().all(|t| got.iter().any(|(g, _)| g == t)),
+        "Carol on the large layer after 3 s"
+    );
+    let asked_before = net.clients[alice].keyframe_requests.len();
+
+    // One large frame of 1.3 Mbit, then four ordinary pictures: it still waits in Carol's
+    // queue, 160 ms old, when her tile shrinks.
+    let heavy = tags(&send_heavy_picture(&mut net, alice, 90, 150));
+    for p in 91..95 {
+        picture(&mut net, p);
+    }
+    net.subscribe_video(carol, alice, 180);
+    let from = received(&net, carol).len();
+    let later: Vec<(bool, Picture)> = (95..110).map(|p| picture(&mut net, p)).collect();
+    net.run_for(Duration::from_secs(1));
+
+    assert!(
+        net.clients[alice].keyframe_requests.len() > asked_before,
+        "the move down behind a stale queue asked Alice for a keyframe (clean link)"
+    );
+    let keyframe = later
+        .iter()
+        .find(|(key, _)| *key)
+        .map(|(_, p)| tags(&p.small)[0])
+        .expect("Alice answered with a keyframe");
+    let got = received(&net, carol);
+    let at = got[from..]
+        .iter()
+        .position(|(t, _)| *t == keyframe)
+        .map(|i| from + i)
+        .expect("Carol received the keyframe");
+    let heavy_in = |r: &[(u64, bool)]| r.iter().filter(|(t, _)| heavy.contains(t)).count();
+    assert!(
+        heavy_in(&got[..at]) < heavy.len(),
+        "the large frame was still queued when the keyframe came ({} of {} packets before it)",
+        heavy_in(&got[..at]),
+        heavy.len()
+    );
+    assert_eq!(
+        heavy_in(&got[at..]),
+        0,
+        "packets of the stale large frame followed the keyframe"
+    );
+}
+
 /// The `spatial_layers` of the `io.weir.layers` messages participant `who` received.
 fn spatial_layers_told(net: &SimNet, who: usize) -> Vec<u64> {
     net.clients[who]

@@ -439,8 +439,19 @@ impl<S: EventSink> ShardCore<S> {
                         |dt: Option<usize>| dt.and_then(|d| stream.target_layers(d)).map(|l| l.0);
                     let down = top(out.svc.current()) < top(was) && was.is_some();
                     let lossy = speer.loss.is_some_and(|l| l > LOSSY_MOVE_DOWN);
+                    // Or with a stale queue of the layers left: dropping it takes the lower
+                    // layers' frames in it too, so it waits for a keyframe (below).
+                    let stale = down
+                        && out
+                            .tx_ssrc(None)
+                            .is_some_and(|s| super::send_queue::is_stale(&mut speer.rtc, s, now));
                     // (Not when the switch came on a keyframe, as key-frame SVC's do.)
-                    if down && lossy && f.dependencies > 0 && !need_keyframe.contains(&rid) {
+                    out.drop_at_keyframe |= stale;
+                    if down
+                        && (lossy || stale)
+                        && f.dependencies > 0
+                        && !need_keyframe.contains(&rid)
+                    {
                         need_keyframe.push(rid);
                     }
                 }
@@ -553,17 +564,20 @@ impl<S: EventSink> ShardCore<S> {
                     found
                 }
             };
-            // Moving down, what still waits of the layer left goes if it has gone stale, so
-            // the new layer's keyframe does not queue behind it (`super::send_queue`).
-            // (Not moving up: from a higher layer, or from none, left at its keyframe.)
-            if switched
-                && layer_before.is_none_or(|c| rid_rank(c.as_deref()) > rank)
+            // A keyframe does not queue behind what it makes useless: what still waits goes if
+            // it has gone stale (`super::send_queue`). Moving down a simulcast layer, that is
+            // the layer left (not moving up: from a higher layer, or from none, left at its
+            // keyframe); after a scalable stream moved down behind a stale queue, it is every
+            // layer, the lower ones' frames included, which the keyframe replaces.
+            let moved_down = switched && layer_before.is_none_or(|c| rid_rank(c.as_deref()) > rank);
+            let drop_now = keyframe && (moved_down || std::mem::take(&mut out.drop_at_keyframe));
+            if drop_now
                 && ssrc
                     .is_some_and(|s| super::send_queue::drop_if_stale(&mut speer.rtc, s, mid, now))
             {
                 self.counters.stale_queues_dropped += 1;
-                debug!(subscriber = %sub, track.publisher = %track.publisher, %mid, ?rid,
-                    "stale send queue dropped at the switch");
+                debug!(subscriber = %sub, track.publisher = %track.publisher, %mid, ?rid, switched,
+                    "stale send queue dropped before a keyframe");
             }
             let mut api = speer.rtc.direct_api();
             let Some(tx) = ssrc.and_then(|s| api.stream_tx(&s)) else {

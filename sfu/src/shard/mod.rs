@@ -223,6 +223,9 @@ struct OutTrack {
     /// packet forwarded (a keyframe), not when allocation decides, since until then its
     /// picture would stand still while said to flow.
     resume_untold: bool,
+    /// A scalable stream moved down with its send queue stale: the queue goes before the next
+    /// keyframe, asked for then (`send_queue`).
+    drop_at_keyframe: bool,
 }
 
 impl OutTrack {

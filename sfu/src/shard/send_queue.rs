@@ -1,5 +1,5 @@
-//! What waits in a subscriber's send stream when it switches layers: a queue of the layer left
-//! is dropped if it has gone stale, so the new layer's keyframe goes first.
+//! What waits in a subscriber's send stream when it moves down: a queue that has gone stale is
+//! dropped just before the keyframe it moves on, so that keyframe goes first.
 //!
 //! The engine paces what it sends at its own estimate of the link, which follows a narrowing
 //! link within a few hundred milliseconds, while allocation follows the smoothed estimate the
@@ -9,6 +9,10 @@
 //! quarter layer's keyframe was written behind it. Everything in that queue is of the layer
 //! left; the keyframe makes it useless to the subscriber, and sent first it holds the
 //! keyframe back for as long as it took to drain.
+//!
+//! A scalable stream (VP9, AV1 SVC) moves down within one SSRC at a switch point, with no
+//! keyframe: the lower layers' frames are in the queue too. So fan-out asks for a keyframe
+//! when such a move finds the queue stale, and drops the queue when it comes.
 //!
 //! str0m 0.25 clears a send stream's queue (and its retransmission history) when its media
 //! stops sending; setting the direction away from sending and back, without negotiating,
@@ -24,14 +28,15 @@ use str0m::media::{Direction, Mid};
 use str0m::rtp::Ssrc;
 use str0m::Rtc;
 
-/// At a layer switch, a send queue whose oldest packet has waited longer than this is dropped.
+/// At a move down, a send queue whose oldest packet has waited longer than this is dropped
+/// before the keyframe the subscriber moves on.
 /// Shorter drops frames of the old layer that would still have been shown before the new
 /// keyframe (the picture skips them); longer leaves the keyframe behind more of them. A link
 /// that is not congested keeps the queue at a few milliseconds, so the rule does not fire.
-pub const STALE_AT_SWITCH: Duration = Duration::from_millis(100);
+pub const STALE_BEFORE_KEYFRAME: Duration = Duration::from_millis(100);
 
 /// Whether the send stream `ssrc` holds packets that have waited longer than
-/// [`STALE_AT_SWITCH`], by the engine's last look at its queue (taken every time it polls).
+/// [`STALE_BEFORE_KEYFRAME`], by the engine's last look at its queue (taken every time it polls).
 pub fn is_stale(rtc: &mut Rtc, ssrc: Ssrc, now: Instant) -> bool {
     let mut api = rtc.direct_api();
     let Some(tx) = api.stream_tx(&ssrc) else {
@@ -39,7 +44,7 @@ pub fn is_stale(rtc: &mut Rtc, ssrc: Ssrc, now: Instant) -> bool {
     };
     tx.queue_info()
         .and_then(|q| q.first_unsent())
-        .is_some_and(|t| now.saturating_duration_since(t) > STALE_AT_SWITCH)
+        .is_some_and(|t| now.saturating_duration_since(t) > STALE_BEFORE_KEYFRAME)
 }
 
 /// Drop what is queued on `mid`'s send streams if the one with `ssrc` has gone stale

@@ -182,6 +182,7 @@ impl<S: EventSink> ShardCore<S> {
                 tx_ssrcs: Vec::new(),
                 allocated: Now::New,
                 resume_untold: false,
+                drop_at_keyframe: false,
                 trunk: (!rids.is_empty()).then(|| {
                     TrunkLayers::new(&rids, clock_rate, || {
                         (rand::random::<u16>() % 16_384, rand::random())
