@@ -169,7 +169,7 @@ test("Carol's downlink cut to 500 kbit/s: she settles on a lower layer that play
       transitionGaps: moved.gaps,
       // What Chromium took from the focus's offer: how long it waits for a decodable frame.
       rtxTime: await rtxTimes("carol"),
-      // Moves down whose stale send queue of the layer left was dropped (shard/send_queue.rs).
+      // Stale send queues of the layer left, dropped at a move down (shard/send_queue.rs).
       staleQueuesDropped: (await h.focus.metricValues([STALE]))[STALE] - staleBefore,
     };
     assert.deepEqual(report.narrowed.rtxTime, [300], "Carol's answer carries the focus's rtx-time");

@@ -162,6 +162,8 @@ export function svcStory({ codec: CODEC, mode: MODE }) {
       const alice = h.byName("alice").session.userId;
       const port = await room.localPort("carol");
       await carol.eval((o) => window.Probe.watchFrames({ owner: o }), alice);
+      const STALE = "weir_stale_queues_dropped_total";
+      const staleBefore = (await h.focus.metricValues([STALE]))[STALE];
       limitDownlink(port, 500);
       t.after(liftIfLimited);
       const cut = Date.now();
@@ -175,6 +177,8 @@ export function svcStory({ codec: CODEC, mode: MODE }) {
         transitionFreezeMs: moved.maxGapMs,
         // How long Chromium waits for a decodable frame: three times this.
         rtxTime: await rtxTimes("carol"),
+        // Stale send queues dropped at a move down, before the keyframe asked for then (shard/send_queue.rs).
+        staleQueuesDropped: (await h.focus.metricValues([STALE]))[STALE] - staleBefore,
       };
       assert.deepEqual(report.narrowed.rtxTime, [300], "Carol's answer carries the focus's rtx-time");
       log(`narrow link: ${JSON.stringify(report.narrowed)}`);
