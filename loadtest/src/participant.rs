@@ -240,6 +240,8 @@ struct Call {
     channel: Option<ChannelId>,
     /// Receive SSRC → is video.
     rx_kind: HashMap<u32, bool>,
+    /// Video packets missing for good: a browser then asks for a keyframe.
+    lost: weir_sfu::sim::LostForGood,
 }
 
 struct Participant {
@@ -540,6 +542,7 @@ impl Participant {
             audio: None,
             channel: Some(channel),
             rx_kind: HashMap::new(),
+            lost: Default::default(),
         };
         // Payload types are ours (we offer), known now.
         let pt = |rtc: &Rtc, codec| {
@@ -907,7 +910,19 @@ impl Participant {
                         v
                     }
                 };
-                let now_us = micros_since_epoch(Instant::now());
+                let now = Instant::now();
+                // A browser's decoder asks for a keyframe once a packet it needs stays lost;
+                // without it a lost keyframe would stop the video until someone else asked.
+                if video
+                    && c.lost
+                        .on_packet(pkt.header.ssrc, pkt.header.sequence_number, now)
+                {
+                    if let Some(s) = c.rtc.direct_api().stream_rx(&pkt.header.ssrc) {
+                        s.request_keyframe(str0m::media::KeyframeRequestKind::Pli);
+                        self.rx.keyframes_asked += 1;
+                    }
+                }
+                let now_us = micros_since_epoch(now);
                 let decoded = crate::payload::decode(&pkt.payload, video);
                 let voiced = pkt.header.ext_vals.voice_activity == Some(true);
                 let publisher = decoded.as_ref().ok().map(|h| h.publisher);

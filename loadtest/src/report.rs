@@ -440,6 +440,7 @@ impl RunReport {
                     "received_video": r.rx.video.iter().filter(|(_, v)| v.complete_frames > 0).map(|(p, _)| p.0).collect::<Vec<_>>(),
                     "received_audio": r.rx.audio.iter().filter(|(_, a)| a.packets > 0).map(|(p, _)| p.0).collect::<Vec<_>>(),
                     "missing": r.missing().iter().map(|(p, k)| json!({"publisher": p.0, "kind": k})).collect::<Vec<_>>(),
+                    "keyframes_asked": r.rx.keyframes_asked,
                     "integrity_errors": r.rx.integrity_errors,
                     "first_integrity_error": r.rx.first_integrity_error.map(|e| e.to_string()),
                     "rtp_lost": r.rx.rtp_lost(),

@@ -106,6 +106,9 @@ pub struct RxStats {
     pub bytes: u64,
     pub packets: u64,
     pub second: SecondBucket,
+    /// Keyframes this participant asked for because a video packet stayed lost
+    /// (`weir_sfu::sim::KEYFRAME_AFTER_LOSS`), as a browser's decoder does.
+    pub keyframes_asked: u64,
 }
 
 impl Default for RxStats {
@@ -125,6 +128,7 @@ impl Default for RxStats {
             bytes: 0,
             packets: 0,
             second: SecondBucket::default(),
+            keyframes_asked: 0,
         }
     }
 }

@@ -19,7 +19,7 @@ pub use camera::{
     cameras_to_one_watcher, longest_stop, media_bytes, run_together, Camera, CameraLayer, FrameOf,
 };
 pub use engine_pair::{ClientReceived, EnginePair};
-pub use lost_for_good::KEYFRAME_AFTER_LOSS;
+pub use lost_for_good::{LostForGood, KEYFRAME_AFTER_LOSS};
 pub use seqs::{sequence_loss, unwrap_seqs};
 
 use std::collections::HashSet;
