@@ -2,12 +2,13 @@
 //! out what a focus machine holds. See `README` in the repository for how to run it.
 //!
 //! Sans-I/O parts (pure, unit-tested with simulated time): [`payload`] (the synthetic media
-//! format), [`source`] (when to send what), [`stats`] (what receivers measure), [`impair`] (the
-//! network impairment model), [`call`] (the to-device call protocol), [`prom`] and [`report`].
+//! format), [`source`] (when to send what), [`stats`] and [`decoder`] (what receivers measure
+//! and could show), [`impair`] (the network impairment model), [`call`] (the to-device call protocol), [`prom`] and [`report`].
 //! I/O parts: [`matrix`] and [`signal`] (signalling), [`participant`] (one WebRTC client),
 //! [`floor`] (the machine's per-packet floor) and [`run`] (one whole run).
 
 pub mod call;
+pub mod decoder;
 pub mod floor;
 pub mod ids;
 pub mod impair;

@@ -62,7 +62,7 @@ impl RunReport {
                         .filter(|(p, _)| r.subscribed_video.contains(p))
                         .map(|(_, v)| v)
                 })
-                .filter(|v| v.complete_frames > 0)
+                .filter(|v| v.shown_frames > 0)
                 .map(|v| v.longest_gap_us / 1000)
                 .max()
                 .unwrap_or(0);
@@ -111,6 +111,7 @@ mod tests {
         };
         let mut v = VideoRx::default();
         v.complete_frames = 100;
+        v.shown_frames = 100;
         v.freezes = freezes;
         v.longest_gap_us = gap_us;
         v.last_layer = Some(layer);

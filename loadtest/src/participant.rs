@@ -197,12 +197,12 @@ impl Report {
         }
     }
 
-    /// Publishers subscribed to whose media never arrived (video: no complete frame; audio: no
+    /// Publishers subscribed to whose media never arrived (video: no frame shown; audio: no
     /// packet).
     pub fn missing(&self) -> Vec<(PublisherId, &'static str)> {
         let mut m = Vec::new();
         for p in &self.subscribed_video {
-            if self.rx.video.get(p).is_none_or(|v| v.complete_frames == 0) {
+            if self.rx.video.get(p).is_none_or(|v| v.shown_frames == 0) {
                 m.push((*p, "video"));
             }
         }

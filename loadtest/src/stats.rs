@@ -331,6 +331,32 @@ mod tests {
     }
 
     #[test]
+    fn after_a_frame_lost_for_good_complete_frames_show_nothing_until_a_keyframe() {
+        let mut s = RxStats::default();
+        let r = roster();
+        let mut t = 1_000_000;
+        // One packet per frame, 30 fps; frame 10 never arrives, frame 40 is a keyframe.
+        for frame in 0..45u32 {
+            if frame != 10 {
+                let mut h = hdr(Layer::Q, frame, 0, 1, frame, t - 10_000);
+                h.keyframe = frame == 0 || frame == 40;
+                s.on_packet(1, u64::from(frame), Ok(h), 400, t, &r);
+            }
+            t += 33_333;
+        }
+        s.finish(t);
+        let v = &s.video[&PublisherId(1)];
+        assert_eq!(v.complete_frames, 44);
+        assert_eq!(v.shown_frames, 10 + 5, "0-9, then 40-44");
+        assert_eq!(v.freezes, 1);
+        assert_eq!(
+            v.longest_gap_us,
+            31 * 33_333,
+            "from frame 9 to the keyframe, not the 67 ms around the lost frame"
+        );
+    }
+
+    #[test]
     fn a_frame_missing_a_packet_never_completes_and_counts_as_loss() {
         let mut s = RxStats::default();
         let r = roster();

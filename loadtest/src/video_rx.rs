@@ -1,16 +1,17 @@
-//! Video from one publisher as one receiver sees it: frames assembled from packets, freezes
-//! (time without a complete frame, less the time the focus said the video was paused or the
-//! layout did not show it), and the VP8 picture ids and TL0PICIDX checked for continuity.
+//! Video from one publisher as one receiver sees it: frames assembled from packets, frames a
+//! decoder could show ([`crate::decoder`]), freezes (time without a frame shown, less the time
+//! the focus said the video was paused or the layout did not show it), and the VP8 picture ids and TL0PICIDX checked for continuity.
 //! Pure: every call takes the arrival time in µs.
 
 use std::collections::HashMap;
 
+use crate::decoder::{Decoder, Reference};
 use crate::ids::Layer;
 use crate::payload::MediaHeader;
 use crate::seq_window::{unwrap_counter, Seen, SeqWindow};
 use crate::stats::Jitter;
 
-/// No complete video frame from a publisher for longer than this is a freeze.
+/// No video frame shown from a publisher for longer than this is a freeze.
 pub const FREEZE_US: u64 = 500_000;
 /// Partly received frames older than this (by send time) are forgotten: they will not complete.
 pub const FRAME_ASSEMBLY_HORIZON_US: u64 = 3_000_000;
@@ -43,16 +44,20 @@ pub struct VideoRx {
     pub bytes_per_layer: [u64; 3],
     pub packets: u64,
     pub complete_frames: u64,
+    /// Complete frames a decoder could show: all they refer to was shown too.
+    pub shown_frames: u64,
     pub keyframes: u64,
+    decoder: Decoder,
+    /// The first and the last frame shown.
     pub first_frame_us: Option<u64>,
     pub last_frame_us: Option<u64>,
     pub last_layer: Option<Layer>,
     pub layer_switches: u64,
     pub freezes: u64,
     pub freeze_us: u64,
-    /// The longest time between two complete frames (or since the last one, at the end).
+    /// The longest time between two frames shown (or since the last one, at the end).
     pub longest_gap_us: u64,
-    /// When that longest gap began: the last complete frame before it (whether a stop came
+    /// When that longest gap began: the last frame shown before it (whether a stop came
     /// at join or later; where it ended is less telling, since a gap that runs into a pause
     /// is measured only when the next frame comes, or at the end of the run).
     pub longest_gap_from_us: Option<u64>,
@@ -85,7 +90,7 @@ pub struct VideoRx {
     hidden: bool,
     /// Since when it has been paused or hidden, if it is now.
     held_since: Option<u64>,
-    /// Time paused or hidden inside the current gap (since the last complete frame).
+    /// Time paused or hidden inside the current gap (since the last frame shown).
     held_in_gap_us: u64,
 }
 
@@ -121,7 +126,7 @@ impl VideoRx {
             self.open.remove(&key);
             let tid = h.vp8.and_then(|d| d.temporal).map_or(0, |t| t.tid);
             self.frames_per_tid[usize::from(tid.min(2))] += 1;
-            self.frame_complete(layer, h.keyframe, now_us);
+            self.frame_complete(layer, h.keyframe, h.vp8, now_us);
         }
         if self.open.len() > MAX_OPEN_FRAMES {
             let horizon = h.sent_us.saturating_sub(FRAME_ASSEMBLY_HORIZON_US);
@@ -143,6 +148,7 @@ impl VideoRx {
         if self.numbered_ssrc != Some(ssrc) {
             self.close_numbering();
             self.numbered_ssrc = Some(ssrc);
+            self.decoder.reset();
         }
         let p = unwrap_counter(self.pictures.highest(), u64::from(d.picture_id), 15);
         self.pictures.insert(p);
@@ -205,7 +211,7 @@ impl VideoRx {
         }
     }
 
-    /// The time since the last complete frame, less what of it the video was paused or
+    /// The time since the last frame shown, less what of it the video was paused or
     /// hidden.
     fn gap_since(&self, last: u64, now_us: u64) -> u64 {
         let ongoing = self
@@ -216,11 +222,41 @@ impl VideoRx {
             .saturating_sub(self.held_in_gap_us + ongoing)
     }
 
-    fn frame_complete(&mut self, layer: Layer, keyframe: bool, now_us: u64) {
+    /// A frame completed: shown, with any waiting on it, if the decoder could show it.
+    fn frame_complete(
+        &mut self,
+        layer: Layer,
+        keyframe: bool,
+        vp8: Option<crate::payload::Vp8Desc>,
+        now_us: u64,
+    ) {
         self.complete_frames += 1;
         if keyframe {
             self.keyframes += 1;
         }
+        let shown = match vp8 {
+            Some(d) => self.decoder.on_complete(
+                keyframe,
+                match d.temporal {
+                    Some(t) => Reference::Temporal {
+                        tid: t.tid,
+                        tl0_pic_idx: t.tl0_pic_idx,
+                    },
+                    None => Reference::Picture {
+                        picture_id: d.picture_id,
+                    },
+                },
+            ),
+            None => 1,
+        };
+        if shown > 0 {
+            self.shown_frames += u64::from(shown);
+            self.frame_shown(layer, now_us);
+        }
+    }
+
+    /// A picture shown (the newest, if several were at once).
+    fn frame_shown(&mut self, layer: Layer, now_us: u64) {
         if let Some(last) = self.last_frame_us {
             let gap = self.gap_since(last, now_us);
             self.note_gap(gap, last);
@@ -299,11 +335,11 @@ mod tests {
     fn time_the_focus_said_a_video_was_paused_is_no_freeze() {
         let mut v = VideoRx::default();
         let t = 1_000_000;
-        v.frame_complete(Layer::Q, true, t);
+        v.frame_shown(Layer::Q, t);
         // Paused for 3 s (told 100 ms after the last frame), then 200 ms to the next frame.
         v.on_paused(true, t + 100_000);
         v.on_paused(false, t + 3_100_000);
-        v.frame_complete(Layer::Q, true, t + 3_300_000);
+        v.frame_shown(Layer::Q, t + 3_300_000);
         assert_eq!((v.freezes, v.longest_gap_us), (0, 300_000));
         assert_eq!(v.paused_us, 3_000_000);
         // Paused again until the end: no freeze; a real stop after a resume still counts.
@@ -311,17 +347,17 @@ mod tests {
         v.finish(t + 9_000_000);
         assert_eq!(v.freezes, 0, "{v:?}");
         let mut w = VideoRx::default();
-        w.frame_complete(Layer::Q, true, t);
+        w.frame_shown(Layer::Q, t);
         w.on_paused(true, t + 100_000);
         w.on_paused(false, t + 200_000);
-        w.frame_complete(Layer::Q, true, t + 1_000_000);
+        w.frame_shown(Layer::Q, t + 1_000_000);
         assert_eq!((w.freezes, w.longest_gap_us), (1, 900_000));
         assert_eq!(
             w.longest_gap_from_us,
             Some(t),
             "it began with the frame at t"
         );
-        w.frame_complete(Layer::Q, false, t + 1_500_000);
+        w.frame_shown(Layer::Q, t + 1_500_000);
         assert_eq!(w.longest_gap_from_us, Some(t), "a shorter gap is not it");
     }
 
@@ -329,17 +365,17 @@ mod tests {
     fn time_a_video_was_off_our_layout_is_no_freeze() {
         let mut v = VideoRx::default();
         let t = 1_000_000;
-        v.frame_complete(Layer::Q, true, t);
+        v.frame_shown(Layer::Q, t);
         // Unsubscribed for 10 s, paused meanwhile too (overlapping), shown again, and the
         // first frame 300 ms later.
         v.on_shown(false, t + 50_000);
         v.on_paused(true, t + 1_000_000);
         v.on_paused(false, t + 2_000_000);
         v.on_shown(true, t + 10_050_000);
-        v.frame_complete(Layer::Q, true, t + 10_350_000);
+        v.frame_shown(Layer::Q, t + 10_350_000);
         assert_eq!((v.freezes, v.longest_gap_us), (0, 350_000));
         // Shown, and then nothing for 2 s: that is a freeze.
-        v.frame_complete(Layer::Q, false, t + 12_350_000);
+        v.frame_shown(Layer::Q, t + 12_350_000);
         assert_eq!((v.freezes, v.longest_gap_us), (1, 2_000_000));
     }
 }
