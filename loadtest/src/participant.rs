@@ -1129,12 +1129,12 @@ impl Participant {
             Ok(_) => {
                 self.last_turn = Some(turn);
                 self.subscriptions_sent += 1;
-                // A video off the layout is not expected to play: its gap is no freeze.
+                // A video off the layout is not expected to play: its gap is no freeze. That
+                // holds for one never received yet too, whose frames already in flight may
+                // still come (before the first subscription the focus sends every video).
                 for p in &others_video {
                     let shown = tiles.iter().any(|t| t.publisher == *p);
-                    if shown || self.rx.video.contains_key(p) {
-                        self.rx.video.entry(*p).or_default().on_shown(shown, now_us);
-                    }
+                    self.rx.video.entry(*p).or_default().on_shown(shown, now_us);
                 }
                 self.subscribed_audio.extend(others_audio);
                 self.subscribed_video

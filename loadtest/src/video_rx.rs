@@ -378,4 +378,17 @@ mod tests {
         v.frame_shown(Layer::Q, t + 12_350_000);
         assert_eq!((v.freezes, v.longest_gap_us), (1, 2_000_000));
     }
+
+    #[test]
+    fn frames_in_flight_of_a_video_never_on_our_layout_are_no_freeze() {
+        let mut v = VideoRx::default();
+        let t = 1_000_000;
+        // Left out of the first subscription before any of its frames came; two that were
+        // on the way arrive, and then nothing until the end.
+        v.on_shown(false, t);
+        v.frame_shown(Layer::Q, t + 40_000);
+        v.frame_shown(Layer::Q, t + 80_000);
+        v.finish(t + 5_000_000);
+        assert_eq!((v.freezes, v.longest_gap_us), (0, 0), "{v:?}");
+    }
 }
