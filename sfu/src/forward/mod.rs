@@ -20,7 +20,7 @@ pub mod trunk_layers;
 pub mod vp8;
 pub mod vp8_ids;
 
-pub use allocate::{Allocator, Demand, Now, Priority};
+pub use allocate::{Allocator, Demand, Now, Priority, SETTLING};
 pub use dynacast::{LayerDemand, LAYER_OFF_DELAY};
 pub use keyframe::{starts_keyframe, VideoCodec};
 pub use keyreq::{KeyframeRequests, KEYFRAME_REQUEST_INTERVAL};

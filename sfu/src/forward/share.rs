@@ -45,7 +45,8 @@ pub fn next_step(demands: &[Demand], choice: &[Option<Quality>]) -> Option<u64> 
 ///
 /// The lowest layers may use up to `floor_bps` (at least `budget_bps`): pausing a video is
 /// worse than running a little closer to the estimate, so the first layer of each is held to
-/// the larger share; only climbing is held to `budget_bps`.
+/// the larger share; only climbing, starting and a video still settling are held to
+/// `budget_bps`.
 pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Option<Quality>> {
     // Most important first; within a priority, paused videos after the others, so that a
     // budget too small for every floor never pauses one picture to resume another. New videos
@@ -60,7 +61,7 @@ pub fn allocate(budget_bps: u64, floor_bps: u64, demands: &[Demand]) -> Vec<Opti
     let mut at: Vec<Option<usize>> = vec![None; demands.len()];
     let mut spent = 0;
     for &i in &order {
-        let room = if demands[i].now.is_unstarted() {
+        let room = if demands[i].now.is_unstarted() || demands[i].settling {
             budget_bps
         } else {
             floor_bps.max(budget_bps)
@@ -194,6 +195,7 @@ mod tests {
             layers: vec![(H, 500_000), (F, 1_500_000)],
             cap: Q.rank,
             now: Now::New,
+            settling: false,
         }];
         assert_eq!(allocate(10_000_000, 10_000_000, &d), vec![Some(H)]);
         assert_eq!(d[0].wanted_bps(), 500_000);

@@ -8,7 +8,8 @@ use str0m::bwe::Bitrate;
 use tracing::{debug, info};
 
 use crate::api::PeerRole;
-use crate::forward::{allocate, camera_steps, Demand, LayerSelector, Now, Priority};
+use crate::forward::allocate::UP_FRACTION;
+use crate::forward::{allocate, camera_steps, Demand, LayerSelector, Now, Priority, SETTLING};
 use crate::ids::{PeerId, TrackKind};
 
 use super::data_channel::PauseNotice;
@@ -56,6 +57,7 @@ impl<S: EventSink> ShardCore<S> {
                 resumed += 1;
             }
             out.allocated = Now::New;
+            out.flowing_since = None;
         }
         peer.allocator = Default::default();
         peer.probing = (0, 0);
@@ -105,11 +107,16 @@ impl<S: EventSink> ShardCore<S> {
                     };
                     let layers = if screen { layers } else { camera_steps(layers) };
                     keys.push(*t);
+                    let settling = out.flowing_since.is_some_and(|(since, admitted_on)| {
+                        now.saturating_duration_since(since) < SETTLING
+                            && (estimate as f64) < admitted_on as f64 * UP_FRACTION
+                    });
                     demands.push(Demand {
                         priority,
                         layers,
                         cap: out.cap,
                         now: out.allocated,
+                        settling,
                     });
                 }
                 TrackKind::Video => {}
@@ -144,15 +151,20 @@ impl<S: EventSink> ShardCore<S> {
                         debug!(%id, publisher = %t.publisher, mid = %t.mid, estimate, ?loss, reserved,
                             rank = step.rank, tid = step.tid, steps = ?d.layers, "video allocated");
                     }
+                    if !matches!(out.allocated, Now::Layer(_)) {
+                        out.flowing_since = Some((now, estimate));
+                    }
                     out.allocated = Now::Layer(step);
                     false
                 }
                 None if out.allocated.is_unstarted() && out.layers.target().is_none() => {
                     // Never started: it starts when it fits, with nothing to resume.
                     out.allocated = Now::Waiting;
+                    out.flowing_since = None;
                     true
                 }
                 None => {
+                    out.flowing_since = None;
                     if out.allocated != Now::Paused {
                         out.allocated = Now::Paused;
                         // Resuming starts afresh on a keyframe, continuing the sequence

@@ -181,6 +181,7 @@ impl<S: EventSink> ShardCore<S> {
                 pt_map: Vec::new(),
                 tx_ssrcs: Vec::new(),
                 allocated: Now::New,
+                flowing_since: None,
                 resume_untold: false,
                 drop_at_keyframe: false,
                 trunk: (!rids.is_empty()).then(|| {
