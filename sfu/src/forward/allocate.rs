@@ -49,9 +49,11 @@ pub struct Demand {
     /// The best rank the subscriber's screen needs (its subscription, or the grid default).
     pub cap: u8,
     pub now: Now,
-    /// Flowing for less than [`SETTLING`], with the estimate fallen since it started by more
-    /// than the headroom it started with (under [`UP_FRACTION`] of it): its lowest layer is held only within the climbing share, as a video not started yet
-    /// is, not the larger share a settled picture keeps.
+    /// Flowing for less than [`SETTLING`] since it first started, with the working estimate
+    /// ([`Allocator::working_estimate`]) fallen by more than the headroom it started with
+    /// (under [`UP_FRACTION`] of the one it started on): its lowest layer is held only within
+    /// the climbing share, as a video not started yet is, not the larger share a settled
+    /// picture keeps.
     pub settling: bool,
 }
 
@@ -118,19 +120,22 @@ pub const UPGRADE_INTERVAL: Duration = Duration::from_millis(1000);
 /// into a narrow link sooner (meanwhile the estimator's pacer holds back what does not fit).
 pub const PAUSE_AFTER: Duration = Duration::from_secs(2);
 
-/// How long a video that started (or resumed) counts as settling ([`Demand::settling`]) if
-/// the estimate falls under [`UP_FRACTION`] of the one it started on, the share a start may
-/// use: then what started no longer fits. It was admitted on what the allocator
-/// knew then: at a start, the estimate is str0m's start value or its first measurement, and
-/// a layer's rate is measured over its first fraction of a window, which holds the keyframe
-/// that started it and, while others join, more keyframes asked for them (the 25-person load
-/// test measured a quarter layer at 430-600 kbit/s at join, 110 kbit/s after). Holding such
-/// a video against a falling estimate, as a settled picture is held, overfilled narrow links
-/// at join until loss paused it, and by then its pause notice crossed a flooded link late.
-/// An estimate that holds, grows or dips a little says nothing against the admission (on a
-/// clean link str0m's first estimates dip about a tenth under its start value), so a video
-/// on a link that is not narrowing is held as before. Longer backs off more admissions that turned out
-/// too much; shorter protects new pictures sooner, at the cost of a stall rather than a pause.
+/// How long a video that has just started counts as settling ([`Demand::settling`]) if the
+/// estimate falls under [`UP_FRACTION`] of the one it started on, the share a start may use:
+/// then what started no longer fits. It was admitted on what the allocator knew then: at a
+/// start, the estimate is str0m's start value or its first measurement, and a layer's rate
+/// is measured over its first fraction of a window, which holds the keyframe that started it
+/// and, while others join, more keyframes asked for them (the 25-person load test measured a
+/// quarter layer at 430-600 kbit/s at join, 110 kbit/s after). Holding such a video against a
+/// falling estimate, as a settled picture is held, overfilled narrow links at join until loss
+/// paused it, and by then its pause notice crossed a flooded link late. An estimate that
+/// holds, grows or dips a little says nothing against the admission (on a clean link str0m's
+/// first estimates dip about a tenth under its start value), so a video on a link that is not
+/// narrowing is held as before. Only a first start: a resume is held as before, so a video
+/// resumed into a dip is not paused again at once (a resume's keyframe and the estimate's
+/// swing could otherwise cycle pause and resume every second or two). Longer backs off more
+/// admissions that turned out too much; shorter protects new pictures sooner, at the cost of a
+/// stall rather than a pause.
 pub const SETTLING: Duration = Duration::from_secs(2);
 
 /// How far below the lowest layers the estimate must be for [`PAUSE_AFTER`] before it alone
@@ -232,6 +237,24 @@ impl Allocator {
         wire
     }
 
+    /// The most of what was measured leaving toward the subscriber within [`WIRE_LOOKBACK`].
+    fn recent_wire(&self, now: Instant) -> Option<u64> {
+        self.wire
+            .iter()
+            .flatten()
+            .filter(|(at, _)| now.saturating_duration_since(*at) <= WIRE_LOOKBACK)
+            .map(|(_, bps)| *bps)
+            .max()
+    }
+
+    /// The estimate allocation works with: str0m's, or what left toward the subscriber lately
+    /// where that is more and its loss looks random ([`Self::sent_through_random_loss`]).
+    /// [`Demand::settling`] compares this one.
+    pub fn working_estimate(&self, estimate_bps: u64, loss: Option<f32>, now: Instant) -> u64 {
+        let wire = self.recent_wire(now);
+        estimate_bps.max(self.sent_through_random_loss(loss, wire).unwrap_or(0))
+    }
+
     /// Decide every track's layer (a rank) or pause (`None`), given the estimate of the
     /// subscriber's downlink and what its audio takes (`reserved_bps`, never cut here).
     ///
@@ -244,8 +267,9 @@ impl Allocator {
     /// above `loss_cap::LOSS_HIGH` it sets a cap under which the lowest layers must fit too), or the
     /// estimate has been below them for [`PAUSE_AFTER`]. An estimate is low for a while at
     /// the start of a call and after anything stopped the media, and a paused video gives it
-    /// nothing to measure. A paused video resumes when the estimate, and the cap, fit it
-    /// under [`UP_FRACTION`].
+    /// nothing to measure. A video still settling ([`Demand::settling`]) keeps it only within
+    /// [`UP_FRACTION`]. A paused video resumes when the estimate, and the cap, fit it under
+    /// [`UP_FRACTION`].
     pub fn decide(
         &mut self,
         estimate_bps: u64,
@@ -262,13 +286,7 @@ impl Allocator {
             })
             .collect();
         let allocated = reserved_bps + cost(demands, &current);
-        let wire = self
-            .wire
-            .iter()
-            .flatten()
-            .filter(|(at, _)| now.saturating_duration_since(*at) <= WIRE_LOOKBACK)
-            .map(|(_, bps)| *bps)
-            .max();
+        let wire = self.recent_wire(now);
         let any_paused = demands.iter().any(|d| d.now.is_held());
         // The lowest layers that flow now, against what the estimate leaves for video.
         let floors: u64 = demands
@@ -288,7 +306,7 @@ impl Allocator {
             cap = cap.map(|c| c.max(lowest));
         }
         // Random loss lowers str0m's estimate below what the link takes: hold at that.
-        let estimate_bps = estimate_bps.max(self.sent_through_random_loss(loss, wire).unwrap_or(0));
+        let estimate_bps = self.working_estimate(estimate_bps, loss, now);
         let limit = cap.map_or(estimate_bps, |c| c.min(estimate_bps));
         let share =
             |bps: u64, fraction: f64| ((bps as f64 * fraction) as u64).saturating_sub(reserved_bps);

@@ -72,6 +72,7 @@ impl<S: EventSink> ShardCore<S> {
         let (Some(estimate), loss) = (peer.estimate, peer.loss) else {
             return;
         };
+        let working = peer.allocator.working_estimate(estimate, loss, now);
         let dominant = self
             .speakers
             .get(&peer.conference)
@@ -107,9 +108,9 @@ impl<S: EventSink> ShardCore<S> {
                     };
                     let layers = if screen { layers } else { camera_steps(layers) };
                     keys.push(*t);
-                    let settling = out.flowing_since.is_some_and(|(since, admitted_on)| {
+                    let settling = out.flowing_since.is_some_and(|(since, started_on)| {
                         now.saturating_duration_since(since) < SETTLING
-                            && (estimate as f64) < admitted_on as f64 * UP_FRACTION
+                            && (working as f64) < started_on as f64 * UP_FRACTION
                     });
                     demands.push(Demand {
                         priority,
@@ -151,8 +152,8 @@ impl<S: EventSink> ShardCore<S> {
                         debug!(%id, publisher = %t.publisher, mid = %t.mid, estimate, ?loss, reserved,
                             rank = step.rank, tid = step.tid, steps = ?d.layers, "video allocated");
                     }
-                    if !matches!(out.allocated, Now::Layer(_)) {
-                        out.flowing_since = Some((now, estimate));
+                    if out.allocated.is_unstarted() {
+                        out.flowing_since = Some((now, working));
                     }
                     out.allocated = Now::Layer(step);
                     false

@@ -219,9 +219,9 @@ struct OutTrack {
     /// What bandwidth allocation gives this copy ([`allocation`]): a rank below `cap`, or a
     /// pause. `New` until the first allocation, and always without an estimate.
     allocated: Now,
-    /// Since when allocation has let it flow (started or resumed), while it does, and the
-    /// estimate it was let flow on: a video flowing for less than `forward::SETTLING` whose
-    /// estimate has fallen by more than the headroom it started with is still settling.
+    /// Since when allocation has let it flow after it first started, while it does, and the
+    /// working estimate it started on: a video flowing for less than `forward::SETTLING`
+    /// whose estimate has fallen by more than the headroom it started with is still settling.
     flowing_since: Option<(Instant, u64)>,
     /// Allocation lets it flow again after a pause: the subscriber is told so with its first
     /// packet forwarded (a keyframe), not when allocation decides, since until then its
