@@ -1,6 +1,7 @@
 //! Video from one publisher as one receiver sees it: frames assembled from packets, frames a
 //! decoder could show ([`crate::decoder`]), freezes (time without a frame shown, less the time
-//! the focus said the video was paused or the layout did not show it), and the VP8 picture ids and TL0PICIDX checked for continuity.
+//! the focus said the video was paused or the layout did not show it), and the VP8 picture
+//! ids and TL0PICIDX checked for continuity.
 //! Pure: every call takes the arrival time in µs.
 
 use std::collections::HashMap;
